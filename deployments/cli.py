@@ -1,0 +1,89 @@
+"""The `tinyllama` command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from deployments.settings import configure_prefect
+
+configure_prefect()
+
+app = typer.Typer(help="Pretrain TinyLlama-class models: build datasets, train, export.", no_args_is_help=True)
+
+
+@app.command("make-corpus")
+def make_corpus(
+    out_dir: Annotated[Path, typer.Argument(help="Folder for the raw sample corpus")] = Path("data/raw"),
+    target_bytes: Annotated[int, typer.Option(help="About this many bytes of text")] = 8 << 20,
+    seed: int = 42,
+) -> None:
+    """Make the sample corpus (SlimPajama-style jsonl.zst + Starcoder-style parquet) and its build config."""
+    from tasks.sample_corpus import make_sample_corpus
+
+    summary = make_sample_corpus(out_dir, target_bytes=target_bytes, seed=seed)
+    typer.echo(f"sample corpus in {out_dir}: {summary['documents']}")
+    typer.echo(str(Path(out_dir) / "sample.yaml"))
+
+
+@app.command("build-dataset")
+def build_dataset(
+    config: Annotated[Path, typer.Argument(help="Build config (YAML)", exists=True, dir_okay=False)],
+    output: Annotated[Optional[str], typer.Option(help="Store URI overriding the config's output")] = None,
+) -> None:
+    """Run the build-dataset flow; prints a summary and, as the last line, the manifest URI."""
+    from flows.build_dataset import build_dataset as flow
+    from tasks.config import BuildConfig
+
+    build_config = BuildConfig.from_yaml(config)
+    if output:
+        build_config = build_config.model_copy(update={"output": output})
+    manifest_uri = flow(build_config)
+    print_manifest(manifest_uri)
+    typer.echo(manifest_uri)
+
+
+@app.command()
+def inspect(manifest_uri: Annotated[str, typer.Argument(help="URI of a build's manifest.json")]) -> None:
+    """Print a build's accounting and shards."""
+    print_manifest(manifest_uri, shards=True)
+
+
+def print_manifest(uri: str, shards: bool = False) -> None:
+    from storage.manifest import DatasetManifest, read_record
+    from storage.store import open_object
+
+    manifest = read_record(*open_object(uri), DatasetManifest)
+    typer.echo(f"build {manifest.name}/{manifest.build_id}: {manifest.total_documents} documents, "
+               f"{manifest.total_tokens} tokens in {len(manifest.shards)} shards ({manifest.dtype}), "
+               f"tokenizer {manifest.tokenizer.sha256[:12]} vocab {manifest.tokenizer.vocab_size}")
+    header = ["source", "docs_in", "kept", "filtered", "exact_dup", "near_dup", "malformed", "tokens"]
+    typer.echo("  ".join(f"{h:>10}" for h in header))
+    for name, acc in manifest.sources.items():
+        values = [name] + [getattr(acc, h) for h in header[1:]]
+        typer.echo("  ".join(f"{v:>10}" for v in values))
+    if shards:
+        typer.echo(f"{'shard':<40} {'documents':>10} {'tokens':>12} sha256(bin)")
+        for shard in manifest.shards:
+            typer.echo(f"{shard.prefix:<40} {shard.documents:>10} {shard.tokens:>12} {shard.bin.sha256[:16]}")
+
+
+@app.command()
+def demo(data: Annotated[Path, typer.Option(help="Where everything goes")] = Path("data")) -> None:
+    """Run the pipeline end to end on the embedded defaults: sample corpus, dataset build."""
+    from flows.build_dataset import build_dataset as flow
+    from tasks.config import BuildConfig
+    from tasks.sample_corpus import make_sample_corpus
+
+    raw = data / "raw"
+    make_sample_corpus(raw)
+    build_config = BuildConfig.from_yaml(raw / "sample.yaml").model_copy(update={"output": str(data)})
+    manifest_uri = flow(build_config)
+    print_manifest(manifest_uri)
+    typer.echo(manifest_uri)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,24 @@
+"""Process-wide defaults for running the pipeline on one machine."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# A first Prefect start on a fresh SQLite database takes ~30 s on small machines; Prefect's
+# default (20 s) gives up too soon.
+PREFECT_DEFAULTS = {
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_LOGGING_LOG_PRINTS": "true",
+}
+
+
+def configure_prefect(data_dir: str | os.PathLike = "data") -> None:
+    """Keep Prefect's database under ./data (so `tinyllama serve` shows earlier runs) unless told otherwise.
+
+    Must run before prefect is imported; values already in the environment win.
+    """
+    os.environ.setdefault("PREFECT_HOME", str(Path(data_dir).resolve() / "prefect"))
+    for name, value in PREFECT_DEFAULTS.items():
+        os.environ.setdefault(name, value)

@@ -1,0 +1,124 @@
+"""Typed records of what a stage produced: per-shard receipts and the dataset manifest.
+
+A receipt is written only after every object it names, so "has a receipt" means "done".
+A build *is* its manifest: everything a reader needs (shards, counts, checksums, tokenizer,
+config) is in that one JSON document.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from storage.store import Store
+
+MANIFEST_VERSION = 1
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ObjectInfo(Record):
+    key: str  # relative to the build folder
+    size: int
+    sha256: str
+
+
+class SourceAccounting(Record):
+    """Where every input document of one source went: docs_in = kept + the four losses."""
+
+    docs_in: int = 0
+    kept: int = 0
+    filtered: int = 0
+    exact_dup: int = 0
+    near_dup: int = 0
+    malformed: int = 0
+    bytes_in: int = 0
+    tokens: int = 0
+
+    @property
+    def reconciles(self) -> bool:
+        return self.docs_in == self.kept + self.filtered + self.exact_dup + self.near_dup + self.malformed
+
+
+class TokenizerInfo(Record):
+    key: str  # the SentencePiece model inside the build folder
+    sha256: str  # the fingerprint: builds with equal fingerprints share token ids
+    vocab_size: int
+    bos_id: int
+    eos_id: int
+    trained: bool
+
+
+class TokenShard(Record):
+    """One Megatron indexed shard (`<prefix>.bin` + `<prefix>.idx`) of one source."""
+
+    prefix: str  # relative to the build folder, without extension
+    source: str
+    documents: int
+    tokens: int
+    bin: ObjectInfo
+    idx: ObjectInfo
+
+
+class Receipt(Record):
+    """Proof that one shard of one stage finished: its outputs and its counts."""
+
+    stage: str
+    shard: str
+    outputs: list[ObjectInfo] = Field(default_factory=list)
+    counts: dict[str, int] = Field(default_factory=dict)
+    token_shards: list[TokenShard] = Field(default_factory=list)  # tokenize stage only
+    seconds: float = 0.0  # wall time of the shard's work, for the stage's table artifact
+
+
+class DatasetManifest(Record):
+    version: int = MANIFEST_VERSION
+    name: str
+    build_id: str
+    config: dict
+    config_hash: str
+    tokenizer: TokenizerInfo
+    dtype: str  # numpy dtype name of the tokens: "uint16" or "int32"
+    shards: list[TokenShard]
+    sources: dict[str, SourceAccounting]
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(s.tokens for s in self.shards)
+
+    @property
+    def total_documents(self) -> int:
+        return sum(s.documents for s in self.shards)
+
+
+def canonical_json(data) -> bytes:
+    """Stable bytes for hashing and for byte-identical outputs: sorted keys, fixed layout."""
+    return (json.dumps(data, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def write_record(store: Store, key: str, record: BaseModel) -> None:
+    store.put_bytes(key, canonical_json(record.model_dump(mode="json")))
+
+
+def read_record(store: Store, key: str, cls: type[Model]) -> Model:
+    return cls.model_validate_json(store.get_bytes(key))
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,110 @@
+"""The typed build configuration: the `build-dataset` flow's parameters and its YAML file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from enum import Enum
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Format(str, Enum):
+    jsonl = "jsonl"
+    jsonl_zst = "jsonl.zst"
+    parquet = "parquet"
+    hf = "hf"  # a local Hugging Face dataset saved with `Dataset.save_to_disk`
+
+
+class SourceConfig(Config):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$", description="Short name, used in keys and accounting")
+    uri: str = Field(description="A file, a glob, or (format hf) a dataset folder; local or s3://")
+    format: Format
+    text_field: str = "text"
+    meta_fields: list[str] = Field(default_factory=list, description="Fields kept as metadata ('a.b' for nested)")
+    exclude: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Drop records whose field ('a.b' for nested) has one of these values, "
+        "e.g. {'meta.redpajama_set_name': ['RedPajamaGithub']}",
+    )
+
+
+class Filters(Config):
+    min_chars: int = Field(200, ge=0, description="Documents shorter than this (after NFC) are filtered")
+    max_record_bytes: int = Field(64 << 20, gt=0, description="A longer input line/record is malformed")
+
+
+class Dedup(Config):
+    exact: bool = True
+    near: bool = True
+
+
+class MinHashConfig(Config):
+    """Near-duplicate detection; defaults are SlimPajama's recipe."""
+
+    ngram: int = Field(13, ge=1)
+    shingle: str = Field("char", pattern="^(char|word)$")
+    num_perm: int = Field(128, ge=1)
+    bands: int | None = Field(9, ge=1)
+    rows: int | None = Field(13, ge=1)
+    threshold: float = Field(0.8, gt=0, lt=1)
+    verify: bool = Field(True, description="Drop candidate pairs whose true Jaccard is below threshold")
+    bucket_partitions: int = Field(16, ge=1, description="Band-hash ranges, one Ray task each")
+    seed: int = 1
+
+
+class TokenizerTrain(Config):
+    vocab_size: int = Field(32000, ge=64)
+    sample_bytes: int = Field(50 << 20, gt=0, description="Bytes of kept text sampled (seeded) to train on")
+    character_coverage: float = 0.9995
+
+
+class TokenizerConfig(Config):
+    model: str | None = Field(None, description="Path or URI of a SentencePiece .model")
+    train: TokenizerTrain | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> TokenizerConfig:
+        if (self.model is None) == (self.train is None):
+            raise ValueError("tokenizer needs exactly one of 'model' (a .model path/URI) or 'train'")
+        return self
+
+
+class BuildConfig(Config):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    output: str = Field("./data", description="Store URI: a folder or s3://bucket/prefix")
+    sources: list[SourceConfig] = Field(min_length=1)
+    tokenizer: TokenizerConfig = Field(default_factory=lambda: TokenizerConfig(train=TokenizerTrain()))
+    filters: Filters = Field(default_factory=Filters)
+    dedup: Dedup = Field(default_factory=Dedup)
+    minhash: MinHashConfig = Field(default_factory=MinHashConfig)
+    quarantine: bool = Field(True, description="Quarantine and count bad records; False fails on the first")
+    shard_tokens: int = Field(4 << 20, gt=0, description="Target tokens per token shard")
+    seed: int = 42
+    build_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", description="Default: the config hash")
+
+    @model_validator(mode="after")
+    def _unique_sources(self) -> BuildConfig:
+        names = [s.name for s in self.sources]
+        if len(names) != len(set(names)):
+            raise ValueError(f"source names must be unique, got {names}")
+        return self
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> BuildConfig:
+        return cls.model_validate(yaml.safe_load(Path(path).read_text()))
+
+    def config_hash(self) -> str:
+        """What determines the outputs: everything but where they go."""
+        content = self.model_dump(mode="json", exclude={"output", "build_id"})
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+    @property
+    def resolved_build_id(self) -> str:
+        return self.build_id or self.config_hash()[:12]

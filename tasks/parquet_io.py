@@ -1,0 +1,27 @@
+"""Parquet tables on a store: read whole objects, write them atomically (zstd)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from storage.manifest import ObjectInfo, sha256_file
+from storage.store import LocalStore, Store
+
+
+def read_table(store: Store, key: str, columns: list[str] | None = None) -> pa.Table:
+    if isinstance(store, LocalStore):
+        return pq.read_table(store._path(key), columns=columns)
+    return pq.read_table(pa.BufferReader(store.get_bytes(key)), columns=columns)
+
+
+def write_table(store: Store, key: str, table: pa.Table) -> ObjectInfo:
+    """Write a table (zstd) through a local temp file, so the store's put is one atomic object."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "table.parquet"
+        pq.write_table(table, path, compression="zstd")
+        store.put_file(key, path)
+        return ObjectInfo(key=key, size=path.stat().st_size, sha256=sha256_file(path))

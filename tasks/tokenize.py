@@ -1,0 +1,98 @@
+"""Stage 6: tokenize and pack.
+
+Per docs shard (one Ray task each): drop the ids dedup removed, shuffle the rest with a seed
+of (build seed, shard), encode whole documents in batches, append EOS (no BOS padding), and
+write Megatron `.bin/.idx` shards of about `shard_tokens` tokens, one sequence per document.
+A document is never split and nothing is dropped at a shard's end; training blocks are cut
+by the loader at read time.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from storage.manifest import ObjectInfo, Receipt, TokenizerInfo, TokenShard, sha256_file
+from storage.shards import ShardWriter, token_dtype
+from storage.store import Store, join_key
+from tasks.fanout import run_shards
+from tasks.ingest import docs_key
+from tasks.parquet_io import read_table
+from tasks.plan import Build, PlannedFile
+from tasks.removals import removed_ids
+from tasks.reporting import progress, stage_table
+from tasks.tokenizer import cached_processor
+
+ENCODE_BATCH_BYTES = 8 << 20
+
+
+def tokens_prefix(file: PlannedFile, part: int) -> str:
+    return join_key("tokens", file.source, f"{file.shard}-{part:04d}")
+
+
+def _batches(texts: list[str], order: np.ndarray):
+    batch, size = [], 0
+    for i in order:
+        batch.append(texts[i])
+        size += len(texts[i])
+        if size >= ENCODE_BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _upload(store: Store, local: Path, prefix: str, file: PlannedFile, writer: ShardWriter) -> TokenShard:
+    infos = {}
+    for ext in ("bin", "idx"):  # the index last: a reader finds the .idx only when the .bin is there
+        path = local.with_suffix(f".{ext}")
+        store.put_file(f"{prefix}.{ext}", path)
+        infos[ext] = ObjectInfo(key=f"{prefix}.{ext}", size=path.stat().st_size, sha256=sha256_file(path))
+    return TokenShard(
+        prefix=prefix, source=file.source, documents=writer.documents, tokens=writer.tokens, **infos
+    )
+
+
+def tokenize_shard(store: Store, file: PlannedFile, tokenizer: TokenizerInfo, shard_tokens: int, seed: int) -> Receipt:
+    processor = cached_processor(store.url(tokenizer.key), tokenizer.sha256)
+    docs = read_table(store, docs_key(file), columns=["id", "text"])
+    keep = np.flatnonzero(~np.isin(docs.column("id").to_numpy(), removed_ids(store, file)))
+    texts = docs.column("text").to_pylist()
+    order = keep[np.random.default_rng([seed, file.ordinal]).permutation(len(keep))]
+    dtype = token_dtype(tokenizer.vocab_size)
+    eos = [tokenizer.eos_id]
+    shards: list[TokenShard] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        part = 0
+        local = Path(tmp) / f"part-{part}"
+        writer = ShardWriter(local, dtype)
+        for batch in _batches(texts, order):
+            for ids in processor.encode(batch, num_threads=1):
+                if writer.documents and writer.tokens + len(ids) + 1 > shard_tokens:
+                    writer.close()
+                    shards.append(_upload(store, local, tokens_prefix(file, part), file, writer))
+                    part += 1
+                    local = Path(tmp) / f"part-{part}"
+                    writer = ShardWriter(local, dtype)
+                writer.add_document(ids + eos)
+        writer.close()
+        if writer.documents:
+            shards.append(_upload(store, local, tokens_prefix(file, part), file, writer))
+    outputs = [info for shard in shards for info in (shard.bin, shard.idx)]
+    counts = {"documents": sum(s.documents for s in shards), "tokens": sum(s.tokens for s in shards)}
+    return Receipt(stage="tokenize", shard=file.shard, outputs=outputs, counts=counts, token_shards=shards)
+
+
+@task(name="tokenize", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def tokenize(build: Build, tokenizer: TokenizerInfo) -> dict[str, int | float]:
+    store, config = build.store, build.config
+    receipts = run_shards(
+        "tokenize", store, build.plan, lambda f: f.shard,
+        lambda f: tokenize_shard(store, f, tokenizer, config.shard_tokens, config.seed),
+        on_progress=progress("tokenize", config.name),
+    )
+    return stage_table("tokenize", config.name, receipts)
