@@ -193,8 +193,9 @@ class Llama(nn.Module):
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, return_logits: bool = True
     ) -> torch.Tensor | tuple[torch.Tensor | None, torch.Tensor]:
-        """idx: (B, T) token ids. Without targets: logits (B, T, vocab). With targets (B, T):
-        (logits or None, mean cross-entropy in fp32); return_logits=False frees the logits early."""
+        """idx: (B, T) token ids. Without targets: logits (B, T, vocab). With targets (B, T), where
+        targets[:, t] is the token that follows idx[:, t]: (logits or None, mean cross-entropy
+        computed on fp32 logits); return_logits=False lets the logits be freed before backward."""
         T = idx.size(1)
         if T > self.config.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")

@@ -26,6 +26,7 @@ import tempfile
 from abc import ABC, abstractmethod
 from array import array
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from types import TracebackType
 
@@ -81,7 +82,7 @@ class Index:
     sequence_pointers: np.ndarray  # int64[n], byte offsets
     document_indices: np.ndarray  # int64[documents + 1]
 
-    @property
+    @cached_property  # readers bounds-check every range against it
     def num_tokens(self) -> int:
         return int(self.sequence_lengths.sum(dtype=np.int64))
 
@@ -102,7 +103,9 @@ class Index:
 def read_index(data: bytes, name: str) -> Index:
     """Parse and validate the bytes of a `.idx` file called `name` (a path or URI, for errors)."""
     if len(data) < _HEADER.size:
-        raise ShardError(f"{name}: truncated index: {len(data)} bytes, header alone is {_HEADER.size}")
+        raise ShardError(
+            f"{name}: truncated index: {len(data)} bytes, the header alone is {_HEADER.size}"
+        )
     magic, version, code, sequence_count, document_count = _HEADER.unpack_from(data)
     if magic != INDEX_MAGIC:
         raise ShardError(f"{name}: not a Megatron index: magic {magic!r}, expected {INDEX_MAGIC!r}")
@@ -168,18 +171,17 @@ class ShardWriter:
         self.bin_path = Path(prefix + ".bin")
         self.idx_path = Path(prefix + ".idx")
         self.bin_path.parent.mkdir(parents=True, exist_ok=True)
-        self._bin_tmp = self._temp_path(self.bin_path)
-        self._idx_tmp = self._temp_path(self.idx_path)
-        self._bin = io.BufferedWriter(io.FileIO(self._bin_tmp, "w"), buffer_size=WRITE_BUFFER_BYTES)
+        fd, self._bin_tmp = self._temp_file(self.bin_path)
+        self._bin = io.BufferedWriter(io.FileIO(fd, "w"), buffer_size=WRITE_BUFFER_BYTES)
+        self._idx_tmp: Path | None = None  # made at close
         self._lengths = array("i")  # int32 per document, as the index stores them
         self._tokens = 0
         self._closed = False
 
     @staticmethod
-    def _temp_path(final: Path) -> Path:
+    def _temp_file(final: Path) -> tuple[int, Path]:
         fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
-        os.close(fd)
-        return Path(tmp)
+        return fd, Path(tmp)
 
     @property
     def documents(self) -> int:
@@ -223,10 +225,14 @@ class ShardWriter:
         try:
             self._bin.close()
             self._write_index()
+            # An old .idx must not sit beside the new .bin, even for a moment.
+            self.idx_path.unlink(missing_ok=True)
             os.replace(self._bin_tmp, self.bin_path)
             os.replace(self._idx_tmp, self.idx_path)
         except BaseException:
-            self._remove_files(self.bin_path)  # a .bin without its .idx is not a shard
+            self._remove_files()
+            if not self.idx_path.exists():  # a .bin without its .idx is not a shard
+                self.bin_path.unlink(missing_ok=True)
             raise
 
     def abort(self) -> None:
@@ -240,16 +246,18 @@ class ShardWriter:
         pointers = np.zeros(count, dtype="<i8")
         np.cumsum(lengths[:-1], dtype=np.int64, out=pointers[1:])
         pointers *= self.dtype.itemsize
-        with open(self._idx_tmp, "wb") as f:
+        fd, self._idx_tmp = self._temp_file(self.idx_path)
+        with open(fd, "wb") as f:
             f.write(_HEADER.pack(INDEX_MAGIC, INDEX_VERSION, self._code, count, count + 1))
             f.write(lengths.astype("<i4", copy=False).tobytes())
             f.write(pointers.tobytes())
             f.write(np.arange(count + 1, dtype="<i8").tobytes())
 
-    def _remove_files(self, *extra: Path) -> None:
+    def _remove_files(self) -> None:
         self._bin.close()
-        for path in (self._bin_tmp, self._idx_tmp, *extra):
-            path.unlink(missing_ok=True)
+        for path in (self._bin_tmp, self._idx_tmp):
+            if path is not None:
+                path.unlink(missing_ok=True)
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -304,7 +312,8 @@ class _ShardReader(ABC):
         start, length = operator.index(start), operator.index(length)
         if start < 0 or length < 0 or start + length > self.num_tokens:
             raise IndexError(
-                f"{self.name}: token range [{start}, {start + length}) outside [0, {self.num_tokens})"
+                f"{self.name}: token range [{start}, {start + length}) "
+                f"outside [0, {self.num_tokens})"
             )
         return self._read(start, length)
 

@@ -3,18 +3,24 @@
 Every store speaks in keys relative to its root ("datasets/x/manifest.json"). Keys are
 validated so that nothing a user writes in a config can reach outside the root. Writes are
 atomic: a reader sees the whole object or none of it.
+
+    store = open_store("s3://bucket/prefix")     # or "file:///data", or "./data"
+    store.put_text("runs/a/config.json", "{}")
+    store, key = open_object("s3://bucket/prefix/runs/a/config.json")
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
-import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
-from pathlib import Path, PurePosixPath
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import BinaryIO
-from urllib.parse import urlparse
+
+COPY_BUFFER_BYTES = 8 << 20
 
 
 class StoreError(Exception):
@@ -30,22 +36,53 @@ class InvalidKey(StoreError, ValueError):
 
 
 def check_key(key: str) -> str:
-    """Return the normalised key, or raise InvalidKey if it could escape the root."""
+    """Return the key, or raise InvalidKey if it could escape the root or names a folder."""
     if not isinstance(key, str) or not key:
         raise InvalidKey(f"empty or non-string key: {key!r}")
     if "\\" in key or "\x00" in key:
         raise InvalidKey(f"key contains a backslash or NUL: {key!r}")
     if key.startswith("/"):
         raise InvalidKey(f"key must be relative to the store root, got absolute {key!r}")
-    parts = PurePosixPath(key).parts
-    if any(part in ("..", ".") for part in parts) or "//" in key:
+    if key.endswith("/"):
+        raise InvalidKey(f"key must name an object, not a folder: {key!r}")
+    if any(part in ("", ".", "..") for part in key.split("/")):
         raise InvalidKey(f"key must not contain '.', '..' or empty segments: {key!r}")
     return key
+
+
+def check_prefix(prefix: str) -> str:
+    """Return a listing prefix ("" or a key prefix, a trailing '/' allowed), or raise InvalidKey."""
+    if prefix:
+        check_key(prefix.removesuffix("/"))
+    return prefix
+
+
+def check_range(start: int, length: int, uri: str) -> None:
+    if start < 0 or length < 0:
+        raise StoreError(f"invalid range start={start} length={length} for {uri}")
 
 
 def join_key(*parts: str) -> str:
     """Join key segments with '/', ignoring empty ones."""
     return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
+
+
+@contextmanager
+def atomic_output(path: Path) -> Iterator[Path]:
+    """A fresh temp file beside `path`, renamed onto it if the block succeeds, removed if not.
+
+    The temp name is hidden and ends in ".tmp", so LocalStore.list never shows it.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    # os.open rather than mkstemp: the result gets the usual umask permissions, not 0600.
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 class Store(ABC):
@@ -55,7 +92,7 @@ class Store(ABC):
 
     def url(self, key: str) -> str:
         """The full URI of a key, for messages and manifests."""
-        return f"{self.uri.rstrip('/')}/{check_key(key)}"
+        return f"{self.uri.removesuffix('/')}/{check_key(key)}"
 
     @abstractmethod
     def put_bytes(self, key: str, data: bytes) -> None: ...
@@ -72,7 +109,7 @@ class Store(ABC):
 
     @abstractmethod
     def open_read(self, key: str) -> BinaryIO:
-        """A streaming, file-like reader; the caller closes it."""
+        """A streaming, file-like reader (not necessarily seekable); the caller closes it."""
 
     @abstractmethod
     def list(self, prefix: str = "") -> Iterator[str]:
@@ -94,7 +131,7 @@ class Store(ABC):
 
     def child(self, prefix: str) -> Store:
         """A store rooted at `prefix` inside this one."""
-        return open_store(self.url(prefix))
+        return open_store(self.url(prefix.removesuffix("/")))
 
     def get_text(self, key: str) -> str:
         return self.get_bytes(key).decode("utf-8")
@@ -108,45 +145,40 @@ class LocalStore(Store):
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).expanduser().resolve()
-        self.uri = self.root.as_uri()
+        # Not Path.as_uri(): its percent-encoding would not survive a trip through open_store.
+        self.uri = f"file://{self.root.as_posix()}"
+
+    def _inside(self, path: Path) -> bool:
+        return path == self.root or self.root in path.parents
 
     def _path(self, key: str) -> Path:
         path = (self.root / check_key(key)).resolve()
-        if path != self.root and self.root not in path.parents:  # e.g. through a symlink
+        if not self._inside(path):  # e.g. through a symlink
             raise InvalidKey(f"key {key!r} resolves outside the store root {self.uri}")
         return path
 
     def _missing(self, key: str) -> ObjectNotFound:
         return ObjectNotFound(f"no such object: {self.url(key)}")
 
-    def _atomic_write(self, key: str, write) -> None:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                write(f)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+    def _atomic_write(self, key: str, write: Callable[[BinaryIO], object]) -> None:
+        with atomic_output(self._path(key)) as tmp, open(tmp, "wb") as f:
+            write(f)
 
     def put_bytes(self, key: str, data: bytes) -> None:
         self._atomic_write(key, lambda f: f.write(data))
 
     def put_file(self, key: str, path: str | os.PathLike) -> None:
         with open(path, "rb") as src:
-            self._atomic_write(key, lambda f: shutil.copyfileobj(src, f, 8 << 20))
+            self._atomic_write(key, lambda f: shutil.copyfileobj(src, f, COPY_BUFFER_BYTES))
 
     def get_bytes(self, key: str) -> bytes:
         try:
             return self._path(key).read_bytes()
-        except (FileNotFoundError, IsADirectoryError):
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise self._missing(key) from None
 
     def get_range(self, key: str, start: int, length: int) -> bytes:
-        if start < 0 or length < 0:
-            raise StoreError(f"invalid range start={start} length={length} for {self.url(key)}")
+        check_range(start, length, self.url(key))
         with self.open_read(key) as f:
             f.seek(start)
             return f.read(length)
@@ -154,70 +186,78 @@ class LocalStore(Store):
     def open_read(self, key: str) -> BinaryIO:
         try:
             return open(self._path(key), "rb")
-        except (FileNotFoundError, IsADirectoryError):
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise self._missing(key) from None
 
     def list(self, prefix: str = "") -> Iterator[str]:
-        if prefix:
-            check_key(prefix.rstrip("/") or "x")
-        folder = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
+        check_prefix(prefix)
+        folder = (self.root / prefix.rpartition("/")[0]).resolve()
+        if not self._inside(folder):
+            raise InvalidKey(f"prefix {prefix!r} resolves outside the store root {self.uri}")
         if not folder.is_dir():
             return iter(())
         keys = (
-            p.relative_to(self.root).as_posix()
+            p.relative_to(folder).as_posix()
             for p in folder.rglob("*")
-            if p.is_file() and not (p.name.startswith(".") and p.name.endswith(".tmp"))
+            if p.is_file()
+            and not (p.name.startswith(".") and p.name.endswith(".tmp"))
+            and not (p.is_symlink() and not self._inside(p.resolve()))
         )
-        return iter(sorted(k for k in keys if k.startswith(prefix)))
+        base = prefix.rpartition("/")[0]
+        return iter(sorted(k for k in (join_key(base, k) for k in keys) if k.startswith(prefix)))
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
     def size(self, key: str) -> int:
-        try:
-            return self._path(key).stat().st_size
-        except FileNotFoundError:
-            raise self._missing(key) from None
+        path = self._path(key)
+        if not path.is_file():
+            raise self._missing(key)
+        return path.stat().st_size
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        path = self._path(key)
+        if path.is_file():
+            path.unlink(missing_ok=True)
 
     def download(self, key: str, path: str | os.PathLike) -> Path:
         dest = Path(path)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            with self.open_read(key) as src, open(tmp, "wb") as out:
-                shutil.copyfileobj(src, out, 8 << 20)
-            os.replace(tmp, dest)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with self.open_read(key) as src, atomic_output(dest) as tmp, open(tmp, "wb") as out:
+            shutil.copyfileobj(src, out, COPY_BUFFER_BYTES)
         return dest
 
 
 def open_store(uri: str | os.PathLike) -> Store:
     """Open a store from a plain path, `file:///path`, or `s3://bucket/prefix`."""
     uri = os.fspath(uri)
-    parsed = urlparse(uri)
-    if parsed.scheme == "s3":
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
+        return LocalStore(uri)
+    if scheme == "s3":
         from storage.s3 import S3Store
 
-        return S3Store(bucket=parsed.netloc, prefix=parsed.path.strip("/"))
-    if parsed.scheme == "file":
-        return LocalStore(parsed.path)
-    if parsed.scheme in ("",) or (len(parsed.scheme) == 1 and os.name == "nt"):
-        return LocalStore(uri)
-    raise StoreError(f"unsupported store URI scheme {parsed.scheme!r} in {uri!r}")
+        bucket, _, prefix = rest.partition("/")
+        return S3Store(bucket, prefix)
+    if scheme == "file":
+        if not rest.startswith("/"):
+            raise StoreError(f"a file URI needs an absolute path (file:///path), got {uri!r}")
+        return LocalStore(rest)
+    # Only the scheme is echoed: the rest of an unknown URI might hold credentials.
+    raise StoreError(f"unsupported store URI scheme {scheme!r}: use a path, file:///path or s3://bucket/prefix")
 
 
 def open_object(uri: str | os.PathLike) -> tuple[Store, str]:
     """Split an object URI into the store of its folder and its key: s3://b/a/m.json -> (s3://b/a, m.json)."""
-    uri = os.fspath(uri).rstrip("/")
-    head, _, name = uri.rpartition("/")
-    if "://" not in uri and not head:
-        head = "."
-    if not name or head.endswith(":/") or head.endswith(":"):
-        raise InvalidKey(f"not an object URI: {uri!r}")
-    return open_store(head), name
+    uri = os.fspath(uri)
+    scheme, sep, rest = uri.partition("://")
+    if sep:
+        root, slash, name = rest.rpartition("/")
+        if not slash or not name or (scheme == "s3" and not root):
+            raise InvalidKey(f"not an object URI (no key after the bucket or folder): {uri!r}")
+        folder = f"{scheme}://{root or '/'}"
+    else:
+        folder, name = os.path.split(uri)
+        folder = folder or "."
+    if not name:
+        raise InvalidKey(f"not an object URI (it ends in '/'): {uri!r}")
+    return open_store(folder), check_key(name)

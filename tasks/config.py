@@ -55,8 +55,19 @@ class MinHashConfig(Config):
     rows: int | None = Field(13, ge=1)
     threshold: float = Field(0.8, gt=0, lt=1)
     verify: bool = Field(True, description="Drop candidate pairs whose true Jaccard is below threshold")
-    bucket_partitions: int = Field(16, ge=1, description="Band-hash ranges, one Ray task each")
+    verify_anchors: int = Field(4, ge=1, description="Most members of a bucket each candidate is verified against")
+    bucket_partitions: int = Field(
+        16, ge=1, description="Band-hash ranges (and connected-components vertex partitions), one Ray task each"
+    )
     seed: int = 1
+
+    @model_validator(mode="after")
+    def _bands_rows(self) -> MinHashConfig:
+        if (self.bands is None) != (self.rows is None):
+            raise ValueError("minhash: set both bands and rows, or neither (derived from threshold)")
+        if self.bands is not None and self.bands * self.rows > self.num_perm:
+            raise ValueError(f"minhash: {self.bands} bands x {self.rows} rows exceed num_perm={self.num_perm}")
+        return self
 
 
 class TokenizerTrain(Config):
@@ -88,6 +99,9 @@ class BuildConfig(Config):
     shard_tokens: int = Field(4 << 20, gt=0, description="Target tokens per token shard")
     seed: int = 42
     build_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", description="Default: the config hash")
+    parallelism: int | None = Field(
+        None, ge=1, description="At most this many shards at once (default: twice Ray's CPUs); never changes outputs"
+    )
 
     @model_validator(mode="after")
     def _unique_sources(self) -> BuildConfig:
@@ -100,10 +114,12 @@ class BuildConfig(Config):
     def from_yaml(cls, path: str | Path) -> BuildConfig:
         return cls.model_validate(yaml.safe_load(Path(path).read_text()))
 
+    def content(self) -> dict:
+        """What determines the outputs: everything but where they go and how many workers run."""
+        return self.model_dump(mode="json", exclude={"output", "build_id", "parallelism"})
+
     def config_hash(self) -> str:
-        """What determines the outputs: everything but where they go."""
-        content = self.model_dump(mode="json", exclude={"output", "build_id"})
-        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+        return hashlib.sha256(json.dumps(self.content(), sort_keys=True).encode()).hexdigest()
 
     @property
     def resolved_build_id(self) -> str:

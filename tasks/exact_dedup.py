@@ -89,12 +89,12 @@ def exact_dedup(build: Build) -> dict[str, int | float]:
     store, plan = build.store, build.plan
     hashed = run_shards(
         "exact-hash", store, plan, lambda f: f.shard, lambda f: hash_shard(store, f),
-        on_progress=progress("exact-hash", build.config.name),
+        on_progress=progress("exact-hash", build.config.name), max_in_flight=build.config.parallelism,
     )
     stage_table("exact-hash", build.config.name, hashed)
     receipts = run_shards(
         "exact-dedup", store, range(PARTITIONS), lambda p: f"p{p:04d}",
         lambda p: find_duplicates(store, plan, p),
-        on_progress=progress("exact-dedup", build.config.name),
+        on_progress=progress("exact-dedup", build.config.name), max_in_flight=build.config.parallelism,
     )
     return stage_table("exact-dedup", build.config.name, receipts)

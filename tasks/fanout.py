@@ -97,7 +97,7 @@ def run_shards(
 def _fan_out(stage, store, todo, work, receipts, total, on_progress, max_in_flight) -> None:
     ensure_ray()
     remote = ray.remote(num_cpus=1, max_retries=3)(_work_and_commit)
-    window = max_in_flight or max(4, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    window = max_in_flight or 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
     store_ref, work_ref = ray.put(store), ray.put(work)
     queue = list(reversed(todo))
     pending: list = []

@@ -66,7 +66,7 @@ def write_manifest(build: Build, tokenizer: TokenizerInfo) -> str:
     manifest = DatasetManifest(
         name=build.config.name,
         build_id=build.id,
-        config=build.config.model_dump(mode="json", exclude={"output"}),
+        config=build.config.content(),
         config_hash=build.config.config_hash(),
         tokenizer=tokenizer,
         dtype=token_dtype(tokenizer.vocab_size).name,

@@ -93,6 +93,6 @@ def tokenize(build: Build, tokenizer: TokenizerInfo) -> dict[str, int | float]:
     receipts = run_shards(
         "tokenize", store, build.plan, lambda f: f.shard,
         lambda f: tokenize_shard(store, f, tokenizer, config.shard_tokens, config.seed),
-        on_progress=progress("tokenize", config.name),
+        on_progress=progress("tokenize", config.name), max_in_flight=config.parallelism,
     )
     return stage_table("tokenize", config.name, receipts)

@@ -82,7 +82,8 @@ def test_writer_counts_and_accepts_lists_and_arrays(tmp_path):
         writer.add_document(range(10))
         assert (writer.documents, writer.tokens) == (4, 15)
     reader = IndexedShard(tmp_path / "s")
-    assert [reader.document(i).tolist() for i in range(4)] == [[1, 2, 3], [], [65535, 0], list(range(10))]
+    documents = [reader.document(i).tolist() for i in range(4)]
+    assert documents == [[1, 2, 3], [], [65535, 0], list(range(10))]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.bin", "s.idx"]
 
 
@@ -132,7 +133,8 @@ def test_remote_shard_matches_local(shard, store):
     np.testing.assert_array_equal(remote.sequence_pointers, local.sequence_pointers)
     for i in range(len(local)):
         np.testing.assert_array_equal(remote.document(i), local.document(i))
-    for start, length in [(0, local.num_tokens), (0, 0), (int(local.sequence_lengths[0]) - 1, 5000)]:
+    crossing = (int(local.sequence_lengths[0]) - 1, 5000)
+    for start, length in [(0, local.num_tokens), (0, 0), crossing]:
         np.testing.assert_array_equal(remote.tokens(start, length), local.tokens(start, length))
 
 
@@ -141,7 +143,8 @@ def test_remote_shard_names_the_object_when_bin_disagrees(tmp_path, store):
     store.put_file("s.idx", f"{prefix}.idx")
     store.put_bytes("s.bin", Path(f"{prefix}.bin").read_bytes()[:-2])
     message = _error(lambda: RemoteShard(store, "s"))
-    assert message.startswith(f"{store.url('s.bin')}: data file is 6 bytes but its index describes 4")
+    assert message.startswith(f"{store.url('s.bin')}: data file is 6 bytes")
+    assert "its index describes 4 uint16 tokens = 8 bytes" in message
 
 
 def _error(make: Callable[[], object]) -> str:
@@ -168,15 +171,15 @@ CORRUPT_INDEX = {
     "unknown dtype code": (_set(17, "<B", 9), "idx", "dtype code 9"),
     "float dtype code": (_set(17, "<B", 7), "idx", "dtype code 7"),
     "truncated header": (lambda idx: bytes(idx[:20]), "idx", "truncated index: 20 bytes"),
-    "truncated arrays": (lambda idx: bytes(idx[:-5]), "idx", "truncated index: 97 bytes, but 3 sequences and 4 document indices need 102"),
-    "count larger than data": (_set(18, "<Q", 4), "idx", "102 bytes, but 4 sequences and 4 document indices need 114"),
+    "truncated arrays": (lambda idx: bytes(idx[:-5]), "idx", "index: 97 bytes, but 3 sequences"),
+    "count larger than data": (_set(18, "<Q", 4), "idx", "4 document indices need 114"),
     "trailing bytes": (lambda idx: bytes(idx) + b"\x00" * 3, "idx", "trailing bytes"),
     "negative length": (_set(_LENGTHS + 4, "<i", -1), "idx", "sequence 1 has negative length -1"),
     "pointer off": (_set(_POINTERS + 8, "<q", 3), "idx", "sequence 1 points at byte 3, but"),
     "lengths disagree with bin": (_set(_LENGTHS + 8, "<i", 5), "bin", "data file is 18 bytes"),
     "doc indices end early": (_set(_DOC_INDICES + 24, "<q", 2), "idx", "first and last [0, 2]"),
     "doc indices start late": (_set(_DOC_INDICES, "<q", 1), "idx", "first and last [1, 3]"),
-    "doc indices decrease": (_set(_DOC_INDICES + 16, "<q", 0), "idx", "document index 2 (0) decreases"),
+    "doc indices decrease": (_set(_DOC_INDICES + 16, "<q", 0), "idx", "index 2 (0) decreases"),
 }
 
 
@@ -230,6 +233,14 @@ def test_failure_inside_with_leaves_no_files(tmp_path):
             assert list(tmp_path.iterdir())  # the temp files exist while writing
             raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_writing_over_an_existing_shard_replaces_it(tmp_path):
+    write_shard(tmp_path / "s", [[1, 2, 3]], np.uint16)
+    write_shard(tmp_path / "s", [[4], [5, 6]], np.uint16)
+    reader = IndexedShard(tmp_path / "s")
+    assert [reader.document(i).tolist() for i in range(len(reader))] == [[4], [5, 6]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.bin", "s.idx"]
 
 
 @pytest.mark.parametrize(

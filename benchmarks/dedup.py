@@ -1,0 +1,375 @@
+"""Near dedup: signature throughput against datatrove and datasketch, precision and recall
+against exact all-pairs Jaccard, and the whole stage's wall time and per-task peak memory.
+
+    .venv/bin/python -m benchmarks.dedup [--sample 20000] [--scales 10000,100000] [--cpus 2]
+
+Benchmark-only packages: datatrove==0.10.1 (its English word tokenizer needs spacy==3.8.18)
+and datasketch==2.0.0.
+
+1. Documents: the standard library's Python sources cut at line boundaries into documents
+   of 200-3000 characters (code and docstrings, like Starcoder/SlimPajama text), a quarter
+   of them replaced by edited copies of earlier ones (a random 0-20% of words replaced), so
+   that near-duplicates exist at every similarity.
+2. Throughput, one process, one core, the same documents for all:
+   - the project (char 13-grams x 128, SlimPajama's recipe; and word 5-grams x 112,
+     datatrove's default shape), signatures plus band hashes;
+   - datatrove's MinhashDedupSignature (get_shingles + get_signature, its defaults: word
+     5-grams, 14 x 8 hashes, xxhash64);
+   - datasketch MinHash(num_perm=128) fed SlimPajama's char 13-gram shingles.
+3. Truth: every pair with Jaccard >= 0.8 over character 13-gram sets (shingles hashed with
+   xxh3 in plain Python, independent of the project's hashing), found exactly by prefix
+   filtering (Bayardo et al. 2007: a pair with J >= t shares one of the |A| - ceil(t|A|) + 1
+   rarest shingles of each side, so none is missed). A document should be removed when a
+   smaller id lies in its connected component of that graph. Precision and recall are over
+   removed documents, every method keeping the smallest id of each of its clusters.
+4. Scale: the whole stage on Ray (`--cpus` workers) over synthetic Zipf-word documents with
+   20% planted near-duplicates; wall time and the largest per-task peak RSS (VmHWM reset
+   at each task's start), with bucket partitions growing with the corpus.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import random
+import resource
+import sysconfig
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import xxhash
+
+from storage.manifest import Receipt
+from storage.store import LocalStore, Store
+from tasks.config import MinHashConfig
+from tasks.fanout import run_shards
+from tasks.near_dedup.minhash import MinHasher, normalize
+from tasks.near_dedup.stage import DocsShard, bands_rows, removed_ids, run_near_dedup
+from tasks.parquet_io import write_table
+from tasks.plan import PlannedFile, document_id
+
+THRESHOLD = 0.8
+STEP_SECONDS: dict[str, float] = {}  # wall time per step of the last stage runs
+DOCS_PER_SHARD = 10_000
+
+
+# -- corpora ------------------------------------------------------------------------------
+
+
+def edit_copy(rng: random.Random, words: list[str], fraction: float, vocabulary: Sequence[str]) -> str:
+    copy = list(words)
+    for position in rng.sample(range(len(copy)), int(fraction * len(copy))):
+        copy[position] = rng.choice(vocabulary)
+    return " ".join(copy)
+
+
+def code_corpus(count: int, seed: int = 0) -> list[str]:
+    """Standard-library sources cut into documents, a quarter of them edited copies."""
+    rng = random.Random(seed)
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py"))
+    files = [f for f in files if "site-packages" not in f.parts]
+    texts: list[str] = []
+    for path in files:
+        lines = path.read_text(errors="replace").splitlines(keepends=True)
+        start = 0
+        while start < len(lines) and len(texts) < count:
+            size, end = rng.randint(200, 3000), start
+            while end < len(lines) and sum(len(line) for line in lines[start:end]) < size:
+                end += 1
+            text = "".join(lines[start:end])
+            if len(text.strip()) > 50:
+                texts.append(text)
+            start = end
+        if len(texts) >= count:
+            break
+    vocabulary = sorted({w for t in texts[:2000] for w in t.split()})
+    for i in range(len(texts)):
+        if i > 0 and rng.random() < 0.25:
+            original = texts[rng.randrange(i)].split(" ")
+            texts[i] = edit_copy(rng, original, rng.uniform(0.0, 0.2), vocabulary)
+    return texts
+
+
+def zipf_corpus(count: int, seed: int = 0) -> list[str]:
+    """Synthetic documents of Zipf-distributed pseudo-words, 20% edited copies."""
+    rng = np.random.default_rng(seed)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    vocabulary = ["".join(rng.choice(letters, rng.integers(2, 10))) for _ in range(50_000)]
+    lengths = np.clip(rng.lognormal(5.2, 0.6, count).astype(int), 20, 2000)
+    word_ids = np.minimum(rng.zipf(1.2, lengths.sum()), len(vocabulary)) - 1
+    texts, start = [], 0
+    for length in lengths:
+        texts.append(" ".join(vocabulary[w] for w in word_ids[start : start + length]))
+        start += length
+    copy_of = rng.integers(0, np.arange(1, count))  # an earlier document
+    is_copy = rng.random(count - 1) < 0.2
+    edit = random.Random(seed)
+    for i in np.flatnonzero(is_copy) + 1:
+        texts[i] = edit_copy(edit, texts[copy_of[i - 1]].split(" "), edit.uniform(0.0, 0.15), vocabulary[:5000])
+    return texts
+
+
+def write_shards(store: Store, texts: Sequence[str]) -> list[DocsShard]:
+    shards = []
+    for ordinal, start in enumerate(range(0, len(texts), DOCS_PER_SHARD)):
+        chunk = texts[start : start + DOCS_PER_SHARD]
+        file = PlannedFile(source="bench", uri=f"bench://{ordinal}", size=0, ordinal=ordinal)
+        ids = pa.array([document_id(ordinal, r) for r in range(len(chunk))], pa.int64())
+        key = f"docs/bench/{file.shard}.parquet"
+        write_table(store, key, pa.table({"id": ids, "source": ["bench"] * len(chunk), "text": list(chunk), "meta": ["{}"] * len(chunk)}))
+        shards.append(DocsShard(file, key))
+    return shards
+
+
+def position_of(doc_id: int) -> int:
+    return (doc_id >> 32) * DOCS_PER_SHARD + (doc_id & 0xFFFFFFFF)
+
+
+# -- truth ------------------------------------------------------------------------------
+
+
+def char_shingle_sets(texts: Sequence[str], n: int = 13) -> list[np.ndarray]:
+    sets = []
+    for text in texts:
+        s = normalize(text)
+        grams = [s[i : i + n] for i in range(len(s) - n + 1)] if len(s) >= n else [s]
+        sets.append(np.unique(np.fromiter((xxhash.xxh3_64_intdigest(g.encode()) for g in grams), np.uint64, len(grams))))
+    return sets
+
+
+def similar_pairs(sets: list[np.ndarray], threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Every pair (i < j) with Jaccard >= threshold, exactly, by prefix filtering."""
+    from scipy import sparse
+
+    values, inverse, counts = np.unique(np.concatenate(sets), return_inverse=True, return_counts=True)
+    rank = np.empty(len(values), np.int64)
+    rank[np.lexsort((values, counts))] = np.arange(len(values))  # rarest first
+    bounds = np.cumsum([0] + [len(s) for s in sets])
+    rows, cols = [], []
+    for i in range(len(sets)):
+        ranks = np.sort(rank[inverse[bounds[i] : bounds[i + 1]]])
+        prefix = len(ranks) - math.ceil(threshold * len(ranks)) + 1
+        rows.append(np.full(prefix, i))
+        cols.append(ranks[:prefix])
+    rows_, cols_ = np.concatenate(rows), np.concatenate(cols)
+    matrix = sparse.csr_matrix((np.ones(len(rows_), np.int32), (rows_, cols_)), shape=(len(sets), len(values)))
+    candidates = sparse.triu(matrix @ matrix.T, k=1).tocoo()
+    keep = [
+        k for k, (a, b) in enumerate(zip(candidates.row, candidates.col))
+        if jaccard_sets(sets[a], sets[b]) >= threshold
+    ]
+    return candidates.row[keep], candidates.col[keep]
+
+
+def jaccard_sets(a: np.ndarray, b: np.ndarray) -> float:
+    inter = len(np.intersect1d(a, b, assume_unique=True))
+    return inter / (len(a) + len(b) - inter)
+
+
+def removed_by_clusters(count: int, first: np.ndarray, second: np.ndarray) -> set[int]:
+    """Documents with a smaller id in their connected component."""
+    from scipy import sparse
+    from scipy.sparse.csgraph import connected_components
+
+    graph = sparse.coo_matrix((np.ones(len(first)), (first, second)), shape=(count, count))
+    _, labels = connected_components(graph, directed=False)
+    smallest = np.full(labels.max() + 1, count)
+    np.minimum.at(smallest, labels, np.arange(count))
+    return set(np.flatnonzero(smallest[labels] != np.arange(count)).tolist())
+
+
+def band_removals(signatures: np.ndarray, bands: int, rows: int) -> set[int]:
+    """LSH without verification: documents agreeing on all rows of a band are linked."""
+    first, second = [], []
+    for band in range(bands):
+        keys = signatures[:, band * rows : (band + 1) * rows]
+        _, inverse = np.unique(keys, axis=0, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        leader = np.full(inverse.max() + 1, len(signatures))
+        np.minimum.at(leader, inverse, np.arange(len(signatures)))
+        linked = leader[inverse] != np.arange(len(signatures))
+        first.append(np.flatnonzero(linked))
+        second.append(leader[inverse][linked])
+    return removed_by_clusters(len(signatures), np.concatenate(first), np.concatenate(second))
+
+
+def precision_recall(removed: set[int], truth: set[int]) -> tuple[float, float]:
+    hit = len(removed & truth)
+    return (hit / len(removed) if removed else 1.0), (hit / len(truth) if truth else 1.0)
+
+
+# -- the three signature implementations ----------------------------------------------------
+
+
+def timed(action: Callable[[], object]) -> tuple[float, object]:
+    started = time.perf_counter()
+    result = action()
+    return time.perf_counter() - started, result
+
+
+def project_signatures(texts: Sequence[str], words: bool) -> np.ndarray:
+    hasher = MinHasher(5 if words else 13, words, 112 if words else 128, seed=1)
+    bands, rows = (14, 8) if words else (9, 13)
+    signatures = np.concatenate([hasher.signatures(texts[i : i + 4096]) for i in range(0, len(texts), 4096)])
+    hasher.band_hashes(signatures, bands, rows)
+    return signatures
+
+
+def datatrove_signatures(texts: Sequence[str]) -> np.ndarray:
+    import datatrove.utils.hashes.xxhash as datatrove_xxhash
+    from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupSignature
+
+    # datatrove 0.10.1 hands str to xxhash, which xxhash 4.x (this project's pin) refuses
+    datatrove_xxhash.xxhash64 = lambda data: xxhash.xxh64_intdigest(data.encode() if isinstance(data, str) else data)
+    step = MinhashDedupSignature(output_folder=tempfile.mkdtemp(), config=MinhashConfig())
+    out = np.zeros((len(texts), step.num_hashes), np.uint64)
+    for i, text in enumerate(texts):
+        shingles = step.get_shingles(text)
+        if shingles.size:
+            out[i] = np.concatenate(step.get_signature(shingles))
+        else:
+            out[i] = np.arange(step.num_hashes) + 2**62 + i  # datatrove skips empty documents: never matches
+    return out
+
+
+def datasketch_signatures(texts: Sequence[str]) -> np.ndarray:
+    from datasketch import MinHash
+
+    out = np.zeros((len(texts), 128), np.uint64)
+    for i, text in enumerate(texts):
+        s = normalize(text)
+        minhash = MinHash(num_perm=128)
+        minhash.update_batch([s[j : j + 13].encode() for j in range(len(s) - 12)] or [s.encode()])
+        out[i] = minhash.hashvalues
+    return out
+
+
+# -- the stage on Ray -----------------------------------------------------------------------
+
+
+def _rss_mib(field: str) -> int:
+    """VmRSS (now) or VmHWM (peak) of this process, from /proc."""
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith(f"{field}:"))
+    return int(line.split()[1]) // 1024
+
+
+def measured(work: Callable[[object], Receipt]) -> Callable[[object], Receipt]:
+    """The work, reporting its worker's RSS when the task began and its peak since."""
+
+    def run(item):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+        start = _rss_mib("VmRSS")
+        receipt = work(item)
+        receipt.counts.update(rss_start_mib=start, peak_rss_mib=_rss_mib("VmHWM"))
+        return receipt
+
+    return run
+
+
+def run_stage(store: Store, shards: list[DocsShard], cfg: MinHashConfig) -> tuple[float, int, dict[str, int], int]:
+    """Wall seconds, the largest per-task peak RSS (MiB), the peak per step, and the
+    smallest RSS a worker had when a task began (the worker's own baseline)."""
+    peaks: dict[str, int] = {}
+    baseline = [1 << 30]
+
+    def fan_out(stage, items, shard_of, work):
+        seconds, receipts = timed(lambda: run_shards(stage, store, items, shard_of, measured(work)))
+        step = stage.split("-r0")[0] if "components" in stage else stage
+        STEP_SECONDS[step] = STEP_SECONDS.get(step, 0.0) + seconds
+        peaks[step] = max([peaks.get(step, 0)] + [r.counts["peak_rss_mib"] for r in receipts])
+        baseline[0] = min([baseline[0]] + [r.counts["rss_start_mib"] for r in receipts])
+        return receipts
+
+    seconds, _ = timed(lambda: run_near_dedup(store, shards, cfg, fan_out))
+    return seconds, max(peaks.values()), peaks, baseline[0]
+
+
+# -- main -----------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sample", type=int, default=20_000, help="documents for throughput and precision/recall")
+    parser.add_argument("--scales", default="10000,100000", help="corpus sizes for the whole stage")
+    parser.add_argument("--cpus", type=int, default=2)
+    args = parser.parse_args()
+
+    import ray
+
+    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    print(f"python {platform.python_version()}, numpy {version('numpy')}, datatrove {version('datatrove')}, "
+          f"spacy {version('spacy')}, datasketch {version('datasketch')}, {os.cpu_count()} cores, ray workers {args.cpus}")
+
+    texts = code_corpus(args.sample)
+    megabytes = sum(len(t.encode()) for t in texts) / 1e6
+    print(f"\nsample: {len(texts)} documents, {megabytes:.1f} MB (stdlib sources, 25% edited copies)")
+
+    runs = {}
+    for name, action in [
+        ("project, char 13-grams x 128", lambda: project_signatures(texts, words=False)),
+        ("project, word 5-grams x 112", lambda: project_signatures(texts, words=True)),
+        ("datatrove MinhashDedupSignature, word 5-grams x 112", lambda: datatrove_signatures(texts)),
+        ("datasketch MinHash, char 13-grams x 128", lambda: datasketch_signatures(texts)),
+    ]:
+        runs[name] = timed(action)
+    base = runs["datatrove MinhashDedupSignature, word 5-grams x 112"][0]
+    print("\n| signatures (1 core) | docs/s | MB/s | vs datatrove |\n| --- | ---: | ---: | ---: |")
+    for name, (seconds, _) in runs.items():
+        print(f"| {name} | {len(texts) / seconds:,.0f} | {megabytes / seconds:.2f} | {base / seconds:.1f}x |")
+
+    seconds, sets = timed(lambda: char_shingle_sets(texts))
+    pair_seconds, (first, second) = timed(lambda: similar_pairs(sets, THRESHOLD))
+    truth = removed_by_clusters(len(texts), first, second)
+    print(f"\ntruth: {len(first)} pairs with J >= {THRESHOLD}, {len(truth)} documents to remove "
+          f"(shingles {seconds:.0f} s, exact all-pairs {pair_seconds:.0f} s)")
+
+    results = {
+        "datatrove (14 x 8 bands, no verification)": band_removals(runs["datatrove MinhashDedupSignature, word 5-grams x 112"][1], 14, 8),
+        "datasketch = SlimPajama (9 x 13, no verification)": band_removals(runs["datasketch MinHash, char 13-grams x 128"][1], 9, 13),
+    }
+    stage_rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, cfg in [
+            ("project 9 x 13, verified (default)", MinHashConfig(bucket_partitions=4)),
+            ("project 9 x 13, no verification", MinHashConfig(bucket_partitions=4, verify=False)),
+            ("project 16 x 8, verified", MinHashConfig(bands=16, rows=8, bucket_partitions=4)),
+        ]:
+            store = LocalStore(Path(tmp) / label.replace(" ", "_").replace(",", ""))
+            shards = write_shards(store, texts)
+            seconds, peak, _, _ = run_stage(store, shards, cfg)
+            results[label] = {position_of(int(d)) for s in shards for d in removed_ids(store, s.file)}
+            stage_rows.append((label, seconds, peak))
+    print("\n| method | removed | precision | recall |\n| --- | ---: | ---: | ---: |")
+    for name, removed in results.items():
+        precision, recall = precision_recall(removed, truth)
+        print(f"| {name} | {len(removed)} | {precision:.3f} | {recall:.3f} |")
+    print("\n| whole stage on the sample | wall s | largest task peak RSS MiB |\n| --- | ---: | ---: |")
+    for label, seconds, peak in stage_rows:
+        print(f"| {label} | {seconds:.1f} | {peak} |")
+
+    print("\n| documents | MB | shards | bucket partitions | wall s | docs/s | largest task peak RSS MiB | worker baseline MiB | peak per step (MiB) |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    for count in [int(c) for c in args.scales.split(",") if c]:
+        texts = zipf_corpus(count)
+        with tempfile.TemporaryDirectory() as tmp:
+            store = LocalStore(tmp)
+            shards = write_shards(store, texts)
+            partitions = max(4, count // 25_000)
+            seconds, peak, peaks, baseline = run_stage(store, shards, MinHashConfig(bucket_partitions=partitions))
+        size = sum(len(t.encode()) for t in texts) / 1e6
+        per_step = ", ".join(f"{k.removeprefix('near-')} {v}" for k, v in peaks.items())
+        print(f"| {count:,} | {size:.0f} | {len(shards)} | {partitions} | {seconds:.1f} | {count / seconds:,.0f} | {peak} | {baseline} | {per_step} |")
+    print(f"\n(driver peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB; bands/rows {bands_rows(MinHashConfig())})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""`tinyllama serve`: a Prefect server, the deployments, and the process that runs them.
+
+- With PREFECT_API_URL set, attach to that server (it must answer); otherwise attach to a
+  Prefect server already answering at host:port, or start one there:
+  `prefect server start` as a subprocess, database in PREFECT_HOME (./data/prefect/prefect.db,
+  SQLite) unless PREFECT_SERVER_DATABASE_CONNECTION_URL names another (PostgreSQL:
+  postgresql+asyncpg://user:password@host:5432/db), analytics off, log in PREFECT_HOME/server.log.
+- Register the deployments (deployments/deploy.py) and serve them: each flow run is a
+  subprocess of this process.
+- Ctrl-C or SIGTERM stops the runs in flight, then the server this process started, then
+  anything its runs left behind (this process is a child subreaper, so orphaned
+  grandchildren such as a run's Ray workers are re-parented to it and found).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+from deployments.settings import configure_prefect
+
+STARTUP_TIMEOUT_S = 180.0  # a first start on a fresh database takes ~30 s on a small machine
+STOP_GRACE_S = 15.0
+_PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+class ServeError(RuntimeError):
+    """The Prefect server could not be reached or started; the message says why."""
+
+
+def healthy(api_url: str, timeout_s: float = 2.0) -> bool:
+    """Whether a Prefect API answers its health check at `api_url` (…/api)."""
+    try:
+        with urllib.request.urlopen(f"{api_url.rstrip('/')}/health", timeout=timeout_s) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def ui_url(api_url: str) -> str:
+    return api_url.rstrip("/").removesuffix("/api")
+
+
+def _prctl(option: int, value: int) -> None:
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(option, value)
+
+
+def _die_with_parent() -> None:
+    """In the server's process before exec: SIGTERM it if serve dies, even by SIGKILL."""
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def stop_descendants(grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM every descendant of this process, then SIGKILL those still there after `grace_s`."""
+    from tasks.train import _process_tree as process_tree
+
+    pids = process_tree(os.getpid())
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while pids and time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            while os.waitpid(-1, os.WNOHANG)[0]:  # reap what exited (adopted orphans included)
+                pass
+        pids = process_tree(os.getpid())
+        time.sleep(0.2)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+
+
+class PrefectServer:
+    """`prefect server start` on host:port as a child process, with its output in `log_path`."""
+
+    def __init__(self, host: str, port: int, log_path: Path):
+        self.host, self.port, self.log_path = host, port, log_path
+        self.api_url = f"http://{host}:{port}/api"
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+        prefect = Path(sys.executable).with_name("prefect")
+        command = [str(prefect), "server", "start", "--host", self.host, "--port", str(self.port), "--analytics-off"]
+        env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+        env.pop("PREFECT_API_URL", None)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                command,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C reaches serve, which then stops the server in order
+                preexec_fn=_die_with_parent,
+            )
+        deadline = time.monotonic() + timeout_s
+        while not healthy(self.api_url):
+            if self.process.poll() is not None:
+                raise ServeError(f"the Prefect server exited with code {self.process.returncode}:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ServeError(f"the Prefect server did not answer within {timeout_s:.0f} s:\n{self.log_tail()}")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+    def log_tail(self, lines: int = 30) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+@contextlib.contextmanager
+def prefect_api(host: str = "127.0.0.1", port: int = 4200) -> Iterator[str]:
+    """The API URL of a Prefect server to use: PREFECT_API_URL's, one already at host:port, or
+    one started there (and stopped on exit). This process's Prefect client points at it meanwhile."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+
+    with contextlib.ExitStack() as stack:
+        api_url = os.environ.get("PREFECT_API_URL")
+        if api_url:
+            if not healthy(api_url):
+                raise ServeError(
+                    f"PREFECT_API_URL={api_url} does not answer; start that server, or unset PREFECT_API_URL "
+                    "to have `tinyllama serve` start one"
+                )
+            print(f"attaching to the Prefect server at {api_url}", flush=True)
+        elif healthy(api_url := f"http://{host}:{port}/api"):
+            print(f"attaching to the Prefect server already running at {api_url}", flush=True)
+        else:
+            server = PrefectServer(host, port, Path(PREFECT_HOME.value()) / "server.log")
+            database = "PostgreSQL" if os.environ.get("PREFECT_SERVER_DATABASE_CONNECTION_URL") else "SQLite"
+            print(f"starting a Prefect server on {host}:{port} ({database}; log: {server.log_path})", flush=True)
+            stack.callback(server.stop)
+            server.start()
+        os.environ["PREFECT_API_URL"] = api_url  # for the runs' subprocesses
+        stack.callback(os.environ.pop, "PREFECT_API_URL", None)
+        stack.enter_context(temporary_settings(updates={PREFECT_API_URL: api_url}))
+        yield api_url
+
+
+def _raise_keyboard_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def serve_main(
+    host: str = "127.0.0.1",
+    port: int = 4200,
+    data_dir: Path = Path("data"),
+    build_config: Path | None = None,
+    train_config: Path | None = None,
+    epoch_schedule_active: bool = False,
+) -> None:
+    """Serve the deployments until Ctrl-C / SIGTERM; see the module docstring.
+
+    The deployments' default parameters: `build_config` (a build YAML; default the sample
+    corpus under data_dir/raw, made if missing) and `train_config` (a run YAML without `data`;
+    default deploy.sample_training).
+    """
+    configure_prefect(data_dir)
+    _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # the runner installs its own later
+    try:
+        with prefect_api(host, port) as api_url:
+            from prefect import serve
+
+            from deployments.deploy import deployments, sample_training
+            from flows.pretrain import TrainSettings
+            from tasks.config import BuildConfig
+
+            if build_config:
+                build = BuildConfig.from_yaml(build_config)
+            else:
+                build = BuildConfig.from_yaml(sample_build_config(data_dir)).model_copy(
+                    update={"output": str(data_dir.resolve())}
+                )
+            train = TrainSettings.from_yaml(train_config) if train_config else sample_training(data_dir)
+            declared = deployments(build, train, epoch_schedule_active=epoch_schedule_active)
+            print(f"Prefect UI: {ui_url(api_url)}  (Ctrl-C stops everything started here)", flush=True)
+            serve(*declared)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop_descendants()
+        signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+def sample_build_config(data_dir: Path) -> Path:
+    """The sample corpus's build config under data_dir/raw (making the corpus if it is not there)."""
+    from tasks.sample_corpus import make_sample_corpus
+
+    config = data_dir / "raw" / "sample.yaml"
+    if not config.exists():
+        make_sample_corpus(config.parent)
+    return config

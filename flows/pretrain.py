@@ -1,0 +1,64 @@
+"""Flows `pretrain` (build a dataset, then train on it) and `train-on-build` (train on a finished build).
+
+`train-on-build` is what the build->train automation runs: when a `build-dataset` deployment
+run completes, its trigger passes that run's build config here, and the manifest is found
+where the build wrote it.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from flows.build_dataset import build_dataset
+from flows.train import train as train_run
+from model.data import DataSource
+from model.train_config import TrainConfig
+from storage.store import open_object
+from tasks.config import BuildConfig
+from tasks.manifest import MANIFEST_KEY
+from tasks.plan import Build
+from prefect import flow
+
+
+class TrainSettings(TrainConfig):
+    """A training run config whose main dataset is the build made (or found) by the flow."""
+
+    data: list[DataSource] = Field(
+        default_factory=list, description="Other datasets mixed in beside the build (which has weight 1.0)"
+    )
+
+    def with_build(self, manifest_uri: str) -> TrainConfig:
+        settings = self.model_dump(mode="json")
+        settings["data"] = [{"manifest": manifest_uri}, *settings["data"]]
+        return TrainConfig.model_validate(settings)
+
+
+def manifest_uri(build: BuildConfig) -> str:
+    """Where the build described by `build` has (or will have) its manifest."""
+    return Build(config=build).store.url(MANIFEST_KEY)
+
+
+@flow(name="pretrain", flow_run_name="pretrain-{build.name}")
+def pretrain(build: BuildConfig, train: TrainSettings) -> str:
+    """Build a dataset, then train on it; returns the run's URI.
+
+    Args:
+        build: The dataset build (as for build-dataset).
+        train: The training run; its data is the new build (plus any datasets listed).
+    """
+    return train_run(train.with_build(build_dataset(build)))
+
+
+@flow(name="train-on-build", flow_run_name="train-on-{build.name}")
+def train_on_build(build: BuildConfig, train: TrainSettings) -> str:
+    """Train on a finished build; returns the run's URI.
+
+    Args:
+        build: The config of a finished build (the automation passes the build-dataset run's config).
+        train: The training run; its data is that build (plus any datasets listed).
+    """
+    manifest = manifest_uri(build)
+    store, key = open_object(manifest)
+    if not store.exists(key):
+        raise ValueError(f"build {build.name!r} has no manifest at {manifest}: it has not finished")
+    return train_run(train.with_build(manifest))

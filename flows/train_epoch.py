@@ -1,0 +1,54 @@
+"""Flow `train-epoch`: advance a named training run by one segment, from its newest checkpoint.
+
+The run must exist (its config.json is written when training first starts it: `tinyllama
+train`, or the `pretrain` / `train-on-build` deployments). The scheduled `train-epoch`
+deployment calls this flow, so a long run advances a segment at a time; a run that has reached
+its `max_steps` is left alone.
+"""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+
+from flows.train import train
+from model.checkpoint import latest_checkpoint
+from model.train_config import TrainConfig
+from storage.store import ObjectNotFound, join_key, open_store
+from tasks.train import CONFIG_FILE
+
+
+def run_config(output: str, run: str) -> TrainConfig:
+    """The config a run was last trained with (its config.json), or a clear error if there is no such run."""
+    run_store = open_store(output).child(join_key("runs", run))
+    try:
+        text = run_store.get_text(CONFIG_FILE)
+    except ObjectNotFound:
+        raise ValueError(
+            f"no training run at {run_store.uri} (no {CONFIG_FILE}): start it first with `tinyllama train` "
+            "or the pretrain / train-on-build deployments"
+        ) from None
+    return TrainConfig.model_validate_json(text)
+
+
+@flow(name="train-epoch", flow_run_name="train-epoch-{run}")
+def train_epoch(run: str, output: str = "./data", steps: int = 50) -> str:
+    """Continue a training run from its newest checkpoint for `steps` more optimizer steps.
+
+    Args:
+        run: The run's name: it lives in <output>/runs/<run>/.
+        output: The store that holds the run (a folder or s3://bucket/prefix).
+        steps: Optimizer steps to train in this segment (fewer if the run ends sooner).
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    logger = get_run_logger()
+    config = run_config(output, run)
+    checkpoint = latest_checkpoint(open_store(config.run_uri))
+    done = checkpoint.step if checkpoint else 0
+    if done >= config.max_steps:
+        logger.info("run %s is complete (step %d of %d): nothing to train", config.run_uri, done, config.max_steps)
+        return config.run_uri
+    logger.info(
+        "run %s: steps %d -> %d of %d", config.run_uri, done, min(done + steps, config.max_steps), config.max_steps
+    )
+    return train(config.model_copy(update={"max_steps_this_run": steps}))

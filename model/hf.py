@@ -1,0 +1,205 @@
+"""Hugging Face directories <-> the project's Llama, without depending on `transformers`.
+
+`save_hf` writes what `transformers.AutoModelForCausalLM.from_pretrained` loads as
+LlamaForCausalLM (and what vLLM, llama.cpp's converter and lm-evaluation-harness read):
+model.safetensors, config.json, generation_config.json and, given a SentencePiece model, the
+tokenizer files for AutoTokenizer. `load_hf` reads such a directory (single or sharded
+safetensors, or pytorch_model.bin loaded with weights_only=True), e.g. released TinyLlama
+weights to continue pretraining from. Parameter names are identical on both sides.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import sentencepiece as spm
+import torch
+from safetensors.torch import load_file, save_file
+
+from model.config import LlamaConfig
+from model.llama import Llama
+
+WEIGHTS_FILE = "model.safetensors"
+# Weight files in the order they are looked for; an index names the shards of a sharded checkpoint.
+WEIGHT_LAYOUTS = (
+    ("model.safetensors.index.json", "model.safetensors"),
+    ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+)
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def hf_config(config: LlamaConfig, dtype: torch.dtype) -> dict:
+    """config.json of a LlamaForCausalLM with this architecture; keys every Llama reader knows."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.dim,
+        "intermediate_size": config.ffn_dim,
+        "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.n_kv_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.max_seq_len,
+        "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": False,
+        "bos_token_id": config.bos_id,
+        "eos_token_id": config.eos_id,
+        "torch_dtype": DTYPE_NAMES[dtype],
+        "use_cache": True,
+    }
+
+
+def config_from_hf(hf: dict, source: str | Path) -> LlamaConfig:
+    """The LlamaConfig of a Hugging Face config.json; refuses variants this model does not implement."""
+
+    def unsupported(what: str) -> ValueError:
+        return ValueError(f"{source}: {what} is not supported by this Llama implementation")
+
+    if hf.get("model_type") != "llama":
+        raise unsupported(f"model_type {hf.get('model_type')!r} (expected 'llama')")
+    rope = hf.get("rope_parameters") or {}  # transformers >= 5 nests rope_theta here
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if hf.get("rope_scaling") or rope_type != "default":
+        raise unsupported(f"RoPE scaling {hf.get('rope_scaling') or rope}")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise unsupported(f"hidden_act {hf['hidden_act']!r}")
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise unsupported("attention/MLP biases")
+    n_heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
+    if head_dim * n_heads != hf["hidden_size"]:
+        raise unsupported(f"head_dim {head_dim} with {n_heads} heads and hidden_size {hf['hidden_size']}")
+
+    def first_id(key: str, default: int) -> int:
+        value = hf.get(key)
+        value = value[0] if isinstance(value, list) else value  # Llama 3 lists several EOS ids
+        return default if value is None else value
+
+    return LlamaConfig(
+        vocab_size=hf["vocab_size"],
+        n_layers=hf["num_hidden_layers"],
+        dim=hf["hidden_size"],
+        n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+        ffn_dim=hf["intermediate_size"],
+        max_seq_len=hf.get("max_position_embeddings", 2048),
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+        bos_id=first_id("bos_token_id", 1),
+        eos_id=first_id("eos_token_id", 2),
+    )
+
+
+def save_hf(
+    model: Llama, out_dir: str | Path, tokenizer_model: str | Path | None = None, dtype: torch.dtype | None = None
+) -> Path:
+    """Write `model` as a Hugging Face LlamaForCausalLM directory; dtype defaults to the weights' own."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").unlink(missing_ok=True)  # written last, so its presence marks a complete export
+    config = model.config
+    dtype = dtype or model.lm_head.weight.dtype
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"cannot export weights as {dtype}; choose one of {', '.join(DTYPE_NAMES.values())}")
+    if tokenizer_model is not None:
+        save_tokenizer(tokenizer_model, out, config)
+    tensors = {name: t.detach().to("cpu", dtype).contiguous() for name, t in model.state_dict().items()}
+    save_file(tensors, out / WEIGHTS_FILE, metadata={"format": "pt"})  # transformers requires format=pt
+    generation = {"bos_token_id": config.bos_id, "eos_token_id": config.eos_id, "max_length": config.max_seq_len}
+    _write_json(out / "generation_config.json", generation)
+    _write_json(out / "config.json", hf_config(config, dtype))
+    return out
+
+
+def save_tokenizer(tokenizer_model: str | Path, out_dir: Path, config: LlamaConfig) -> None:
+    """tokenizer.model plus the configs with which AutoTokenizer builds a Llama tokenizer from it."""
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
+    for name, sp_id, model_id in (("BOS", sp.bos_id(), config.bos_id), ("EOS", sp.eos_id(), config.eos_id)):
+        if sp_id != model_id:
+            raise ValueError(f"{tokenizer_model}: {name} id {sp_id} differs from the model's {model_id}")
+    if sp.vocab_size() > config.vocab_size:
+        raise ValueError(f"{tokenizer_model}: {sp.vocab_size()} pieces exceed the model's vocab {config.vocab_size}")
+    shutil.copyfile(tokenizer_model, out_dir / "tokenizer.model")
+    special = {
+        "bos_token": sp.id_to_piece(sp.bos_id()),
+        "eos_token": sp.id_to_piece(sp.eos_id()),
+        "unk_token": sp.id_to_piece(sp.unk_id()),
+    }
+    if sp.pad_id() >= 0:
+        special["pad_token"] = sp.id_to_piece(sp.pad_id())
+    # SentencePiece's add_dummy_prefix shows as a leading "▁" on the first piece; HF calls it add_prefix_space.
+    add_prefix_space = sp.encode("a", out_type=str)[0].startswith("▁")
+    tokenizer_config = {
+        "tokenizer_class": "LlamaTokenizer",  # transformers picks LlamaTokenizerFast where it has one
+        **special,
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "add_prefix_space": add_prefix_space,
+        "legacy": False,  # text after special tokens is tokenized as SentencePiece does
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": config.max_seq_len,
+        "sp_model_kwargs": {},
+    }
+    _write_json(out_dir / "tokenizer_config.json", tokenizer_config)
+    _write_json(out_dir / "special_tokens_map.json", special)
+
+
+def read_hf_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a Hugging Face checkpoint directory, on the CPU, in their stored dtype."""
+    root = Path(path)
+    for index_name, single_name in WEIGHT_LAYOUTS:
+        if (root / index_name).exists():
+            weight_map = json.loads((root / index_name).read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+            break
+        if (root / single_name).exists():
+            files = [single_name]
+            break
+    else:
+        expected = ", ".join(name for layout in WEIGHT_LAYOUTS for name in layout)
+        raise FileNotFoundError(f"{root}: no weights found (looked for {expected})")
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        file = root / name
+        if name.endswith(".safetensors"):
+            state.update(load_file(file, device="cpu"))
+        else:
+            state.update(torch.load(file, map_location="cpu", weights_only=True))
+    return state
+
+
+def load_hf(path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Llama:
+    """A Llama with the weights of a Hugging Face LlamaForCausalLM directory, cast to `dtype`."""
+    root = Path(path)
+    hf = json.loads((root / "config.json").read_text())
+    config = config_from_hf(hf, root / "config.json")
+    state = read_hf_state_dict(root)
+    # Old exports carry RoPE frequencies as buffers; they follow from the config.
+    state = {name: t for name, t in state.items() if not name.endswith("rotary_emb.inv_freq")}
+    if hf.get("tie_word_embeddings") and "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()  # this model's head is untied
+    with torch.device("meta"):
+        model = Llama(config)
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"{root}: weights do not match config.json: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    try:
+        model.load_state_dict(state, assign=True)  # takes the loaded tensors instead of copying into meta ones
+    except RuntimeError as e:
+        raise ValueError(f"{root}: weights do not match config.json: {e}") from e
+    model.reset_rope_cache()  # still on meta: it is not in the state dict
+    return model.to(device=device, dtype=dtype)
+
+
+def _write_json(path: Path, content: dict) -> None:
+    path.write_text(json.dumps(content, indent=2) + "\n")

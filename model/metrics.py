@@ -1,0 +1,103 @@
+"""Rank 0's training metrics: metrics.jsonl, TensorBoard, and a loss-curve plot.
+
+Everything is written to a local run folder as training goes and copied to the run folder on
+the store just before every checkpoint's commit (an invocation always ends with one), so the
+store holds the metrics of every committed step:
+
+    <run>/metrics.jsonl        one JSON object per optimizer step (step, loss, lr, tokens, ...)
+    <run>/tensorboard/         TensorBoard event files
+    <run>/plots/loss.png       training (and validation) loss against step
+
+A resumed run starts from the store's metrics.jsonl cut at the checkpoint's step, so steps
+that ran after the checkpoint and are now repeated appear once; TensorBoard hides them too
+(SummaryWriter's purge_step).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from torch.utils.tensorboard import SummaryWriter
+
+from storage.store import ObjectNotFound, Store, join_key
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+LOSS_PLOT = "plots/loss.png"
+
+
+def read_metrics(text: str) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl text (a torn last line, from a crash mid-write, is dropped)."""
+    records = []
+    for line in text.splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+class MetricsLog:
+    """metrics.jsonl + TensorBoard for one invocation of a run, resumed after `resume_step`."""
+
+    def __init__(self, local_dir: Path, store: Store, resume_step: int):
+        self.local_dir, self.store = local_dir, store
+        self.path = local_dir / METRICS_FILE
+        self.tensorboard_dir = local_dir / TENSORBOARD_DIR
+        self.tensorboard_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            earlier = read_metrics(store.get_text(METRICS_FILE))
+        except ObjectNotFound:
+            earlier = []
+        kept = [r for r in earlier if r["step"] <= resume_step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        for key in store.list(TENSORBOARD_DIR + "/"):
+            local = local_dir / key
+            if not local.exists():
+                store.download(key, local)
+        self.writer = SummaryWriter(str(self.tensorboard_dir), purge_step=resume_step + 1)
+        self._file = open(self.path, "a")
+
+    def log(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()  # the launcher reads it for the progress bar
+        for name, value in record.items():
+            if name != "step" and isinstance(value, (int, float)):
+                self.writer.add_scalar(f"train/{name}" if not name.startswith("val_") else f"val/{name[4:]}",
+                                       value, record["step"])
+
+    def upload(self) -> None:
+        """Copy metrics.jsonl and the TensorBoard files to the run folder on the store."""
+        self.writer.flush()
+        self.store.put_file(METRICS_FILE, self.path)
+        for path in sorted(self.tensorboard_dir.rglob("*")):
+            if path.is_file():
+                self.store.put_file(join_key(TENSORBOARD_DIR, path.relative_to(self.tensorboard_dir).as_posix()), path)
+
+    def plot(self) -> Path:
+        """Draw the loss curve of the whole run so far and upload it to <run>/plots/loss.png."""
+        records = read_metrics(self.path.read_text())
+        figure = Figure(figsize=(8, 4.5), dpi=100)
+        FigureCanvasAgg(figure)
+        ax = figure.add_subplot()
+        ax.plot([r["step"] for r in records], [r["loss"] for r in records], label="train", linewidth=1)
+        val = [r for r in records if r.get("val_loss") is not None]
+        if val:
+            ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        path = self.local_dir / LOSS_PLOT
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path)
+        self.store.put_file(LOSS_PLOT, path)
+        return path
+
+    def close(self) -> None:
+        self._file.close()
+        self.writer.close()

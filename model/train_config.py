@@ -1,0 +1,224 @@
+"""The typed run config of a training run (the YAML a user writes for `tinyllama train`).
+
+    name: tiny-run
+    output: ./data                      # the run lands in <output>/runs/<name>/
+    model: tiny                         # a preset name (model/config.py)
+    data: [{manifest: ./data/datasets/sample/BUILD/manifest.json, weight: 1.0}]
+    seq_len: 256
+    global_batch_tokens: 16384
+    micro_batch: 8
+    lr: {max: 4.0e-4, min: 4.0e-5, warmup_steps: 10}
+    max_steps: 40
+    checkpoint_every: 10
+    launcher: {kind: torchrun, nproc: 2}
+
+Steps are optimizer steps throughout (the lr schedule too); a step consumes exactly
+`global_batch_tokens` target tokens, split into `micro_batch` x `seq_len` micro-batches per rank
+and `accum_steps(world_size)` accumulation steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    field_validator,
+    model_validator,
+)
+
+from model.config import LlamaConfig
+from model.data import DataSource
+from storage.store import join_key, open_object, open_store
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LRSchedule(Section):
+    """Linear warmup to `max`, then cosine decay to `min` at `decay_steps` (default: max_steps)."""
+
+    max: PositiveFloat
+    min: NonNegativeFloat = 0.0
+    warmup_steps: NonNegativeInt = 0
+    decay_steps: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LRSchedule:
+        if self.min > self.max:
+            raise ValueError(f"lr.min {self.min} exceeds lr.max {self.max}")
+        if self.decay_steps is not None and self.decay_steps <= self.warmup_steps:
+            raise ValueError(f"lr.decay_steps {self.decay_steps} must exceed lr.warmup_steps {self.warmup_steps}")
+        return self
+
+
+class Validation(Section):
+    """Mean loss over the first `batches` micro-batches per rank of a held-out build, every `every` steps."""
+
+    manifest: str
+    every: PositiveInt
+    batches: PositiveInt = 8
+
+
+class TorchrunLauncher(Section):
+    kind: Literal["torchrun"] = "torchrun"
+    nproc: PositiveInt = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc
+
+
+class RayLauncher(Section):
+    kind: Literal["ray"]
+    workers: PositiveInt
+    gpus_per_worker: NonNegativeFloat = 0
+    cpus_per_worker: PositiveFloat = 1
+    # Ray Train restarts the worker group this many times; each restart resumes from the store.
+    max_failures: NonNegativeInt = 2
+
+    @property
+    def world_size(self) -> int:
+        return self.workers
+
+
+Launcher = Annotated[TorchrunLauncher | RayLauncher, Field(discriminator="kind")]
+
+
+class TrainConfig(Section):
+    # `model` and `model_overrides` are config keys here, not pydantic's namespace.
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    name: str = Field(description="Run name: the run lives in <output>/runs/<name>/")
+    output: str = Field(description="Store URI or path that holds runs/")
+    model: str = Field(description="Model preset name")
+    model_overrides: dict[str, Any] = Field(default_factory=dict, description="LlamaConfig fields that replace the preset's")
+    vocab_size: PositiveInt | None = Field(None, description="Default: the datasets' tokenizer vocabulary")
+    data: list[DataSource] = Field(min_length=1)
+    val: Validation | None = None
+    seq_len: PositiveInt
+    global_batch_tokens: PositiveInt
+    micro_batch: PositiveInt = Field(description="Sequences per rank per forward/backward")
+    lr: LRSchedule
+    weight_decay: NonNegativeFloat = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: PositiveFloat = 1e-8
+    grad_clip: PositiveFloat | None = 1.0
+    max_steps: PositiveInt = Field(description="Optimizer steps of the whole run")
+    max_steps_this_run: PositiveInt | None = Field(None, description="Stop after this many steps in one invocation")
+    checkpoint_every: PositiveInt
+    keep_checkpoints: PositiveInt | None = Field(3, description="Keep the newest k complete checkpoints; null keeps all")
+    launcher: Launcher = Field(default_factory=TorchrunLauncher)
+    seed: int = 42
+    compile: bool = False
+    activation_checkpointing: bool = False
+    dtype: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 on GPUs, fp32 on CPUs")
+    work_dir: str | None = Field(None, description="Local folder for metrics, TensorBoard and the shard cache")
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_key_segment(cls, name: str) -> str:
+        if not NAME_PATTERN.match(name):
+            raise ValueError(f"run name {name!r} must be letters, digits, '.', '_' or '-' (it becomes a folder name)")
+        return name
+
+    @field_validator("model")
+    @classmethod
+    def _known_preset(cls, name: str) -> str:
+        if name not in LlamaConfig.preset_names():
+            raise ValueError(f"unknown model preset {name!r}; known: {', '.join(LlamaConfig.preset_names())}")
+        return name
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        self.llama_config(self.vocab_size or LlamaConfig.preset(self.model).vocab_size)  # shapes and overrides
+        self.accum_steps(self.launcher.world_size)
+        if self.lr.decay_steps is None and self.lr.warmup_steps >= self.max_steps:
+            raise ValueError(f"lr.warmup_steps {self.lr.warmup_steps} must be below max_steps {self.max_steps}")
+        return self
+
+    @classmethod
+    def from_yaml(cls, path_or_uri: str | os.PathLike) -> TrainConfig:
+        """Read a YAML (or JSON) config from a local path or a store URI."""
+        store, key = open_object(path_or_uri)
+        text = store.get_text(key)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"{store.url(key)}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{store.url(key)}: expected a mapping of config keys, got {type(data).__name__}")
+        try:
+            return cls.model_validate(data)
+        except ValueError as e:
+            raise ValueError(f"{store.url(key)}: invalid training config:\n{e}") from None
+
+    def with_absolute_paths(self) -> TrainConfig:
+        """The same config with local paths made absolute (a launcher's workers may run elsewhere)."""
+        data = self.model_dump(mode="json")
+        data["output"] = _absolute(self.output)
+        data["work_dir"] = str(self.local_dir)
+        for source in data["data"]:
+            source["manifest"] = _absolute(source["manifest"])
+        if data["val"]:
+            data["val"]["manifest"] = _absolute(data["val"]["manifest"])
+        return TrainConfig.model_validate(data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
+
+    def llama_config(self, vocab_size: int | None = None) -> LlamaConfig:
+        """The model's architecture: the preset, the overrides, and the vocabulary size."""
+        vocab = self.vocab_size or vocab_size
+        overrides = {**self.model_overrides, **({"vocab_size": vocab} if vocab else {})}
+        try:
+            config = LlamaConfig.preset(self.model, **overrides)
+        except ValueError as e:
+            raise ValueError(f"model {self.model!r} with overrides {overrides}: {e}") from None
+        if self.seq_len > config.max_seq_len:
+            raise ValueError(
+                f"seq_len {self.seq_len} exceeds model {self.model!r}'s max_seq_len {config.max_seq_len}; "
+                f"lower seq_len or set model_overrides: {{max_seq_len: {self.seq_len}}}"
+            )
+        return config
+
+    def accum_steps(self, world_size: int) -> int:
+        """Micro-batches per rank per optimizer step; global_batch_tokens must split exactly."""
+        per_micro_step = self.micro_batch * self.seq_len * world_size
+        if self.global_batch_tokens % per_micro_step:
+            raise ValueError(
+                f"global_batch_tokens {self.global_batch_tokens} is not a multiple of micro_batch {self.micro_batch} "
+                f"x seq_len {self.seq_len} x world size {world_size} = {per_micro_step}"
+            )
+        return self.global_batch_tokens // per_micro_step
+
+    @property
+    def run_uri(self) -> str:
+        """<output>/runs/<name>, as an absolute store URI."""
+        return open_store(self.output).url(join_key("runs", self.name))
+
+    @property
+    def local_dir(self) -> Path:
+        """Rank 0's local run folder (metrics.jsonl, TensorBoard, plots) and the shard cache's parent."""
+        if self.work_dir:
+            return Path(self.work_dir).expanduser().resolve()
+        return Path(tempfile.gettempdir()) / "tinyllama-runs" / self.name
+
+
+def _absolute(path_or_uri: str) -> str:
+    return path_or_uri if "://" in path_or_uri else str(Path(path_or_uri).expanduser().resolve())

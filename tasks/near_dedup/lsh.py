@@ -1,0 +1,124 @@
+"""Locality-sensitive hashing over MinHash bands: parameters, buckets, candidate edges.
+
+Documents whose signatures agree on every row of some band share that band's bucket and
+become candidates. A bucket links each member to its smallest id (a star, not all pairs),
+which is all connected components need. With verification on, a candidate is linked only
+after its true Jaccard similarity is checked (see `verified_edges`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import lru_cache
+
+import numpy as np
+
+from tasks.near_dedup.minhash import fmix64
+
+
+def candidate_probability(similarity: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """P(two documents of this Jaccard similarity share at least one band bucket)."""
+    return 1.0 - (1.0 - similarity**rows) ** bands
+
+
+@lru_cache(maxsize=64)
+def optimal_bands_rows(
+    threshold: float, num_perm: int, false_positive_weight: float = 0.5, false_negative_weight: float = 0.5
+) -> tuple[int, int]:
+    """The (bands, rows) with bands * rows <= num_perm minimizing the weighted area of false
+    positives (similarity below the threshold, yet candidates) and false negatives (above,
+    yet not candidates); the criterion of datasketch's `_optimal_param`."""
+    below = np.linspace(0.0, threshold, 1001)
+    above = np.linspace(threshold, 1.0, 1001)
+    best: tuple[float, int, int] | None = None
+    for bands in range(1, num_perm + 1):
+        for rows in range(1, num_perm // bands + 1):
+            false_positive = np.trapezoid(candidate_probability(below, bands, rows), below)
+            false_negative = np.trapezoid(1.0 - candidate_probability(above, bands, rows), above)
+            error = false_positive_weight * false_positive + false_negative_weight * false_negative
+            if best is None or error < best[0]:
+                best = (error, bands, rows)
+    assert best is not None
+    return best[1], best[2]
+
+
+def group_buckets(hashes: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Buckets with two or more members: (member ids, bucket start offsets).
+
+    Members are sorted by (band hash, id), so each bucket's first member is its smallest id.
+    Band hashes already include the band's index, so a hash alone names a bucket.
+    """
+    order = np.lexsort((ids, hashes))
+    hashes, ids = hashes[order], ids[order]
+    fresh = np.ones(len(ids), dtype=bool)
+    fresh[1:] = (hashes[1:] != hashes[:-1]) | (ids[1:] != ids[:-1])
+    hashes, ids = hashes[fresh], ids[fresh]
+    starts = np.flatnonzero(np.concatenate([[True], hashes[1:] != hashes[:-1]])) if len(ids) else np.empty(0, np.int64)
+    sizes = np.diff(np.append(starts, len(ids)))
+    shared = sizes >= 2
+    members = np.repeat(shared, sizes)
+    new_starts = np.cumsum(np.concatenate([[0], sizes[shared]]))[:-1]
+    return ids[members], new_starts.astype(np.int64)
+
+
+def distinct_buckets(members: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Drop buckets whose member set repeats an earlier one (near-duplicates often share
+    several bands); a bucket is fingerprinted by its size and the wrapping sum of its
+    members' mixed ids."""
+    if len(starts) == 0:
+        return members, starts
+    sizes = np.diff(np.append(starts, len(members)))
+    mixed = fmix64(members.astype(np.uint64))
+    fingerprints = np.add.reduceat(mixed, starts)
+    _, first = np.unique(np.stack([fingerprints, sizes.astype(np.uint64)], axis=1), axis=0, return_index=True)
+    keep = np.zeros(len(starts), dtype=bool)
+    keep[first] = True
+    kept_members = members[np.repeat(keep, sizes)]
+    kept_starts = np.cumsum(np.concatenate([[0], sizes[keep]]))[:-1]
+    return kept_members, kept_starts.astype(np.int64)
+
+
+def star_edges(members: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unverified edges: every member of a bucket to the bucket's smallest id."""
+    sizes = np.diff(np.append(starts, len(members)))
+    smallest = np.repeat(members[starts], sizes)
+    linked = members != smallest
+    return members[linked], smallest[linked]
+
+
+def verified_edges(
+    members: np.ndarray,
+    starts: np.ndarray,
+    similarity: Callable[[int, int], float],
+    threshold: float,
+    anchors: int,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Edges between bucket members whose true Jaccard similarity reaches the threshold.
+
+    Linking each member only to the bucket's smallest id would miss members that resemble
+    another member but not the smallest. So each bucket keeps up to `anchors` anchors: its
+    smallest id first, then every member that resembled no anchor so far. Each member is
+    compared with every anchor and linked to each one it resembles, which joins groups that
+    meet only through it. At most `anchors` comparisons per member keep boilerplate buckets
+    (thousands of members) linear; a member that resembles none of a full anchor list stays
+    unlinked here, which can only keep a document, never remove a dissimilar one.
+    Returns (member, anchor) edges and the number of comparisons made.
+    """
+    sources: list[int] = []
+    targets: list[int] = []
+    comparisons = 0
+    bounds = np.append(starts, len(members)).tolist()
+    ids = members.tolist()
+    for begin, end in zip(bounds[:-1], bounds[1:]):
+        bucket_anchors = [ids[begin]]
+        for member in ids[begin + 1 : end]:
+            matched = False
+            for anchor in bucket_anchors:
+                comparisons += 1
+                if similarity(member, anchor) >= threshold:
+                    sources.append(member)
+                    targets.append(anchor)
+                    matched = True
+            if not matched and len(bucket_anchors) < anchors:
+                bucket_anchors.append(member)
+    return np.array(sources, dtype=np.int64), np.array(targets, dtype=np.int64), comparisons

@@ -1,0 +1,225 @@
+"""The build-dataset flow end to end: real Prefect server, real Ray, local folder and S3."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import sentencepiece as spm
+import yaml
+
+from flows.build_dataset import build_dataset
+from storage.manifest import DatasetManifest, read_record
+from storage.shards import IndexedShard
+from storage.store import open_object, open_store
+from tasks.config import BuildConfig
+from tasks.ingest import IngestError
+from tasks.plan import PlanError, ordinal_of
+from tasks.sample_corpus import make_sample_corpus
+
+pytestmark = pytest.mark.usefixtures("prefect_server", "ray_local")
+
+CORPUS_BYTES = 384 << 10
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict:
+    return make_sample_corpus(tmp_path_factory.mktemp("raw"), target_bytes=CORPUS_BYTES, seed=7)
+
+
+def sample_config(corpus: dict, output: str, **updates) -> BuildConfig:
+    config = yaml.safe_load(Path(corpus["config"]).read_text())
+    config.update(output=output, tokenizer={"train": {"vocab_size": 1024}})
+    config.update(updates)
+    return BuildConfig.model_validate(config)
+
+
+@pytest.fixture(scope="module", params=["local", "s3"])
+def built(request, corpus, tmp_path_factory) -> tuple[BuildConfig, str]:
+    if request.param == "local":
+        output = str(tmp_path_factory.mktemp("out"))
+    else:
+        output = f"{request.getfixturevalue('s3_bucket_uri')}/build-test"
+    config = sample_config(corpus, output)
+    return config, build_dataset(config)
+
+
+def load_manifest(uri: str) -> DatasetManifest:
+    return read_record(*open_object(uri), DatasetManifest)
+
+
+def snapshot(output: str) -> dict[str, bytes]:
+    store = open_store(output)
+    return {key: store.get_bytes(key) for key in store.list("datasets/")}
+
+
+def decoded_documents(manifest_uri: str, manifest: DatasetManifest, tmp: Path) -> list[str]:
+    store, _ = open_object(manifest_uri)
+    processor = spm.SentencePieceProcessor(model_proto=store.get_bytes(manifest.tokenizer.key))
+    texts = []
+    for shard in manifest.shards:
+        for ext in ("bin", "idx"):
+            store.download(f"{shard.prefix}.{ext}", tmp / f"{shard.prefix}.{ext}")
+        tokens = IndexedShard(tmp / shard.prefix)
+        assert len(tokens) == shard.documents and tokens.num_tokens == shard.tokens
+        for i in range(len(tokens)):
+            document = tokens.document(i).tolist()
+            assert document[-1] == manifest.tokenizer.eos_id and manifest.tokenizer.bos_id not in document
+            texts.append(processor.decode(document[:-1]))
+    return texts
+
+
+def test_manifest_reconciles_and_shards_decode_to_the_kept_documents(built, corpus, tmp_path):
+    config, manifest_uri = built
+    manifest = load_manifest(manifest_uri)
+    assert manifest_uri.endswith(f"datasets/sample/{config.resolved_build_id}/manifest.json")
+    for name, accounting in manifest.sources.items():
+        assert accounting.reconciles, (name, accounting)
+        assert accounting.docs_in == corpus["sources"][name]["documents"]
+    assert sum(a.kept for a in manifest.sources.values()) == manifest.total_documents
+    assert manifest.sources["slimpajama"].filtered >= corpus["sources"]["slimpajama"]["excluded"] > 0
+
+    # the kept documents are the ingested ones minus what dedup removed
+    store, _ = open_object(manifest_uri)
+    kept = collections.Counter()
+    removed = set()
+    for prefix in ("dedup/exact/removed/", "dedup/near/removed/"):
+        for key in store.list(prefix):
+            removed.update(pq.read_table(store.download(key, tmp_path / "r" / key)).column("id").to_pylist())
+    for key in store.list("docs/"):
+        table = pq.read_table(store.download(key, tmp_path / "d" / key), columns=["id", "text"])
+        for doc_id, text in zip(table.column("id").to_pylist(), table.column("text").to_pylist()):
+            if doc_id not in removed:
+                kept[text] += 1
+    assert collections.Counter(decoded_documents(manifest_uri, manifest, tmp_path / "tokens")) == kept
+
+
+def test_exact_dedup_removes_exactly_the_planted_duplicates(built, corpus, tmp_path):
+    config, manifest_uri = built
+    store, _ = open_object(manifest_uri)
+    plan = json.loads(store.get_bytes("plan.json"))["files"]
+    root = corpus["root"]
+    removed = set()
+    for key in store.list("dedup/exact/removed/"):
+        for doc_id in pq.read_table(store.download(key, tmp_path / key)).column("id").to_pylist():
+            file = plan[ordinal_of(doc_id)]
+            removed.add((os.path.relpath(file["uri"].removeprefix("file://"), root), doc_id & 0xFFFFFFFF))
+    planted = {(d["file"], d["record"]) for d in corpus["duplicates"]}
+    excluded = {(d["file"], d["record"]) for d in corpus["duplicates"] if d.get("excluded")}
+    assert removed == planted - excluded
+    manifest = load_manifest(manifest_uri)
+    assert sum(a.exact_dup for a in manifest.sources.values()) == len(removed)
+
+
+def test_shards_load_in_megatron_core(built, tmp_path):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    _, manifest_uri = built
+    manifest = load_manifest(manifest_uri)
+    store, _ = open_object(manifest_uri)
+    shard = manifest.shards[0]
+    for ext in ("bin", "idx"):
+        store.download(f"{shard.prefix}.{ext}", tmp_path / f"s.{ext}")
+    dataset = IndexedDataset(str(tmp_path / "s"))
+    assert len(dataset) == shard.documents
+    assert int(dataset.sequence_lengths.sum()) == shard.tokens
+
+
+def test_stages_report_artifacts(built):
+    from prefect.artifacts import Artifact
+
+    for key in ("sample-plan", "sample-ingest", "sample-exact-dedup", "sample-tokenize", "sample-summary"):
+        assert Artifact.get(key) is not None, key
+    assert "| slimpajama |" in Artifact.get("sample-summary").data
+
+
+def test_rerun_of_a_finished_build_changes_nothing(built):
+    config, manifest_uri = built
+    before = snapshot(config.output)
+    started = time.perf_counter()
+    assert build_dataset(config) == manifest_uri
+    assert time.perf_counter() - started < 30
+    assert snapshot(config.output) == before
+
+
+def test_outputs_do_not_depend_on_the_number_of_workers(corpus, tmp_path):
+    outputs = {}
+    for parallelism in (1, 2):
+        config = sample_config(corpus, str(tmp_path / f"p{parallelism}"), parallelism=parallelism)
+        build_dataset(config)
+        outputs[parallelism] = {
+            k: v for k, v in snapshot(config.output).items() if k.endswith(("manifest.json", ".bin", ".idx"))
+        }
+    assert outputs[1] == outputs[2] and len(outputs[1]) > 3
+
+
+def test_killed_flow_reruns_to_identical_output(corpus, tmp_path, prefect_server):
+    reference = sample_config(corpus, str(tmp_path / "clean"))
+    build_dataset(reference)
+    config = sample_config(corpus, str(tmp_path / "killed"))
+    config_path = tmp_path / "killed.yaml"
+    config_path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    env = {**os.environ, "PREFECT_API_URL": prefect_server}
+    env.pop("RAY_ADDRESS", None)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "deployments.cli", "build-dataset", str(config_path)],
+        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    receipts = tmp_path / "killed" / "datasets" / "sample" / config.resolved_build_id / "receipts"
+    deadline = time.monotonic() + 240
+    while not (receipts / "exact-hash").is_dir() and time.monotonic() < deadline:
+        assert process.poll() is None, "the build finished or failed before it could be killed"
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (receipts.parent / "manifest.json").exists()
+    build_dataset(config)
+    clean, rerun = snapshot(reference.output), snapshot(config.output)
+    assert {k: v for k, v in rerun.items() if "receipts/" not in k} == {
+        k: v for k, v in clean.items() if "receipts/" not in k
+    }
+
+
+def test_bad_records_are_quarantined_and_counted(corpus, tmp_path):
+    bad = tmp_path / "bad" / "bad.jsonl"
+    bad.parent.mkdir()
+    good = "a well-formed document " * 20
+    lines = [json.dumps({"text": good + str(i)}) for i in range(5)]
+    lines += ['{"text": "truncated', b"\xff\xfe invalid utf-8".decode("latin-1"), "[1, 2]", json.dumps({"text": ""})]
+    bad.write_text("\n".join(lines) + "\n", encoding="latin-1")
+    config = BuildConfig.model_validate({
+        "name": "bad", "output": str(tmp_path / "out"),
+        "sources": [{"name": "web", "uri": str(bad), "format": "jsonl"}],
+        "tokenizer": {"train": {"vocab_size": 300}}, "filters": {"min_chars": 1},
+    })
+    manifest = load_manifest(build_dataset(config))
+    web = manifest.sources["web"]
+    assert (web.docs_in, web.kept, web.malformed, web.filtered) == (9, 5, 3, 1)
+    store = open_store(config.output).child(f"datasets/bad/{config.resolved_build_id}")
+    quarantined = [json.loads(line) for line in store.get_text("quarantine/web/000000.jsonl").splitlines()]
+    assert [q["line"] for q in quarantined] == [6, 7, 8]
+
+    strict = config.model_copy(update={"quarantine": False, "output": str(tmp_path / "strict")})
+    with pytest.raises(IngestError, match=r"bad\.jsonl.*6"):
+        build_dataset(strict)
+    assert not any(key.endswith("manifest.json") for key in open_store(strict.output).list())
+
+
+def test_inputs_are_checked_before_anything_is_written(corpus, tmp_path):
+    empty = sample_config(corpus, str(tmp_path / "a"))
+    empty.sources[0] = empty.sources[0].model_copy(update={"uri": str(tmp_path / "nothing" / "*.jsonl.zst")})
+    with pytest.raises(PlanError, match=r"slimpajama.*nothing"):
+        build_dataset(empty)
+    missing = sample_config(corpus, str(tmp_path / "b"), tokenizer={"model": str(tmp_path / "no.model")})
+    with pytest.raises(PlanError, match="no.model"):
+        build_dataset(missing)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

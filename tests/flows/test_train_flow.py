@@ -1,0 +1,105 @@
+"""The train flow on a real Prefect server, 2 gloo processes under torchrun, data and run on S3."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import uuid
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterName
+
+from flows.train import train
+from model.checkpoint import complete_checkpoints
+from model.data import DataError
+from storage.store import open_store
+from tasks.train import latest_step, prepare_config
+from tests.model.synthetic import write_synthetic_build
+from tests.model.test_train import metrics, short_documents_build, train_config
+from tests.tasks.test_train_launch import START_TIMEOUT_S, training_processes, wait_until
+
+STEPS = 8
+
+
+@pytest.fixture
+def bucket_prefix(s3_bucket_uri) -> str:
+    return f"{s3_bucket_uri}/flow-{uuid.uuid4().hex[:8]}"
+
+
+def artifacts(keys: list[str]) -> dict:
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+    return {a.key: a for a in found}
+
+
+def test_train_flow_trains_checkpoints_and_reports(prefect_server, bucket_prefix, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    manifest = short_documents_build(f"{bucket_prefix}/data")
+    held_out = short_documents_build(f"{bucket_prefix}/data", name="held-out")
+    config = train_config(
+        "flow-run", f"{bucket_prefix}/out", manifest, tmp_path,
+        max_steps=STEPS, checkpoint_every=4, keep_checkpoints=1,
+        val={"manifest": held_out, "every": 4, "batches": 2},
+        launcher={"kind": "torchrun", "nproc": 2},
+    )
+
+    run_uri = train(config)
+
+    assert run_uri == config.run_uri
+    store = open_store(run_uri)
+    records = metrics(run_uri)
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    for record in records:
+        assert {"step", "loss", "lr", "tokens", "tokens_per_s", "grad_norm", "mfu"} <= record.keys()
+    assert [r["step"] for r in records if "val_loss" in r] == [4, 8]
+    assert (records[-1]["loss"] + records[-2]["loss"]) / 2 < records[0]["loss"] - 1.0  # it learns
+    assert records[-1]["val_loss"] < records[3]["val_loss"]
+    assert [c.step for c in complete_checkpoints(store)] == [STEPS]
+    assert store.get_bytes("plots/loss.png").startswith(b"\x89PNG")
+    saved = store.get_text("config.json")
+    assert '"vocab_size": 512' in saved and '"output": "s3://' in saved
+
+    found = artifacts(["flow-run-train-progress", "flow-run-train-metrics", "flow-run-loss-curve"])
+    assert found["flow-run-train-progress"].data == 100.0
+    table = {row["metric"]: row["value"] for row in found["flow-run-train-metrics"].data}
+    assert table["step"] == STEPS and table["loss"] == records[-1]["loss"]
+    assert run_uri + "/plots/loss.png" in found["flow-run-loss-curve"].data
+
+
+def test_datasets_with_different_tokenizers_are_refused(bucket_prefix, tmp_path):
+    first = write_synthetic_build(bucket_prefix, "a", {"web": [8] * 20}, 512, seed=0, shard_tokens=100)
+    second = write_synthetic_build(bucket_prefix, "b", {"web": [8] * 20}, 512, seed=0, shard_tokens=100, tokenizer="other")
+    config = train_config("mixed", bucket_prefix, first, tmp_path)
+    config = config.model_copy(update={"data": [*config.data, config.data[0].model_copy(update={"manifest": second})]})
+    with pytest.raises(DataError, match="different tokenizers"):
+        prepare_config(config)
+
+
+def test_cancelling_the_flow_leaves_no_training_process(prefect_server, bucket_prefix, tmp_path):
+    """Prefect cancels a flow run by SIGTERM to its process; the flow engine raises, the task stops the job."""
+    manifest = short_documents_build(f"{bucket_prefix}/data")
+    config = train_config("cancelled", f"{bucket_prefix}/out", manifest, tmp_path, max_steps=100_000)
+    config_path = tmp_path / "cancelled.yaml"
+    config_path.write_text(config.to_json())
+    flow_process = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys; from flows.train import train; from model.train_config import TrainConfig; "
+         "train(TrainConfig.from_yaml(sys.argv[1]))", str(config_path)],
+        env={**os.environ, "PREFECT_API_URL": prefect_server, "XDG_CACHE_HOME": str(tmp_path / "cache")},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        wait_until(lambda: latest_step(config) >= 1, START_TIMEOUT_S, "the first training step")
+        assert len(training_processes(config.run_uri + "/config.json")) == 3  # torchrun and 2 workers
+        flow_process.send_signal(signal.SIGTERM)
+        flow_process.wait(timeout=60)
+        wait_until(lambda: not training_processes(config.run_uri + "/config.json"), 30, "training to stop")
+    finally:
+        if flow_process.poll() is None:
+            os.killpg(flow_process.pid, signal.SIGKILL)
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["train-cancelled"])))
+    assert len(runs) == 1 and runs[0].state.is_final() and not runs[0].state.is_completed()

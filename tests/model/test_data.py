@@ -1,0 +1,231 @@
+"""The block loader: exact coverage, rank split, resume, mixture, tokenizer checks, the shard cache.
+
+Blocks are identified by their tokens (synthetic documents are random), compared with the
+blocks cut straight from the shards, so every check goes through the loader's real reads.
+The mixture chunk and shuffle window are shrunk so that small data crosses their boundaries.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import model.data
+from model.data import BlockLoader, DataError, DataSource, load_manifests
+from storage.manifest import DatasetManifest, read_record, write_record
+from storage.store import open_object
+from tests.model.synthetic import source_blocks, write_synthetic_build
+
+SEQ_LEN = 15  # blocks of 16 tokens
+
+
+@pytest.fixture(autouse=True)
+def small_windows(monkeypatch):
+    monkeypatch.setattr(model.data, "MIXTURE_CHUNK_BLOCKS", 64)
+    monkeypatch.setattr(model.data, "SHUFFLE_WINDOW_TOKENS", 40 * (SEQ_LEN + 1))
+
+
+def build(store_uri: str, name: str = "toy", tokenizer: str = "synthetic", **sources: list[int]) -> str:
+    sources = sources or {"web": [37, 50, 12, 90, 41, 7, 66] * 6}
+    return write_synthetic_build(store_uri, name, sources, vocab_size=1000, seed=len(name), shard_tokens=300, tokenizer=tokenizer)
+
+
+def global_sequence(sources, world_size: int, calls: int, blocks: int, cache_dir, seed: int = 7, state=None) -> np.ndarray:
+    """The global sequence as all ranks together receive it: rows in global position order."""
+    loaders = [
+        BlockLoader(sources, SEQ_LEN, seed, rank=r, world_size=world_size, cache_dir=cache_dir)
+        for r in range(world_size)
+    ]
+    rows = []
+    for loader in loaders:
+        if state is not None:
+            loader.load_state_dict(state)
+    for _ in range(calls):
+        batches = [loader.next_batch(blocks).numpy() for loader in loaders]
+        assert all(b.shape == (blocks, SEQ_LEN + 1) and b.dtype == np.int64 for b in batches)
+        # Offset i of the call went to rank i mod world_size.
+        rows.append(np.stack(batches, axis=1).reshape(blocks * world_size, SEQ_LEN + 1))
+    states = {tuple(sorted(loader.state_dict().items())) for loader in loaders}
+    assert len(states) == 1  # every rank holds the same state
+    for loader in loaders:
+        loader.close()
+    return np.concatenate(rows)
+
+
+def block_ids(rows: np.ndarray, blocks: np.ndarray) -> np.ndarray:
+    """Index into `blocks` of each row (every row must be one of them)."""
+    lookup = {row.tobytes(): i for i, row in enumerate(blocks)}
+    assert len(lookup) == len(blocks)  # random data: no two blocks alike
+    return np.array([lookup[row.tobytes()] for row in rows])
+
+
+def test_each_epoch_covers_every_block_once_on_any_world_size(store_uri, tmp_path):
+    uri = build(store_uri)
+    expected = source_blocks(uri, SEQ_LEN)
+    count = len(expected)  # 124 blocks over 7 shards, several crossing shard boundaries
+    sources = [DataSource(manifest=uri)]
+    # 3 calls of 4 blocks on 4 ranks = 48 positions per 3 calls; run past two epochs.
+    sequences = {
+        world: global_sequence(sources, world, calls=2 * count // (4 * world) + 1, blocks=4, cache_dir=tmp_path / "c")
+        for world in (1, 2, 4)
+    }
+    reference = sequences[1]
+    for world, sequence in sequences.items():
+        assert np.array_equal(sequence[: len(reference)], reference[: len(sequence)]), world
+    ids = block_ids(reference[: 2 * count], expected)
+    first, second = ids[:count], ids[count:]
+    assert sorted(first) == list(range(count))
+    assert sorted(second) == list(range(count))
+    assert not np.array_equal(first, second)  # a new permutation each epoch
+    assert not np.array_equal(first, np.arange(count))  # shuffled at all
+
+
+def test_resume_continues_the_same_sequence_on_another_world_size(tmp_path):
+    uri = build(str(tmp_path / "store"))
+    sources = [DataSource(manifest=uri)]
+    cache = tmp_path / "cache"
+    straight = global_sequence(sources, world_size=2, calls=30, blocks=4, cache_dir=cache)
+
+    first_half = BlockLoader(sources, SEQ_LEN, 7, rank=0, world_size=2, cache_dir=cache)
+    for _ in range(11):
+        first_half.next_batch(4)
+    state = first_half.state_dict()
+    first_half.close()
+    assert state["position"] == 11 * 8
+    # Same global batch (8 blocks), now as 4 ranks x 2 and as 1 rank x 8.
+    resumed4 = global_sequence(sources, world_size=4, calls=19, blocks=2, cache_dir=cache, state=state)
+    resumed1 = global_sequence(sources, world_size=1, calls=19, blocks=8, cache_dir=cache, state=state)
+    assert np.array_equal(resumed4, straight[88:])
+    assert np.array_equal(resumed1, straight[88:])
+
+
+def test_state_from_another_seed_is_refused(tmp_path):
+    uri = build(str(tmp_path / "store"))
+    loader = BlockLoader([DataSource(manifest=uri)], SEQ_LEN, seed=1, cache_dir=tmp_path / "c")
+    with pytest.raises(DataError, match="seed=2"):
+        loader.load_state_dict({"position": 8, "seed": 2, "seq_len": SEQ_LEN})
+    loader.close()
+
+
+def test_mixture_weights_hold_over_many_blocks(tmp_path):
+    # One manifest with two sources, mixed by selecting each source: TinyLlama's weights.
+    uri = build(str(tmp_path / "store"), web=[40] * 30, code=[25] * 30)
+    web, code = source_blocks(uri, SEQ_LEN, "web"), source_blocks(uri, SEQ_LEN, "code")
+    sources = [
+        DataSource(manifest=uri, source="web", weight=0.693584),
+        DataSource(manifest=uri, source="code", weight=0.306416),
+    ]
+    positions = 64 * 150  # a whole number of (shrunk) mixture chunks
+    rows = global_sequence(sources, world_size=2, calls=positions // 32, blocks=16, cache_dir=tmp_path / "c")
+    lookup = {row.tobytes(): 0 for row in web} | {row.tobytes(): 1 for row in code}
+    origin = np.array([lookup[row.tobytes()] for row in rows])
+    # Exact at chunk boundaries: the chunk after 150 * 64 draws starts at the sum of the floors.
+    web_draws, code_draws = int(positions * 0.693584), int(positions * 0.306416)
+    assert (origin[: web_draws + code_draws] == 0).sum() == web_draws
+    # And within statistical tolerance on any window of 1000 positions.
+    for start in range(0, positions - 1000, 1000):
+        share = (origin[start : start + 1000] == 0).mean()
+        assert abs(share - 0.693584) < 0.06, (start, share)
+    # Each source is still visited a whole epoch at a time.
+    web_ids = block_ids(rows[origin == 0][: len(web)], web)
+    assert sorted(web_ids) == list(range(len(web)))
+
+
+def test_manifests_with_different_tokenizers_are_refused(tmp_path):
+    store = str(tmp_path / "store")
+    a = build(store, "a", tokenizer="llama2")
+    b = build(store, "b", tokenizer="other")
+    with pytest.raises(DataError) as refused:
+        BlockLoader([DataSource(manifest=a), DataSource(manifest=b)], SEQ_LEN, 0, cache_dir=tmp_path / "c")
+    fingerprints = [load_manifests([DataSource(manifest=u)])[1].sha256 for u in (a, b)]
+    for text in (a, b, *fingerprints):
+        assert text in str(refused.value)
+    manifests, tokenizer = load_manifests([DataSource(manifest=a), DataSource(manifest=a, weight=2)])
+    assert len(manifests) == 2 and tokenizer.sha256 == fingerprints[0] and tokenizer.vocab_size == 1000
+
+
+def test_bad_sources_are_refused_clearly(tmp_path):
+    uri = build(str(tmp_path / "store"), web=[40] * 3, tiny=[5, 5])
+    cache = tmp_path / "c"
+    with pytest.raises(ValueError, match="greater than 0"):
+        DataSource(manifest=uri, weight=0)
+    with pytest.raises(DataError, match=r"no shards of source 'nope'.*\['tiny', 'web'\]"):
+        BlockLoader([DataSource(manifest=uri, source="nope")], SEQ_LEN, 0, cache_dir=cache)
+    with pytest.raises(DataError, match="10 tokens .* fewer than one block"):
+        BlockLoader([DataSource(manifest=uri, source="tiny")], SEQ_LEN, 0, cache_dir=cache)
+    with pytest.raises(DataError, match="cannot read dataset manifest .*missing.json"):
+        BlockLoader([DataSource(manifest=str(tmp_path / "missing.json"))], SEQ_LEN, 0, cache_dir=cache)
+
+
+def cache_files(cache: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in cache.iterdir() if p.is_file() and not p.name.startswith(".")}
+
+
+def test_cache_stays_within_its_budget(s3_bucket_uri, tmp_path):
+    uri = build(f"{s3_bucket_uri}/{tmp_path.name}", web=[50] * 60)  # 10 shards of ~600 bytes
+    expected = source_blocks(uri, SEQ_LEN)
+    store, _ = open_object(uri)
+    shard_bytes = max(store.size(key) for key in store.list("tokens/web/") if key.endswith(".bin")) + 200
+    budget = 4 * shard_bytes
+    cache = tmp_path / "cache"
+    loader = BlockLoader([DataSource(manifest=uri)], SEQ_LEN, 3, cache_dir=cache, cache_bytes=budget, prefetch=2)
+    rows, peak, evicted = [], 0, False
+    seen: set[str] = set()
+    for _ in range(2 * len(expected) // 5):
+        rows.append(loader.next_batch(5).numpy())
+        files = cache_files(cache)
+        peak = max(peak, sum(files.values()))
+        evicted |= bool(seen - files.keys())
+        seen |= files.keys()
+    loader.close()
+    assert peak <= budget
+    assert evicted and len(seen) == 2 * 10  # every shard's .bin and .idx came through the cache
+    ids = block_ids(np.concatenate(rows)[: len(expected)], expected)
+    assert sorted(ids) == list(range(len(expected)))
+
+
+def test_corrupt_cached_shard_is_fetched_again(s3_bucket_uri, tmp_path):
+    uri = build(f"{s3_bucket_uri}/{tmp_path.name}")
+    expected = source_blocks(uri, SEQ_LEN)
+    cache = tmp_path / "cache"
+    sources = [DataSource(manifest=uri)]
+    with BlockLoader(sources, SEQ_LEN, 5, cache_dir=cache) as loader:
+        before = loader.next_batch(len(expected)).numpy()
+    victim = next(cache.glob("*.bin"))
+    intact = victim.read_bytes()
+    victim.write_bytes(bytes(b ^ 0xFF for b in intact))  # same size, different content
+    with BlockLoader(sources, SEQ_LEN, 5, cache_dir=cache) as loader:
+        after = loader.next_batch(len(expected)).numpy()
+    assert np.array_equal(before, after)
+    assert victim.read_bytes() == intact
+
+
+def test_corrupt_shard_in_a_local_store_is_an_error(tmp_path):
+    uri = build(str(tmp_path / "store"))
+    store, _ = open_object(uri)
+    shard = Path(store.root) / "tokens/web/web-0000.bin"
+    data = bytearray(shard.read_bytes())
+    data[10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    loader = BlockLoader([DataSource(manifest=uri)], SEQ_LEN, 0, cache_dir=tmp_path / "c", prefetch=0)
+    with pytest.raises(DataError, match=f"{shard}.*sha256"):
+        for _ in range(40):
+            loader.next_batch(4)
+    loader.close()
+    assert not any(Path(tmp_path / "c").glob("*.bin"))  # read in place, never copied
+
+
+def test_token_outside_the_vocabulary_is_an_error(tmp_path):
+    uri = build(str(tmp_path / "store"))
+    store, key = open_object(uri)
+    manifest = read_record(store, key, DatasetManifest)
+    # Token ids reach 999; claim a smaller vocabulary (and so another tokenizer).
+    small = manifest.tokenizer.model_copy(update={"vocab_size": 500})
+    write_record(store, key, manifest.model_copy(update={"tokenizer": small}))
+    loader = BlockLoader([DataSource(manifest=uri)], SEQ_LEN, 0, cache_dir=tmp_path / "c")
+    with pytest.raises(DataError, match=r"toy/synthetic-3/manifest.json: block \d+ holds token id \d+, outside .* 500"):
+        loader.next_batch(4)
+    assert loader.state_dict()["position"] == 0
+    loader.close()

@@ -1,0 +1,235 @@
+"""The training program under torchrun with 2 gloo processes, on a synthetic build in real S3.
+
+One module fixture runs the jobs once (each launch costs seconds of start-up); the tests
+then check what they left on the store:
+- straight: 4 steps on 2 ranks;
+- segmented: 2 steps on 2 ranks (max_steps_this_run), crash leftovers planted, 2 more;
+- resized: 2 steps on 1 rank, then 2 more on 2 ranks.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import random
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import sentencepiece as spm
+import torch
+
+from model.checkpoint import STATE_FILE, checkpoint_prefix, complete_checkpoints, load_model
+from model.data import read_manifest
+from model.export import export_hf
+from model.hf import load_hf
+from model.metrics import METRICS_FILE, read_metrics
+from model.train import learning_rate
+from model.train_config import LRSchedule, TrainConfig
+from storage.manifest import sha256_bytes, write_record
+from storage.store import join_key, open_object, open_store
+from tests.model.synthetic import write_synthetic_build
+
+STEPS = 4
+LAUNCH_TIMEOUT_S = 300
+
+
+def train_config(name: str, output: str, manifest: str, work_dir: Path, **overrides) -> TrainConfig:
+    """A tiny run: 2 layers, seq_len 32, 512 tokens per step (2 micro-steps on 2 ranks, 4 on 1)."""
+    return TrainConfig.model_validate(
+        {
+            "name": name,
+            "output": output,
+            "model": "tiny",
+            "model_overrides": {"n_layers": 2},
+            "data": [{"manifest": manifest}],
+            "seq_len": 32,
+            "global_batch_tokens": 512,
+            "micro_batch": 4,
+            "lr": {"max": 3e-3, "min": 3e-4, "warmup_steps": 1},
+            "max_steps": STEPS,
+            "checkpoint_every": 2,
+            "keep_checkpoints": None,
+            "seed": 7,
+            "work_dir": str(work_dir / name),
+            **overrides,
+        }
+    )
+
+
+def short_documents_build(store_uri: str, name: str = "toy") -> str:
+    """A synthetic build whose documents are mostly 2 tokens (a random one, then EOS): learnable."""
+    return write_synthetic_build(
+        store_uri, name, {"web": [2] * 1500, "code": [24] * 60}, vocab_size=512, seed=0, shard_tokens=1024
+    )
+
+
+def run_training(config: TrainConfig, nproc: int, tmp_path: Path) -> str:
+    """`python -m model.train` (1 process) or torchrun with `nproc`; returns its output."""
+    path = tmp_path / f"{config.name}-{uuid.uuid4().hex[:6]}.json"
+    path.write_text(config.to_json())
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
+    result = subprocess.run(
+        [sys.executable, *launcher, "-m", "model.train", str(path)],
+        capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    return output
+
+
+def metrics(run_uri: str) -> list[dict]:
+    return read_metrics(open_store(run_uri).get_text(METRICS_FILE))
+
+
+def train_state(run_uri: str) -> dict:
+    import json
+
+    store = open_store(run_uri)
+    newest = complete_checkpoints(store)[0]
+    return json.loads(store.get_text(newest.key(STATE_FILE)))
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_model() -> bytes:
+    rng = random.Random(0)
+    words = "the quick brown fox jumps over a lazy dog def return import class lambda 42".split()
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(" ".join(rng.choice(words) for _ in range(8)) for _ in range(500)),
+        model_writer=model, vocab_size=320, model_type="bpe", byte_fallback=True, minloglevel=2,
+    )
+    return model.getvalue()
+
+
+@pytest.fixture(scope="module")
+def dataset(s3_bucket_uri, sentencepiece_model) -> str:
+    """A synthetic build on S3 whose tokenizer file is a real SentencePiece model (for export)."""
+    manifest_uri = short_documents_build(f"{s3_bucket_uri}/train-{uuid.uuid4().hex[:8]}")
+    build_store, manifest = read_manifest(manifest_uri)
+    build_store.put_bytes(manifest.tokenizer.key, sentencepiece_model)
+    tokenizer = manifest.tokenizer.model_copy(update={"sha256": sha256_bytes(sentencepiece_model)})
+    write_record(*open_object(manifest_uri), manifest.model_copy(update={"tokenizer": tokenizer}))
+    return manifest_uri
+
+
+@pytest.fixture(scope="module")
+def runs(dataset, s3_bucket_uri, tmp_path_factory) -> dict[str, str]:
+    """Run the three jobs; returns the run URIs by name."""
+    tmp = tmp_path_factory.mktemp("train")
+    saved_cache = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp / "cache")  # the loader's shard cache, inherited by the jobs
+    output = f"{s3_bucket_uri}/out-{uuid.uuid4().hex[:8]}"
+    try:
+        straight = train_config("straight", output, dataset, tmp)
+        run_training(straight, 2, tmp)
+
+        segmented = train_config("segmented", output, dataset, tmp, max_steps_this_run=STEPS // 2, keep_checkpoints=1)
+        run_training(segmented, 2, tmp)
+        plant_crash_leftovers(segmented.run_uri, STEPS // 2)
+        run_training(segmented, 2, tmp)
+
+        resized = train_config("resized", output, dataset, tmp, max_steps_this_run=STEPS // 2)
+        run_training(resized, 1, tmp)
+        run_training(resized, 2, tmp)
+    finally:
+        if saved_cache is None:
+            os.environ.pop("XDG_CACHE_HOME", None)
+        else:
+            os.environ["XDG_CACHE_HOME"] = saved_cache
+    return {"straight": straight.run_uri, "segmented": segmented.run_uri, "resized": resized.run_uri}
+
+
+def plant_crash_leftovers(run_uri: str, step: int) -> None:
+    """What a job killed after step+1 but mid-save leaves: a checkpoint without COMMIT, a metrics line."""
+    store = open_store(run_uri)
+    store.put_bytes(join_key(checkpoint_prefix(step + 1), "model.safetensors"), b"half written")
+    lines = store.get_text(METRICS_FILE)
+    store.put_text(METRICS_FILE, lines + '{"step": %d, "loss": 99.0}\n' % (step + 1))
+
+
+def test_resume_is_bit_exact(runs):
+    straight, segmented = metrics(runs["straight"]), metrics(runs["segmented"])
+    assert [r["step"] for r in segmented] == list(range(1, STEPS + 1))  # no duplicate, no planted line
+    assert [r["loss"] for r in segmented] == [r["loss"] for r in straight]
+    assert [r["grad_norm"] for r in segmented] == [r["grad_norm"] for r in straight]
+    straight_model, _ = load_model(runs["straight"])
+    segmented_model, _ = load_model(runs["segmented"])
+    for name, tensor in straight_model.state_dict().items():
+        assert torch.equal(tensor, segmented_model.state_dict()[name]), name
+
+
+def test_uncommitted_checkpoint_is_ignored_and_keep_last_k_prunes(runs):
+    # The planted step-3 folder had no COMMIT: the resume came from step 2, and once step 4
+    # was committed, keep_checkpoints=1 removed both.
+    store = open_store(runs["segmented"])
+    assert [c.step for c in complete_checkpoints(store)] == [STEPS]
+    assert not list(store.list(checkpoint_prefix(STEPS // 2 + 1) + "/"))
+    assert [c.step for c in complete_checkpoints(open_store(runs["straight"]))] == [4, 2]
+
+
+def test_resume_on_more_ranks_continues_the_same_token_sequence(runs):
+    straight, resized = train_state(runs["straight"]), train_state(runs["resized"])
+    assert resized["world_size"] == 2 and straight["world_size"] == 2
+    assert resized["loader"] == straight["loader"]
+    assert resized["tokens_seen"] == straight["tokens_seen"] == STEPS * 512
+    # Same blocks in every step; only the summation order of the 1-rank steps differs.
+    assert [r["loss"] for r in metrics(runs["resized"])] == pytest.approx(
+        [r["loss"] for r in metrics(runs["straight"])], rel=1e-5
+    )
+
+
+def test_metrics_tensorboard_and_plot_reach_the_store(runs):
+    store = open_store(runs["straight"])
+    records = metrics(runs["straight"])
+    for record in records:
+        assert {"step", "loss", "lr", "tokens", "tokens_per_s", "grad_norm", "mfu"} <= record.keys()
+        assert record["mfu"] is None  # no GPU peak to compare with
+    assert [r["tokens"] for r in records] == [512 * s for s in range(1, STEPS + 1)]
+    assert store.get_bytes("plots/loss.png").startswith(b"\x89PNG")
+    assert any(key.startswith("tensorboard/events.out.tfevents") for key in store.list("tensorboard/"))
+
+
+def test_export_hf_writes_the_checkpoint_and_the_builds_tokenizer(runs, dataset, sentencepiece_model, tmp_path):
+    out = export_hf(runs["straight"], tmp_path / "hf")
+    assert (out / "tokenizer.model").read_bytes() == sentencepiece_model
+    exported = load_hf(out)
+    trained, config = load_model(f"{runs['straight']}/{checkpoint_prefix(STEPS)}")
+    assert config.name == "straight"
+    for name, tensor in trained.state_dict().items():
+        assert torch.equal(tensor, exported.state_dict()[name]), name
+
+
+def test_learning_rate_warms_up_then_follows_a_cosine_to_min():
+    schedule = LRSchedule(max=1.0, min=0.1, warmup_steps=4)
+    lrs = [learning_rate(step, schedule, max_steps=20) for step in range(25)]
+    assert lrs[:4] == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    assert lrs[4] == pytest.approx(1.0)
+    assert lrs[12] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+    assert lrs[20:] == [0.1] * 5
+
+
+def test_config_errors_are_explicit(tmp_path):
+    with pytest.raises(ValueError, match="global_batch_tokens 500 is not a multiple of micro_batch 4 x seq_len 32"):
+        train_config("bad", "out", "m.json", tmp_path, global_batch_tokens=500)
+    with pytest.raises(ValueError, match="seq_len 512 exceeds model 'tiny'"):
+        train_config("bad", "out", "m.json", tmp_path, seq_len=512, global_batch_tokens=4096)
+    with pytest.raises(ValueError, match="unknown model preset 'huge'"):
+        train_config("bad", "out", "m.json", tmp_path, model="huge")
+    with pytest.raises(ValueError, match="run name"):
+        train_config("../escape", "out", "m.json", tmp_path)
+    config = train_config("ok", "out", "m.json", tmp_path)
+    assert config.accum_steps(1) == 4 and config.accum_steps(2) == 2
+    with pytest.raises(ValueError, match="world size 3"):
+        config.accum_steps(3)
+    (tmp_path / "run.yaml").write_text(
+        "name: y\noutput: out\nmodel: tiny\ndata: [{manifest: m.json, weight: 1.0}]\nseq_len: 64\n"
+        "global_batch_tokens: 1024\nmicro_batch: 8\nlr: {max: 4.0e-4, min: 4.0e-5, warmup_steps: 2}\n"
+        "max_steps: 4\ncheckpoint_every: 2\nlauncher: {kind: ray, workers: 2, gpus_per_worker: 0}\n"
+    )
+    loaded = TrainConfig.from_yaml(tmp_path / "run.yaml")
+    assert loaded.launcher.world_size == 2 and loaded.run_uri.endswith("/out/runs/y")

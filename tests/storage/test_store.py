@@ -1,0 +1,393 @@
+"""Object stores against a local folder and a real S3 server (SeaweedFS): every operation,
+atomic writes, key validation, and the errors a user sees for bad keys, missing objects,
+wrong credentials and an unreachable endpoint."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import uuid
+from pathlib import Path
+
+import pytest
+from boto3.s3.transfer import TransferConfig
+
+from storage.s3 import S3Store, s3_client
+from storage.store import (
+    InvalidKey,
+    LocalStore,
+    ObjectNotFound,
+    Store,
+    StoreError,
+    open_object,
+    open_store,
+)
+
+MiB = 1 << 20
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BAD_KEYS = ["../x", "a/../../x", "/etc/passwd", "a\\b", "", "a//b", "./a", "a/.", "a/"]
+
+
+def payload(size: int, seed: int = 0) -> bytes:
+    return (hashlib.sha256(str(seed).encode()).digest() * (size // 32 + 1))[:size]
+
+
+def temp_files(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.name.endswith(".tmp")]
+
+
+def full_error_text(err: BaseException | None) -> str:
+    """The messages of the error and of every error chained to it, as a logged traceback shows them."""
+    texts = []
+    while err is not None:
+        texts.append("".join(traceback.format_exception_only(err)))
+        err = err.__cause__ or err.__context__
+    return "\n".join(texts)
+
+
+def test_round_trip_of_every_operation(store: Store, tmp_path):
+    store.put_bytes("a/b/obj.bin", b"\x00\x01binary")
+    store.put_text("a/note.txt", "héllo")
+    source = tmp_path / "source.bin"
+    source.write_bytes(payload(3 * MiB))
+    store.put_file("files/big.bin", source)
+
+    assert store.get_bytes("a/b/obj.bin") == b"\x00\x01binary"
+    assert store.get_text("a/note.txt") == "héllo"
+    assert store.get_bytes("files/big.bin") == source.read_bytes()
+    assert store.size("files/big.bin") == 3 * MiB
+    assert store.size("a/note.txt") == len("héllo".encode())
+    assert store.exists("a/note.txt") and not store.exists("a/none.txt")
+    assert not store.exists("a")  # a folder is not an object
+
+    store.put_bytes("a/note.txt", b"replaced")
+    assert store.get_bytes("a/note.txt") == b"replaced"
+    store.put_bytes("empty", b"")
+    assert store.get_bytes("empty") == b"" and store.size("empty") == 0
+
+    local = store.download("files/big.bin", tmp_path / "cache" / "deep" / "big.bin")
+    assert local == tmp_path / "cache" / "deep" / "big.bin"
+    assert local.read_bytes() == source.read_bytes()
+    assert temp_files(tmp_path / "cache") == []
+
+    store.delete("a/note.txt")
+    store.delete("a/note.txt")  # deleting a missing key is fine
+    assert not store.exists("a/note.txt")
+    assert list(store.list()) == ["a/b/obj.bin", "empty", "files/big.bin"]
+
+
+def test_list_by_prefix_is_sorted(store: Store):
+    keys = ["x/1.json", "x/2.json", "x/y/3.json", "xa.json", "z.json", "d/a-b", "d/a/b", "d/a.b", "d/Z", "d/é"]
+    for key in keys:
+        store.put_bytes(key, key.encode())
+    assert list(store.list()) == sorted(keys)
+    assert list(store.list("x/")) == ["x/1.json", "x/2.json", "x/y/3.json"]
+    assert list(store.list("x")) == ["x/1.json", "x/2.json", "x/y/3.json", "xa.json"]
+    assert list(store.list("x/y")) == ["x/y/3.json"]
+    assert list(store.list("d/a")) == ["d/a-b", "d/a.b", "d/a/b"]
+    assert list(store.list("nothing/")) == []
+    for bad in ["../", "/x", "a//", "a/../b/"]:
+        with pytest.raises(InvalidKey):
+            store.list(bad)
+
+
+def test_ranged_reads(store: Store):
+    data = payload(1000)
+    store.put_bytes("r.bin", data)
+    assert store.get_range("r.bin", 0, 10) == data[:10]
+    assert store.get_range("r.bin", 500, 123) == data[500:623]
+    assert store.get_range("r.bin", 990, 10) == data[990:]
+    assert store.get_range("r.bin", 995, 10) == data[995:]  # short only at the end
+    assert store.get_range("r.bin", 1000, 5) == b""
+    assert store.get_range("r.bin", 5000, 5) == b""
+    assert store.get_range("r.bin", 5, 0) == b""
+    store.put_bytes("empty", b"")
+    assert store.get_range("empty", 0, 10) == b""
+    with pytest.raises(StoreError, match="invalid range"):
+        store.get_range("r.bin", -1, 5)
+    with pytest.raises(ObjectNotFound):
+        store.get_range("missing.bin", 0, 10)
+    with pytest.raises(ObjectNotFound):
+        store.get_range("missing.bin", 0, 0)
+
+
+def test_streaming_read(store: Store):
+    data = payload(3 * MiB + 17)
+    store.put_bytes("s.bin", data)
+    chunks = []
+    with store.open_read("s.bin") as reader:
+        assert reader.read(5) == data[:5]  # a full read(n), like a file
+        while chunk := reader.read(64 * 1024):
+            chunks.append(chunk)
+    assert reader.closed
+    assert data[:5] + b"".join(chunks) == data
+    with store.open_read("s.bin") as reader:
+        assert reader.read() == data
+
+
+@pytest.mark.parametrize("key", BAD_KEYS)
+def test_keys_that_escape_the_root_are_rejected(store: Store, key, tmp_path):
+    operations = [
+        lambda: store.put_bytes(key, b"x"),
+        lambda: store.put_file(key, __file__),
+        lambda: store.get_bytes(key),
+        lambda: store.get_range(key, 0, 1),
+        lambda: store.open_read(key),
+        lambda: store.exists(key),
+        lambda: store.size(key),
+        lambda: store.delete(key),
+        lambda: store.download(key, tmp_path / "out"),
+        lambda: store.url(key),
+    ]
+    for operation in operations:
+        with pytest.raises(InvalidKey):
+            operation()
+    assert list(store.list()) == []
+    assert not (tmp_path / "out").exists()
+
+
+def test_local_symlink_out_of_the_root_is_rejected(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("secret")
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "link").symlink_to(outside, target_is_directory=True)
+    (root / "file-link").symlink_to(outside / "secret.txt")
+    (root / "inside.txt").write_text("ok")
+    store = LocalStore(root)
+
+    for key in ["link/secret.txt", "file-link", "link/new.txt"]:
+        with pytest.raises(InvalidKey, match="outside the store root"):
+            store.get_bytes(key)
+        with pytest.raises(InvalidKey):
+            store.put_bytes(key, b"x")
+    with pytest.raises(InvalidKey):
+        store.list("link/")
+    assert list(store.list()) == ["inside.txt"]
+    assert sorted(p.name for p in outside.iterdir()) == ["secret.txt"]
+
+
+def test_missing_key_names_the_uri(store: Store, tmp_path):
+    url = store.url("no/such.bin")
+    for operation in [
+        lambda: store.get_bytes("no/such.bin"),
+        lambda: store.size("no/such.bin"),
+        lambda: store.open_read("no/such.bin"),
+        lambda: store.download("no/such.bin", tmp_path / "dl" / "such.bin"),
+    ]:
+        with pytest.raises(ObjectNotFound) as caught:
+            operation()
+        assert str(caught.value) == f"no such object: {url}"
+        assert isinstance(caught.value, FileNotFoundError)
+    assert not store.exists("no/such.bin")
+    assert not (tmp_path / "dl").exists() or list((tmp_path / "dl").iterdir()) == []
+
+
+def _limit_file_size() -> None:
+    """In the child: files may not grow past 1 MiB; a write beyond fails with EFBIG."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (MiB, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+
+def test_local_failed_write_leaves_no_partial_object(tmp_path):
+    """A real mid-write failure (the file-size limit, in a child process) keeps the old object
+    and leaves no temp file."""
+    store = LocalStore(tmp_path / "store")
+    store.put_bytes("obj.bin", b"old")
+    writer = (
+        "import errno, sys\n"
+        "from storage.store import LocalStore\n"
+        "store = LocalStore(sys.argv[1])\n"
+        "for key in ('obj.bin', 'new.bin'):\n"
+        "    try:\n"
+        "        store.put_bytes(key, bytes(4 << 20))\n"
+        "    except OSError as err:\n"
+        "        print(key, errno.errorcode[err.errno])\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", writer, str(store.root)],
+        cwd=REPO_ROOT,
+        preexec_fn=_limit_file_size,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.stdout.split("\n")[:2] == ["obj.bin EFBIG", "new.bin EFBIG"], result.stderr
+    assert store.get_bytes("obj.bin") == b"old"
+    assert not store.exists("new.bin")
+    assert temp_files(tmp_path) == []
+    assert list(store.list()) == ["obj.bin"]
+
+
+def test_s3_multipart_upload_is_whole_or_absent(s3_bucket_uri, tmp_path):
+    """put_file above the multipart threshold: readers polling meanwhile never see part of it."""
+    bucket = s3_bucket_uri.removeprefix("s3://")
+    transfer = TransferConfig(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB, max_concurrency=4)
+    store = S3Store(bucket, f"multipart-{uuid.uuid4().hex[:8]}", transfer=transfer)
+    source = tmp_path / "big.bin"
+    source.write_bytes(payload(20 * MiB, seed=1))
+
+    seen_sizes: list[int] = []
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            try:
+                seen_sizes.append(store.size("big.bin"))
+            except ObjectNotFound:
+                seen_sizes.append(-1)
+
+    reader = threading.Thread(target=poll)
+    reader.start()
+    try:
+        store.put_file("big.bin", source)
+    finally:
+        done.set()
+        reader.join()
+    assert set(seen_sizes) <= {-1, 20 * MiB}
+    head = s3_client().head_object(Bucket=bucket, Key=f"{store.prefix}/big.bin")
+    assert head["ETag"].strip('"').endswith("-4")  # four 5 MiB parts: it was a multipart upload
+    assert store.get_bytes("big.bin") == source.read_bytes()
+    assert store.download("big.bin", tmp_path / "copy.bin").read_bytes() == source.read_bytes()
+    assert s3_client().list_multipart_uploads(Bucket=bucket, Prefix=store.prefix).get("Uploads", []) == []
+
+    store.put_bytes("big-bytes.bin", payload(12 * MiB, seed=2))  # put_bytes goes multipart too
+    assert store.get_bytes("big-bytes.bin") == payload(12 * MiB, seed=2)
+    head = s3_client().head_object(Bucket=bucket, Key=f"{store.prefix}/big-bytes.bin")
+    assert head["ETag"].strip('"').endswith("-3")
+
+
+@pytest.mark.parametrize(
+    "variable, wrong_value",
+    [("AWS_SECRET_ACCESS_KEY", "wrong-secret-" + uuid.uuid4().hex), ("AWS_ACCESS_KEY_ID", "nobody")],
+)
+def test_wrong_credentials_give_a_clear_error_without_the_secret(s3_bucket_uri, monkeypatch, variable, wrong_value):
+    good = S3Store(s3_bucket_uri.removeprefix("s3://"), "creds")
+    good.put_bytes("obj", b"data")
+    real_secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+    monkeypatch.setenv(variable, wrong_value)
+    store = open_store(f"{s3_bucket_uri}/creds")
+    for operation in [lambda: store.get_bytes("obj"), lambda: store.put_bytes("obj", b"x"), lambda: store.size("obj")]:
+        with pytest.raises(StoreError) as caught:
+            operation()
+        message = str(caught.value)
+        assert message.startswith("access denied: cannot ")
+        assert store.url("obj") in message
+        text = full_error_text(caught.value)
+        assert real_secret not in text and os.environ["AWS_SECRET_ACCESS_KEY"] not in text
+    monkeypatch.undo()
+    assert good.get_bytes("obj") == b"data"  # the right credentials still work
+
+
+def test_missing_credentials_and_bucket(s3_bucket_uri, monkeypatch, tmp_path):
+    store = open_store("s3://no-such-bucket-tinyllama/p")
+    with pytest.raises(StoreError, match="the bucket 'no-such-bucket-tinyllama' does not exist") as caught:
+        store.get_bytes("k")
+    assert "s3://no-such-bucket-tinyllama/p/k" in str(caught.value)
+
+    for variable in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]:
+        monkeypatch.delenv(variable)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(StoreError, match="no usable AWS credentials") as caught:
+        open_store(s3_bucket_uri).get_bytes("k")
+    assert f"{s3_bucket_uri}/k" in str(caught.value)
+
+
+def test_unreachable_endpoint_fails_fast_naming_endpoint_and_uri(s3_bucket_uri, monkeypatch):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed_port}")
+    store = open_store(f"{s3_bucket_uri}/offline")
+    for operation in [lambda: store.get_bytes("k"), lambda: store.put_bytes("k", b"x"), lambda: list(store.list())]:
+        started = time.monotonic()
+        with pytest.raises(StoreError) as caught:
+            operation()
+        assert time.monotonic() - started < 30
+        assert f"127.0.0.1:{closed_port}" in str(caught.value)
+        assert f"{s3_bucket_uri}/offline" in str(caught.value)
+
+
+def test_open_store_uris(tmp_path, s3_bucket_uri):
+    local = open_store(f"file://{tmp_path}/a b")
+    assert isinstance(local, LocalStore) and local.root == tmp_path / "a b"
+    assert open_store(local.uri).root == local.root  # URIs round-trip, spaces included
+    assert open_store(tmp_path / "plain").root == tmp_path / "plain"
+    assert open_store("relative/dir").root == Path.cwd() / "relative" / "dir"
+
+    bucket = s3_bucket_uri.removeprefix("s3://")
+    s3 = open_store(f"s3://{bucket}/pre/fix/")
+    assert isinstance(s3, S3Store) and (s3.bucket, s3.prefix) == (bucket, "pre/fix")
+    assert s3.uri == f"s3://{bucket}/pre/fix"
+    assert s3.url("k.json") == f"s3://{bucket}/pre/fix/k.json"
+    assert open_store(f"s3://{bucket}").uri == f"s3://{bucket}"
+    child = s3.child("runs/r1/")
+    assert child.uri == f"s3://{bucket}/pre/fix/runs/r1"
+    child.put_bytes("x", b"1")
+    assert s3.get_bytes("runs/r1/x") == b"1"
+
+    with pytest.raises(StoreError, match="unsupported store URI scheme 'gs'"):
+        open_store("gs://bucket/x")
+    with pytest.raises(StoreError, match="absolute path"):
+        open_store("file://relative")
+    with pytest.raises(StoreError, match="invalid S3 bucket name"):
+        open_store("s3://")
+    with pytest.raises(InvalidKey):
+        open_store(f"s3://{bucket}/a/../b")
+    with pytest.raises(StoreError, match="must not hold credentials") as caught:
+        open_store("s3://AKIAKEY:topsecret@bucket/x")
+    assert "topsecret" not in full_error_text(caught.value)
+
+
+def test_open_object_splits_store_and_key(tmp_path, s3_bucket_uri):
+    bucket = s3_bucket_uri.removeprefix("s3://")
+    store, key = open_object(f"s3://{bucket}/datasets/d/manifest.json")
+    assert (store.uri, key) == (f"s3://{bucket}/datasets/d", "manifest.json")
+    store, key = open_object(f"s3://{bucket}/m.json")
+    assert (store.uri, key) == (f"s3://{bucket}", "m.json")
+    store, key = open_object(f"file://{tmp_path}/m.json")
+    assert (store.uri, key) == (f"file://{tmp_path}", "m.json")
+    store, key = open_object(tmp_path / "sub" / "m.json")
+    assert (store.root, key) == (tmp_path / "sub", "m.json")
+    store, key = open_object("m.json")
+    assert (store.root, key) == (Path.cwd(), "m.json")
+    for bad in [f"s3://{bucket}", f"s3://{bucket}/", f"{tmp_path}/", "s3:///m.json", f"{tmp_path}/.."]:
+        with pytest.raises(InvalidKey):
+            open_object(bad)
+
+
+def test_store_pickles_without_a_client(store: Store):
+    store.put_bytes("p.txt", b"pickled")
+    data = pickle.dumps(store)
+    assert len(data) < 2048
+    assert os.environ.get("AWS_SECRET_ACCESS_KEY", "not set").encode() not in data
+    clone = pickle.loads(data)
+    assert clone.uri == store.uri
+    assert clone.get_bytes("p.txt") == b"pickled"
+
+
+def test_s3_client_settings_come_from_the_environment(s3_bucket_uri, monkeypatch):
+    client = s3_client()
+    assert client is s3_client()  # one cached client per process and configuration
+    assert client.meta.endpoint_url == os.environ["AWS_ENDPOINT_URL"]
+    assert client.meta.config.retries == {"mode": "standard", "total_max_attempts": 5}
+    assert client.meta.config.connect_timeout <= 5 and client.meta.config.read_timeout <= 30
+    assert client.meta.config.s3["addressing_style"] == "path"
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    assert s3_client().meta.config.retries["total_max_attempts"] == 2
+    monkeypatch.setenv("TINYLLAMA_S3_ADDRESSING_STYLE", "sideways")
+    with pytest.raises(StoreError, match="must be path, virtual or auto") as caught:
+        open_store(s3_bucket_uri).exists("k")
+    assert s3_bucket_uri in str(caught.value)

@@ -1,0 +1,144 @@
+"""The sample corpus: its files parse, its planted duplicates are exactly its repeats, it is seeded."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import itertools
+from pathlib import Path
+
+import orjson
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+
+from storage.store import LocalStore
+from tasks.config import BuildConfig
+from tasks.ingest import docs_key, ingest_file
+from tasks.plan import document_id, make_plan
+from tasks.sample_corpus import EXCLUDED_SET, SLIMPAJAMA_SETS, make_sample_corpus
+
+TARGET = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict:
+    return make_sample_corpus(tmp_path_factory.mktemp("corpus"), target_bytes=TARGET, seed=7)
+
+
+def read_records(root: Path, name: str) -> list[dict]:
+    if name.endswith(".jsonl.zst"):
+        data = zstandard.ZstdDecompressor().stream_reader((root / name).open("rb")).read()
+        return [orjson.loads(line) for line in data.splitlines()]
+    return pq.read_table(root / name).to_pylist()
+
+
+def all_records(summary: dict) -> list[tuple[str, str, int, dict]]:
+    """(source, file, record number, record) in plan order."""
+    root = Path(summary["root"])
+    return [
+        (source, name, number, record)
+        for source, info in summary["sources"].items()
+        for name in info["files"]
+        for number, record in enumerate(read_records(root, name))
+    ]
+
+
+def text_of(record: dict) -> str:
+    return record.get("text", record.get("content"))
+
+
+def test_files_parse_and_match_the_summary(corpus):
+    root = Path(corpus["root"])
+    records = all_records(corpus)
+    for source, info in corpus["sources"].items():
+        mine = [r for s, _, _, r in records if s == source]
+        assert len(info["files"]) > 1 and len(mine) == info["documents"] == corpus["documents"][source]
+        assert sum(len(text_of(r).encode()) for r in mine) == info["bytes"]
+        assert all(len(text_of(r)) >= 400 for r in mine)
+    slimpajama = [r for s, _, _, r in records if s == "slimpajama"]
+    assert {r["meta"]["redpajama_set_name"] for r in slimpajama} == set(SLIMPAJAMA_SETS)
+    excluded = sum(r["meta"]["redpajama_set_name"] == EXCLUDED_SET for r in slimpajama)
+    assert excluded == corpus["sources"]["slimpajama"]["excluded"] > 0
+    starcoder = pq.read_schema(root / corpus["sources"]["starcoder"]["files"][0])
+    assert {"content", "lang", "max_stars_repo_path"} <= set(starcoder.names)
+    total = sum(info["bytes"] for info in corpus["sources"].values())
+    assert TARGET <= total < TARGET * 1.2
+
+    config = BuildConfig.from_yaml(corpus["config"])
+    assert config.tokenizer.train.vocab_size == 4096
+    for src in config.sources:
+        assert sorted(glob.glob(src.uri)) == [str(root / f) for f in corpus["sources"][src.name]["files"]]
+
+
+def test_planted_duplicates_are_exactly_the_repeats(corpus):
+    first_seen: dict[bytes, tuple[str, str, int]] = {}
+    repeats = []
+    for source, name, number, record in all_records(corpus):
+        if record.get("meta", {}).get("redpajama_set_name") == EXCLUDED_SET:
+            continue
+        digest = hashlib.sha256(text_of(record).encode()).digest()
+        if digest in first_seen:
+            original = first_seen[digest]
+            assert original[0] == source  # never across sources
+            repeats.append({"source": source, "file": name, "record": number,
+                            "original_file": original[1], "original_record": original[2]})  # fmt: skip
+        else:
+            first_seen[digest] = (source, name, number)
+    assert repeats == corpus["duplicates"]
+    assert {d["source"] for d in repeats} == {"slimpajama", "starcoder"}
+    assert any(d["file"] == d["original_file"] for d in repeats)
+    assert any(d["file"] != d["original_file"] for d in repeats)
+
+
+def test_no_near_duplicates_beyond_the_planted_copies(corpus):
+    """Paragraph mixtures stay well apart: word 5-gram Jaccard of any two distinct prose documents < 0.8."""
+    seen, shingles = set(), []
+    for _, _, _, record in all_records(corpus):
+        text = text_of(record)
+        if "meta" in record and record["meta"]["redpajama_set_name"] != EXCLUDED_SET and text not in seen:
+            seen.add(text)
+            words = text.split()
+            shingles.append({" ".join(words[i : i + 5]) for i in range(len(words) - 4)})
+    worst = max(len(a & b) / len(a | b) for a, b in itertools.combinations(shingles, 2))
+    assert worst < 0.8
+
+
+def test_ingest_keeps_every_document_and_exact_repeats_are_the_planted_ids(corpus, tmp_path):
+    config = BuildConfig.from_yaml(corpus["config"])
+    plan = make_plan(config)
+    out = LocalStore(tmp_path / "build")
+    sources = {s.name: s for s in config.sources}
+    kept = []
+    for file in plan:
+        receipt = ingest_file(file, sources[file.source], config.filters, config.quarantine, out)
+        assert receipt.counts["malformed"] == 0
+        assert receipt.counts["excluded"] == receipt.counts["filtered"]  # nothing is too short
+        table = pq.read_table(out.root / docs_key(file), columns=["id", "text"])
+        kept += zip(table["id"].to_pylist(), table["text"].to_pylist())
+    for name, info in corpus["sources"].items():
+        assert sum(f.source == name for f in plan) == len(info["files"])
+    assert len(kept) == sum(i["documents"] - i["excluded"] for i in corpus["sources"].values())
+
+    root_uri = Path(corpus["root"]).as_uri() + "/"
+    ordinal = {f.uri.removeprefix(root_uri): f.ordinal for f in plan}
+    seen, repeated = set(), []
+    for doc_id, text in sorted(kept):
+        if text in seen:
+            repeated.append(doc_id)
+        seen.add(text)
+    planted = [document_id(ordinal[d["file"]], d["record"]) for d in corpus["duplicates"]]
+    assert repeated == sorted(planted)
+
+
+def test_the_corpus_is_a_function_of_the_seed(corpus, tmp_path):
+    again = make_sample_corpus(tmp_path / "again", target_bytes=TARGET, seed=7)
+    other = make_sample_corpus(tmp_path / "other", target_bytes=TARGET, seed=8)
+    files = [f for info in corpus["sources"].values() for f in info["files"]]
+
+    def content(summary: dict) -> list[bytes]:
+        return [(Path(summary["root"]) / f).read_bytes() for f in files]
+
+    assert again["duplicates"] == corpus["duplicates"] and content(again) == content(corpus)
+    assert other["duplicates"] != corpus["duplicates"]
+    assert (Path(other["root"]) / files[0]).read_bytes() != content(corpus)[0]
