@@ -24,7 +24,7 @@ and datasketch==2.0.0.
    removed documents, every method keeping the smallest id of each of its clusters.
 4. Scale: the whole stage on Ray (`--cpus` workers) over synthetic Zipf-word documents with
    20% planted near-duplicates; wall time and the largest per-task peak RSS (VmHWM reset
-   at each task's start), with bucket partitions growing with the corpus.
+   at each task's start), with partitions growing with the corpus.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ import sysconfig
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import cache
 from importlib.metadata import version
 from pathlib import Path
 
@@ -51,13 +53,17 @@ from storage.store import LocalStore, Store
 from tasks.config import MinHashConfig
 from tasks.fanout import run_shards
 from tasks.near_dedup.minhash import MinHasher, normalize
-from tasks.near_dedup.stage import DocsShard, bands_rows, removed_ids, run_near_dedup
+from tasks.near_dedup.stage import DocsShard, removed_ids, run_near_dedup
 from tasks.parquet_io import write_table
 from tasks.plan import PlannedFile, document_id
 
 THRESHOLD = 0.8
-STEP_SECONDS: dict[str, float] = {}  # wall time per step of the last stage runs
+DATATROVE = "datatrove MinhashDedupSignature, word 5-grams x 112"
+DATASKETCH = "datasketch MinHash, char 13-grams x 128"
+UNSIGNED = np.iinfo(np.uint64).max  # a signature row datatrove did not compute
 DOCS_PER_SHARD = 10_000
+PARTITION_DOCS = 5_000  # documents per band-hash range at scale: what one bucket task holds
+COMPONENT_DOCS = 50_000  # documents per connected-components vertex partition at scale
 
 
 # -- corpora ------------------------------------------------------------------------------
@@ -187,15 +193,16 @@ def removed_by_clusters(count: int, first: np.ndarray, second: np.ndarray) -> se
 
 def band_removals(signatures: np.ndarray, bands: int, rows: int) -> set[int]:
     """LSH without verification: documents agreeing on all rows of a band are linked."""
+    signed = np.flatnonzero((signatures != UNSIGNED).any(axis=1))
     first, second = [], []
     for band in range(bands):
-        keys = signatures[:, band * rows : (band + 1) * rows]
+        keys = signatures[signed, band * rows : (band + 1) * rows]
         _, inverse = np.unique(keys, axis=0, return_inverse=True)
         inverse = inverse.reshape(-1)
         leader = np.full(inverse.max() + 1, len(signatures))
-        np.minimum.at(leader, inverse, np.arange(len(signatures)))
-        linked = leader[inverse] != np.arange(len(signatures))
-        first.append(np.flatnonzero(linked))
+        np.minimum.at(leader, inverse, signed)
+        linked = leader[inverse] != signed
+        first.append(signed[linked])
         second.append(leader[inverse][linked])
     return removed_by_clusters(len(signatures), np.concatenate(first), np.concatenate(second))
 
@@ -214,6 +221,22 @@ def timed(action: Callable[[], object]) -> tuple[float, object]:
     return time.perf_counter() - started, result
 
 
+def interleaved(implementations: dict[str, Callable], texts: Sequence[str], chunk: int = 500) -> dict[str, tuple[float, np.ndarray]]:
+    """Seconds and signatures of each implementation over all texts, run chunk by chunk with
+    the implementations taking turns (the first rotating), so load from other processes on a
+    shared machine hits them alike."""
+    seconds = dict.fromkeys(implementations, 0.0)
+    outputs: dict[str, list[np.ndarray]] = {name: [] for name in implementations}
+    names = list(implementations)
+    for index, start in enumerate(range(0, len(texts), chunk)):
+        part = texts[start : start + chunk]
+        for name in names[index % len(names) :] + names[: index % len(names)]:
+            took, result = timed(lambda: implementations[name](part))
+            seconds[name] += took
+            outputs[name].append(result)
+    return {name: (seconds[name], np.concatenate(outputs[name])) for name in names}
+
+
 def project_signatures(texts: Sequence[str], words: bool) -> np.ndarray:
     hasher = MinHasher(5 if words else 13, words, 112 if words else 128, seed=1)
     bands, rows = (14, 8) if words else (9, 13)
@@ -222,20 +245,25 @@ def project_signatures(texts: Sequence[str], words: bool) -> np.ndarray:
     return signatures
 
 
-def datatrove_signatures(texts: Sequence[str]) -> np.ndarray:
+@cache
+def datatrove_step():
     import datatrove.utils.hashes.xxhash as datatrove_xxhash
     from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupSignature
 
     # datatrove 0.10.1 hands str to xxhash, which xxhash 4.x (this project's pin) refuses
     datatrove_xxhash.xxhash64 = lambda data: xxhash.xxh64_intdigest(data.encode() if isinstance(data, str) else data)
-    step = MinhashDedupSignature(output_folder=tempfile.mkdtemp(), config=MinhashConfig())
+    return MinhashDedupSignature(output_folder=tempfile.mkdtemp(), config=MinhashConfig())
+
+
+def datatrove_signatures(texts: Sequence[str]) -> np.ndarray:
+    step = datatrove_step()
     out = np.zeros((len(texts), step.num_hashes), np.uint64)
     for i, text in enumerate(texts):
         shingles = step.get_shingles(text)
         if shingles.size:
             out[i] = np.concatenate(step.get_signature(shingles))
-        else:
-            out[i] = np.arange(step.num_hashes) + 2**62 + i  # datatrove skips empty documents: never matches
+        else:  # datatrove skips documents without shingles (fewer than 5 words)
+            out[i] = UNSIGNED
     return out
 
 
@@ -275,22 +303,29 @@ def measured(work: Callable[[object], Receipt]) -> Callable[[object], Receipt]:
     return run
 
 
-def run_stage(store: Store, shards: list[DocsShard], cfg: MinHashConfig) -> tuple[float, int, dict[str, int], int]:
-    """Wall seconds, the largest per-task peak RSS (MiB), the peak per step, and the
-    smallest RSS a worker had when a task began (the worker's own baseline)."""
-    peaks: dict[str, int] = {}
-    baseline = [1 << 30]
+@dataclass
+class StageRun:
+    seconds: float  # wall time of the whole stage
+    peak_mib: int = 0  # the largest per-task peak RSS
+    baseline_mib: int = 1 << 30  # the smallest RSS of a worker when a task began
+    step_peak_mib: dict[str, int] = field(default_factory=dict)
+    step_seconds: dict[str, float] = field(default_factory=dict)
+
+
+def run_stage(store: Store, shards: list[DocsShard], cfg: MinHashConfig) -> StageRun:
+    run = StageRun(seconds=0.0)
 
     def fan_out(stage, items, shard_of, work):
         seconds, receipts = timed(lambda: run_shards(stage, store, items, shard_of, measured(work)))
-        step = stage.split("-r0")[0] if "components" in stage else stage
-        STEP_SECONDS[step] = STEP_SECONDS.get(step, 0.0) + seconds
-        peaks[step] = max([peaks.get(step, 0)] + [r.counts["peak_rss_mib"] for r in receipts])
-        baseline[0] = min([baseline[0]] + [r.counts["rss_start_mib"] for r in receipts])
+        step = stage.removeprefix("near-").split("-r0")[0]
+        run.step_seconds[step] = run.step_seconds.get(step, 0.0) + seconds
+        run.step_peak_mib[step] = max([run.step_peak_mib.get(step, 0)] + [r.counts["peak_rss_mib"] for r in receipts])
+        run.baseline_mib = min([run.baseline_mib] + [r.counts["rss_start_mib"] for r in receipts])
         return receipts
 
-    seconds, _ = timed(lambda: run_near_dedup(store, shards, cfg, fan_out))
-    return seconds, max(peaks.values()), peaks, baseline[0]
+    run.seconds, _ = timed(lambda: run_near_dedup(store, shards, cfg, fan_out))
+    run.peak_mib = max(run.step_peak_mib.values())
+    return run
 
 
 # -- main -----------------------------------------------------------------------------------
@@ -309,19 +344,32 @@ def main() -> None:
     print(f"python {platform.python_version()}, numpy {version('numpy')}, datatrove {version('datatrove')}, "
           f"spacy {version('spacy')}, datasketch {version('datasketch')}, {os.cpu_count()} cores, ray workers {args.cpus}")
 
-    texts = code_corpus(args.sample)
+    if args.sample:
+        sample_benchmarks(args.sample)
+    scale_benchmarks([int(c) for c in args.scales.split(",") if c])
+    print(f"\n(driver peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB)")
+
+
+def warm_up() -> None:
+    """Start the Ray workers and their imports before anything is timed."""
+    with tempfile.TemporaryDirectory() as tmp:
+        store = LocalStore(tmp)
+        run_stage(store, write_shards(store, zipf_corpus(200)), MinHashConfig(bucket_partitions=2, component_partitions=2))
+
+
+def sample_benchmarks(count: int) -> None:
+    texts = code_corpus(count)
     megabytes = sum(len(t.encode()) for t in texts) / 1e6
     print(f"\nsample: {len(texts)} documents, {megabytes:.1f} MB (stdlib sources, 25% edited copies)")
 
-    runs = {}
-    for name, action in [
-        ("project, char 13-grams x 128", lambda: project_signatures(texts, words=False)),
-        ("project, word 5-grams x 112", lambda: project_signatures(texts, words=True)),
-        ("datatrove MinhashDedupSignature, word 5-grams x 112", lambda: datatrove_signatures(texts)),
-        ("datasketch MinHash, char 13-grams x 128", lambda: datasketch_signatures(texts)),
-    ]:
-        runs[name] = timed(action)
-    base = runs["datatrove MinhashDedupSignature, word 5-grams x 112"][0]
+    implementations = {
+        "project, char 13-grams x 128": lambda chunk: project_signatures(chunk, words=False),
+        "project, word 5-grams x 112": lambda chunk: project_signatures(chunk, words=True),
+        DATATROVE: datatrove_signatures,
+        DATASKETCH: datasketch_signatures,
+    }
+    runs = interleaved(implementations, texts)
+    base = runs[DATATROVE][0]
     print("\n| signatures (1 core) | docs/s | MB/s | vs datatrove |\n| --- | ---: | ---: | ---: |")
     for name, (seconds, _) in runs.items():
         print(f"| {name} | {len(texts) / seconds:,.0f} | {megabytes / seconds:.2f} | {base / seconds:.1f}x |")
@@ -333,43 +381,51 @@ def main() -> None:
           f"(shingles {seconds:.0f} s, exact all-pairs {pair_seconds:.0f} s)")
 
     results = {
-        "datatrove (14 x 8 bands, no verification)": band_removals(runs["datatrove MinhashDedupSignature, word 5-grams x 112"][1], 14, 8),
-        "datasketch = SlimPajama (9 x 13, no verification)": band_removals(runs["datasketch MinHash, char 13-grams x 128"][1], 9, 13),
+        "datatrove (14 x 8 bands, no verification)": band_removals(runs[DATATROVE][1], 14, 8),
+        "datasketch = SlimPajama (9 x 13, no verification)": band_removals(runs[DATASKETCH][1], 9, 13),
     }
-    stage_rows = []
+    stage_runs = {}
+    warm_up()
     with tempfile.TemporaryDirectory() as tmp:
         for label, cfg in [
-            ("project 9 x 13, verified (default)", MinHashConfig(bucket_partitions=4)),
-            ("project 9 x 13, no verification", MinHashConfig(bucket_partitions=4, verify=False)),
-            ("project 16 x 8, verified", MinHashConfig(bands=16, rows=8, bucket_partitions=4)),
+            ("project 9 x 13, verified (default)", MinHashConfig(bucket_partitions=4, component_partitions=4)),
+            ("project 9 x 13, no verification", MinHashConfig(bucket_partitions=4, component_partitions=4, verify=False)),
+            ("project 16 x 8, verified", MinHashConfig(bands=16, rows=8, bucket_partitions=4, component_partitions=4)),
         ]:
             store = LocalStore(Path(tmp) / label.replace(" ", "_").replace(",", ""))
             shards = write_shards(store, texts)
-            seconds, peak, _, _ = run_stage(store, shards, cfg)
+            stage_runs[label] = run_stage(store, shards, cfg)
             results[label] = {position_of(int(d)) for s in shards for d in removed_ids(store, s.file)}
-            stage_rows.append((label, seconds, peak))
     print("\n| method | removed | precision | recall |\n| --- | ---: | ---: | ---: |")
     for name, removed in results.items():
         precision, recall = precision_recall(removed, truth)
         print(f"| {name} | {len(removed)} | {precision:.3f} | {recall:.3f} |")
     print("\n| whole stage on the sample | wall s | largest task peak RSS MiB |\n| --- | ---: | ---: |")
-    for label, seconds, peak in stage_rows:
-        print(f"| {label} | {seconds:.1f} | {peak} |")
+    for label, run in stage_runs.items():
+        print(f"| {label} | {run.seconds:.1f} | {run.peak_mib} |")
 
-    print("\n| documents | MB | shards | bucket partitions | wall s | docs/s | largest task peak RSS MiB | worker baseline MiB | peak per step (MiB) |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
-    for count in [int(c) for c in args.scales.split(",") if c]:
+
+def scale_benchmarks(counts: Sequence[int]) -> None:
+    print("\n| documents | MB | shards | partitions (bucket / component) | wall s | docs/s | largest task peak RSS MiB | worker baseline MiB |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    details = []
+    warm_up()
+    for count in counts:
         texts = zipf_corpus(count)
         with tempfile.TemporaryDirectory() as tmp:
             store = LocalStore(tmp)
             shards = write_shards(store, texts)
-            partitions = max(4, count // 25_000)
-            seconds, peak, peaks, baseline = run_stage(store, shards, MinHashConfig(bucket_partitions=partitions))
+            partitions = max(2, count // PARTITION_DOCS)
+            vertex_partitions = max(2, count // COMPONENT_DOCS)
+            cfg = MinHashConfig(bucket_partitions=partitions, component_partitions=vertex_partitions)
+            run = run_stage(store, shards, cfg)
         size = sum(len(t.encode()) for t in texts) / 1e6
-        per_step = ", ".join(f"{k.removeprefix('near-')} {v}" for k, v in peaks.items())
-        print(f"| {count:,} | {size:.0f} | {len(shards)} | {partitions} | {seconds:.1f} | {count / seconds:,.0f} | {peak} | {baseline} | {per_step} |")
-    print(f"\n(driver peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB; bands/rows {bands_rows(MinHashConfig())})")
-
+        print(f"| {count:,} | {size:.0f} | {len(shards)} | {partitions} / {vertex_partitions} | {run.seconds:.1f} | {count / run.seconds:,.0f} "
+              f"| {run.peak_mib} | {run.baseline_mib} |")
+        details.append((count, run))
+    for count, run in details:
+        steps = ", ".join(f"{step} {run.step_seconds[step]:.1f} s / {run.step_peak_mib[step]} MiB" for step in run.step_seconds)
+        print(f"\n{count:,} documents, per step (wall / largest task peak): {steps}")
 
 if __name__ == "__main__":
     main()

@@ -120,7 +120,9 @@ def submit(deployment: str, parameters: dict, wait: bool = False) -> FlowRun:
 
     Returns at once with the scheduled run, or with the finished run if `wait`.
     """
-    return run_deployment(deployment, parameters=parameters, timeout=None if wait else 0, as_subflow=False)
+    return run_deployment(
+        deployment, parameters=parameters, timeout=None if wait else 0, poll_interval=1, as_subflow=False
+    )
 
 
 def flow_run_url(flow_run: FlowRun) -> str:

@@ -7,9 +7,10 @@
   postgresql+asyncpg://user:password@host:5432/db), analytics off, log in PREFECT_HOME/server.log.
 - Register the deployments (deployments/deploy.py) and serve them: each flow run is a
   subprocess of this process.
-- Ctrl-C or SIGTERM stops the runs in flight, then the server this process started, then
-  anything its runs left behind (this process is a child subreaper, so orphaned
-  grandchildren such as a run's Ray workers are re-parented to it and found).
+- Ctrl-C or SIGTERM stops, in this order: the runner; the flow runs still going (SIGTERM, so
+  that they report their end to the server); anything they left behind (this process is a
+  child subreaper, so orphaned grandchildren such as a run's Ray workers are re-parented to
+  it and found); last the server this process started.
 """
 
 from __future__ import annotations
@@ -61,27 +62,48 @@ def _die_with_parent() -> None:
     _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def stop_descendants(grace_s: float = STOP_GRACE_S) -> None:
-    """SIGTERM every descendant of this process, then SIGKILL those still there after `grace_s`."""
-    from tasks.train import _process_tree as process_tree
+def _reap() -> None:
+    """Collect the exit status of every child that has ended (adopted orphans included)."""
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
 
-    pids = process_tree(os.getpid())
+
+def stop_processes(pids: list[int], grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM `pids`, then SIGKILL those still running after `grace_s`."""
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
-    while pids and time.monotonic() < deadline:
-        with contextlib.suppress(ChildProcessError):
-            while os.waitpid(-1, os.WNOHANG)[0]:  # reap what exited (adopted orphans included)
-                pass
-        pids = process_tree(os.getpid())
+    while time.monotonic() < deadline:
+        _reap()
+        if not any(Path(f"/proc/{pid}").exists() for pid in pids):
+            return
         time.sleep(0.2)
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-    with contextlib.suppress(ChildProcessError):
-        while os.waitpid(-1, os.WNOHANG)[0]:
-            pass
+    _reap()
+
+
+def stop_descendants(spare: int | None = None) -> None:
+    """Stop this process's children (but `spare`), then whatever of their trees is left."""
+    from tasks.train import _process_tree as process_tree
+
+    def others() -> list[int]:
+        spared = {spare, *process_tree(spare)} if spare else set()
+        return [pid for pid in process_tree(os.getpid()) if pid not in spared]
+
+    children = [pid for pid in others() if _parent(pid) == os.getpid()]
+    stop_processes(children)  # a flow run ends its own work and reports its end
+    stop_processes(others(), grace_s=5.0)  # leftovers: orphans re-parented to this subreaper
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return None
 
 
 class PrefectServer:
@@ -95,7 +117,13 @@ class PrefectServer:
     def start(self, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
         prefect = Path(sys.executable).with_name("prefect")
         command = [str(prefect), "server", "start", "--host", self.host, "--port", str(self.port), "--analytics-off"]
-        env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+        env = {
+            **os.environ,
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            # The UI asks the API at these (the --host/--port flags alone leave it at the default 4200).
+            "PREFECT_SERVER_API_HOST": self.host,
+            "PREFECT_SERVER_API_PORT": str(self.port),
+        }
         env.pop("PREFECT_API_URL", None)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
@@ -105,7 +133,7 @@ class PrefectServer:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                start_new_session=True,  # Ctrl-C reaches serve, which then stops the server in order
+                start_new_session=True,  # a terminal's Ctrl-C reaches serve, which stops the server last
                 preexec_fn=_die_with_parent,
             )
         deadline = time.monotonic() + timeout_s
@@ -116,6 +144,10 @@ class PrefectServer:
                 self.stop()
                 raise ServeError(f"the Prefect server did not answer within {timeout_s:.0f} s:\n{self.log_tail()}")
             time.sleep(0.5)
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
 
     def stop(self) -> None:
         process, self.process = self.process, None
@@ -136,11 +168,13 @@ class PrefectServer:
 
 
 @contextlib.contextmanager
-def prefect_api(host: str = "127.0.0.1", port: int = 4200) -> Iterator[str]:
-    """The API URL of a Prefect server to use: PREFECT_API_URL's, one already at host:port, or
-    one started there (and stopped on exit). This process's Prefect client points at it meanwhile."""
+def prefect_api(host: str = "127.0.0.1", port: int = 4200) -> Iterator[tuple[str, PrefectServer | None]]:
+    """The API URL of a Prefect server to use, and the server if this process started it:
+    PREFECT_API_URL's, one already at host:port, or one started there (stopped on exit).
+    This process's Prefect client, and its subprocesses, point at it meanwhile."""
     from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 
+    server = None
     with contextlib.ExitStack() as stack:
         api_url = os.environ.get("PREFECT_API_URL")
         if api_url:
@@ -158,14 +192,32 @@ def prefect_api(host: str = "127.0.0.1", port: int = 4200) -> Iterator[str]:
             print(f"starting a Prefect server on {host}:{port} ({database}; log: {server.log_path})", flush=True)
             stack.callback(server.stop)
             server.start()
-        os.environ["PREFECT_API_URL"] = api_url  # for the runs' subprocesses
-        stack.callback(os.environ.pop, "PREFECT_API_URL", None)
+        stack.enter_context(_environment("PREFECT_API_URL", api_url))
         stack.enter_context(temporary_settings(updates={PREFECT_API_URL: api_url}))
-        yield api_url
+        yield api_url, server
+
+
+@contextlib.contextmanager
+def _environment(name: str, value: str) -> Iterator[None]:
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
 
 
 def _raise_keyboard_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
+
+
+def _sigint_as_sigterm(signum, frame) -> None:
+    # Prefect's runner stops gracefully on SIGTERM (it cancels the runs in flight, so they end
+    # Cancelled in the UI); on a plain KeyboardInterrupt it would leave them Running.
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def serve_main(
@@ -175,39 +227,64 @@ def serve_main(
     build_config: Path | None = None,
     train_config: Path | None = None,
     epoch_schedule_active: bool = False,
+    train_after_build: bool = True,
 ) -> None:
     """Serve the deployments until Ctrl-C / SIGTERM; see the module docstring.
 
-    The deployments' default parameters: `build_config` (a build YAML; default the sample
-    corpus under data_dir/raw, made if missing) and `train_config` (a run YAML without `data`;
-    default deploy.sample_training).
+    The deployments' default parameters come from `build_config` (a build YAML; default: the
+    sample corpus under data_dir/raw, made if missing, built into data_dir) and `train_config`
+    (a run YAML without `data`; default: deploy.sample_training). `epoch_schedule_active`
+    starts the hourly train-epoch schedule switched on; `train_after_build` enables the
+    automation that trains on every finished build-dataset deployment run.
     """
     configure_prefect(data_dir)
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
-    previous_sigterm = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # the runner installs its own later
+    handlers = {signal.SIGINT: signal.getsignal(signal.SIGINT), signal.SIGTERM: signal.getsignal(signal.SIGTERM)}
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # until the runner installs its own
+    signal.signal(signal.SIGINT, _sigint_as_sigterm)
     try:
-        with prefect_api(host, port) as api_url:
-            from prefect import serve
-
-            from deployments.deploy import deployments, sample_training
-            from flows.pretrain import TrainSettings
-            from tasks.config import BuildConfig
-
-            if build_config:
-                build = BuildConfig.from_yaml(build_config)
-            else:
-                build = BuildConfig.from_yaml(sample_build_config(data_dir)).model_copy(
-                    update={"output": str(data_dir.resolve())}
-                )
-            train = TrainSettings.from_yaml(train_config) if train_config else sample_training(data_dir)
-            declared = deployments(build, train, epoch_schedule_active=epoch_schedule_active)
-            print(f"Prefect UI: {ui_url(api_url)}  (Ctrl-C stops everything started here)", flush=True)
-            serve(*declared)
+        with prefect_api(host, port) as (api_url, server):
+            try:
+                _serve(data_dir, build_config, train_config, epoch_schedule_active, train_after_build, api_url)
+            finally:
+                print("stopping: the runs in flight, then the Prefect server", flush=True)
+                for signum in handlers:  # the clean-up is bounded (about 30 s at most): let it finish
+                    signal.signal(signum, signal.SIG_IGN)
+                stop_descendants(spare=server.pid if server else None)  # the runs still reach the server
     except KeyboardInterrupt:
         pass
     finally:
+        for signum in handlers:
+            signal.signal(signum, signal.SIG_IGN)
         stop_descendants()
-        signal.signal(signal.SIGTERM, previous_sigterm)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+def _serve(
+    data_dir: Path,
+    build_config: Path | None,
+    train_config: Path | None,
+    epoch_schedule_active: bool,
+    train_after_build: bool,
+    api_url: str,
+) -> None:
+    from prefect import serve
+
+    from deployments.deploy import deployments, sample_training
+    from flows.pretrain import TrainSettings
+    from tasks.config import BuildConfig
+
+    if build_config:
+        build = BuildConfig.from_yaml(build_config)
+    else:
+        build = BuildConfig.from_yaml(sample_build_config(data_dir)).model_copy(update={"output": str(data_dir.resolve())})
+    train = TrainSettings.from_yaml(train_config) if train_config else sample_training(data_dir)
+    declared = deployments(
+        build, train, epoch_schedule_active=epoch_schedule_active, train_after_build=train_after_build
+    )
+    print(f"Prefect UI: {ui_url(api_url)}  (Ctrl-C stops everything started here)", flush=True)
+    serve(*declared)
 
 
 def sample_build_config(data_dir: Path) -> Path:

@@ -8,7 +8,7 @@
         COMMIT               written last: the step and every file's size and sha256
 
 A checkpoint counts only if its COMMIT exists and every file it lists is there at its size;
-loading verifies the sha256s, and tensors load with `torch.load(weights_only=True)` (a file
+a resume takes the newest whose files also match their sha256s, and tensors load with `torch.load(weights_only=True)` (a file
 holding any pickled object other than tensors and plain containers is refused). State is
 gathered to full tensors on rank 0 and broadcast back on load, so a run can resume on a
 different number of ranks (DCP's sharded format would need pickle to read its metadata).
@@ -62,6 +62,10 @@ _SCATTER = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
 
 class CheckpointError(Exception):
     """A checkpoint is unusable (corrupt, unsafe, or from an incompatible run); the message names it."""
+
+
+class CorruptCheckpoint(CheckpointError):
+    """A committed file's content no longer matches its sha256."""
 
 
 class CommitMarker(Record):
@@ -185,7 +189,7 @@ def fetch_file(store: Store, checkpoint: Checkpoint, name: str, dest_dir: Path) 
         raise CheckpointError(f"{store.url(checkpoint.prefix)}: its COMMIT lists no {name}")
     path = store.download(checkpoint.key(name), dest_dir / name)
     if sha256_file(path) != info.sha256:
-        raise CheckpointError(f"{store.url(checkpoint.key(name))}: sha256 differs from its COMMIT marker (corrupt)")
+        raise CorruptCheckpoint(f"{store.url(checkpoint.key(name))}: sha256 differs from its COMMIT marker")
     return path
 
 
@@ -199,12 +203,11 @@ def load_tensors(path: Path, source: str) -> Any:
         ) from None
 
 
-def read_train_state(store: Store, checkpoint: Checkpoint, dest_dir: Path) -> TrainState:
-    path = fetch_file(store, checkpoint, STATE_FILE, dest_dir)
+def read_train_state(path: Path, source: str) -> TrainState:
     try:
         return TrainState(**json.loads(path.read_text()))
     except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{store.url(checkpoint.key(STATE_FILE))}: unreadable: {e}") from None
+        raise CheckpointError(f"{source}: unreadable: {e}") from None
 
 
 # --- RNG states --------------------------------------------------------------------------------------
@@ -268,30 +271,41 @@ def save_checkpoint(
     dist.barrier()
 
 
+def _read_newest(store: Store, staging_dir: Path) -> tuple[Checkpoint, TrainState, dict, dict, dict] | None:
+    """Rank 0: the newest complete checkpoint whose files match their sha256s, read into memory."""
+    for checkpoint in complete_checkpoints(store):
+        staging_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=staging_dir, prefix="load-") as tmp:
+            folder = Path(tmp)
+            try:
+                paths = {name: fetch_file(store, checkpoint, name, folder)
+                         for name in (STATE_FILE, MODEL_FILE, OPTIMIZER_FILE, RNG_FILE)}
+            except CorruptCheckpoint as e:
+                log.warning("skipping a corrupt checkpoint: %s", e)
+                continue
+            state = read_train_state(paths[STATE_FILE], store.url(checkpoint.key(STATE_FILE)))
+            model_state = load_file(paths[MODEL_FILE])
+            optimizer_state = load_tensors(paths[OPTIMIZER_FILE], store.url(checkpoint.key(OPTIMIZER_FILE)))
+            rng = load_tensors(paths[RNG_FILE], store.url(checkpoint.key(RNG_FILE)))
+        return checkpoint, state, model_state, optimizer_state, rng
+    return None
+
+
 def restore_checkpoint(
     store: Store, model: nn.Module, optimizer: torch.optim.Optimizer, staging_dir: Path
 ) -> TrainState | None:
-    """Load the newest complete checkpoint into model and optimizer on every rank; None if there is none.
+    """Load the newest intact checkpoint into model and optimizer on every rank; None if there is none.
 
     Rank 0 reads and verifies the files, then broadcasts; ranks that the saving run did not have
     (a larger world size now) keep their freshly seeded RNG states.
     """
-    loaded: list[Any] = [None, None]  # TrainState, this world's RNG states
+    loaded: list[Any] = [None, None]  # TrainState, every saved rank's RNG states
     model_state: dict[str, torch.Tensor] = {}
     optimizer_state: dict[str, Any] = {}
-    if dist.get_rank() == 0:
-        checkpoint = latest_checkpoint(store)
-        if checkpoint is not None:
-            staging_dir.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=staging_dir, prefix="load-") as tmp:
-                folder = Path(tmp)
-                state = read_train_state(store, checkpoint, folder)
-                model_state = load_file(fetch_file(store, checkpoint, MODEL_FILE, folder))
-                source = store.url(checkpoint.key(OPTIMIZER_FILE))
-                optimizer_state = load_tensors(fetch_file(store, checkpoint, OPTIMIZER_FILE, folder), source)
-                rng = load_tensors(fetch_file(store, checkpoint, RNG_FILE, folder), store.url(checkpoint.key(RNG_FILE)))
-            loaded = [state, rng]
-            log.info("resuming from %s (step %d)", store.url(checkpoint.prefix), state.step)
+    if dist.get_rank() == 0 and (newest := _read_newest(store, staging_dir)) is not None:
+        checkpoint, state, model_state, optimizer_state, rng = newest
+        loaded = [state, rng]
+        log.info("resuming from %s (step %d)", store.url(checkpoint.prefix), state.step)
     dist.broadcast_object_list(loaded, src=0)
     state, rng = loaded
     if state is None:
@@ -330,7 +344,7 @@ def load_model(checkpoint_uri: str) -> tuple[Llama, TrainConfig]:
     """The trained model (fp32, CPU) and run config of a checkpoint folder or a run's newest checkpoint."""
     store, checkpoint = resolve_checkpoint(checkpoint_uri)
     with tempfile.TemporaryDirectory(prefix="tinyllama-load-") as tmp:
-        state = read_train_state(store, checkpoint, Path(tmp))
+        state = read_train_state(fetch_file(store, checkpoint, STATE_FILE, Path(tmp)), store.url(checkpoint.key(STATE_FILE)))
         weights = load_file(fetch_file(store, checkpoint, MODEL_FILE, Path(tmp)))
     with torch.device("meta"):
         model = Llama(LlamaConfig.model_validate(state.model_config))

@@ -50,7 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from storage.manifest import DatasetManifest, ObjectInfo, TokenizerInfo, sha256_file
 from storage.shards import IndexedShard, ShardError
-from storage.store import LocalStore, Store, StoreError, check_key, open_object
+from storage.store import Store, StoreError, open_object
 
 log = logging.getLogger(__name__)
 
@@ -144,9 +144,7 @@ class _Shard:
     @property
     def local_prefix(self) -> Path | None:
         """The shard's own files when the store is a local folder (read in place), else None."""
-        if isinstance(self.store, LocalStore):
-            return self.store.root / check_key(self.prefix)
-        return None
+        return self.store.local_path(self.prefix)
 
 
 def _with_ext(prefix: Path, ext: str) -> Path:

@@ -5,11 +5,11 @@
 
 Inside a Ray Train worker (or anywhere the process group already exists) call
 `train(config, device)`. GPUs: NCCL, FSDP2 (`fully_shard` per block, then the root), bf16.
-CPUs: gloo, DDP, fp32 and deterministic algorithms, so a resumed run repeats the uninterrupted
-one bit for bit. AdamW without decay on 1-D parameters (norms, biases); warmup + cosine on
-optimizer steps; gradient accumulation to `global_batch_tokens`; clipping; checkpoints (see
-model/checkpoint.py) every `checkpoint_every` steps and when this invocation stops, at
-`max_steps` or after `max_steps_this_run` steps.
+CPUs: gloo, DDP (FSDP2 on request), fp32 and deterministic algorithms, so a resumed run
+repeats the uninterrupted one bit for bit. AdamW without decay on 1-D parameters (norms,
+biases); warmup + cosine on optimizer steps; gradient accumulation to `global_batch_tokens`;
+clipping; checkpoints (model/checkpoint.py) every `checkpoint_every` steps and when this
+invocation stops, at `max_steps` or after `max_steps_this_run` steps.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,14 +35,14 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from model.checkpoint import TrainState, restore_checkpoint, save_checkpoint
-from model.data import BlockLoader, DataSource
+from model.data import BlockLoader, DataError, DataSource
 from model.flops import flops_per_token, mfu, peak_bf16_flops
 from model.llama import Llama
 from model.metrics import MetricsLog
 from model.train_config import LRSchedule, TrainConfig
 from storage.store import open_store
 
-log = logging.getLogger("model.train")
+log = logging.getLogger("model.train")  # not __name__: that is __main__ under -m
 
 
 @dataclass(frozen=True)
@@ -85,14 +84,14 @@ def learning_rate(step: int, lr: LRSchedule, max_steps: int) -> float:
     return lr.min + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr.max - lr.min)
 
 
-def build_model(model: Llama, cluster: Cluster, bf16: bool, compile: bool) -> nn.Module:
-    """Wrap for data parallelism: FSDP2 on GPUs (one unit per block, then the root), DDP on CPUs."""
+def build_model(model: Llama, cluster: Cluster, fsdp: bool, bf16: bool, compile: bool) -> nn.Module:
+    """Wrap for data parallelism: FSDP2 (one unit per block, then the root) or DDP."""
     if compile:
         for block in model.model.layers:
             block.compile()  # per block, as torchtitan: parameter names stay unchanged
     model.to(cluster.device)
     model.reset_rope_cache()
-    if cluster.device.type != "cuda":
+    if not fsdp:
         return DistributedDataParallel(model)
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
     for block in model.model.layers:
@@ -160,20 +159,29 @@ def train(config: TrainConfig, device: torch.device | None = None) -> TrainState
 
 
 def _train(config: TrainConfig, cluster: Cluster) -> TrainState:
+    if cluster.device.type != "cuda":
+        torch.use_deterministic_algorithms(True)  # bit-exact resume on CPUs
+    loader = BlockLoader(config.data, config.seq_len, config.seed, cluster.rank, cluster.world_size)
+    val_loader = None
+    if config.val:
+        val_loader = BlockLoader([DataSource(manifest=config.val.manifest)], config.seq_len, config.seed,
+                                 cluster.rank, cluster.world_size)
+        if val_loader.tokenizer.sha256 != loader.tokenizer.sha256:
+            raise DataError(f"validation build {config.val.manifest} has another tokenizer than the training data")
+    try:
+        return _train_loop(config, cluster, loader, val_loader)
+    finally:
+        loader.close()
+        if val_loader is not None:
+            val_loader.close()
+
+
+def _train_loop(config: TrainConfig, cluster: Cluster, loader: BlockLoader, val_loader: BlockLoader | None) -> TrainState:
     on_gpu = cluster.device.type == "cuda"
     bf16 = config.dtype == "bf16" or (config.dtype == "auto" and on_gpu)
-    if not on_gpu:
-        torch.use_deterministic_algorithms(True)  # bit-exact resume on CPUs
     accum = config.accum_steps(cluster.world_size)
     run_store = open_store(config.run_uri)
     staging = config.local_dir / "staging"
-
-    loader = BlockLoader(config.data, config.seq_len, config.seed, cluster.rank, cluster.world_size)
-    val_loader = (
-        BlockLoader([DataSource(manifest=config.val.manifest)], config.seq_len, config.seed, cluster.rank, cluster.world_size)
-        if config.val
-        else None
-    )
     llama_config = config.llama_config(loader.vocab_size)
     if llama_config.vocab_size < loader.vocab_size:
         raise ValueError(f"vocab_size {llama_config.vocab_size} is below the datasets' tokenizer vocabulary {loader.vocab_size}")
@@ -181,7 +189,8 @@ def _train(config: TrainConfig, cluster: Cluster) -> TrainState:
     torch.manual_seed(config.seed)  # identical initial weights on every rank, whatever the world size
     raw_model = Llama(llama_config, activation_checkpointing=config.activation_checkpointing)
     flops = flops_per_token(raw_model, config.seq_len)
-    model = build_model(raw_model, cluster, bf16, config.compile)
+    fsdp = config.data_parallel == "fsdp" or (config.data_parallel == "auto" and on_gpu)
+    model = build_model(raw_model, cluster, fsdp, bf16, config.compile)
     optimizer = build_optimizer(model, config, cluster.device)
     seed_everything(config.seed + cluster.rank)
 
@@ -261,9 +270,6 @@ def _train(config: TrainConfig, cluster: Cluster) -> TrainState:
             log.info("run %s is already at step %d: nothing to do", config.run_uri, state.step)
         metrics.plot()
         metrics.close()
-    loader.close()
-    if val_loader is not None:
-        val_loader.close()
     return state
 
 

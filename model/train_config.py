@@ -128,6 +128,7 @@ class TrainConfig(Section):
     compile: bool = False
     activation_checkpointing: bool = False
     dtype: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 on GPUs, fp32 on CPUs")
+    data_parallel: Literal["auto", "fsdp", "ddp"] = Field("auto", description="auto: FSDP2 on GPUs, DDP on CPUs")
     work_dir: str | None = Field(None, description="Local folder for metrics, TensorBoard and the shard cache")
 
     @field_validator("name")

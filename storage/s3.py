@@ -73,6 +73,10 @@ DEFAULT_TRANSFER = TransferConfig(
     io_chunksize=1 * MiB,
 )
 READ_BUFFER_BYTES = 1 * MiB
+_TRANSFER_SETTINGS = (
+    "multipart_threshold", "multipart_chunksize", "max_concurrency", "io_chunksize",
+    "num_download_attempts", "max_io_queue", "use_threads", "max_bandwidth",
+)
 
 # What S3 accepts, plus the upper case and '_' of legacy us-east-1 buckets.
 _BUCKET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,61}[A-Za-z0-9]")
@@ -181,6 +185,12 @@ class S3Store(Store):
 
     def __repr__(self) -> str:
         return f"S3Store({self.uri!r})"
+
+    def __reduce__(self):
+        # TransferConfig does not survive pickling (its preferred_transfer_client comes back
+        # as a bare object), and Ray ships stores to its workers: rebuild it from its settings.
+        settings = {name: getattr(self.transfer, name) for name in _TRANSFER_SETTINGS}
+        return _unpickle_s3store, (self.bucket, self.prefix, settings)
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{check_key(key)}" if self.prefix else check_key(key)
@@ -324,3 +334,6 @@ class _BodyReader(io.RawIOBase):
             self._body.close()
         super().close()
 
+
+def _unpickle_s3store(bucket: str, prefix: str, transfer: dict) -> S3Store:
+    return S3Store(bucket, prefix, TransferConfig(**transfer))

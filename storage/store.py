@@ -129,6 +129,10 @@ class Store(ABC):
     def download(self, key: str, path: str | os.PathLike) -> Path:
         """Copy an object to a local file atomically and return its path."""
 
+    def local_path(self, key: str) -> Path | None:
+        """The object's file when the store is a local folder (to read in place), else None."""
+        return None
+
     def child(self, prefix: str) -> Store:
         """A store rooted at `prefix` inside this one."""
         return open_store(self.url(prefix.removesuffix("/")))
@@ -150,6 +154,9 @@ class LocalStore(Store):
 
     def _inside(self, path: Path) -> bool:
         return path == self.root or self.root in path.parents
+
+    def local_path(self, key: str) -> Path:
+        return self._path(key)
 
     def _path(self, key: str) -> Path:
         path = (self.root / check_key(key)).resolve()

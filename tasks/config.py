@@ -56,8 +56,9 @@ class MinHashConfig(Config):
     threshold: float = Field(0.8, gt=0, lt=1)
     verify: bool = Field(True, description="Drop candidate pairs whose true Jaccard is below threshold")
     verify_anchors: int = Field(4, ge=1, description="Most members of a bucket each candidate is verified against")
-    bucket_partitions: int = Field(
-        16, ge=1, description="Band-hash ranges (and connected-components vertex partitions), one Ray task each"
+    bucket_partitions: int = Field(16, ge=1, description="Band-hash ranges, one Ray task each")
+    component_partitions: int = Field(
+        16, ge=1, description="Vertex partitions of connected components, one Ray task each (n*n files a round)"
     )
     seed: int = 1
 

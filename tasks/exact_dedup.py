@@ -13,8 +13,6 @@ from collections import Counter
 import numpy as np
 import pyarrow as pa
 import xxhash
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from storage.manifest import Receipt
 from storage.store import Store, join_key
@@ -23,6 +21,7 @@ from tasks.ingest import docs_key
 from tasks.parquet_io import read_table, write_table
 from tasks.plan import Build, PlannedFile
 from tasks.reporting import progress, stage_table
+from tasks.stage import stage_task
 
 PARTITIONS = 16
 HASH_SCHEMA = pa.schema([("id", pa.int64()), ("hash", pa.binary(16))])
@@ -84,7 +83,7 @@ def removed_ids(store: Store, file: PlannedFile) -> np.ndarray:
     return np.concatenate([read_table(store, k, columns=["id"]).column("id").to_numpy() for k in keys])
 
 
-@task(name="exact-dedup", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@stage_task("exact-dedup")
 def exact_dedup(build: Build) -> dict[str, int | float]:
     store, plan = build.store, build.plan
     hashed = run_shards(

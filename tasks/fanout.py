@@ -101,7 +101,7 @@ def _fan_out(stage, store, todo, work, receipts, total, on_progress, max_in_flig
     store_ref, work_ref = ray.put(store), ray.put(work)
     queue = list(reversed(todo))
     pending: list = []
-    failure: BaseException | None = None
+    failure: RayTaskError | None = None
     while queue or pending:
         while queue and failure is None and len(pending) < window:
             pending.append(remote.remote(stage, store_ref, work_ref, queue.pop()))
@@ -111,10 +111,12 @@ def _fan_out(stage, store, todo, work, receipts, total, on_progress, max_in_flig
         try:
             receipt = ray.get(ready[0])
         except RayTaskError as error:
-            failure = failure or error.cause or error
+            failure = failure or error
             continue
         receipts[receipt.shard] = receipt
         if on_progress:
             on_progress(len(receipts), total)
     if failure is not None:
-        raise failure
+        # The work's own exception (an IngestError naming the file, say), with Ray's remote
+        # traceback chained to it.
+        raise (failure.cause or failure) from failure

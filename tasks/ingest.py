@@ -32,8 +32,6 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from storage.manifest import ObjectInfo, Receipt, sha256_file
 from storage.store import LocalStore, Store, open_object, open_store
@@ -41,6 +39,7 @@ from tasks.config import Filters, Format, SourceConfig
 from tasks.fanout import run_shards
 from tasks.plan import Build, PlannedFile, document_id
 from tasks.reporting import progress, stage_table
+from tasks.stage import stage_task
 
 DOC_SCHEMA = pa.schema(
     [
@@ -57,7 +56,7 @@ ROW_GROUP_DOCS = 2048  # ...or this many documents
 RAW_SAMPLE = 1024  # bytes of a bad record kept in the quarantine
 
 
-class IngestError(Exception):
+class IngestError(ValueError):
     """An input file cannot be ingested; the message names the file (and the line or row)."""
 
 
@@ -119,7 +118,7 @@ def ingest_file(file: PlannedFile, source: SourceConfig, filters: Filters, quara
     )
 
 
-@task(name="ingest", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@stage_task("ingest")
 def ingest(build: Build) -> dict[str, int | float]:
     """Every planned file to a docs shard, one Ray task each; returns the stage's totals."""
     config, store = build.config, build.store
@@ -530,7 +529,7 @@ def _table_rows(batches: Iterator[pa.RecordBatch], uri: str, first_row: int, ind
 
 def _parquet_records(file: PlannedFile, source: SourceConfig, tmp: Path) -> Iterator[RawRecord]:
     store, key = open_object(file.uri)
-    path = store.root / key if isinstance(store, LocalStore) else store.download(key, tmp / "input.parquet")
+    path = store.local_path(key) or store.download(key, tmp / "input.parquet")
     try:
         parquet = pq.ParquetFile(path)
         columns = _table_columns(parquet.schema_arrow, source, file.uri)

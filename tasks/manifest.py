@@ -5,15 +5,14 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from prefect import task
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
 
 from storage.manifest import DatasetManifest, Receipt, SourceAccounting, TokenizerInfo, canonical_json
 from storage.shards import token_dtype
 from tasks.plan import Build
 from tasks.fanout import finished_receipt, list_receipts
 from tasks.reporting import artifact_key
+from tasks.stage import stage_task
 
 MANIFEST_KEY = "manifest.json"
 
@@ -60,7 +59,7 @@ def account(build: Build) -> tuple[dict[str, SourceAccounting], list[Receipt]]:
     return sources, tokenized
 
 
-@task(name="manifest", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@stage_task("manifest")
 def write_manifest(build: Build, tokenizer: TokenizerInfo) -> str:
     sources, tokenized = account(build)
     manifest = DatasetManifest(

@@ -9,12 +9,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from storage.manifest import ObjectInfo, sha256_file
-from storage.store import LocalStore, Store
+from storage.store import Store
 
 
 def read_table(store: Store, key: str, columns: list[str] | None = None) -> pa.Table:
-    if isinstance(store, LocalStore):
-        return pq.read_table(store._path(key), columns=columns)
+    if (path := store.local_path(key)) is not None:
+        return pq.read_table(path, columns=columns)
     return pq.read_table(pa.BufferReader(store.get_bytes(key)), columns=columns)
 
 

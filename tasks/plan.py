@@ -11,14 +11,13 @@ import json
 import re
 from functools import cached_property
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict
 
 from storage.manifest import canonical_json
 from storage.store import ObjectNotFound, Store, join_key, open_object, open_store
 from tasks.config import BuildConfig, Format, SourceConfig
 from tasks.reporting import plan_table
+from tasks.stage import stage_task
 
 PLAN_KEY = "plan.json"
 HF_ROWS_PER_UNIT = 100_000
@@ -157,7 +156,7 @@ class Build(BaseModel):
         return read_plan(self.store)
 
 
-@task(name="plan", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@stage_task("plan")
 def plan(config: BuildConfig) -> Build:
     build = Build(config=config)
     files = freeze_plan(config, build.store)

@@ -323,6 +323,7 @@ def _sample_config(root: Path, target_bytes: int, seed: int) -> str:
         ],
         "tokenizer": {"train": {"vocab_size": 4096 if target_bytes < 256 << 20 else 32000}},
         "dedup": {"exact": True, "near": True},
+        "minhash": {"bucket_partitions": 4, "component_partitions": 4},
         "shard_tokens": shard_tokens,
         "seed": seed,
     }

@@ -13,8 +13,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from storage.manifest import ObjectInfo, Receipt, TokenizerInfo, TokenShard, sha256_file
 from storage.shards import ShardWriter, token_dtype
@@ -26,6 +24,7 @@ from tasks.plan import Build, PlannedFile
 from tasks.removals import removed_ids
 from tasks.reporting import progress, stage_table
 from tasks.tokenizer import cached_processor
+from tasks.stage import stage_task
 
 ENCODE_BATCH_BYTES = 8 << 20
 
@@ -87,7 +86,7 @@ def tokenize_shard(store: Store, file: PlannedFile, tokenizer: TokenizerInfo, sh
     return Receipt(stage="tokenize", shard=file.shard, outputs=outputs, counts=counts, token_shards=shards)
 
 
-@task(name="tokenize", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@stage_task("tokenize")
 def tokenize(build: Build, tokenizer: TokenizerInfo) -> dict[str, int | float]:
     store, config = build.store, build.config
     receipts = run_shards(

@@ -11,8 +11,6 @@ from functools import lru_cache
 import numpy as np
 import sentencepiece as spm
 import xxhash
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from storage.manifest import ObjectInfo, Receipt, TokenizerInfo, read_record, sha256_bytes, write_record
 from storage.store import ObjectNotFound, Store, open_object
@@ -22,6 +20,7 @@ from tasks.ingest import docs_key
 from tasks.parquet_io import read_table
 from tasks.plan import Build, PlannedFile
 from tasks.removals import removed_ids
+from tasks.stage import stage_task
 
 TOKENIZER_KEY = "tokenizer/tokenizer.model"
 INFO_KEY = "tokenizer/tokenizer.json"
@@ -98,7 +97,7 @@ def train_model(lines: Iterator[str], train: TokenizerTrain) -> bytes:
     return model.getvalue()
 
 
-@task(name="tokenizer", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@stage_task("tokenizer")
 def tokenizer(build: Build, kept_bytes: int) -> TokenizerInfo:
     store, config = build.store, build.config.tokenizer
     if finished_receipt(store, "tokenizer", "tokenizer") is not None:

@@ -6,5 +6,6 @@ store bound); `removed_ids` gives the tokenize stage one docs shard's removed id
 
 from tasks.near_dedup.minhash import MinHasher, normalize
 from tasks.near_dedup.stage import SAMPLE_KEY, STAGE, DocsShard, FanOut, removed_ids, run_near_dedup
+from tasks.near_dedup.task import near_dedup
 
-__all__ = ["SAMPLE_KEY", "STAGE", "DocsShard", "FanOut", "MinHasher", "normalize", "removed_ids", "run_near_dedup"]
+__all__ = ["SAMPLE_KEY", "STAGE", "DocsShard", "FanOut", "MinHasher", "near_dedup", "normalize", "removed_ids", "run_near_dedup"]

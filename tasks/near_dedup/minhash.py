@@ -178,7 +178,7 @@ class MinHasher:
             docs, first = np.unique(owners, return_index=True)
             for doc, chunk in zip(docs, np.split(hashes, first[1:])):
                 parts[doc].append(chunk)
-        return [np.unique(np.concatenate(p)) if p else np.empty(0, np.uint64) for p in parts]
+        return [_sorted_unique(np.concatenate(p)) if p else np.empty(0, np.uint64) for p in parts]
 
     # -- signatures -----------------------------------------------------------------------
 
@@ -216,6 +216,12 @@ class MinHasher:
             hashes ^= values[:, :, row]
             fmix64(hashes)
         return hashes
+
+
+def _sorted_unique(values: np.ndarray) -> np.ndarray:
+    """np.unique by sorting (numpy's hash-based unique is slower for these sizes)."""
+    values = np.sort(values)
+    return values[np.concatenate([[True], values[1:] != values[:-1]])]
 
 
 def jaccard(a: np.ndarray, b: np.ndarray) -> float:

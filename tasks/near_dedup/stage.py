@@ -3,7 +3,7 @@
 Every step is a list of independent tasks (one per docs shard or per partition) that read
 and write parquet on the build store and return a Receipt; `fan_out` runs them (on Ray, with
 receipts, so a rerun redoes only unfinished tasks). No task holds all documents, all edges
-or all ids: P = `bucket_partitions` bounds what one task sees.
+or all ids: P = `bucket_partitions` and Q = `component_partitions` bound what one task sees.
 
   near-signatures  per docs shard: band hashes of each document that exact dedup kept, split
                    into P band-hash ranges            bands/p<P>/<shard>.parquet
@@ -248,7 +248,7 @@ def find_buckets(store: Store, shards: Sequence[DocsShard], cfg: MinHashConfig, 
 
 def _write_edges(store: Store, cfg: MinHashConfig, partition: int, first: np.ndarray, second: np.ndarray) -> list[ObjectInfo]:
     """Edges in both directions, by the vertex partition of their first endpoint."""
-    keys = [edges_key(q, partition) for q in range(cfg.bucket_partitions)]
+    keys = [edges_key(q, partition) for q in range(cfg.component_partitions)]
     both_first, both_second = np.concatenate([first, second]), np.concatenate([second, first])
     return _write_pairs(store, keys, both_first, both_second, EDGES_SCHEMA)
 
@@ -300,9 +300,9 @@ def verify_buckets(store: Store, cfg: MinHashConfig, partition: int) -> Receipt:
 
 
 def large_star_step(store: Store, cfg: MinHashConfig, round_: int, partition: int) -> Receipt:
-    partitions = range(cfg.bucket_partitions)
+    partitions = range(cfg.component_partitions)
     if round_ == 0:
-        inputs = [edges_key(partition, p) for p in partitions]
+        inputs = [edges_key(partition, p) for p in range(cfg.bucket_partitions)]
     else:
         inputs = [star_key(round_ - 1, "small", partition, q) for q in partitions]
     vertex, neighbor = _pairs(store, inputs)
@@ -314,7 +314,7 @@ def large_star_step(store: Store, cfg: MinHashConfig, round_: int, partition: in
 
 
 def small_star_step(store: Store, cfg: MinHashConfig, round_: int, partition: int) -> Receipt:
-    partitions = range(cfg.bucket_partitions)
+    partitions = range(cfg.component_partitions)
     larger, smaller = _pairs(store, [star_key(round_, "large", partition, q) for q in partitions])
     new_larger, new_smaller, changed = components.small_star(larger, smaller)
     keys = [star_key(round_, "small", q, partition) for q in partitions]
@@ -330,7 +330,7 @@ def write_removed(
 ) -> Receipt:
     """From the converged stars: each non-center vertex is removed for its center, the
     smallest id of its component; written per docs shard for the tokenize stage."""
-    vertex, neighbor = _pairs(store, [star_key(final_round, "small", partition, q) for q in range(cfg.bucket_partitions)])
+    vertex, neighbor = _pairs(store, [star_key(final_round, "small", partition, q) for q in range(cfg.component_partitions)])
     leaf = vertex > neighbor
     removed, kept = vertex[leaf], neighbor[leaf]
     order = np.argsort(removed)
@@ -404,6 +404,7 @@ def _shard_name(shard: DocsShard) -> str:
 def run_near_dedup(store: Store, shards: Sequence[DocsShard], cfg: MinHashConfig, fan_out: FanOut) -> dict[str, int]:
     """Run every step over the docs shards; returns near_dup counts per source."""
     partitions = list(range(cfg.bucket_partitions))
+    vertex_partitions = list(range(cfg.component_partitions))
     fan_out("near-signatures", shards, _shard_name, partial(compute_signatures, store, cfg))
     fan_out("near-buckets", partitions, partition_name, partial(find_buckets, store, list(shards), cfg))
     if cfg.verify:
@@ -411,18 +412,20 @@ def run_near_dedup(store: Store, shards: Sequence[DocsShard], cfg: MinHashConfig
         fan_out("near-verify", partitions, partition_name, partial(verify_buckets, store, cfg))
     for round_ in range(MAX_ROUNDS):
         large = fan_out(
-            f"near-components-r{round_:03d}-large", partitions, vertex_partition_name,
+            f"near-components-r{round_:03d}-large", vertex_partitions, vertex_partition_name,
             partial(large_star_step, store, cfg, round_),
         )
         small = fan_out(
-            f"near-components-r{round_:03d}-small", partitions, vertex_partition_name,
+            f"near-components-r{round_:03d}-small", vertex_partitions, vertex_partition_name,
             partial(small_star_step, store, cfg, round_),
         )
         if sum(r.counts["changed"] for r in large + small) == 0:
             break
     else:
         raise RuntimeError(f"near dedup: connected components did not converge in {MAX_ROUNDS} rounds")
-    removed = fan_out(STAGE, partitions, vertex_partition_name, partial(write_removed, store, list(shards), cfg, round_))
+    removed = fan_out(
+        STAGE, vertex_partitions, vertex_partition_name, partial(write_removed, store, list(shards), cfg, round_)
+    )
     fan_out("near-sample", [SAMPLE_ROWS], lambda _: "sample", partial(write_sample, store, list(shards), cfg))
     per_source = Counter({s.file.source: 0 for s in shards})
     for receipt in removed:

@@ -39,6 +39,7 @@ def corpus(tmp_path_factory) -> dict:
 def sample_config(corpus: dict, output: str, **updates) -> BuildConfig:
     config = yaml.safe_load(Path(corpus["config"]).read_text())
     config.update(output=output, tokenizer={"train": {"vocab_size": 1024}})
+    config["minhash"].update(bucket_partitions=2, component_partitions=2)
     config.update(updates)
     return BuildConfig.model_validate(config)
 
@@ -192,8 +193,8 @@ def test_killed_flow_reruns_to_identical_output(corpus, tmp_path, prefect_server
 def test_bad_records_are_quarantined_and_counted(corpus, tmp_path):
     bad = tmp_path / "bad" / "bad.jsonl"
     bad.parent.mkdir()
-    good = "a well-formed document " * 20
-    lines = [json.dumps({"text": good + str(i)}) for i in range(5)]
+    words = np.random.default_rng(0).choice(["alpha", "beta", "gamma", "delta", "omega", "sigma"], size=(5, 60))
+    lines = [json.dumps({"text": " ".join(row)}) for row in words]  # five different documents
     lines += ['{"text": "truncated', b"\xff\xfe invalid utf-8".decode("latin-1"), "[1, 2]", json.dumps({"text": ""})]
     bad.write_text("\n".join(lines) + "\n", encoding="latin-1")
     config = BuildConfig.model_validate({

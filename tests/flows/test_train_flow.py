@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -64,7 +65,7 @@ def test_train_flow_trains_checkpoints_and_reports(prefect_server, bucket_prefix
 
     found = artifacts(["flow-run-train-progress", "flow-run-train-metrics", "flow-run-loss-curve"])
     assert found["flow-run-train-progress"].data == 100.0
-    table = {row["metric"]: row["value"] for row in found["flow-run-train-metrics"].data}
+    table = {row["metric"]: row["value"] for row in json.loads(found["flow-run-train-metrics"].data)}
     assert table["step"] == STEPS and table["loss"] == records[-1]["loss"]
     assert run_uri + "/plots/loss.png" in found["flow-run-loss-curve"].data
 
@@ -81,7 +82,9 @@ def test_datasets_with_different_tokenizers_are_refused(bucket_prefix, tmp_path)
 def test_cancelling_the_flow_leaves_no_training_process(prefect_server, bucket_prefix, tmp_path):
     """Prefect cancels a flow run by SIGTERM to its process; the flow engine raises, the task stops the job."""
     manifest = short_documents_build(f"{bucket_prefix}/data")
-    config = train_config("cancelled", f"{bucket_prefix}/out", manifest, tmp_path, max_steps=100_000)
+    config = train_config(
+        "cancelled", f"{bucket_prefix}/out", manifest, tmp_path, max_steps=100_000, launcher={"kind": "torchrun", "nproc": 2}
+    )
     config_path = tmp_path / "cancelled.yaml"
     config_path.write_text(config.to_json())
     flow_process = subprocess.Popen(

@@ -18,6 +18,7 @@ from model.checkpoint import (
     RNG_FILE,
     STATE_FILE,
     CheckpointError,
+    TrainState,
     checkpoint_prefix,
     commit_checkpoint,
     complete_checkpoints,
@@ -26,6 +27,7 @@ from model.checkpoint import (
     load_tensors,
     prune_checkpoints,
     restore_checkpoint,
+    save_checkpoint,
     rng_state,
     set_rng_state,
 )
@@ -143,3 +145,26 @@ def test_no_checkpoint_means_a_fresh_start(store, tmp_path, lone_process_group):
     model = torch.nn.Linear(2, 2)
     assert restore_checkpoint(store, model, torch.optim.AdamW(model.parameters()), tmp_path) is None
     assert not list(store.list())
+
+
+def test_restore_skips_a_corrupt_newest_checkpoint(store, tmp_path, lone_process_group):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    saved = {}
+    for step in (1, 2):
+        model(torch.ones(1, 2)).sum().backward()
+        optimizer.step()
+        saved[step] = {k: v.clone() for k, v in model.state_dict().items()}
+        state = TrainState(step, step * 10, {"position": step}, 1, {}, {})
+        save_checkpoint(store, model, optimizer, state, keep=None, staging_dir=tmp_path / "staging")
+    key = join_key(checkpoint_prefix(2), MODEL_FILE)
+    data = bytearray(store.get_bytes(key))
+    data[-1] ^= 0xFF  # flip a weight's bits, keep the size
+    store.put_bytes(key, bytes(data))
+
+    fresh = torch.nn.Linear(2, 2)
+    restored = restore_checkpoint(store, fresh, torch.optim.AdamW(fresh.parameters()), tmp_path / "staging")
+
+    assert restored.step == 1 and restored.loader == {"position": 1}
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in saved[1].items())

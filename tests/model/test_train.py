@@ -4,12 +4,13 @@ One module fixture runs the jobs once (each launch costs seconds of start-up); t
 then check what they left on the store:
 - straight: 4 steps on 2 ranks;
 - segmented: 2 steps on 2 ranks (max_steps_this_run), crash leftovers planted, 2 more;
-- resized: 2 steps on 1 rank, then 2 more on 2 ranks.
+- resized: 2 steps on 1 rank (DDP), then 2 more on 2 ranks (FSDP2, as on GPUs).
 """
 
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import random
@@ -86,8 +87,6 @@ def metrics(run_uri: str) -> list[dict]:
 
 
 def train_state(run_uri: str) -> dict:
-    import json
-
     store = open_store(run_uri)
     newest = complete_checkpoints(store)[0]
     return json.loads(store.get_text(newest.key(STATE_FILE)))
@@ -134,7 +133,8 @@ def runs(dataset, s3_bucket_uri, tmp_path_factory) -> dict[str, str]:
 
         resized = train_config("resized", output, dataset, tmp, max_steps_this_run=STEPS // 2)
         run_training(resized, 1, tmp)
-        run_training(resized, 2, tmp)
+        # The GPU layout on CPUs: FSDP2 shards load the 1-rank DDP checkpoint.
+        run_training(resized.model_copy(update={"data_parallel": "fsdp"}), 2, tmp)
     finally:
         if saved_cache is None:
             os.environ.pop("XDG_CACHE_HOME", None)
@@ -171,12 +171,12 @@ def test_uncommitted_checkpoint_is_ignored_and_keep_last_k_prunes(runs):
     assert [c.step for c in complete_checkpoints(open_store(runs["straight"]))] == [4, 2]
 
 
-def test_resume_on_more_ranks_continues_the_same_token_sequence(runs):
+def test_resume_on_more_ranks_and_fsdp_continues_the_same_token_sequence(runs):
     straight, resized = train_state(runs["straight"]), train_state(runs["resized"])
     assert resized["world_size"] == 2 and straight["world_size"] == 2
     assert resized["loader"] == straight["loader"]
     assert resized["tokens_seen"] == straight["tokens_seen"] == STEPS * 512
-    # Same blocks in every step; only the summation order of the 1-rank steps differs.
+    # Same blocks in every step; only the summation order differs (1 rank; FSDP's reduce-scatter).
     assert [r["loss"] for r in metrics(runs["resized"])] == pytest.approx(
         [r["loss"] for r in metrics(runs["straight"])], rel=1e-5
     )

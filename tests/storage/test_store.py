@@ -4,9 +4,9 @@ wrong credentials and an unreachable endpoint."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
+import random
 import resource
 import signal
 import socket
@@ -38,7 +38,7 @@ BAD_KEYS = ["../x", "a/../../x", "/etc/passwd", "a\\b", "", "a//b", "./a", "a/."
 
 
 def payload(size: int, seed: int = 0) -> bytes:
-    return (hashlib.sha256(str(seed).encode()).digest() * (size // 32 + 1))[:size]
+    return random.Random(seed).randbytes(size)
 
 
 def temp_files(folder: Path) -> list[Path]:
@@ -368,7 +368,7 @@ def test_open_object_splits_store_and_key(tmp_path, s3_bucket_uri):
             open_object(bad)
 
 
-def test_store_pickles_without_a_client(store: Store):
+def test_store_pickles_without_a_client(store: Store, tmp_path):
     store.put_bytes("p.txt", b"pickled")
     data = pickle.dumps(store)
     assert len(data) < 2048
@@ -376,6 +376,10 @@ def test_store_pickles_without_a_client(store: Store):
     clone = pickle.loads(data)
     assert clone.uri == store.uri
     assert clone.get_bytes("p.txt") == b"pickled"
+    source = tmp_path / "upload.bin"  # the transfer settings survive too (Ray ships stores to workers)
+    source.write_bytes(b"uploaded")
+    clone.put_file("u.bin", source)
+    assert store.get_bytes("u.bin") == b"uploaded"
 
 
 def test_s3_client_settings_come_from_the_environment(s3_bucket_uri, monkeypatch):

@@ -20,7 +20,7 @@ from storage.store import LocalStore, Store
 from tasks.config import MinHashConfig
 from tasks.fanout import finished_receipt, receipt_key, run_shards
 from tasks.near_dedup import components, lsh, minhash
-from tasks.near_dedup.minhash import MinHasher, jaccard, normalize
+from tasks.near_dedup.minhash import MinHasher, normalize
 from tasks.near_dedup.stage import (
     SAMPLE_KEY,
     STAGE,
@@ -34,7 +34,7 @@ from tasks.plan import PlannedFile, document_id
 
 # 16 bands x 8 rows: LSH recall 0.994 at J=0.85 (SlimPajama's 9 x 13 gives 0.69 there: its
 # S-curve is centered at 0.845); verification then removes the extra candidates.
-CONFIG = MinHashConfig(bands=16, rows=8, bucket_partitions=3)
+CONFIG = MinHashConfig(bands=16, rows=8, bucket_partitions=3, component_partitions=2)
 LEVELS = (0.5, 0.7, 0.85, 0.95)
 
 
@@ -136,7 +136,7 @@ class Corpus:
         for k, file in enumerate(self.files):
             ids = [doc for doc, _ in rows[k]]
             table = pa.table({"id": pa.array(ids, pa.int64()), "source": [file.source] * len(ids),
-                              "text": [t for _, t in rows[k]], "meta": ["{}"] * len(ids)})
+                              "text": pa.array([t for _, t in rows[k]], pa.large_string()), "meta": ["{}"] * len(ids)})
             key = f"docs/{file.source}/{file.shard}.parquet"
             write_table(store, key, table)
             self.shards.append((file, key))
@@ -182,8 +182,8 @@ def serial_fan_out(store: Store, executed: list[tuple[str, str]] | None = None):
     return fan_out
 
 
-def ray_fan_out(store: Store):
-    return lambda stage, items, shard_of, work: run_shards(stage, store, items, shard_of, work)
+def ray_fan_out(store: Store, max_in_flight: int | None = None):
+    return lambda stage, items, shard_of, work: run_shards(stage, store, items, shard_of, work, max_in_flight=max_in_flight)
 
 
 def outputs(store: LocalStore, prefix: str = "dedup/near/") -> dict[str, bytes]:
@@ -421,13 +421,18 @@ def test_without_verification_buckets_become_edges(tmp_path):
 
 
 def test_same_result_serial_and_on_ray(tmp_path, ray_local):
+    """Byte-identical outputs in-process, on one Ray worker at a time, and on two."""
     results = []
-    for name, make in (("serial", serial_fan_out), ("ray", ray_fan_out)):
+    for name, make in (
+        ("serial", serial_fan_out),
+        ("ray-1", lambda store: ray_fan_out(store, max_in_flight=1)),
+        ("ray-2", ray_fan_out),
+    ):
         store = LocalStore(tmp_path / name)
         corpus = Corpus(store, seed=9)
         run_near_dedup(store, corpus.docs_shards(), CONFIG, make(store))
         results.append(outputs(store))
-    assert results[0] == results[1] and any("removed/" in k for k in results[0])
+    assert results[0] == results[1] == results[2] and any("removed/" in k for k in results[0])
 
 
 def test_rerun_skips_finished_work(tmp_path):
@@ -444,9 +449,9 @@ def test_rerun_skips_finished_work(tmp_path):
 
     # a lost output or receipt: only that task runs again, and the results are the same
     store.delete("dedup/near/bands/p0001/000002.parquet")
-    store.delete(receipt_key(STAGE, "q0002"))
+    store.delete(receipt_key(STAGE, "q0001"))
     run_near_dedup(store, corpus.docs_shards(), CONFIG, serial_fan_out(store, executed))
-    assert executed == [("near-signatures", "000002"), (STAGE, "q0002")]
+    assert executed == [("near-signatures", "000002"), (STAGE, "q0001")]
     assert outputs(store) == before
 
 

@@ -1,0 +1,27 @@
+"""The Prefect task every pipeline stage is: tracked, retried on transient failures only."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+STAGE_RETRIES = 2
+RETRY_DELAY_S = 5
+
+
+def is_transient(_task, _task_run, state) -> bool:
+    """Retry crashes, lost workers and store outages; not bad input or bad config (ValueError),
+    which fails the same way every time."""
+    error = state.result(raise_on_failure=False)
+    return not isinstance(error, ValueError)
+
+
+def stage_task(name: str):
+    """A stage's Prefect task. Receipts, not Prefect's cache, decide what a rerun skips."""
+    return task(
+        name=name,
+        retries=STAGE_RETRIES,
+        retry_delay_seconds=RETRY_DELAY_S,
+        retry_condition_fn=is_transient,
+        cache_policy=NO_CACHE,
+    )

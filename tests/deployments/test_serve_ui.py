@@ -1,0 +1,49 @@
+"""The Prefect UI served by `serve_main`, in a real browser: Debian's chromium, headless, driven by Playwright.
+
+CI installs the browser with `apt-get install -y chromium`; Playwright's own browser download
+is not used.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from playwright.sync_api import expect, sync_playwright
+
+from flows.pretrain import manifest_uri
+from tasks.reporting import artifact_key
+
+CHROMIUM = Path("/usr/bin/chromium")
+TIMEOUT_MS = 60_000
+
+
+def test_the_ui_shows_the_finished_build_its_stages_and_its_summary_artifact(served, finished_build, tmp_path):
+    config, run = finished_build
+    assert CHROMIUM.exists(), f"{CHROMIUM} is missing: apt-get install -y chromium"
+    ui = served.api_url.removesuffix("/api")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox", "--disable-dev-shm-usage"]
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(TIMEOUT_MS)
+            expect.set_options(timeout=TIMEOUT_MS)
+
+            page.goto(f"{ui}/runs")  # the list of flow runs
+            page.get_by_role("link", name=run.name, exact=True).click()
+            expect(page).to_have_url(re.compile(f"/runs/flow-run/{run.id}"))
+            expect(page.get_by_text("Completed").first).to_be_visible()
+            page.screenshot(path=tmp_path / "flow-run.png")
+
+            # Every stage left a table artifact; the manifest stage a markdown summary.
+            page.get_by_text("Artifacts", exact=True).click()
+            for stage in ("plan", "ingest", "exact-dedup", "tokenize"):
+                expect(page.get_by_text(artifact_key(config.name, stage), exact=True)).to_be_visible()
+            page.get_by_text(artifact_key(config.name, "summary"), exact=True).click()
+            expect(page.get_by_text(manifest_uri(config))).to_be_visible()
+            expect(page.get_by_role("cell", name="slimpajama")).to_be_visible()
+            page.screenshot(path=tmp_path / "summary-artifact.png")
+        finally:
+            browser.close()
