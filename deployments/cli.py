@@ -51,6 +51,32 @@ def inspect(manifest_uri: Annotated[str, typer.Argument(help="URI of a build's m
     print_manifest(manifest_uri, shards=True)
 
 
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="Run config (YAML)", exists=True, dir_okay=False)],
+    max_steps_this_run: Annotated[Optional[int], typer.Option(help="Advance the run by at most this many steps")] = None,
+) -> None:
+    """Run the train flow: train (or continue) the run described by CONFIG; prints the run URI."""
+    from flows.train import train as train_flow
+    from model.train_config import TrainConfig
+
+    run_config = TrainConfig.from_yaml(config)
+    if max_steps_this_run:
+        run_config = run_config.model_copy(update={"max_steps_this_run": max_steps_this_run})
+    typer.echo(train_flow(run_config))
+
+
+@app.command("export-hf")
+def export_hf(
+    checkpoint_uri: Annotated[str, typer.Argument(help="A checkpoint folder, or a run folder (its newest checkpoint)")],
+    out_dir: Annotated[Path, typer.Argument(help="Where the Hugging Face Llama directory goes")],
+) -> None:
+    """Export a checkpoint as a directory that transformers loads as LlamaForCausalLM."""
+    from model.export import export_hf as export
+
+    typer.echo(str(export(checkpoint_uri, out_dir)))
+
+
 def print_manifest(uri: str, shards: bool = False) -> None:
     from storage.manifest import DatasetManifest, read_record
     from storage.store import open_object

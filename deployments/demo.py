@@ -14,7 +14,7 @@ from pathlib import Path
 
 PROMPT = "The history of"
 NEW_TOKENS = 24
-DEMO_STEPS = 150  # the first segment of the sample run: ~2-4 minutes on 2 cores
+DEMO_STEPS = 120  # the first segment of the sample run: ~1.5-3 minutes on 2 cores
 
 
 @dataclass

@@ -40,15 +40,16 @@ ONE_AT_A_TIME = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLi
 
 
 def sample_training(data_dir: Path, name: str = "sample-tiny") -> TrainSettings:
-    """The defaults of the training deployments: the `tiny` model on 2 CPU processes, 50 steps a segment."""
+    """The defaults of the training deployments (and the demo's run): the `tiny` model on 2 CPU
+    processes, 8192 tokens a step, 50 steps a segment."""
     return TrainSettings(
         name=name,
         output=str(data_dir.resolve()),
         model="tiny",
         seq_len=256,
-        global_batch_tokens=16384,
+        global_batch_tokens=8192,
         micro_batch=8,
-        lr={"max": 4e-4, "min": 4e-5, "warmup_steps": 20},
+        lr={"max": 1e-3, "min": 1e-4, "warmup_steps": 20},
         max_steps=2000,
         max_steps_this_run=EPOCH_STEPS,
         checkpoint_every=25,

@@ -198,6 +198,19 @@ def prefect_api(host: str = "127.0.0.1", port: int = 4200) -> Iterator[tuple[str
 
 
 @contextlib.contextmanager
+def running_server(host: str = "127.0.0.1", port: int = 4200) -> Iterator[str]:
+    """The API of the server `tinyllama serve` uses (PREFECT_API_URL's, else host:port), for
+    commands that submit runs to it; a clear error if none answers."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    api_url = os.environ.get("PREFECT_API_URL") or f"http://{host}:{port}/api"
+    if not healthy(api_url):
+        raise ServeError(f"no Prefect server answers at {api_url}: start `tinyllama serve` first")
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        yield api_url
+
+
+@contextlib.contextmanager
 def _environment(name: str, value: str) -> Iterator[None]:
     previous = os.environ.get(name)
     os.environ[name] = value

@@ -2,22 +2,24 @@
 
 `train-on-build` is what the build->train automation runs: when a `build-dataset` deployment
 run completes, its trigger passes that run's build config here, and the manifest is found
-where the build wrote it.
+where the build wrote it. Both flows start a run or continue it; a run that exists already
+continues only on the datasets it started with.
 """
 
 from __future__ import annotations
 
+from prefect import flow
 from pydantic import Field
 
 from flows.build_dataset import build_dataset
 from flows.train import train as train_run
+from flows.train_epoch import run_config
 from model.data import DataSource
 from model.train_config import TrainConfig
 from storage.store import open_object
 from tasks.config import BuildConfig
 from tasks.manifest import MANIFEST_KEY
 from tasks.plan import Build
-from prefect import flow
 
 
 class TrainSettings(TrainConfig):
@@ -38,6 +40,20 @@ def manifest_uri(build: BuildConfig) -> str:
     return Build(config=build).store.url(MANIFEST_KEY)
 
 
+def check_same_data(config: TrainConfig) -> None:
+    """Refuse to continue an existing run on other datasets than it started with."""
+    try:
+        earlier = run_config(config.output, config.name)
+    except ValueError:  # no such run yet
+        return
+    before = [d.manifest for d in earlier.data]
+    now = [d.manifest for d in config.with_absolute_paths().data]
+    if before != now:
+        raise ValueError(
+            f"run {earlier.run_uri} trains on {before}, not {now}: give this training its own run name (train.name)"
+        )
+
+
 @flow(name="pretrain", flow_run_name="pretrain-{build.name}")
 def pretrain(build: BuildConfig, train: TrainSettings) -> str:
     """Build a dataset, then train on it; returns the run's URI.
@@ -46,6 +62,7 @@ def pretrain(build: BuildConfig, train: TrainSettings) -> str:
         build: The dataset build (as for build-dataset).
         train: The training run; its data is the new build (plus any datasets listed).
     """
+    check_same_data(train.with_build(manifest_uri(build)))  # before the build's work, not after
     return train_run(train.with_build(build_dataset(build)))
 
 
@@ -61,4 +78,6 @@ def train_on_build(build: BuildConfig, train: TrainSettings) -> str:
     store, key = open_object(manifest)
     if not store.exists(key):
         raise ValueError(f"build {build.name!r} has no manifest at {manifest}: it has not finished")
-    return train_run(train.with_build(manifest))
+    config = train.with_build(manifest)
+    check_same_data(config)
+    return train_run(config)

@@ -123,6 +123,35 @@ def gradient_sync(model: nn.Module, enabled: bool):
         yield
 
 
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: BlockLoader,
+    config: TrainConfig,
+    accum: int,
+    lr: float,
+    autocast: torch.autocast,
+    device: torch.device,
+) -> tuple[float, float]:
+    """One optimizer step over `accum` micro-batches per rank; returns the loss (mean over the
+    global batch) and the gradient norm before clipping. Waits for the device, so it can be timed."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = torch.zeros((), device=device)
+    for micro_step in range(accum):
+        batch = loader.next_batch(config.micro_batch).to(device, non_blocking=True)
+        with gradient_sync(model, micro_step == accum - 1), autocast:
+            _, loss = model(batch[:, :-1], batch[:, 1:], return_logits=False)
+            (loss / accum).backward()
+        loss_sum += loss.detach()
+    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or math.inf)
+    if isinstance(grad_norm, DTensor):
+        grad_norm = grad_norm.full_tensor()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return mean_over_ranks(loss_sum / accum), grad_norm.item()
+
+
 def mean_over_ranks(value: torch.Tensor) -> float:
     value = value.detach().clone()
     dist.all_reduce(value, op=dist.ReduceOp.SUM)  # gloo has no AVG
@@ -220,33 +249,19 @@ def _train_loop(config: TrainConfig, cluster: Cluster, loader: BlockLoader, val_
     while state.step < stop_at:
         started = time.perf_counter()
         lr = learning_rate(state.step, config.lr, config.max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = torch.zeros((), device=cluster.device)
-        for micro_step in range(accum):
-            batch = loader.next_batch(config.micro_batch).to(cluster.device, non_blocking=True)
-            with gradient_sync(model, micro_step == accum - 1), autocast:
-                _, loss = model(batch[:, :-1], batch[:, 1:], return_logits=False)
-                (loss / accum).backward()
-            loss_sum += loss.detach()
-        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or math.inf)
-        if isinstance(grad_norm, DTensor):
-            grad_norm = grad_norm.full_tensor()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss_value, grad_norm = train_step(model, optimizer, loader, config, accum, lr, autocast, cluster.device)
+        seconds = time.perf_counter() - started
         state.step += 1
         state.tokens_seen += config.global_batch_tokens
         state.loader = loader.state_dict()
         state.world_size = cluster.world_size
-        loss_value = mean_over_ranks(loss_sum / accum)  # also waits for the GPU: the step's time is real
-        seconds = time.perf_counter() - started
         record = {
             "step": state.step,
             "loss": loss_value,
             "lr": lr,
             "tokens": state.tokens_seen,
             "tokens_per_s": config.global_batch_tokens / seconds,
-            "grad_norm": grad_norm.item(),
+            "grad_norm": grad_norm,
             "mfu": mfu(config.global_batch_tokens / seconds, flops, peak * cluster.world_size) if peak else None,
             "step_time_s": seconds,
             "time": time.time(),

@@ -4,6 +4,8 @@
   <run>/config.json`, in a session of its own. If the task is cancelled (Prefect turns the
   SIGTERM into an exception), crashes or is interrupted, the whole tree is stopped: SIGTERM
   to torchrun (which stops its workers), then SIGKILL to anything of the tree still alive.
+  If the launching process dies outright (SIGKILL, OOM), the kernel kills torchrun, then its
+  workers (PR_SET_PDEATHSIG on both).
 - Ray Train: a `TorchTrainer` whose workers run the same program in the process group Ray
   creates. Ray Train restarts a failed worker group up to `max_failures` times; every start
   resumes from the newest checkpoint on the store (never from Ray's own checkpoints).
@@ -36,15 +38,19 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
 
 from model.data import DataError, DataSource, load_manifests
 from model.metrics import LOSS_PLOT, METRICS_FILE, read_metrics
 from model.train_config import TrainConfig
+from storage.lease import acquire_lease
 from storage.store import ObjectNotFound, open_store
 from tasks.fanout import ensure_ray
 from tasks.reporting import artifact_key
+from tasks.stage import RETRY_DELAY_S, is_transient
 
 CONFIG_FILE = "config.json"
+LEASE_FILE = "lease.json"
 POLL_S = 2.0
 # How long torchrun gets to stop its workers after SIGTERM before everything is killed.
 STOP_GRACE_S = 15.0
@@ -290,21 +296,32 @@ def report_final(config: TrainConfig) -> dict:
     return final
 
 
-@task(name="train", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(name="train", retries=1, retry_delay_seconds=RETRY_DELAY_S, retry_condition_fn=is_transient, cache_policy=NO_CACHE)
 def train_task(config: TrainConfig) -> str:
-    """Launch (or continue) a training run; returns the run's URI."""
+    """Launch (or continue) a training run; returns the run's URI.
+
+    The job holds the run's lease on the store while it trains, so two jobs never train one run.
+    A crash or a failed job is retried once (resuming from the newest checkpoint); a bad config
+    (ValueError) is not.
+    """
     logger = get_run_logger()
     config = prepare_config(config)
     run_store = open_store(config.run_uri)
-    run_store.put_text(CONFIG_FILE, config.to_json())
     launcher = config.launcher
-    logger.info("training %s on %s (world size %d)", config.run_uri, launcher.kind, launcher.world_size)
-    report_progress = progress_reporter(config)
-    if launcher.kind == "torchrun":
-        launch_torchrun(run_store.url(CONFIG_FILE), launcher.nproc, on_line=logger.info, on_poll=report_progress)
-    else:
-        launch_ray(config, on_poll=report_progress)
-    report_progress()
+    with acquire_lease(run_store, LEASE_FILE, owner=f"train task of flow run {flow_run.name!r}") as lease:
+        run_store.put_text(CONFIG_FILE, config.to_json())
+        logger.info("training %s on %s (world size %d)", config.run_uri, launcher.kind, launcher.world_size)
+        report_progress = progress_reporter(config)
+
+        def on_poll() -> None:
+            lease.check()  # LeaseLost stops the job: another holder may be training this run now
+            report_progress()
+
+        if launcher.kind == "torchrun":
+            launch_torchrun(run_store.url(CONFIG_FILE), launcher.nproc, on_line=logger.info, on_poll=on_poll)
+        else:
+            launch_ray(config, on_poll=on_poll)
+        report_progress()
     final = report_final(config)
     logger.info("run %s at step %s, loss %s", config.run_uri, final.get("step"), final.get("loss"))
     return config.run_uri

@@ -12,14 +12,14 @@ from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 from prefect.client.schemas.objects import FlowRun, StateType
 
 from deployments.deploy import BUILD, TRAIN_EPOCH, TRAIN_ON_BUILD, submit
-from flows.pretrain import manifest_uri
+from flows.pretrain import TrainSettings, check_same_data, manifest_uri
 from flows.train import train
 from flows.train_epoch import run_config
 from model.checkpoint import latest_checkpoint
 from model.metrics import METRICS_FILE, read_metrics
 from storage.lease import LeaseHeld, read_lease
-from storage.store import open_object
-from tests.deployments.conftest import GLOBAL_BATCH_TOKENS, RUN, RUN_TIMEOUT_S, SEGMENT
+from storage.store import open_object, open_store
+from tests.deployments.conftest import GLOBAL_BATCH_TOKENS, RUN, RUN_TIMEOUT_S, SEGMENT, tiny_training
 
 LONG_EPOCH = 30  # steps: long enough that a second job is tried while it trains
 
@@ -109,3 +109,13 @@ def test_a_second_job_is_refused_and_consecutive_epochs_continue_the_run(served,
     assert [r["step"] for r in records] == list(range(1, end + 1))  # each epoch resumed, none restarted
     assert records[-1]["tokens"] == end * GLOBAL_BATCH_TOKENS
     assert read_lease(served.run_store(), "lease.json") is None  # released after each job
+
+
+def test_an_existing_run_continues_only_on_its_own_datasets(tmp_path):
+    settings = TrainSettings.model_validate({**tiny_training(tmp_path, tmp_path / "work"), "max_steps_this_run": None})
+    store = open_store(tmp_path).child(f"runs/{RUN}")
+    check_same_data(settings.with_build(str(tmp_path / "a/manifest.json")))  # a new run: anything goes
+    store.put_text("config.json", settings.with_build(str(tmp_path / "a/manifest.json")).to_json())
+    check_same_data(settings.with_build(str(tmp_path / "a/manifest.json")))
+    with pytest.raises(ValueError, match="give this training its own run name"):
+        check_same_data(settings.with_build(str(tmp_path / "b/manifest.json")))

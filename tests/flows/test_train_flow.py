@@ -17,7 +17,8 @@ from flows.train import train
 from model.checkpoint import complete_checkpoints
 from model.data import DataError
 from storage.store import open_store
-from tasks.train import latest_step, prepare_config
+from storage.lease import LeaseHeld, acquire_lease
+from tasks.train import LEASE_FILE, latest_step, prepare_config
 from tests.model.synthetic import write_synthetic_build
 from tests.model.test_train import metrics, short_documents_build, train_config
 from tests.tasks.test_train_launch import START_TIMEOUT_S, training_processes, wait_until
@@ -106,3 +107,12 @@ def test_cancelling_the_flow_leaves_no_training_process(prefect_server, bucket_p
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["train-cancelled"])))
     assert len(runs) == 1 and runs[0].state.is_final() and not runs[0].state.is_completed()
+
+
+def test_a_run_held_by_another_job_is_refused(prefect_server, bucket_prefix, tmp_path):
+    manifest = short_documents_build(f"{bucket_prefix}/data")
+    config = train_config("busy", f"{bucket_prefix}/out", manifest, tmp_path)
+    with acquire_lease(open_store(config.run_uri), LEASE_FILE, owner="another trainer"):
+        with pytest.raises(LeaseHeld, match="another trainer"):
+            train(config)
+    assert not open_store(config.run_uri).exists("config.json")  # refused before touching the run
