@@ -98,17 +98,10 @@ def print_manifest(uri: str, shards: bool = False) -> None:
 
 @app.command()
 def demo(data: Annotated[Path, typer.Option(help="Where everything goes")] = Path("data")) -> None:
-    """Run the pipeline end to end on the embedded defaults: sample corpus, dataset build."""
-    from flows.build_dataset import build_dataset as flow
-    from tasks.config import BuildConfig
-    from tasks.sample_corpus import make_sample_corpus
+    """The whole pipeline on the embedded defaults: sample corpus, dataset, training, HF export, generation."""
+    from deployments.demo import run_demo
 
-    raw = data / "raw"
-    make_sample_corpus(raw)
-    build_config = BuildConfig.from_yaml(raw / "sample.yaml").model_copy(update={"output": str(data)})
-    manifest_uri = flow(build_config)
-    print_manifest(manifest_uri)
-    typer.echo(manifest_uri)
+    run_demo(data)
 
 
 if __name__ == "__main__":

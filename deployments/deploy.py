@@ -87,28 +87,26 @@ def deployments(
 ) -> list[RunnerDeployment]:
     """The four deployments; `build` and `train` are the default parameters their UI forms show."""
 
-    def declare(flow, name: str, **options) -> RunnerDeployment:
+    def declare(flow, deployment: str, **options) -> RunnerDeployment:
+        flow_name, name = deployment.split("/")
+        assert flow.name == flow_name, f"{deployment} is not a deployment of flow {flow.name!r}"
         # Module entrypoints: the serve process's runs import the installed packages, wherever it was started.
         return flow.to_deployment(name, tags=TAGS, entrypoint_type=EntrypointType.MODULE_PATH, **options)
 
+    both = {"build": build.model_dump(mode="json"), "train": train.model_dump(mode="json")}
     return [
-        declare(build_dataset, BUILD.split("/")[1], parameters={"config": build.model_dump(mode="json")}),
-        declare(
-            pretrain,
-            PRETRAIN.split("/")[1],
-            parameters={"build": build.model_dump(mode="json"), "train": train.model_dump(mode="json")},
-            concurrency_limit=ONE_AT_A_TIME,
-        ),
+        declare(build_dataset, BUILD, parameters={"config": both["build"]}),
+        declare(pretrain, PRETRAIN, parameters=both, concurrency_limit=ONE_AT_A_TIME),
         declare(
             train_on_build,
-            TRAIN_ON_BUILD.split("/")[1],
-            parameters={"build": build.model_dump(mode="json"), "train": train.model_dump(mode="json")},
+            TRAIN_ON_BUILD,
+            parameters=both,
             concurrency_limit=ONE_AT_A_TIME,
             triggers=[build_to_train_trigger(train_after_build)],
         ),
         declare(
             train_epoch,
-            TRAIN_EPOCH.split("/")[1],
+            TRAIN_EPOCH,
             parameters={"run": train.name, "output": train.output, "steps": epoch_steps},
             schedules=[Cron(epoch_cron, active=epoch_schedule_active)],
             concurrency_limit=ONE_AT_A_TIME,

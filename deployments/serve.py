@@ -294,10 +294,29 @@ def _serve(
         build = BuildConfig.from_yaml(sample_build_config(data_dir)).model_copy(update={"output": str(data_dir.resolve())})
     train = TrainSettings.from_yaml(train_config) if train_config else sample_training(data_dir)
     declared = deployments(
-        build, train, epoch_schedule_active=epoch_schedule_active, train_after_build=train_after_build
+        build,
+        train,
+        epoch_schedule_active=epoch_schedule_active or epoch_schedule_was_active(),
+        train_after_build=train_after_build,
     )
     print(f"Prefect UI: {ui_url(api_url)}  (Ctrl-C stops everything started here)", flush=True)
     serve(*declared)
+
+
+def epoch_schedule_was_active() -> bool:
+    """Whether the train-epoch schedule was switched on (in the UI, say) before this start, so
+    that registering the deployments again keeps it on."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    from deployments.deploy import TRAIN_EPOCH
+
+    with get_client(sync_client=True) as client:
+        try:
+            deployment = client.read_deployment_by_name(TRAIN_EPOCH)
+        except ObjectNotFound:
+            return False
+    return any(schedule.active for schedule in deployment.schedules)
 
 
 def sample_build_config(data_dir: Path) -> Path:

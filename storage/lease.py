@@ -33,7 +33,7 @@ import socket
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from botocore.exceptions import ClientError
@@ -306,7 +306,7 @@ class Lease:
             self.check()
             now = _now()
             record = self.record.model_copy(
-                update={"heartbeat": now, "expires": datetime.fromtimestamp(now.timestamp() + self.ttl_s, timezone.utc)}
+                update={"heartbeat": now, "expires": now + timedelta(seconds=self.ttl_s)}
             )
             try:
                 self._version = self._target.replace(canonical_json(record.model_dump(mode="json")), self._version)
@@ -363,7 +363,7 @@ def acquire_lease(store: Store, key: str, owner: str, ttl_s: float = DEFAULT_TTL
             pid_started=_process_start(os.getpid()),
             started=now,
             heartbeat=now,
-            expires=datetime.fromtimestamp(now.timestamp() + ttl_s, timezone.utc),
+            expires=now + timedelta(seconds=ttl_s),
         )
         data = canonical_json(record.model_dump(mode="json"))
         try:

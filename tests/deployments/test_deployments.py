@@ -12,6 +12,7 @@ from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 from prefect.client.schemas.objects import FlowRun, StateType
 
 from deployments.deploy import BUILD, TRAIN_EPOCH, TRAIN_ON_BUILD, submit
+from deployments.serve import epoch_schedule_was_active
 from flows.pretrain import TrainSettings, check_same_data, manifest_uri
 from flows.train import train
 from flows.train_epoch import run_config
@@ -67,6 +68,20 @@ def test_deployments_register_with_parameters_schedule_limit_and_trigger(served)
 
     (automation,) = served.call(automations)
     assert automation.enabled and automation.trigger.expect == {"prefect.flow-run.Completed"}
+
+
+def test_a_schedule_switched_on_stays_on_when_serve_registers_again(served):
+    async def switch(client, active: bool):
+        epoch = await client.read_deployment_by_name(TRAIN_EPOCH)
+        await client.update_deployment_schedule(epoch.id, epoch.schedules[0].id, active=active)
+
+    with served.api():
+        assert not epoch_schedule_was_active()
+        served.call(switch, True)
+        try:
+            assert epoch_schedule_was_active()
+        finally:
+            served.call(switch, False)
 
 
 def test_build_run_through_the_api_completes_and_triggers_training(served, finished_build):

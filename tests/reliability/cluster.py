@@ -1,0 +1,172 @@
+"""A real multi-node Ray cluster on one machine, and helpers to run builds against it and hurt it.
+
+Each node is a `ray start --block` process in its own session (process group), so a node is
+killed the way a machine dies: SIGKILL to its raylet, object store and workers at once.
+Workers inherit the environment of `ray start`, so the S3 endpoint and credentials must be in
+os.environ before the cluster starts.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from tasks.config import BuildConfig
+
+REPO = Path(__file__).resolve().parents[2]
+RAY = str(Path(sys.executable).parent / "ray")
+OBJECT_STORE_BYTES = 200 << 20
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cluster_env(ray_address: str | None) -> dict[str, str]:
+    """Environment for cluster processes and their drivers: the repo importable, and Ray's token
+    auth off (a test cluster on 127.0.0.1; otherwise every driver needs the head's token)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
+    return env
+
+
+class RayCluster:
+    """A head node and worker nodes, one CPU each, sharing one short temp dir (socket paths
+    must stay under 108 bytes)."""
+
+    def __init__(self):
+        self.temp_dir = tempfile.mkdtemp(prefix="rc-", dir="/tmp")
+        self.port = free_port()
+        self.nodes: list[subprocess.Popen] = []
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def env(self) -> dict[str, str]:
+        return cluster_env(None)
+
+    def start_node(self, head: bool = False) -> subprocess.Popen:
+        where = ["--head", f"--port={self.port}", "--include-dashboard=false"] if head else [f"--address={self.address}"]
+        ports = [f"--{name}={free_port()}" for name in (
+            "node-manager-port", "object-manager-port", "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port",
+        )]
+        command = [RAY, "start", "--block", *where, "--node-ip-address=127.0.0.1", "--num-cpus=1",
+                   f"--object-store-memory={OBJECT_STORE_BYTES}", f"--temp-dir={self.temp_dir}",
+                   "--disable-usage-stats", *ports]
+        node = subprocess.Popen(command, cwd=REPO, env=self.env(), start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.nodes.append(node)
+        self.wait_for_nodes(len([n for n in self.nodes if n.poll() is None]))
+        return node
+
+    def alive_nodes(self) -> int:
+        script = "import ray; ray.init(address=%r, log_to_driver=False); print(sum(n['Alive'] for n in ray.nodes()))"
+        out = subprocess.run([sys.executable, "-c", script % self.address], env=self.env(), cwd=REPO,
+                             capture_output=True, text=True, timeout=60)
+        return int(out.stdout.split()[-1]) if out.returncode == 0 and out.stdout.split() else -1
+
+    def wait_for_nodes(self, count: int, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while (alive := self.alive_nodes()) != count:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Ray cluster has {alive} live nodes, expected {count}")
+            time.sleep(1)
+
+    def kill_node(self, node: subprocess.Popen) -> None:
+        """SIGKILL every process of the node: a machine that vanished."""
+        for pid in descendants(node.pid) + [node.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        node.wait()
+
+    def stop(self) -> None:
+        for node in reversed(self.nodes):
+            if node.poll() is None:
+                self.kill_node(node)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of `pid`, from /proc (Ray workers are children of the raylet)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def ray_workers(node_pid: int, busy_only: bool = True) -> list[int]:
+    """PIDs of a node's Ray worker processes; busy ones run a task (`ray::_work_and_commit`)."""
+    found = []
+    for pid in descendants(node_pid):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if cmdline.startswith("ray::_work_and_commit") or (not busy_only and cmdline.startswith("ray::")):
+            found.append(pid)
+    return found
+
+
+def start_build(config: BuildConfig, workdir: Path, prefect_api_url: str, ray_address: str | None) -> subprocess.Popen:
+    """`tinyllama build-dataset` in its own process (the test process already has its own Ray)."""
+    config_path = workdir / f"{config.name}-{time.monotonic_ns()}.yaml"
+    config_path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    env = {**cluster_env(ray_address), "PREFECT_API_URL": prefect_api_url}
+    log = open(workdir / f"{config_path.stem}.log", "wb")
+    return subprocess.Popen([sys.executable, "-m", "deployments.cli", "build-dataset", str(config_path)],
+                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def finish_build(process: subprocess.Popen, timeout: float = 300) -> str:
+    """Wait for a build subprocess; its manifest URI (the CLI's last line), or its log in the error."""
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    log = _log_of(process)
+    if process.returncode != 0:
+        raise AssertionError(f"build exited with {process.returncode}:\n{log[-6000:]}")
+    # stderr (Ray's raylet notices) shares the log: the CLI prints the URI as its last stdout line
+    return [line for line in log.splitlines() if line.endswith("/manifest.json")][-1]
+
+
+def _log_of(process: subprocess.Popen) -> str:
+    command_config = Path(process.args[-1])
+    return (command_config.parent / f"{command_config.stem}.log").read_text(errors="replace")
+
+
+def wait_for(condition, process: subprocess.Popen, timeout: float = 240, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            raise AssertionError(f"the build ended before {what}:\n{_log_of(process)[-4000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)

@@ -1,0 +1,87 @@
+"""Credentials stay out of everything a build leaves behind; config names cannot escape the root.
+
+The planted secret is the S3 server's secret key, which reaches the build only through the
+environment (AWS_SECRET_ACCESS_KEY). Checkpoint loading refusing pickled code is tested in
+tests/model/test_checkpoint.py (test_load_refuses_pickled_objects and
+test_restore_refuses_a_committed_checkpoint_holding_a_pickled_object).
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+import uuid
+
+import httpx
+import pytest
+from pydantic import ValidationError
+
+from flows.build_dataset import build_dataset
+from storage.store import InvalidKey, open_store
+from tests.reliability.conftest import sample_config
+
+pytestmark = pytest.mark.usefixtures("prefect_server", "ray_local")
+
+
+def prefect_api_text(api_url: str, flow_run_id: str) -> str:
+    """What the Prefect UI reads about a flow run: the run (its parameters), task runs, logs, artifacts."""
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()  # logs reach the API in batches
+    by_run = {"flow_runs": {"id": {"any_": [flow_run_id]}}}
+    with httpx.Client(base_url=api_url, timeout=30) as api:
+        responses = [
+            api.get(f"/flow_runs/{flow_run_id}"),
+            api.post("/task_runs/filter", json=by_run),
+            api.post("/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}}),
+            api.post("/logs/filter", json={"logs": {"flow_run_id": {"any_": [flow_run_id]}}}),
+        ]
+    for response in responses:
+        response.raise_for_status()
+    assert len(responses[2].json()) >= 3 and len(responses[3].json()) >= 3  # artifacts and logs were read
+    assert "reliable" in responses[0].text  # the parameters are there
+    return "\n".join(r.text for r in responses)
+
+
+def test_the_secret_key_appears_in_no_log_artifact_object_or_api_response(
+    corpus, s3_endpoint, s3_bucket_uri, prefect_server, caplog
+):
+    secret = s3_endpoint.secret_key
+    caplog.set_level(logging.INFO)
+    config = sample_config(corpus, f"{s3_bucket_uri}/secure-{uuid.uuid4().hex[:8]}")
+    state = build_dataset(config, return_state=True)
+    assert state.is_completed()
+    store = open_store(config.output)
+    keys = store.list()
+    assert any(k.endswith("manifest.json") for k in keys)
+    for key in keys:
+        assert secret.encode() not in store.get_bytes(key), key
+    assert caplog.text and secret not in caplog.text
+    assert secret not in prefect_api_text(prefect_server, str(state.state_details.flow_run_id))
+
+
+def test_a_build_with_wrong_credentials_fails_without_echoing_them(corpus, s3_bucket_uri, monkeypatch, caplog):
+    wrong = "planted-" + uuid.uuid4().hex
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", wrong)
+    config = sample_config(corpus, f"{s3_bucket_uri}/denied-{uuid.uuid4().hex[:8]}")
+    with pytest.raises(Exception) as failure:
+        build_dataset(config)
+    text = "".join(traceback.format_exception(failure.value))
+    assert "denied" in text  # the error names where it was writing
+    assert wrong not in text and wrong not in caplog.text
+
+
+@pytest.mark.parametrize("field", ["name", "build_id"])
+def test_a_config_name_cannot_escape_the_store_root(corpus, tmp_path, field):
+    output = tmp_path / "root" / "out"
+    with pytest.raises((InvalidKey, ValidationError), match=r"\.\."):
+        build_dataset(sample_config(corpus, str(output), **{field: ".."}))
+    assert not (tmp_path / "root").exists() or not any(p.name == "plan.json" for p in (tmp_path / "root").rglob("*"))
+
+
+def test_a_source_name_with_a_path_is_rejected(corpus, tmp_path):
+    config = sample_config(corpus, str(tmp_path / "out"))
+    sources = [s.model_dump(mode="json") for s in config.sources]
+    sources[0]["name"] = "../../escape"
+    with pytest.raises(ValidationError, match="name"):
+        sample_config(corpus, str(tmp_path / "out"), sources=sources)
