@@ -2,8 +2,11 @@
 # Each creates or updates the virtual environment .venv first.
 VENV := .venv
 PY := $(VENV)/bin/python
+# Debian packages the tests drive for real: a browser for the Prefect UI test, PostgreSQL for
+# Prefect on PostgreSQL.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test venv
+.PHONY: demo test venv system-deps
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -13,8 +16,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
+system-deps:
+	@command -v chromium >/dev/null && test -x /usr/lib/postgresql/15/bin/initdb || \
+		{ $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium postgresql; }
+
 demo: venv
 	$(VENV)/bin/tinyllama demo
 
-test: venv
+test: venv system-deps
 	$(PY) -m pytest -q

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,28 +35,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bytes", type=parse_bytes, default=parse_bytes("32M"))
     parser.add_argument("--no-cluster", action="store_true", help="Skip the 2-node cluster run")
+    parser.add_argument("--one", nargs=3, metavar=("CORPUS_YAML", "CPUS", "RAY_ADDRESS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
-    configure_prefect(work)  # before prefect is imported: the flow runs on a temporary server
+    if args.one:
+        return run_one(Path(args.one[0]), int(args.one[1]), args.one[2] if args.one[2] != "-" else None)
 
-    import ray
-
-    import flows.build_dataset as flow_module
-    from tasks.config import BuildConfig
     from tasks.sample_corpus import make_sample_corpus
 
+    work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     corpus = make_sample_corpus(work / "raw", target_bytes=args.bytes)
     raw_mb = sum(s["bytes"] for s in corpus["sources"].values()) / 1e6
-    base = yaml.safe_load(Path(corpus["config"]).read_text())
-    seconds: dict[str, float] = {}
-    for name in STAGES:
-        stage = getattr(flow_module, name)
-        stage.fn = _timed(stage.fn, stage.name, seconds)
-
     setups = [("local, 1 CPU", 1, None), ("local, 2 CPUs", 2, None)]
     cluster = None
     if not args.no_cluster:
-        from tests.reliability.cluster import RayCluster  # the test suite's real `ray start` cluster
+        from tests.reliability.cluster import RayCluster, cluster_env  # the test suite's `ray start` cluster
 
         cluster = RayCluster()
     results = []
@@ -64,20 +58,17 @@ def main() -> None:
             cluster.start_node()
             setups.append(("2-node cluster, 1 CPU each", 2, cluster.address))
         for label, cores, address in setups:
-            ray.shutdown()
-            if address:
-                ray.init(address=address, include_dashboard=False, log_to_driver=False)
-            else:
-                ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
-            config = BuildConfig.model_validate({**base, "output": str(work / f"out-{len(results)}")})
-            seconds.clear()
-            started = time.perf_counter()
-            flow_module.build_dataset(config)
-            wall = time.perf_counter() - started
-            results.append({"setup": label, "cores": cores, "wall": wall, "stages": dict(seconds)})
-            print(f"{label}: {wall:.1f} s", flush=True)
+            # One process per setup: a driver that re-inits Ray onto a cluster trips over object
+            # refs owned by its earlier session.
+            env = cluster_env(None) if cluster is not None else None
+            out = subprocess.run(
+                [sys.executable, "-m", "benchmarks.scale", "--one", corpus["config"], str(cores), address or "-"],
+                env=env, capture_output=True, text=True, check=True,
+            ).stdout
+            result = {"setup": label, "cores": cores, **json.loads(out.strip().splitlines()[-1])}
+            results.append(result)
+            print(f"{label}: {result['wall']:.1f} s {result['stages']}", flush=True)
     finally:
-        ray.shutdown()
         if cluster is not None:
             cluster.stop()
 
@@ -90,8 +81,33 @@ def main() -> None:
             s = r["wall"] if name == "whole flow" else r["stages"][name]
             cells.append(f"{s:.1f} / {raw_mb / s / r['cores']:.2f}")
         print(f"| {name} | " + " | ".join(cells) + " |")
-    print("\n" + json.dumps({"raw_mb": raw_mb, "results": results}))
     print_training_arithmetic()
+
+
+def run_one(corpus_config: Path, cpus: int, address: str | None) -> None:
+    """One build of the corpus on `cpus` local CPUs or on the cluster at `address`; prints JSON."""
+    work = Path(tempfile.mkdtemp(prefix="bench-scale-one-"))
+    configure_prefect(work)  # before prefect is imported: the flow runs on a temporary server
+
+    import ray
+
+    import flows.build_dataset as flow_module
+    from tasks.config import BuildConfig
+
+    seconds: dict[str, float] = {}
+    for name in STAGES:
+        stage = getattr(flow_module, name)
+        stage.fn = _timed(stage.fn, stage.name, seconds)
+    if address:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    else:
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    config = BuildConfig.model_validate({**yaml.safe_load(corpus_config.read_text()), "output": str(work / "out")})
+    started = time.perf_counter()
+    flow_module.build_dataset(config)
+    wall = time.perf_counter() - started
+    ray.shutdown()
+    print(json.dumps({"wall": wall, "stages": seconds}))
 
 
 def print_training_arithmetic() -> None:

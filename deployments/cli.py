@@ -9,9 +9,14 @@ import typer
 
 from deployments.settings import configure_prefect
 
-configure_prefect()
-
 app = typer.Typer(help="Pretrain TinyLlama-class models: build datasets, train, export.", no_args_is_help=True)
+
+
+@app.callback()
+def main(
+    data: Annotated[Path, typer.Option(help="Where generated data and Prefect's database go")] = Path("data"),
+) -> None:
+    configure_prefect(data)  # before any command imports prefect
 
 
 @app.command("make-corpus")
@@ -97,11 +102,62 @@ def print_manifest(uri: str, shards: bool = False) -> None:
 
 
 @app.command()
-def demo(data: Annotated[Path, typer.Option(help="Where everything goes")] = Path("data")) -> None:
+def demo(ctx: typer.Context) -> None:
     """The whole pipeline on the embedded defaults: sample corpus, dataset, training, HF export, generation."""
     from deployments.demo import run_demo
 
-    run_demo(data)
+    run_demo(ctx.parent.params["data"])
+
+
+@app.command()
+def serve(
+    ctx: typer.Context,
+    host: str = "127.0.0.1",
+    port: int = 4200,
+    build_config: Annotated[Optional[Path], typer.Option(help="Default build config of the deployments")] = None,
+    train_config: Annotated[Optional[Path], typer.Option(help="Default run config of the deployments")] = None,
+    epochs_on: Annotated[bool, typer.Option(help="Start the hourly train-epoch schedule switched on")] = False,
+    train_after_build: Annotated[bool, typer.Option(help="Train when an on-demand build completes")] = True,
+) -> None:
+    """Start (or attach to) the Prefect server and serve the deployments; Ctrl-C stops everything."""
+    from deployments.serve import serve_main
+
+    serve_main(host, port, ctx.parent.params["data"], build_config, train_config, epochs_on, train_after_build)
+
+
+@app.command("submit-build")
+def submit_build(
+    config: Annotated[Path, typer.Argument(help="Build config (YAML)", exists=True, dir_okay=False)],
+    output: Annotated[Optional[str], typer.Option(help="Store URI overriding the config's output")] = None,
+    wait: bool = False,
+) -> None:
+    """Start a build-dataset deployment run on the served server; prints its UI link."""
+    from deployments.deploy import BUILD, flow_run_url, submit
+    from deployments.serve import running_server
+    from tasks.config import BuildConfig
+
+    build = BuildConfig.from_yaml(config)
+    if output:
+        build = build.model_copy(update={"output": absolute(output)})
+    with running_server():
+        run = submit(BUILD, {"config": build.model_dump(mode="json")}, wait=wait)
+        typer.echo(f"{run.state.name}: {flow_run_url(run)}")
+
+
+@app.command("train-epoch")
+def train_epoch(run: str, output: str = "data", steps: int = 50, wait: bool = False) -> None:
+    """Start one train-epoch deployment run: continue RUN by STEPS optimizer steps."""
+    from deployments.deploy import TRAIN_EPOCH, flow_run_url, submit
+    from deployments.serve import running_server
+
+    with running_server():
+        flow_run = submit(TRAIN_EPOCH, {"run": run, "output": absolute(output), "steps": steps}, wait=wait)
+        typer.echo(f"{flow_run.state.name}: {flow_run_url(flow_run)}")
+
+
+def absolute(uri: str) -> str:
+    """The serve process reads paths from its own folder: send it absolute ones."""
+    return uri if "://" in uri else str(Path(uri).resolve())
 
 
 if __name__ == "__main__":

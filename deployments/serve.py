@@ -88,7 +88,7 @@ def stop_processes(pids: list[int], grace_s: float = STOP_GRACE_S) -> None:
 
 def stop_descendants(spare: int | None = None) -> None:
     """Stop this process's children (but `spare`), then whatever of their trees is left."""
-    from tasks.train import _process_tree as process_tree
+    from tasks.train import process_tree
 
     def others() -> list[int]:
         spared = {spare, *process_tree(spare)} if spare else set()

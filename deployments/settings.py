@@ -19,6 +19,7 @@ def configure_prefect(data_dir: str | os.PathLike = "data") -> None:
 
     Must run before prefect is imported; values already in the environment win.
     """
-    os.environ.setdefault("PREFECT_HOME", str(Path(data_dir).resolve() / "prefect"))
+    home = Path(os.environ.setdefault("PREFECT_HOME", str(Path(data_dir).resolve() / "prefect")))
+    home.mkdir(parents=True, exist_ok=True)  # Prefect creates only the last folder of it
     for name, value in PREFECT_DEFAULTS.items():
         os.environ.setdefault(name, value)

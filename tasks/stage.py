@@ -5,15 +5,17 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from storage.lease import LeaseHeld
+
 STAGE_RETRIES = 2
 RETRY_DELAY_S = 5
 
 
 def is_transient(_task, _task_run, state) -> bool:
     """Retry crashes, lost workers and store outages; not bad input or bad config (ValueError),
-    which fails the same way every time."""
+    which fails the same way every time, nor a training run that another job holds."""
     error = state.result(raise_on_failure=False)
-    return not isinstance(error, ValueError)
+    return not isinstance(error, (ValueError, LeaseHeld))
 
 
 def stage_task(name: str):

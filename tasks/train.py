@@ -75,7 +75,7 @@ def prepare_config(config: TrainConfig) -> TrainConfig:
 # --- torchrun ---------------------------------------------------------------------------------------
 
 
-def _process_tree(root: int) -> list[int]:
+def process_tree(root: int) -> list[int]:
     """The pids of every descendant of `root` (from /proc), children before grandchildren."""
     children: dict[int, list[int]] = defaultdict(list)
     for entry in os.listdir("/proc"):
@@ -102,13 +102,13 @@ def stop_process_tree(process: subprocess.Popen, grace_s: float = STOP_GRACE_S) 
     only (it then stops its workers); the tree is listed first because workers whose agent died
     are re-parented and could no longer be found from it.
     """
-    tree = set(_process_tree(process.pid))
+    tree = set(process_tree(process.pid))
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGTERM)
     try:
         process.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
-        tree.update(_process_tree(process.pid))
+        tree.update(process_tree(process.pid))
     for pid in [process.pid, *tree]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)

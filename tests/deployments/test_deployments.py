@@ -7,6 +7,8 @@ second epoch that continues where the first stopped.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 from prefect.client.schemas.objects import FlowRun, StateType
@@ -19,6 +21,7 @@ from flows.train_epoch import run_config
 from model.checkpoint import latest_checkpoint
 from model.metrics import METRICS_FILE, read_metrics
 from storage.lease import LeaseHeld, read_lease
+from tasks.train import LEASE_FILE
 from storage.store import open_object, open_store
 from tests.deployments.conftest import GLOBAL_BATCH_TOKENS, RUN, RUN_TIMEOUT_S, SEGMENT, tiny_training
 
@@ -105,12 +108,13 @@ def test_a_second_job_is_refused_and_consecutive_epochs_continue_the_run(served,
 
     with served.api():
         first = submit(TRAIN_EPOCH, {"steps": LONG_EPOCH})
-    lease = served.wait_for(lambda: read_lease(served.run_store(), "lease.json"), RUN_TIMEOUT_S, "the epoch's lease")
-    assert str(first.id) in lease.owner
+    lease = served.wait_for(lambda: read_lease(served.run_store(), LEASE_FILE), RUN_TIMEOUT_S, "the epoch's lease")
+    holder_env = Path(f"/proc/{lease.pid}/environ").read_bytes().split(b"\0")
+    assert f"PREFECT__FLOW_RUN_ID={first.id}".encode() in holder_env, "the lease is not the epoch's"
     # A manual `train` of the same run while the epoch trains: refused before it writes anything.
     with served.api(), pytest.raises(LeaseHeld) as refused:
         train(run_config(str(served.data), RUN))
-    assert f"pid {lease.pid}" in str(refused.value) and str(first.id) in str(refused.value)
+    assert lease.owner in str(refused.value) and f"host {lease.host}, pid {lease.pid}" in str(refused.value)
 
     assert_completed(served.wait_for(lambda: finished(served, first.id), RUN_TIMEOUT_S, "the first epoch"), served)
     assert newest_step(served) == start + LONG_EPOCH
@@ -123,7 +127,7 @@ def test_a_second_job_is_refused_and_consecutive_epochs_continue_the_run(served,
     records = read_metrics(served.run_store().get_text(METRICS_FILE))
     assert [r["step"] for r in records] == list(range(1, end + 1))  # each epoch resumed, none restarted
     assert records[-1]["tokens"] == end * GLOBAL_BATCH_TOKENS
-    assert read_lease(served.run_store(), "lease.json") is None  # released after each job
+    assert read_lease(served.run_store(), LEASE_FILE) is None  # released after each job
 
 
 def test_an_existing_run_continues_only_on_its_own_datasets(tmp_path):

@@ -23,7 +23,7 @@ from prefect.client.schemas.objects import StateType
 
 from deployments.deploy import BUILD, submit
 from deployments.serve import healthy
-from tasks.train import _process_tree as process_tree
+from tasks.train import process_tree
 from tests.deployments.conftest import free_port, start_serve, stop
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")

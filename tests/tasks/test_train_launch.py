@@ -14,7 +14,7 @@ import pytest
 
 from model.checkpoint import complete_checkpoints
 from storage.store import open_store
-from tasks.train import _process_tree, launch_ray, latest_step, prepare_config
+from tasks.train import process_tree, launch_ray, latest_step, prepare_config
 from tests.model.test_train import metrics, short_documents_build, train_config, train_state
 
 START_TIMEOUT_S = 240
@@ -94,7 +94,7 @@ def test_killing_the_launcher_leaves_no_training_process(manifest, tmp_path):
     )
     try:
         wait_until(lambda: latest_step(config) >= 1, START_TIMEOUT_S, "the first training step")
-        workers = [pid for pid in _process_tree(launcher.pid) if pid in training_processes(str(config_path))]
+        workers = [pid for pid in process_tree(launcher.pid) if pid in training_processes(str(config_path))]
         assert len(workers) == 3  # torchrun and its 2 workers
         launcher.kill()
         launcher.wait(timeout=60)
