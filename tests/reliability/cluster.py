@@ -9,6 +9,7 @@ os.environ before the cluster starts.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -99,6 +100,7 @@ class RayCluster:
         for node in reversed(self.nodes):
             if node.poll() is None:
                 self.kill_node(node)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 def descendants(pid: int) -> list[int]:
