@@ -39,6 +39,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_prefect_workers(timeout_s: float = 30) -> None:
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (EventsWorker, APILogWorker):
+        worker.drain_all(timeout=timeout_s)
+
+
 @dataclass
 class Served:
     process: subprocess.Popen
@@ -50,11 +58,20 @@ class Served:
 
     @contextlib.contextmanager
     def api(self) -> Iterator[None]:
-        """This process's Prefect client (and flows called here) use the served server meanwhile."""
+        """This process's Prefect client (and flows called here) use the served server meanwhile.
+
+        Prefect's events and log workers bind to the API URL they start under and live on: drain
+        and stop them on the way in and out, so that no event meant for one server is sent to
+        the other (after the served server stops, such a backlog would hang the test session's exit).
+        """
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
+        stop_prefect_workers()
         with temporary_settings(updates={PREFECT_API_URL: self.api_url}):
-            yield
+            try:
+                yield
+            finally:
+                stop_prefect_workers()
 
     def call(self, coroutine_fn, *args):
         """Run `await coroutine_fn(client, *args)` with a client of the served server."""

@@ -25,6 +25,7 @@ from tasks.config import BuildConfig
 from tasks.ingest import IngestError
 from tasks.plan import PlanError, ordinal_of
 from tasks.sample_corpus import make_sample_corpus
+from tests.builds import assert_reconciles, build_objects, sample_config
 
 pytestmark = pytest.mark.usefixtures("prefect_server", "ray_local")
 
@@ -34,14 +35,6 @@ CORPUS_BYTES = 384 << 10
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> dict:
     return make_sample_corpus(tmp_path_factory.mktemp("raw"), target_bytes=CORPUS_BYTES, seed=7)
-
-
-def sample_config(corpus: dict, output: str, **updates) -> BuildConfig:
-    config = yaml.safe_load(Path(corpus["config"]).read_text())
-    config.update(output=output, tokenizer={"train": {"vocab_size": 1024}})
-    config["minhash"].update(bucket_partitions=2, component_partitions=2)
-    config.update(updates)
-    return BuildConfig.model_validate(config)
 
 
 @pytest.fixture(scope="module", params=["local", "s3"])
@@ -56,11 +49,6 @@ def built(request, corpus, tmp_path_factory) -> tuple[BuildConfig, str]:
 
 def load_manifest(uri: str) -> DatasetManifest:
     return read_record(*open_object(uri), DatasetManifest)
-
-
-def snapshot(output: str) -> dict[str, bytes]:
-    store = open_store(output)
-    return {key: store.get_bytes(key) for key in store.list("datasets/")}
 
 
 def decoded_documents(manifest_uri: str, manifest: DatasetManifest, tmp: Path) -> list[str]:
@@ -83,10 +71,7 @@ def test_manifest_reconciles_and_shards_decode_to_the_kept_documents(built, corp
     config, manifest_uri = built
     manifest = load_manifest(manifest_uri)
     assert manifest_uri.endswith(f"datasets/sample/{config.resolved_build_id}/manifest.json")
-    for name, accounting in manifest.sources.items():
-        assert accounting.reconciles, (name, accounting)
-        assert accounting.docs_in == corpus["sources"][name]["documents"]
-    assert sum(a.kept for a in manifest.sources.values()) == manifest.total_documents
+    assert_reconciles(manifest_uri, corpus)
     assert manifest.sources["slimpajama"].filtered >= corpus["sources"]["slimpajama"]["excluded"] > 0
 
     # the kept documents are the ingested ones minus what dedup removed
@@ -145,11 +130,11 @@ def test_stages_report_artifacts(built):
 
 def test_rerun_of_a_finished_build_changes_nothing(built):
     config, manifest_uri = built
-    before = snapshot(config.output)
+    before = build_objects(config.output)
     started = time.perf_counter()
     assert build_dataset(config) == manifest_uri
     assert time.perf_counter() - started < 30
-    assert snapshot(config.output) == before
+    assert build_objects(config.output) == before
 
 
 def test_outputs_do_not_depend_on_the_number_of_workers(corpus, tmp_path):
@@ -158,7 +143,7 @@ def test_outputs_do_not_depend_on_the_number_of_workers(corpus, tmp_path):
         config = sample_config(corpus, str(tmp_path / f"p{parallelism}"), parallelism=parallelism)
         build_dataset(config)
         outputs[parallelism] = {
-            k: v for k, v in snapshot(config.output).items() if k.endswith(("manifest.json", ".bin", ".idx"))
+            k: v for k, v in build_objects(config.output).items() if k.endswith(("manifest.json", ".bin", ".idx"))
         }
     assert outputs[1] == outputs[2] and len(outputs[1]) > 3
 
@@ -184,7 +169,7 @@ def test_killed_flow_reruns_to_identical_output(corpus, tmp_path, prefect_server
     process.wait()
     assert not (receipts.parent / "manifest.json").exists()
     build_dataset(config)
-    clean, rerun = snapshot(reference.output), snapshot(config.output)
+    clean, rerun = build_objects(reference.output), build_objects(config.output)
     assert {k: v for k, v in rerun.items() if "receipts/" not in k} == {
         k: v for k, v in clean.items() if "receipts/" not in k
     }

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.reliability.cluster import RayCluster, finish_build, ray_workers, start_build, wait_for
-from tests.reliability.conftest import assert_reconciles, build_outputs, sample_config
+from tests.builds import assert_reconciles, build_objects, sample_config
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def test_two_node_build_is_byte_identical_to_a_single_process_build(cluster, cor
     config = sample_config(corpus, str(tmp_path / "out"))
     manifest_uri = finish_build(start_build(config, tmp_path, prefect_server, cluster.address))
     assert_reconciles(manifest_uri, corpus)
-    assert build_outputs(config.output) == reference
+    assert build_objects(config.output, receipts=False) == reference
 
 
 def test_a_worker_killed_in_each_stage_changes_nothing(cluster, corpus, reference, prefect_server, tmp_path):
@@ -65,7 +65,7 @@ def test_a_worker_killed_in_each_stage_changes_nothing(cluster, corpus, referenc
     killer.join()
     assert {"ingest", "tokenize"} <= set(killed), killed
     assert_reconciles(manifest_uri, corpus)
-    assert build_outputs(config.output) == reference
+    assert build_objects(config.output, receipts=False) == reference
 
 
 def test_the_second_node_killed_mid_stage_the_build_finishes_on_the_head(cluster, corpus, reference, prefect_server, tmp_path):
@@ -75,4 +75,4 @@ def test_the_second_node_killed_mid_stage_the_build_finishes_on_the_head(cluster
     cluster.kill_node(cluster.second)
     manifest_uri = finish_build(build)
     assert_reconciles(manifest_uri, corpus)
-    assert build_outputs(config.output) == reference
+    assert build_objects(config.output, receipts=False) == reference

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from flows.build_dataset import build_dataset
 from storage.store import InvalidKey, open_store
-from tests.reliability.conftest import sample_config
+from tests.builds import sample_config
 
 pytestmark = pytest.mark.usefixtures("prefect_server", "ray_local")
 
