@@ -55,7 +55,7 @@ from tasks.fanout import run_shards
 from tasks.near_dedup.minhash import MinHasher, normalize
 from tasks.near_dedup.stage import DocsShard, removed_ids, run_near_dedup
 from tasks.parquet_io import write_table
-from tasks.plan import PlannedFile, document_id
+from tasks.plan import PlannedFile, document_id, ordinal_of
 
 THRESHOLD = 0.8
 DATATROVE = "datatrove MinhashDedupSignature, word 5-grams x 112"
@@ -135,7 +135,7 @@ def write_shards(store: Store, texts: Sequence[str]) -> list[DocsShard]:
 
 
 def position_of(doc_id: int) -> int:
-    return (doc_id >> 32) * DOCS_PER_SHARD + (doc_id & 0xFFFFFFFF)
+    return ordinal_of(doc_id) * DOCS_PER_SHARD + (doc_id & 0xFFFFFFFF)
 
 
 # -- truth ------------------------------------------------------------------------------
@@ -426,6 +426,7 @@ def scale_benchmarks(counts: Sequence[int]) -> None:
     for count, run in details:
         steps = ", ".join(f"{step} {run.step_seconds[step]:.1f} s / {run.step_peak_mib[step]} MiB" for step in run.step_seconds)
         print(f"\n{count:,} documents, per step (wall / largest task peak): {steps}")
+
 
 if __name__ == "__main__":
     main()

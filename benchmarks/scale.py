@@ -22,12 +22,10 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.build import _timed
+from benchmarks.build import time_stages
 from benchmarks.tokenize import parse_bytes
 from deployments.settings import configure_prefect
 
-STAGES = ("plan", "ingest", "exact_dedup", "near_dedup", "tokenizer", "tokenize", "write_manifest")
-H100_PEAK_BF16 = 989e12
 TRAIN_TOKENS = 3e12
 
 
@@ -94,10 +92,7 @@ def run_one(corpus_config: Path, cpus: int, address: str | None) -> None:
     import flows.build_dataset as flow_module
     from tasks.config import BuildConfig
 
-    seconds: dict[str, float] = {}
-    for name in STAGES:
-        stage = getattr(flow_module, name)
-        stage.fn = _timed(stage.fn, stage.name, seconds)
+    seconds = time_stages(flow_module)
     if address:
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     else:
@@ -114,15 +109,16 @@ def print_training_arithmetic() -> None:
     import torch
 
     from model.config import LlamaConfig
-    from model.flops import flops_per_token
+    from model.flops import flops_per_token, peak_bf16_flops
     from model.llama import Llama
 
     with torch.device("meta"):
         model = Llama(LlamaConfig.preset("tinyllama-1.1b"))
     per_token = flops_per_token(model, 2048)
+    h100 = peak_bf16_flops("H100")
     print(f"\ntinyllama-1.1b at seq 2048: {per_token / 1e9:.2f} GFLOP per token; {TRAIN_TOKENS:.0e} tokens:")
     for mfu in (0.4, 0.5):
-        hours = TRAIN_TOKENS * per_token / (H100_PEAK_BF16 * mfu) / 3600
+        hours = TRAIN_TOKENS * per_token / (h100 * mfu) / 3600
         print(f"  H100 at {mfu:.0%} MFU: {hours:,.0f} GPU-hours ({hours / 24 / 64:.1f} days on 64 GPUs)")
 
 

@@ -45,10 +45,10 @@ def generate(export: Path, prompt: str = PROMPT, new_tokens: int = NEW_TOKENS) -
 
 def run_demo(data_dir: Path = Path("data"), steps: int = DEMO_STEPS) -> DemoResult:
     """Run the demo end to end under `data_dir`; prints a summary and returns where everything is."""
-    from deployments.deploy import sample_training
     from deployments.settings import configure_prefect
 
     configure_prefect(data_dir)  # before Prefect is imported: its database under data_dir/prefect
+    from deployments.deploy import sample_training
     from flows.pretrain import manifest_uri, pretrain
     from model.export import export_hf
     from model.metrics import METRICS_FILE, read_metrics

@@ -15,6 +15,7 @@ training job takes the run's lease on the store, so two jobs never train one run
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy, FlowRun
 from prefect.deployments import run_deployment
@@ -23,10 +24,9 @@ from prefect.events import DeploymentEventTrigger
 from prefect.schedules import Cron
 from prefect.settings import PREFECT_UI_URL
 
-from flows.build_dataset import build_dataset
-from flows.pretrain import TrainSettings, pretrain, train_on_build
-from flows.train_epoch import train_epoch
-from tasks.config import BuildConfig
+if TYPE_CHECKING:  # the flows import the training stack: only the functions that declare runs load it
+    from flows.pretrain import TrainSettings
+    from tasks.config import BuildConfig
 
 BUILD = "build-dataset/on-demand"
 PRETRAIN = "pretrain/on-demand"
@@ -42,6 +42,8 @@ ONE_AT_A_TIME = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLi
 def sample_training(data_dir: Path, name: str = "sample-tiny") -> TrainSettings:
     """The defaults of the training deployments (and the demo's run): the `tiny` model on 2 CPU
     processes, 8192 tokens a step, 50 steps a segment."""
+    from flows.pretrain import TrainSettings
+
     return TrainSettings(
         name=name,
         output=str(data_dir.resolve()),
@@ -86,6 +88,9 @@ def deployments(
     train_after_build: bool = True,
 ) -> list[RunnerDeployment]:
     """The four deployments; `build` and `train` are the default parameters their UI forms show."""
+    from flows.build_dataset import build_dataset
+    from flows.pretrain import pretrain, train_on_build
+    from flows.train_epoch import train_epoch
 
     def declare(flow, deployment: str, **options) -> RunnerDeployment:
         flow_name, name = deployment.split("/")

@@ -88,22 +88,15 @@ def stop_processes(pids: list[int], grace_s: float = STOP_GRACE_S) -> None:
 
 def stop_descendants(spare: int | None = None) -> None:
     """Stop this process's children (but `spare`), then whatever of their trees is left."""
-    from tasks.train import process_tree
+    from tasks.train import parent_pid, process_tree
 
     def others() -> list[int]:
         spared = {spare, *process_tree(spare)} if spare else set()
         return [pid for pid in process_tree(os.getpid()) if pid not in spared]
 
-    children = [pid for pid in others() if _parent(pid) == os.getpid()]
+    children = [pid for pid in others() if parent_pid(pid) == os.getpid()]
     stop_processes(children)  # a flow run ends its own work and reports its end
     stop_processes(others(), grace_s=5.0)  # leftovers: orphans re-parented to this subreaper
-
-
-def _parent(pid: int) -> int | None:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except OSError:
-        return None
 
 
 class PrefectServer:

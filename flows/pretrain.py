@@ -13,13 +13,13 @@ from pydantic import Field
 
 from flows.build_dataset import build_dataset
 from flows.train import train as train_run
-from flows.train_epoch import run_config
 from model.data import DataSource
 from model.train_config import TrainConfig
 from storage.store import open_object
 from tasks.config import BuildConfig
 from tasks.manifest import MANIFEST_KEY
 from tasks.plan import Build
+from tasks.train import run_config
 
 
 class TrainSettings(TrainConfig):

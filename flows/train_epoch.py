@@ -12,22 +12,8 @@ from prefect import flow, get_run_logger
 
 from flows.train import train
 from model.checkpoint import latest_checkpoint
-from model.train_config import TrainConfig
-from storage.store import ObjectNotFound, join_key, open_store
-from tasks.train import CONFIG_FILE
-
-
-def run_config(output: str, run: str) -> TrainConfig:
-    """The config a run was last trained with (its config.json), or a clear error if there is no such run."""
-    run_store = open_store(output).child(join_key("runs", run))
-    try:
-        text = run_store.get_text(CONFIG_FILE)
-    except ObjectNotFound:
-        raise ValueError(
-            f"no training run at {run_store.uri} (no {CONFIG_FILE}): start it first with `tinyllama train` "
-            "or the pretrain / train-on-build deployments"
-        ) from None
-    return TrainConfig.model_validate_json(text)
+from storage.store import open_store
+from tasks.train import run_config
 
 
 @flow(name="train-epoch", flow_run_name="train-epoch-{run}")

@@ -22,6 +22,7 @@ import pickle
 import random
 import re
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ from torch.distributed.checkpoint.state_dict import (
 from model.config import LlamaConfig
 from model.llama import Llama
 from model.train_config import TrainConfig
-from storage.manifest import ObjectInfo, Record, canonical_json, sha256_file
+from storage.manifest import ObjectInfo, Record, read_record, sha256_file, write_record
 from storage.store import ObjectNotFound, Store, join_key, open_store
 
 log = logging.getLogger(__name__)
@@ -111,9 +112,9 @@ def commit_checkpoint(store: Store, step: int, files: dict[str, Path]) -> Checkp
     infos = []
     for name, path in sorted(files.items()):
         store.put_file(join_key(prefix, name), path)
-        infos.append(ObjectInfo(key=name, size=path.stat().st_size, sha256=sha256_file(path)))
+        infos.append(ObjectInfo.of_file(name, path))
     marker = CommitMarker(step=step, files=infos)
-    store.put_bytes(join_key(prefix, COMMIT), canonical_json(marker.model_dump(mode="json")))
+    write_record(store, join_key(prefix, COMMIT), marker)
     return Checkpoint(step, prefix, tuple(infos))
 
 
@@ -130,7 +131,7 @@ def _step_folders(store: Store) -> dict[int, str]:
 def _read_complete(store: Store, step: int, prefix: str) -> Checkpoint | None:
     """The checkpoint in `prefix` if its COMMIT exists and lists files present at their sizes."""
     try:
-        marker = CommitMarker.model_validate_json(store.get_bytes(join_key(prefix, COMMIT)))
+        marker = read_record(store, join_key(prefix, COMMIT), CommitMarker)
     except ObjectNotFound:
         return None
     except ValidationError as e:
@@ -151,28 +152,34 @@ def _read_complete(store: Store, step: int, prefix: str) -> Checkpoint | None:
     return Checkpoint(step, prefix, tuple(marker.files))
 
 
+def _newest_first(store: Store, folders: dict[int, str]) -> Iterator[Checkpoint]:
+    """The complete checkpoints among `folders`, newest first, each checked only when reached."""
+    for step in sorted(folders, reverse=True):
+        if (checkpoint := _read_complete(store, step, folders[step])) is not None:
+            yield checkpoint
+
+
 def complete_checkpoints(store: Store) -> list[Checkpoint]:
     """Every complete checkpoint of a run store, newest first."""
-    folders = _step_folders(store)
-    found = (_read_complete(store, step, folders[step]) for step in sorted(folders, reverse=True))
-    return [c for c in found if c is not None]
+    return list(_newest_first(store, _step_folders(store)))
 
 
 def latest_checkpoint(store: Store) -> Checkpoint | None:
-    return next(iter(complete_checkpoints(store)), None)
+    return next(_newest_first(store, _step_folders(store)), None)
 
 
 def prune_checkpoints(store: Store, keep: int | None) -> list[int]:
     """Keep the newest `keep` complete checkpoints; delete older ones (COMMIT first, so a half-deleted
     one never looks complete) and incomplete leftovers older than the newest complete one.
     Returns the deleted steps."""
-    complete = complete_checkpoints(store)
+    folders = _step_folders(store)
+    complete = list(_newest_first(store, folders))
     if not complete:
         return []
     kept = {c.step for c in (complete if keep is None else complete[:keep])}
     newest = complete[0].step
     deleted = []
-    for step, prefix in sorted(_step_folders(store).items()):
+    for step, prefix in sorted(folders.items()):
         if step in kept or step > newest:
             continue
         store.delete(join_key(prefix, COMMIT))

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from storage.manifest import DatasetManifest, ObjectInfo, TokenizerInfo, sha256_file
+from storage.manifest import DatasetManifest, ObjectInfo, TokenizerInfo, read_record, sha256_file
 from storage.shards import IndexedShard, ShardError
 from storage.store import Store, StoreError, open_object
 
@@ -93,7 +93,7 @@ def read_manifest(uri: str) -> tuple[Store, DatasetManifest]:
     """The manifest at `uri` and the store of its folder (shard keys are relative to it)."""
     try:
         store, key = open_object(uri)
-        return store, DatasetManifest.model_validate_json(store.get_bytes(key))
+        return store, read_record(store, key, DatasetManifest)
     except ValidationError as e:
         raise DataError(f"{uri}: not a valid dataset manifest:\n{e}") from None
     except StoreError as e:
@@ -412,10 +412,6 @@ class _ShardCache:
                     continue
                 yield name, stat.st_mtime, stat.st_size + idx_size
 
-    def cached_bytes(self) -> int:
-        with self._lock:
-            return sum(size for _, _, size in self._entries())
-
     @contextlib.contextmanager
     def _file_lock(self, name: str) -> Iterator[None]:
         with open(self.dir / ".locks" / name, "a") as f:
@@ -495,11 +491,6 @@ class BlockLoader:
             present = sorted({s.source for s in manifest.shards})
             raise DataError(f"{source.manifest}: no shards of source {source.source!r}; it has {present}")
         return [_Shard(store, s.prefix, s.bin, s.idx, s.tokens) for s in shards]
-
-    @property
-    def total_blocks(self) -> int:
-        """Blocks in one pass over every source (positions per 'epoch' of the whole mixture)."""
-        return sum(s.num_blocks for s in self.sources)
 
     def _compute_chunk(self, chunk: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Chunk start, then per position: source, block, first and last global shard id."""
@@ -583,10 +574,6 @@ class BlockLoader:
             raise DataError(f"loader state has a negative position {state['position']}")
         self.position = int(state["position"])
         self._planned_at = None
-
-    def cached_bytes(self) -> int:
-        """Bytes of complete shards in the local cache folder (all processes sharing it)."""
-        return self._cache.cached_bytes()
 
     def close(self) -> None:
         self._cache.close()

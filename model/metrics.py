@@ -19,10 +19,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from torch.utils.tensorboard import SummaryWriter
-
 from storage.store import ObjectNotFound, Store, join_key
 
 METRICS_FILE = "metrics.jsonl"
@@ -55,10 +51,14 @@ class MetricsLog:
             earlier = []
         kept = [r for r in earlier if r["step"] <= resume_step]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self._uploaded: dict[Path, tuple[int, int]] = {}  # what the store holds, by local file
         for key in store.list(TENSORBOARD_DIR + "/"):
             local = local_dir / key
             if not local.exists():
                 store.download(key, local)
+                self._uploaded[local] = _signature(local)
+        from torch.utils.tensorboard import SummaryWriter  # here: readers of metrics.jsonl need no TensorBoard
+
         self.writer = SummaryWriter(str(self.tensorboard_dir), purge_step=resume_step + 1)
         self._file = open(self.path, "a")
 
@@ -74,12 +74,19 @@ class MetricsLog:
         """Copy metrics.jsonl and the TensorBoard files to the run folder on the store."""
         self.writer.flush()
         self.store.put_file(METRICS_FILE, self.path)
-        for path in sorted(self.tensorboard_dir.rglob("*")):
-            if path.is_file():
+        for path in self._tensorboard_files():
+            if self._uploaded.get(path) != (signature := _signature(path)):  # event files of earlier runs never change
                 self.store.put_file(join_key(TENSORBOARD_DIR, path.relative_to(self.tensorboard_dir).as_posix()), path)
+                self._uploaded[path] = signature
+
+    def _tensorboard_files(self) -> list[Path]:
+        return [path for path in sorted(self.tensorboard_dir.rglob("*")) if path.is_file()]
 
     def plot(self) -> Path:
         """Draw the loss curve of the whole run so far and upload it to <run>/plots/loss.png."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg  # here: like SummaryWriter above
+        from matplotlib.figure import Figure
+
         records = read_metrics(self.path.read_text())
         figure = Figure(figsize=(8, 4.5), dpi=100)
         FigureCanvasAgg(figure)
@@ -101,3 +108,8 @@ class MetricsLog:
     def close(self) -> None:
         self._file.close()
         self.writer.close()
+
+
+def _signature(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns

@@ -223,14 +223,14 @@ def _train_loop(config: TrainConfig, cluster: Cluster, loader: BlockLoader, val_
     optimizer = build_optimizer(model, config, cluster.device)
     seed_everything(config.seed + cluster.rank)
 
+    model_config = llama_config.model_dump()
     state = restore_checkpoint(run_store, model, optimizer, staging)
     if state is None:
-        state = TrainState(0, 0, loader.state_dict(), cluster.world_size, llama_config.model_dump(), {})
+        state = TrainState(0, 0, loader.state_dict(), cluster.world_size, model_config, {})
     else:
-        check_resumable(state, llama_config.model_dump())
+        check_resumable(state, model_config)
         loader.load_state_dict(state.loader)
     state.config = config.model_dump(mode="json")
-    state.model_config = llama_config.model_dump()
 
     stop_at = config.max_steps
     if config.max_steps_this_run:

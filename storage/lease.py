@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import logging
 import os
 import secrets
@@ -36,12 +35,13 @@ from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from botocore.client import BaseClient
 from botocore.exceptions import ClientError
 from pydantic import BaseModel, ConfigDict
 
-from storage.manifest import canonical_json
-from storage.s3 import S3Store, s3_client
-from storage.store import LocalStore, ObjectNotFound, Store, StoreError, check_key, join_key
+from storage.manifest import record_bytes, sha256_bytes
+from storage.s3 import S3Store
+from storage.store import LocalStore, ObjectNotFound, Store, StoreError, check_key
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +87,19 @@ def _iso(moment: datetime) -> str:
     return moment.isoformat(timespec="seconds")
 
 
-def _process_start(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat (start time in ticks since boot), None where there is no /proc."""
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/PID/stat from field 3 (state) on, None where there is no such file."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return int(stat.rsplit(")", 1)[1].split()[19])  # the name in parentheses may hold spaces
+    return stat.rsplit(")", 1)[1].split()  # the name in parentheses may hold spaces
+
+
+def _process_start(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat (start time in ticks since boot), None where there is no /proc."""
+    fields = _stat_fields(pid)
+    return None if fields is None else int(fields[19])
 
 
 def _process_alive(pid: int, started: int | None) -> bool:
@@ -104,18 +110,17 @@ def _process_alive(pid: int, started: int | None) -> bool:
         return False
     except PermissionError:
         pass  # exists, owned by another user
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
+    fields = _stat_fields(pid)
+    if fields is None:
         return True  # no /proc: trust kill(0)
-    if state in ("Z", "X"):
+    if fields[0] in ("Z", "X"):
         return False
-    return started is None or _process_start(pid) == started
+    return started is None or int(fields[19]) == started
 
 
-def is_stale(record: LeaseRecord, now: datetime | None = None) -> bool:
+def is_stale(record: LeaseRecord) -> bool:
     """Expired, or taken on this host by a process that is gone."""
-    if (now or _now()) >= record.expires:
+    if _now() >= record.expires:
         return True
     return record.host == socket.gethostname() and not _process_alive(record.pid, record.pid_started)
 
@@ -175,21 +180,21 @@ class _LocalObject(_VersionedObject):
             data = self.store.get_bytes(self.key)
         except ObjectNotFound:
             return None
-        return data, hashlib.sha256(data).hexdigest()
+        return data, sha256_bytes(data)
 
     def create(self, data: bytes) -> str:
         with self._locked():
-            if self._version() is not None:
+            if self.store.exists(self.key):
                 raise _Conflict
             self.store.put_bytes(self.key, data)
-        return hashlib.sha256(data).hexdigest()
+        return sha256_bytes(data)
 
     def replace(self, data: bytes, version: str) -> str:
         with self._locked():
             if self._version() != version:
                 raise _Conflict
             self.store.put_bytes(self.key, data)
-        return hashlib.sha256(data).hexdigest()
+        return sha256_bytes(data)
 
     def delete(self, version: str) -> None:
         with self._locked():
@@ -211,15 +216,15 @@ class _S3Object(_VersionedObject):
 
     def __init__(self, store: S3Store, key: str):
         self.store, self.uri = store, store.url(key)
-        self.bucket, self.key = store.bucket, join_key(store.prefix, key)
+        self.bucket, self.key = store.bucket, store._key(key)
 
     @contextlib.contextmanager
-    def _request(self, action: str) -> Iterator[None]:
-        # The store's own error translation (names the URI, never the credentials), with a
-        # failed precondition turned into a conflict first.
-        with self.store._errors(action, self.uri):
+    def _request(self, action: str) -> Iterator[BaseClient]:
+        # The store's client and error translation (names the URI, never the credentials),
+        # with a failed precondition turned into a conflict first.
+        with self.store._errors(action, self.uri) as client:
             try:
-                yield
+                yield client
             except ClientError as error:
                 if _precondition_failed(error):
                     raise _Conflict from None
@@ -227,27 +232,27 @@ class _S3Object(_VersionedObject):
 
     def read(self) -> tuple[bytes, str] | None:
         try:
-            with self._request("read"):
-                response = s3_client().get_object(Bucket=self.bucket, Key=self.key)
+            with self._request("read") as client:
+                response = client.get_object(Bucket=self.bucket, Key=self.key)
                 return response["Body"].read(), response["ETag"]
         except ObjectNotFound:
             return None
 
     def create(self, data: bytes) -> str:
-        with self._request("create"):
-            return s3_client().put_object(Bucket=self.bucket, Key=self.key, Body=data, IfNoneMatch="*")["ETag"]
+        with self._request("create") as client:
+            return client.put_object(Bucket=self.bucket, Key=self.key, Body=data, IfNoneMatch="*")["ETag"]
 
     def replace(self, data: bytes, version: str) -> str:
         try:
-            with self._request("write"):
-                return s3_client().put_object(Bucket=self.bucket, Key=self.key, Body=data, IfMatch=version)["ETag"]
+            with self._request("write") as client:
+                return client.put_object(Bucket=self.bucket, Key=self.key, Body=data, IfMatch=version)["ETag"]
         except ObjectNotFound:  # deleted meanwhile
             raise _Conflict from None
 
     def delete(self, version: str) -> None:
         try:
-            with self._request("delete"):
-                s3_client().delete_object(Bucket=self.bucket, Key=self.key, IfMatch=version)
+            with self._request("delete") as client:
+                client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=version)
         except ObjectNotFound:  # deleted meanwhile
             raise _Conflict from None
 
@@ -309,7 +314,7 @@ class Lease:
                 update={"heartbeat": now, "expires": now + timedelta(seconds=self.ttl_s)}
             )
             try:
-                self._version = self._target.replace(canonical_json(record.model_dump(mode="json")), self._version)
+                self._version = self._target.replace(record_bytes(record), self._version)
             except _Conflict:
                 self._lost = "it was taken over or deleted by another process"
                 log.error("lease %s lost: it was taken over or deleted by another process", self.uri)
@@ -365,7 +370,7 @@ def acquire_lease(store: Store, key: str, owner: str, ttl_s: float = DEFAULT_TTL
             heartbeat=now,
             expires=now + timedelta(seconds=ttl_s),
         )
-        data = canonical_json(record.model_dump(mode="json"))
+        data = record_bytes(record)
         try:
             return Lease(target, record, target.create(data), ttl_s)
         except _Conflict:

@@ -30,6 +30,10 @@ class ObjectInfo(Record):
     size: int
     sha256: str
 
+    @classmethod
+    def of_file(cls, key: str, path: str | os.PathLike) -> ObjectInfo:
+        return cls(key=key, size=os.path.getsize(path), sha256=sha256_file(path))
+
 
 class SourceAccounting(Record):
     """Where every input document of one source went: docs_in = kept + the four losses."""
@@ -104,8 +108,18 @@ def canonical_json(data) -> bytes:
     return (json.dumps(data, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 
+def record_bytes(record: BaseModel) -> bytes:
+    return canonical_json(record.model_dump(mode="json"))
+
+
 def write_record(store: Store, key: str, record: BaseModel) -> None:
-    store.put_bytes(key, canonical_json(record.model_dump(mode="json")))
+    store.put_bytes(key, record_bytes(record))
+
+
+def upload(store: Store, key: str, path: str | os.PathLike) -> ObjectInfo:
+    """Put a local file at `key` and describe the object stored."""
+    store.put_file(key, path)
+    return ObjectInfo.of_file(key, path)
 
 
 def read_record(store: Store, key: str, cls: type[Model]) -> Model:

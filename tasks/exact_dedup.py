@@ -19,7 +19,7 @@ from storage.store import Store, join_key
 from tasks.fanout import run_shards
 from tasks.ingest import docs_key
 from tasks.parquet_io import read_table, write_table
-from tasks.plan import Build, PlannedFile
+from tasks.plan import Build, PlannedFile, ordinal_of
 from tasks.reporting import progress, stage_table
 from tasks.stage import stage_task
 
@@ -62,7 +62,7 @@ def find_duplicates(store: Store, plan: list[PlannedFile], partition: int) -> Re
     first[1:] = (digests[1:] != digests[:-1]).any(axis=1)
     group_first = np.maximum.accumulate(np.where(first, np.arange(len(ids)), 0))
     removed_ids, kept_ids = ids[~first], ids[group_first[~first]]
-    shards = removed_ids >> 32
+    shards = ordinal_of(removed_ids)
     outputs, per_source = [], Counter()
     for ordinal in np.unique(shards):
         rows = shards == ordinal

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-import time
 import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
 
-from storage.manifest import ObjectInfo, Receipt, sha256_file
+from storage.manifest import Receipt, upload
 from storage.store import LocalStore, Store, open_object, open_store
 from tasks.config import Filters, Format, SourceConfig
 from tasks.fanout import run_shards
@@ -74,7 +73,6 @@ def ingest_file(file: PlannedFile, source: SourceConfig, filters: Filters, quara
     """Ingest one planned file into `out` (the build folder) and return its receipt."""
     if file.source != source.name:
         raise ValueError(f"planned file of source {file.source!r} given the config of source {source.name!r}")
-    started = time.perf_counter()
     to_document = _DocumentMapper(source, filters)
     docs_in = kept = excluded = too_short = bytes_in = nul_stripped = 0
     with tempfile.TemporaryDirectory(prefix="ingest-") as tmp:
@@ -110,12 +108,10 @@ def ingest_file(file: PlannedFile, source: SourceConfig, filters: Filters, quara
             "nul_stripped": nul_stripped,
         }
         assert docs_in == kept + counts["filtered"] + bad.count, counts
-        outputs = [_put(out, docs_key(file), docs_path)]
+        outputs = [upload(out, docs_key(file), docs_path)]
         if bad.count:
-            outputs.append(_put(out, quarantine_key(file), bad_path))
-    return Receipt(
-        stage="ingest", shard=file.shard, outputs=outputs, counts=counts, seconds=time.perf_counter() - started
-    )
+            outputs.append(upload(out, quarantine_key(file), bad_path))
+    return Receipt(stage="ingest", shard=file.shard, outputs=outputs, counts=counts)
 
 
 @stage_task("ingest")
@@ -129,12 +125,6 @@ def ingest(build: Build) -> dict[str, int | float]:
         on_progress=progress("ingest", config.name), max_in_flight=config.parallelism,
     )
     return stage_table("ingest", config.name, receipts)
-
-
-def _put(out: Store, key: str, path: Path) -> ObjectInfo:
-    info = ObjectInfo(key=key, size=path.stat().st_size, sha256=sha256_file(path))
-    out.put_file(key, path)
-    return info
 
 
 # --- mapping a record to a document ---------------------------------------------------------
@@ -511,8 +501,8 @@ def _table_columns(schema: pa.Schema, source: SourceConfig, uri: str) -> list[st
     return [name for name in dict.fromkeys(wanted) if name in schema.names]
 
 
-def _table_rows(batches: Iterator[pa.RecordBatch], uri: str, first_row: int, index_base: int) -> Iterator[RawRecord]:
-    """Rows of record batches as dicts; a batch that cannot be read is an IngestError."""
+def _table_rows(batches: Iterator[pa.RecordBatch], uri: str, first_row: int) -> Iterator[RawRecord]:
+    """Rows of record batches as dicts, indexed from `first_row`; a batch that cannot be read is an IngestError."""
     row = first_row
     while True:
         try:
@@ -523,7 +513,7 @@ def _table_rows(batches: Iterator[pa.RecordBatch], uri: str, first_row: int, ind
             return
         names = batch.schema.names
         for values in zip(*(column.to_pylist() for column in batch.columns)):
-            yield row - index_base, ("row", row), dict(zip(names, values)), None
+            yield row - first_row, ("row", row), dict(zip(names, values)), None
             row += 1
 
 
@@ -536,7 +526,7 @@ def _parquet_records(file: PlannedFile, source: SourceConfig, tmp: Path) -> Iter
     except (pa.ArrowException, OSError) as error:
         raise IngestError(f"{file.uri}: not a readable parquet file: {error}") from None
     with parquet:
-        yield from _table_rows(parquet.iter_batches(batch_size=1024, columns=columns), file.uri, 0, 0)
+        yield from _table_rows(parquet.iter_batches(batch_size=1024, columns=columns), file.uri, 0)
 
 
 def _hf_records(file: PlannedFile, source: SourceConfig) -> Iterator[RawRecord]:
@@ -550,7 +540,7 @@ def _hf_records(file: PlannedFile, source: SourceConfig) -> Iterator[RawRecord]:
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise IngestError(f"{file.uri}: not a dataset folder written by Dataset.save_to_disk: {error}") from None
     start, end = file.rows if file.rows is not None else (0, None)
-    yield from _table_rows(_hf_batches(paths, start, end, source, file.uri), file.uri, start, start)
+    yield from _table_rows(_hf_batches(paths, start, end, source, file.uri), file.uri, start)
 
 
 def _hf_batches(

@@ -7,8 +7,9 @@ from collections import defaultdict
 
 from prefect.artifacts import create_markdown_artifact
 
-from storage.manifest import DatasetManifest, Receipt, SourceAccounting, TokenizerInfo, canonical_json
+from storage.manifest import DatasetManifest, Receipt, SourceAccounting, TokenizerInfo, record_bytes
 from storage.shards import token_dtype
+from storage.store import ObjectNotFound
 from tasks.plan import Build
 from tasks.fanout import finished_receipt, list_receipts
 from tasks.reporting import artifact_key
@@ -72,12 +73,17 @@ def write_manifest(build: Build, tokenizer: TokenizerInfo) -> str:
         shards=[shard for receipt in tokenized for shard in receipt.token_shards],
         sources=sources,
     )
-    body = canonical_json(manifest.model_dump(mode="json"))
+    body = record_bytes(manifest)
     store = build.store
-    if not store.exists(MANIFEST_KEY) or store.get_bytes(MANIFEST_KEY) != body:
+    try:
+        unchanged = store.get_bytes(MANIFEST_KEY) == body
+    except ObjectNotFound:
+        unchanged = False
+    if not unchanged:  # a finished build's rerun rewrites nothing
         store.put_bytes(MANIFEST_KEY, body)
-    create_markdown_artifact(summary_markdown(manifest, build.store.url(MANIFEST_KEY)), key=artifact_key(build.config.name, "summary"))
-    return store.url(MANIFEST_KEY)
+    uri = store.url(MANIFEST_KEY)
+    create_markdown_artifact(summary_markdown(manifest, uri), key=artifact_key(build.config.name, "summary"))
+    return uri
 
 
 def summary_markdown(manifest: DatasetManifest, uri: str) -> str:

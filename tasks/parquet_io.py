@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.manifest import ObjectInfo, sha256_file
+from storage.manifest import ObjectInfo, upload
 from storage.store import Store
 
 
@@ -23,5 +23,4 @@ def write_table(store: Store, key: str, table: pa.Table) -> ObjectInfo:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "table.parquet"
         pq.write_table(table, path, compression="zstd")
-        store.put_file(key, path)
-        return ObjectInfo(key=key, size=path.stat().st_size, sha256=sha256_file(path))
+        return upload(store, key, path)

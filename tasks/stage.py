@@ -18,11 +18,11 @@ def is_transient(_task, _task_run, state) -> bool:
     return not isinstance(error, (ValueError, LeaseHeld))
 
 
-def stage_task(name: str):
+def stage_task(name: str, retries: int = STAGE_RETRIES):
     """A stage's Prefect task. Receipts, not Prefect's cache, decide what a rerun skips."""
     return task(
         name=name,
-        retries=STAGE_RETRIES,
+        retries=retries,
         retry_delay_seconds=RETRY_DELAY_S,
         retry_condition_fn=is_transient,
         cache_policy=NO_CACHE,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from storage.manifest import ObjectInfo, Receipt, TokenizerInfo, TokenShard, sha256_file
+from storage.manifest import Receipt, TokenizerInfo, TokenShard, upload
 from storage.shards import ShardWriter, token_dtype
 from storage.store import Store, join_key
 from tasks.fanout import run_shards
@@ -45,14 +45,12 @@ def _batches(texts: list[str], order: np.ndarray):
         yield batch
 
 
-def _upload(store: Store, local: Path, prefix: str, file: PlannedFile, writer: ShardWriter) -> TokenShard:
-    infos = {}
-    for ext in ("bin", "idx"):  # the index last: a reader finds the .idx only when the .bin is there
-        path = local.with_suffix(f".{ext}")
-        store.put_file(f"{prefix}.{ext}", path)
-        infos[ext] = ObjectInfo(key=f"{prefix}.{ext}", size=path.stat().st_size, sha256=sha256_file(path))
+def _upload(store: Store, writer: ShardWriter, prefix: str, file: PlannedFile) -> TokenShard:
+    # the index last: a reader finds the .idx only when the .bin is there
+    bin_info = upload(store, f"{prefix}.bin", writer.bin_path)
+    idx_info = upload(store, f"{prefix}.idx", writer.idx_path)
     return TokenShard(
-        prefix=prefix, source=file.source, documents=writer.documents, tokens=writer.tokens, **infos
+        prefix=prefix, source=file.source, documents=writer.documents, tokens=writer.tokens, bin=bin_info, idx=idx_info
     )
 
 
@@ -66,21 +64,17 @@ def tokenize_shard(store: Store, file: PlannedFile, tokenizer: TokenizerInfo, sh
     eos = [tokenizer.eos_id]
     shards: list[TokenShard] = []
     with tempfile.TemporaryDirectory() as tmp:
-        part = 0
-        local = Path(tmp) / f"part-{part}"
-        writer = ShardWriter(local, dtype)
+        writer = ShardWriter(Path(tmp) / "part-0", dtype)
         for batch in _batches(texts, order):
             for ids in processor.encode(batch, num_threads=1):
                 if writer.documents and writer.tokens + len(ids) + 1 > shard_tokens:
                     writer.close()
-                    shards.append(_upload(store, local, tokens_prefix(file, part), file, writer))
-                    part += 1
-                    local = Path(tmp) / f"part-{part}"
-                    writer = ShardWriter(local, dtype)
+                    shards.append(_upload(store, writer, tokens_prefix(file, len(shards)), file))
+                    writer = ShardWriter(Path(tmp) / f"part-{len(shards)}", dtype)
                 writer.add_document(ids + eos)
         writer.close()
         if writer.documents:
-            shards.append(_upload(store, local, tokens_prefix(file, part), file, writer))
+            shards.append(_upload(store, writer, tokens_prefix(file, len(shards)), file))
     outputs = [info for shard in shards for info in (shard.bin, shard.idx)]
     counts = {"documents": sum(s.documents for s in shards), "tokens": sum(s.tokens for s in shards)}
     return Receipt(stage="tokenize", shard=file.shard, outputs=outputs, counts=counts, token_shards=shards)

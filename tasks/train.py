@@ -30,24 +30,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from prefect.artifacts import (
     create_link_artifact,
     create_progress_artifact,
     create_table_artifact,
     update_progress_artifact,
 )
-from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from model.data import DataError, DataSource, load_manifests
 from model.metrics import LOSS_PLOT, METRICS_FILE, read_metrics
 from model.train_config import TrainConfig
 from storage.lease import acquire_lease
-from storage.store import ObjectNotFound, open_store
+from storage.store import ObjectNotFound, join_key, open_store
 from tasks.fanout import ensure_ray
 from tasks.reporting import artifact_key
-from tasks.stage import RETRY_DELAY_S, is_transient
+from tasks.stage import stage_task
 
 CONFIG_FILE = "config.json"
 LEASE_FILE = "lease.json"
@@ -72,21 +71,37 @@ def prepare_config(config: TrainConfig) -> TrainConfig:
     return TrainConfig.model_validate({**config.model_dump(), "vocab_size": config.vocab_size or tokenizer.vocab_size})
 
 
+def run_config(output: str, run: str) -> TrainConfig:
+    """The config a run was last trained with (its config.json), or a clear error if there is no such run."""
+    run_store = open_store(output).child(join_key("runs", run))
+    try:
+        text = run_store.get_text(CONFIG_FILE)
+    except ObjectNotFound:
+        raise ValueError(
+            f"no training run at {run_store.uri} (no {CONFIG_FILE}): start it first with `tinyllama train` "
+            "or the pretrain / train-on-build deployments"
+        ) from None
+    return TrainConfig.model_validate_json(text)
+
+
 # --- torchrun ---------------------------------------------------------------------------------------
+
+
+def parent_pid(pid: int) -> int | None:
+    """The parent of `pid` (from /proc), None once it has exited."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])  # the name in parentheses may hold spaces
 
 
 def process_tree(root: int) -> list[int]:
     """The pids of every descendant of `root` (from /proc), children before grandchildren."""
     children: dict[int, list[int]] = defaultdict(list)
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path("/proc", entry, "stat").read_text()
-        except OSError:  # exited meanwhile
-            continue
-        parent = int(stat.rsplit(")", 1)[1].split()[1])  # the name in parentheses may hold spaces
-        children[parent].append(int(entry))
+        if entry.isdigit() and (parent := parent_pid(int(entry))) is not None:
+            children[parent].append(int(entry))
     tree, todo = [], [root]
     while todo:
         kids = children[todo.pop(0)]
@@ -296,7 +311,7 @@ def report_final(config: TrainConfig) -> dict:
     return final
 
 
-@task(name="train", retries=1, retry_delay_seconds=RETRY_DELAY_S, retry_condition_fn=is_transient, cache_policy=NO_CACHE)
+@stage_task("train", retries=1)
 def train_task(config: TrainConfig) -> str:
     """Launch (or continue) a training run; returns the run's URI.
 

@@ -27,8 +27,12 @@ def build_objects(output: str, receipts: bool = True) -> dict[str, bytes]:
     return {key: store.get_bytes(key) for key in store.list("datasets/") if receipts or "/receipts/" not in key}
 
 
+def load_manifest(uri: str) -> DatasetManifest:
+    return read_record(*open_object(uri), DatasetManifest)
+
+
 def assert_reconciles(manifest_uri: str, corpus: dict) -> DatasetManifest:
-    manifest = read_record(*open_object(manifest_uri), DatasetManifest)
+    manifest = load_manifest(manifest_uri)
     for name, accounting in manifest.sources.items():
         assert accounting.reconciles, (name, accounting)
         assert accounting.docs_in == corpus["sources"][name]["documents"]

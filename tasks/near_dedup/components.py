@@ -29,7 +29,7 @@ def partition_of(ids: np.ndarray, partitions: int) -> np.ndarray:
     return (fmix64(ids.astype(np.uint64)) % np.uint64(partitions)).astype(np.int64)
 
 
-def unique_edges(first: np.ndarray, second: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def unique_pairs(first: np.ndarray, second: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Distinct (first, second) pairs, sorted by first then second."""
     order = np.lexsort((second, first))
     first, second = first[order], second[order]
@@ -38,7 +38,7 @@ def unique_edges(first: np.ndarray, second: np.ndarray) -> tuple[np.ndarray, np.
     return first[fresh], second[fresh]
 
 
-def _groups(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def runs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Start offset of each run of equal sorted keys, and each row's run index."""
     fresh = np.ones(len(keys), dtype=bool)
     fresh[1:] = keys[1:] != keys[:-1]
@@ -50,8 +50,8 @@ def large_star(vertex: np.ndarray, neighbor: np.ndarray) -> tuple[np.ndarray, np
 
     Returns the new edges as (larger, smaller) pairs and how many of them changed.
     """
-    vertex, neighbor = unique_edges(vertex, neighbor)
-    starts, run = _groups(vertex)
+    vertex, neighbor = unique_pairs(vertex, neighbor)
+    starts, run = runs(vertex)
     smallest = np.minimum(vertex[starts], neighbor[starts])[run]  # neighbors sorted: first is least
     upward = neighbor > vertex
     changed = int(np.count_nonzero(upward & (smallest < vertex)))
@@ -63,8 +63,8 @@ def small_star(larger: np.ndarray, smaller: np.ndarray) -> tuple[np.ndarray, np.
 
     Returns the new edges as (larger, smaller) pairs and how many of them changed.
     """
-    larger, smaller = unique_edges(larger, smaller)
-    starts, run = _groups(larger)
+    larger, smaller = unique_pairs(larger, smaller)
+    starts, run = runs(larger)
     center = smaller[starts][run]  # the least neighbor below each vertex
     others = smaller != center
     new_larger = np.concatenate([larger[starts], smaller[others]])

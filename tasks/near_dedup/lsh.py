@@ -13,6 +13,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from tasks.near_dedup.components import runs, unique_pairs
 from tasks.near_dedup.minhash import fmix64
 
 
@@ -22,10 +23,8 @@ def candidate_probability(similarity: np.ndarray, bands: int, rows: int) -> np.n
 
 
 @lru_cache(maxsize=64)
-def optimal_bands_rows(
-    threshold: float, num_perm: int, false_positive_weight: float = 0.5, false_negative_weight: float = 0.5
-) -> tuple[int, int]:
-    """The (bands, rows) with bands * rows <= num_perm minimizing the weighted area of false
+def optimal_bands_rows(threshold: float, num_perm: int) -> tuple[int, int]:
+    """The (bands, rows) with bands * rows <= num_perm minimizing the equally weighted area of false
     positives (similarity below the threshold, yet candidates) and false negatives (above,
     yet not candidates); the criterion of datasketch's `_optimal_param`."""
     below = np.linspace(0.0, threshold, 1001)
@@ -35,7 +34,7 @@ def optimal_bands_rows(
         for rows in range(1, num_perm // bands + 1):
             false_positive = np.trapezoid(candidate_probability(below, bands, rows), below)
             false_negative = np.trapezoid(1.0 - candidate_probability(above, bands, rows), above)
-            error = false_positive_weight * false_positive + false_negative_weight * false_negative
+            error = 0.5 * false_positive + 0.5 * false_negative
             if best is None or error < best[0]:
                 best = (error, bands, rows)
     assert best is not None
@@ -48,17 +47,21 @@ def group_buckets(hashes: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.n
     Members are sorted by (band hash, id), so each bucket's first member is its smallest id.
     Band hashes already include the band's index, so a hash alone names a bucket.
     """
-    order = np.lexsort((ids, hashes))
-    hashes, ids = hashes[order], ids[order]
-    fresh = np.ones(len(ids), dtype=bool)
-    fresh[1:] = (hashes[1:] != hashes[:-1]) | (ids[1:] != ids[:-1])
-    hashes, ids = hashes[fresh], ids[fresh]
-    starts = np.flatnonzero(np.concatenate([[True], hashes[1:] != hashes[:-1]])) if len(ids) else np.empty(0, np.int64)
-    sizes = np.diff(np.append(starts, len(ids)))
-    shared = sizes >= 2
-    members = np.repeat(shared, sizes)
-    new_starts = np.cumsum(np.concatenate([[0], sizes[shared]]))[:-1]
-    return ids[members], new_starts.astype(np.int64)
+    hashes, ids = unique_pairs(hashes, ids)
+    starts, _ = runs(hashes)
+    sizes = bucket_sizes(starts, len(ids))
+    return _select(ids, sizes, sizes >= 2)
+
+
+def bucket_sizes(starts: np.ndarray, members: int) -> np.ndarray:
+    """The number of members of each bucket, from the buckets' start offsets."""
+    return np.diff(np.append(starts, members))
+
+
+def _select(members: np.ndarray, sizes: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The buckets where `keep` is true: (their members, their start offsets)."""
+    starts = np.cumsum(np.concatenate([[0], sizes[keep]]))[:-1]
+    return members[np.repeat(keep, sizes)], starts.astype(np.int64)
 
 
 def distinct_buckets(members: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -67,21 +70,18 @@ def distinct_buckets(members: np.ndarray, starts: np.ndarray) -> tuple[np.ndarra
     members' mixed ids."""
     if len(starts) == 0:
         return members, starts
-    sizes = np.diff(np.append(starts, len(members)))
+    sizes = bucket_sizes(starts, len(members))
     mixed = fmix64(members.astype(np.uint64))
     fingerprints = np.add.reduceat(mixed, starts)
     _, first = np.unique(np.stack([fingerprints, sizes.astype(np.uint64)], axis=1), axis=0, return_index=True)
     keep = np.zeros(len(starts), dtype=bool)
     keep[first] = True
-    kept_members = members[np.repeat(keep, sizes)]
-    kept_starts = np.cumsum(np.concatenate([[0], sizes[keep]]))[:-1]
-    return kept_members, kept_starts.astype(np.int64)
+    return _select(members, sizes, keep)
 
 
 def star_edges(members: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Unverified edges: every member of a bucket to the bucket's smallest id."""
-    sizes = np.diff(np.append(starts, len(members)))
-    smallest = np.repeat(members[starts], sizes)
+    smallest = np.repeat(members[starts], bucket_sizes(starts, len(members)))
     linked = members != smallest
     return members[linked], smallest[linked]
 

@@ -29,7 +29,6 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -37,12 +36,12 @@ import pyarrow as pa
 from storage.manifest import ObjectInfo, Receipt
 from storage.store import Store, join_key
 from tasks.config import MinHashConfig
+from tasks.fanout import Item
 from tasks.near_dedup import components, lsh
 from tasks.near_dedup.minhash import MinHasher, jaccard
 from tasks.parquet_io import read_table, write_table
 from tasks.plan import PlannedFile, ordinal_of
 
-Item = TypeVar("Item")
 FanOut = Callable[[str, Sequence[Item], Callable[[Item], str], Callable[[Item], Receipt]], list[Receipt]]
 """fan_out(stage, items, shard_of, work) -> receipts in item order, like tasks.fanout.run_shards
 with the store bound: runs work(item) for every item without a receipt, commits the receipts."""
@@ -142,29 +141,40 @@ def bands_rows(cfg: MinHashConfig) -> tuple[int, int]:
     return lsh.optimal_bands_rows(cfg.threshold, cfg.num_perm)
 
 
-def _ids(store: Store, keys: Sequence[str]) -> np.ndarray:
-    """The union of the `id` columns of some parquet files, sorted."""
-    parts = [read_table(store, key, columns=["id"]).column("id").to_numpy() for key in keys]
+def _union(parts: Sequence[np.ndarray]) -> np.ndarray:
+    """The distinct ids of some id arrays, sorted."""
     return np.unique(np.concatenate(parts)) if parts else np.empty(0, np.int64)
 
 
-def _pairs(store: Store, keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+def _ids(store: Store, keys: Sequence[str]) -> np.ndarray:
+    """The union of the `id` columns of some parquet files, sorted."""
+    return _union([read_table(store, key, columns=["id"]).column("id").to_numpy() for key in keys])
+
+
+def _read_all(store: Store, keys: Sequence[str], schema: pa.Schema) -> pa.Table:
+    """Some parquet files of one schema as one table (empty when there are none)."""
     tables = [read_table(store, key) for key in keys]
-    table = pa.concat_tables(tables) if tables else EDGES_SCHEMA.empty_table()
+    return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def _pairs(store: Store, keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    table = _read_all(store, keys, EDGES_SCHEMA)
     return table.column(0).to_numpy(), table.column(1).to_numpy()
 
 
-def _write_pairs(
-    store: Store, keys: Sequence[str], first: np.ndarray, second: np.ndarray, schema: pa.Schema
-) -> list[ObjectInfo]:
+def _both_directions(first: np.ndarray, second: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return np.concatenate([first, second]), np.concatenate([second, first])
+
+
+def _write_pairs(store: Store, keys: Sequence[str], first: np.ndarray, second: np.ndarray) -> list[ObjectInfo]:
     """Write (first, second) pairs into one file per partition of `first`, sorted and
     distinct; every partition gets a file, so readers never list."""
-    first, second = components.unique_edges(first, second)
+    first, second = components.unique_pairs(first, second)
     partition = components.partition_of(first, len(keys))
     outputs = []
     for index, key in enumerate(keys):
         rows = partition == index
-        table = pa.table([first[rows], second[rows]], schema=schema)
+        table = pa.table([first[rows], second[rows]], schema=EDGES_SCHEMA)
         outputs.append(write_table(store, key, table))
     return outputs
 
@@ -184,8 +194,9 @@ def _read_docs(store: Store, shard: DocsShard, wanted: np.ndarray | None = None)
     """(ids, texts) of a docs shard, or of its rows whose id is in `wanted`."""
     table = read_table(store, shard.key, columns=["id", "text"])
     ids = table.column("id").to_numpy()
-    if np.any(ordinal_of(ids) != shard.file.ordinal):
-        bad = ids[ordinal_of(ids) != shard.file.ordinal][0]
+    foreign = ordinal_of(ids) != shard.file.ordinal
+    if np.any(foreign):
+        bad = ids[foreign][0]
         raise ValueError(
             f"{store.url(shard.key)}: document id {bad} does not belong to plan file {shard.file.ordinal} "
             f"({shard.file.uri})"
@@ -226,8 +237,7 @@ def compute_signatures(store: Store, cfg: MinHashConfig, shard: DocsShard) -> Re
 
 def find_buckets(store: Store, shards: Sequence[DocsShard], cfg: MinHashConfig, partition: int) -> Receipt:
     """Documents that share a band bucket within one hash range."""
-    tables = [read_table(store, bands_key(partition, s.shard)) for s in shards]
-    table = pa.concat_tables(tables) if tables else BANDS_SCHEMA.empty_table()
+    table = _read_all(store, [bands_key(partition, s.shard) for s in shards], BANDS_SCHEMA)
     members, starts = lsh.group_buckets(table.column("hash").to_numpy(), table.column("id").to_numpy())
     members, starts = lsh.distinct_buckets(members, starts)
     counts = {"buckets": len(starts), "members": len(members)}
@@ -236,8 +246,7 @@ def find_buckets(store: Store, shards: Sequence[DocsShard], cfg: MinHashConfig, 
         outputs = _write_edges(store, cfg, partition, first, second)
         counts["edges"] = len(first)
         return Receipt(stage="near-buckets", shard=partition_name(partition), outputs=outputs, counts=counts)
-    sizes = np.diff(np.append(starts, len(members)))
-    bucket = np.repeat(np.arange(len(starts), dtype=np.int64), sizes)
+    bucket = np.repeat(np.arange(len(starts), dtype=np.int64), lsh.bucket_sizes(starts, len(members)))
     outputs = [write_table(store, buckets_key(partition), pa.table([bucket, members], schema=BUCKETS_SCHEMA))]
     by_ordinal = _shard_of_ordinal(shards)
     for ordinal, ids in _by_ordinal(np.unique(members)):
@@ -249,14 +258,13 @@ def find_buckets(store: Store, shards: Sequence[DocsShard], cfg: MinHashConfig, 
 def _write_edges(store: Store, cfg: MinHashConfig, partition: int, first: np.ndarray, second: np.ndarray) -> list[ObjectInfo]:
     """Edges in both directions, by the vertex partition of their first endpoint."""
     keys = [edges_key(q, partition) for q in range(cfg.component_partitions)]
-    both_first, both_second = np.concatenate([first, second]), np.concatenate([second, first])
-    return _write_pairs(store, keys, both_first, both_second, EDGES_SCHEMA)
+    return _write_pairs(store, keys, *_both_directions(first, second))
 
 
 def collect_shingles(store: Store, cfg: MinHashConfig, shard: DocsShard) -> Receipt:
     """Shingle sets of a docs shard's candidate documents, one file per range that needs them."""
-    keys = list(store.list(candidates_prefix(shard.shard)))
-    wanted = _ids(store, keys)
+    wanted_by_key = {key: _ids(store, [key]) for key in store.list(candidates_prefix(shard.shard))}
+    wanted = _union(list(wanted_by_key.values()))
     outputs = []
     if len(wanted):
         ids, texts = _read_docs(store, shard, wanted)
@@ -267,8 +275,8 @@ def collect_shingles(store: Store, cfg: MinHashConfig, shard: DocsShard) -> Rece
         ids, sets = ids[order], hasher(cfg).shingle_sets(texts.take(pa.array(order)).to_pylist())
         offsets = np.cumsum([0] + [len(s) for s in sets]).astype(np.int32)
         all_sets = pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(sets), pa.uint64()))
-        for key in keys:
-            rows = pa.array(np.searchsorted(ids, _ids(store, [key])))
+        for key, key_ids in wanted_by_key.items():
+            rows = pa.array(np.searchsorted(ids, key_ids))
             folder = key.rsplit("/", 1)[1].removesuffix(".parquet")
             table = pa.table([pa.array(ids).take(rows), all_sets.take(rows)], schema=SHINGLES_SCHEMA)
             outputs.append(write_table(store, shingles_prefix(folder) + f"{shard.shard}.parquet", table))
@@ -281,9 +289,8 @@ def verify_buckets(store: Store, cfg: MinHashConfig, partition: int) -> Receipt:
     buckets = read_table(store, buckets_key(partition))
     members = buckets.column("id").to_numpy()
     bucket = buckets.column("bucket").to_numpy()
-    starts = np.flatnonzero(np.concatenate([[True], bucket[1:] != bucket[:-1]])) if len(bucket) else bucket
-    tables = [read_table(store, key) for key in store.list(shingles_prefix(partition_name(partition)))]
-    table = pa.concat_tables(tables) if tables else SHINGLES_SCHEMA.empty_table()
+    starts, _ = components.runs(bucket)
+    table = _read_all(store, list(store.list(shingles_prefix(partition_name(partition)))), SHINGLES_SCHEMA)
     shingles = table.column("shingles").combine_chunks()
     values = shingles.values.to_numpy()
     offsets = shingles.offsets.to_numpy()
@@ -308,7 +315,7 @@ def large_star_step(store: Store, cfg: MinHashConfig, round_: int, partition: in
     vertex, neighbor = _pairs(store, inputs)
     larger, smaller, changed = components.large_star(vertex, neighbor)
     keys = [star_key(round_, "large", q, partition) for q in partitions]
-    outputs = _write_pairs(store, keys, larger, smaller, EDGES_SCHEMA)
+    outputs = _write_pairs(store, keys, larger, smaller)
     counts = {"edges_in": len(vertex), "changed": changed}
     return Receipt(stage=f"near-components-r{round_:03d}-large", shard=vertex_partition_name(partition), outputs=outputs, counts=counts)
 
@@ -318,9 +325,7 @@ def small_star_step(store: Store, cfg: MinHashConfig, round_: int, partition: in
     larger, smaller = _pairs(store, [star_key(round_, "large", partition, q) for q in partitions])
     new_larger, new_smaller, changed = components.small_star(larger, smaller)
     keys = [star_key(round_, "small", q, partition) for q in partitions]
-    both_first = np.concatenate([new_larger, new_smaller])
-    both_second = np.concatenate([new_smaller, new_larger])
-    outputs = _write_pairs(store, keys, both_first, both_second, EDGES_SCHEMA)
+    outputs = _write_pairs(store, keys, *_both_directions(new_larger, new_smaller))
     counts = {"edges_in": len(larger), "changed": changed}
     return Receipt(stage=f"near-components-r{round_:03d}-small", shard=vertex_partition_name(partition), outputs=outputs, counts=counts)
 
@@ -349,9 +354,7 @@ def write_removed(
 
 
 def _removed_pairs(store: Store, shard: str) -> tuple[np.ndarray, np.ndarray]:
-    keys = list(store.list(removed_prefix(shard)))
-    tables = [read_table(store, key) for key in keys]
-    table = pa.concat_tables(tables) if tables else REMOVED_SCHEMA.empty_table()
+    table = _read_all(store, list(store.list(removed_prefix(shard))), REMOVED_SCHEMA)
     ids, kept = table.column("id").to_numpy(), table.column("kept_id").to_numpy()
     order = np.argsort(ids)
     return ids[order], kept[order]
@@ -359,7 +362,7 @@ def _removed_pairs(store: Store, shard: str) -> tuple[np.ndarray, np.ndarray]:
 
 def removed_ids(store: Store, file: PlannedFile) -> np.ndarray:
     """Sorted ids of one docs shard that near dedup removed (empty when it did not run)."""
-    return _removed_pairs(store, file.shard)[0]
+    return _ids(store, list(store.list(removed_prefix(file.shard))))
 
 
 def write_sample(store: Store, shards: Sequence[DocsShard], cfg: MinHashConfig, rows: int = SAMPLE_ROWS) -> Receipt:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -25,18 +24,13 @@ from deployments.deploy import BUILD, TRAIN_EPOCH, submit
 from storage.store import open_store
 from tasks.config import BuildConfig
 from tasks.sample_corpus import make_sample_corpus
+from tests.fixtures.ports import free_port
 
 RUN = "deploy-run"
 SEGMENT = 2  # steps of the triggered run's first segment
 GLOBAL_BATCH_TOKENS = 512
 STARTUP_TIMEOUT_S = 240
 RUN_TIMEOUT_S = 300
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stop_prefect_workers(timeout_s: float = 30) -> None:

@@ -17,12 +17,11 @@ from deployments.deploy import BUILD, TRAIN_EPOCH, TRAIN_ON_BUILD, submit
 from deployments.serve import epoch_schedule_was_active
 from flows.pretrain import TrainSettings, check_same_data, manifest_uri
 from flows.train import train
-from flows.train_epoch import run_config
 from model.checkpoint import latest_checkpoint
 from model.metrics import METRICS_FILE, read_metrics
 from storage.lease import LeaseHeld, read_lease
-from tasks.train import LEASE_FILE
 from storage.store import open_object, open_store
+from tasks.train import LEASE_FILE, run_config
 from tests.deployments.conftest import GLOBAL_BATCH_TOKENS, RUN, RUN_TIMEOUT_S, SEGMENT, tiny_training
 
 LONG_EPOCH = 30  # steps: long enough that a second job is tried while it trains

@@ -24,7 +24,8 @@ from prefect.client.schemas.objects import StateType
 from deployments.deploy import BUILD, submit
 from deployments.serve import healthy
 from tasks.train import process_tree
-from tests.deployments.conftest import free_port, start_serve, stop
+from tests.deployments.conftest import start_serve, stop
+from tests.fixtures.ports import free_port
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 USER = "prefect"

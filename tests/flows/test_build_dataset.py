@@ -18,14 +18,14 @@ import sentencepiece as spm
 import yaml
 
 from flows.build_dataset import build_dataset
-from storage.manifest import DatasetManifest, read_record
+from storage.manifest import DatasetManifest
 from storage.shards import IndexedShard
 from storage.store import open_object, open_store
 from tasks.config import BuildConfig
 from tasks.ingest import IngestError
 from tasks.plan import PlanError, ordinal_of
 from tasks.sample_corpus import make_sample_corpus
-from tests.builds import assert_reconciles, build_objects, sample_config
+from tests.builds import assert_reconciles, build_objects, load_manifest, sample_config
 
 pytestmark = pytest.mark.usefixtures("prefect_server", "ray_local")
 
@@ -47,10 +47,6 @@ def built(request, corpus, tmp_path_factory) -> tuple[BuildConfig, str]:
     return config, build_dataset(config)
 
 
-def load_manifest(uri: str) -> DatasetManifest:
-    return read_record(*open_object(uri), DatasetManifest)
-
-
 def decoded_documents(manifest_uri: str, manifest: DatasetManifest, tmp: Path) -> list[str]:
     store, _ = open_object(manifest_uri)
     processor = spm.SentencePieceProcessor(model_proto=store.get_bytes(manifest.tokenizer.key))
@@ -69,9 +65,8 @@ def decoded_documents(manifest_uri: str, manifest: DatasetManifest, tmp: Path) -
 
 def test_manifest_reconciles_and_shards_decode_to_the_kept_documents(built, corpus, tmp_path):
     config, manifest_uri = built
-    manifest = load_manifest(manifest_uri)
+    manifest = assert_reconciles(manifest_uri, corpus)
     assert manifest_uri.endswith(f"datasets/sample/{config.resolved_build_id}/manifest.json")
-    assert_reconciles(manifest_uri, corpus)
     assert manifest.sources["slimpajama"].filtered >= corpus["sources"]["slimpajama"]["excluded"] > 0
 
     # the kept documents are the ingested ones minus what dedup removed

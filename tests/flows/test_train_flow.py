@@ -20,8 +20,7 @@ from storage.store import open_store
 from storage.lease import LeaseHeld, acquire_lease
 from tasks.train import LEASE_FILE, latest_step, prepare_config
 from tests.model.synthetic import write_synthetic_build
-from tests.model.test_train import metrics, short_documents_build, train_config
-from tests.tasks.test_train_launch import START_TIMEOUT_S, training_processes, wait_until
+from tests.model.runs import START_TIMEOUT_S, metrics, short_documents_build, train_config, training_processes, wait_until
 
 STEPS = 8
 

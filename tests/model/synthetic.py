@@ -19,13 +19,12 @@ import numpy as np
 
 from storage.manifest import (
     DatasetManifest,
-    ObjectInfo,
     SourceAccounting,
     TokenizerInfo,
     TokenShard,
     canonical_json,
     sha256_bytes,
-    sha256_file,
+    upload,
     write_record,
 )
 from storage.shards import RemoteShard, ShardWriter, token_dtype
@@ -100,11 +99,10 @@ def write_synthetic_build(
 def _upload(store, build: str, source: str, part: int, writer: ShardWriter) -> TokenShard:
     writer.close()
     prefix = join_key("tokens", source, f"{source}-{part:04d}")
-    infos = {}
-    for ext, path in (("bin", writer.bin_path), ("idx", writer.idx_path)):
-        store.put_file(join_key(build, f"{prefix}.{ext}"), path)
-        infos[ext] = ObjectInfo(key=f"{prefix}.{ext}", size=path.stat().st_size, sha256=sha256_file(path))
-    return TokenShard(prefix=prefix, source=source, documents=writer.documents, tokens=writer.tokens, **infos)
+    build_store = store.child(build)
+    bin_info = upload(build_store, f"{prefix}.bin", writer.bin_path)
+    idx_info = upload(build_store, f"{prefix}.idx", writer.idx_path)
+    return TokenShard(prefix=prefix, source=source, documents=writer.documents, tokens=writer.tokens, bin=bin_info, idx=idx_info)
 
 
 def source_tokens(manifest_uri: str, source: str | None = None) -> np.ndarray:

@@ -10,7 +10,6 @@ then check what they left on the store:
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
 import random
@@ -23,49 +22,18 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from model.checkpoint import STATE_FILE, checkpoint_prefix, complete_checkpoints, load_model
+from model.checkpoint import checkpoint_prefix, complete_checkpoints, load_model
 from model.data import read_manifest
 from model.export import export_hf
 from model.hf import load_hf
-from model.metrics import METRICS_FILE, read_metrics
+from model.metrics import METRICS_FILE
 from model.train import learning_rate
 from model.train_config import LRSchedule, TrainConfig
 from storage.manifest import sha256_bytes, write_record
 from storage.store import join_key, open_object, open_store
-from tests.model.synthetic import write_synthetic_build
+from tests.model.runs import STEPS, metrics, short_documents_build, train_config, train_state
 
-STEPS = 4
 LAUNCH_TIMEOUT_S = 300
-
-
-def train_config(name: str, output: str, manifest: str, work_dir: Path, **overrides) -> TrainConfig:
-    """A tiny run: 2 layers, seq_len 32, 512 tokens per step (2 micro-steps on 2 ranks, 4 on 1)."""
-    return TrainConfig.model_validate(
-        {
-            "name": name,
-            "output": output,
-            "model": "tiny",
-            "model_overrides": {"n_layers": 2},
-            "data": [{"manifest": manifest}],
-            "seq_len": 32,
-            "global_batch_tokens": 512,
-            "micro_batch": 4,
-            "lr": {"max": 3e-3, "min": 3e-4, "warmup_steps": 1},
-            "max_steps": STEPS,
-            "checkpoint_every": 2,
-            "keep_checkpoints": None,
-            "seed": 7,
-            "work_dir": str(work_dir / name),
-            **overrides,
-        }
-    )
-
-
-def short_documents_build(store_uri: str, name: str = "toy") -> str:
-    """A synthetic build whose documents are mostly 2 tokens (a random one, then EOS): learnable."""
-    return write_synthetic_build(
-        store_uri, name, {"web": [2] * 1500, "code": [24] * 60}, vocab_size=512, seed=0, shard_tokens=1024
-    )
 
 
 def run_training(config: TrainConfig, nproc: int, tmp_path: Path) -> str:
@@ -80,16 +48,6 @@ def run_training(config: TrainConfig, nproc: int, tmp_path: Path) -> str:
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     return output
-
-
-def metrics(run_uri: str) -> list[dict]:
-    return read_metrics(open_store(run_uri).get_text(METRICS_FILE))
-
-
-def train_state(run_uri: str) -> dict:
-    store = open_store(run_uri)
-    newest = complete_checkpoints(store)[0]
-    return json.loads(store.get_text(newest.key(STATE_FILE)))
 
 
 @pytest.fixture(scope="module")

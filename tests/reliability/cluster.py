@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,16 +20,12 @@ from pathlib import Path
 import yaml
 
 from tasks.config import BuildConfig
+from tasks.train import process_tree
+from tests.fixtures.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).parent / "ray")
 OBJECT_STORE_BYTES = 200 << 20
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cluster_env(ray_address: str | None) -> dict[str, str]:
@@ -89,7 +84,7 @@ class RayCluster:
 
     def kill_node(self, node: subprocess.Popen) -> None:
         """SIGKILL every process of the node: a machine that vanished."""
-        for pid in descendants(node.pid) + [node.pid]:
+        for pid in process_tree(node.pid) + [node.pid]:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -103,34 +98,16 @@ class RayCluster:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
-def descendants(pid: int) -> list[int]:
-    """Every live descendant of `pid`, from /proc (Ray workers are children of the raylet)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def ray_workers(node_pid: int, busy_only: bool = True) -> list[int]:
-    """PIDs of a node's Ray worker processes; busy ones run a task (`ray::_work_and_commit`)."""
+def ray_workers(node_pid: int) -> list[int]:
+    """PIDs of a node's Ray workers that run a task (`ray::_work_and_commit`); Ray workers are
+    descendants of the node's raylet."""
     found = []
-    for pid in descendants(node_pid):
+    for pid in process_tree(node_pid):
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if cmdline.startswith("ray::_work_and_commit") or (not busy_only and cmdline.startswith("ray::")):
+        if cmdline.startswith("ray::_work_and_commit"):
             found.append(pid)
     return found
 

@@ -14,11 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows.build_dataset import build_dataset
-from storage.manifest import DatasetManifest, read_record
-from storage.store import open_object, open_store
+from storage.store import open_store
 from tasks.config import BuildConfig
 from tasks.ingest import IngestError
-from tests.reliability.cluster import descendants
+from tasks.train import process_tree
+from tests.builds import load_manifest
 from tests.reliability.hostile import MAX_RECORD_BYTES, write_hostile_corpus
 
 pytestmark = pytest.mark.usefixtures("prefect_server", "ray_local")
@@ -28,7 +28,7 @@ WORKER_RSS_LIMIT = 1536 << 20
 def ray_workers_peak_rss() -> int:
     """The largest peak RSS (VmHWM) of this process's live Ray workers, in bytes."""
     peak = 0
-    for pid in descendants(os.getpid()):
+    for pid in process_tree(os.getpid()):
         try:
             if not Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::"):
                 continue
@@ -57,7 +57,7 @@ def test_hostile_inputs_are_quarantined_counted_and_memory_stays_bounded(tmp_pat
     sampler = threading.Thread(target=sample_memory, daemon=True)
     sampler.start()
     try:
-        manifest = read_record(*open_object(build_dataset(config)), DatasetManifest)
+        manifest = load_manifest(build_dataset(config))
     finally:
         done.set()
         sampler.join()

@@ -9,7 +9,6 @@ import pickle
 import random
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -31,6 +30,7 @@ from storage.store import (
     open_object,
     open_store,
 )
+from tests.fixtures.ports import free_port
 
 MiB = 1 << 20
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -306,9 +306,7 @@ def test_missing_credentials_and_bucket(s3_bucket_uri, monkeypatch, tmp_path):
 
 
 def test_unreachable_endpoint_fails_fast_naming_endpoint_and_uri(s3_bucket_uri, monkeypatch):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        closed_port = s.getsockname()[1]
+    closed_port = free_port()
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed_port}")
     store = open_store(f"{s3_bucket_uri}/offline")
     for operation in [lambda: store.get_bytes("k"), lambda: store.put_bytes("k", b"x"), lambda: list(store.list())]:

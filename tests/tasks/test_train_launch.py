@@ -8,17 +8,15 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from model.checkpoint import complete_checkpoints
 from storage.store import open_store
 from tasks.train import process_tree, launch_ray, latest_step, prepare_config
-from tests.model.test_train import metrics, short_documents_build, train_config, train_state
-
-START_TIMEOUT_S = 240
-
+from tests.model.runs import (
+    START_TIMEOUT_S, metrics, short_documents_build, train_config, train_state, training_processes, wait_until,
+)
 
 @pytest.fixture
 def manifest(tmp_path) -> str:
@@ -55,30 +53,6 @@ def test_ray_train_runs_two_cpu_workers_and_a_failed_worker_resumes_from_the_sto
     state = train_state(config.run_uri)
     assert state["world_size"] == 2 and state["tokens_seen"] == steps * 512
     assert complete_checkpoints(open_store(config.run_uri))[0].step == steps
-
-
-def training_processes(marker: str) -> list[int]:
-    """Live processes whose command line mentions `marker` (zombies excluded)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            cmdline = Path("/proc", entry, "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            state = Path("/proc", entry, "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if marker in cmdline and state != "Z":
-            found.append(int(entry))
-    return found
-
-
-def wait_until(condition, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(0.5)
 
 
 def test_killing_the_launcher_leaves_no_training_process(manifest, tmp_path):
