@@ -92,7 +92,7 @@ class Harness:
     def __init__(self, config: TrainConfig):
         self.config = config
         self.cluster, _ = init_distributed(torch.device("cpu"))
-        self.loader = BlockLoader(config.data, config.seq_len, config.seed)
+        self.loader = BlockLoader(config.data, config.seq_len, config.seed, cache_dir=config.shard_cache_dir)
         torch.manual_seed(config.seed)
         self.model = build_model(Llama(config.llama_config(VOCAB)), self.cluster, fsdp=False, bf16=False, compile=False)
         self.optimizer = build_optimizer(self.model, config, self.cluster.device)

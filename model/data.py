@@ -28,31 +28,21 @@ thread pool ahead of the blocks that need them, and read through memory maps. A 
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import functools
-import logging
 import os
-import shutil
-import tempfile
-import threading
-import time
-from collections import OrderedDict
-from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
-from storage.manifest import DatasetManifest, ObjectInfo, TokenizerInfo, read_record, sha256_file
-from storage.shards import IndexedShard, ShardError
+from model.train_config import DataSource
+from storage.manifest import DatasetManifest, TokenizerInfo, read_record
+from storage.shard_cache import ShardCache, ShardLocation
+from storage.shards import ShardError
 from storage.store import Store, StoreError, open_object
-
-log = logging.getLogger(__name__)
 
 # Global positions per mixture chunk: the per-source counts are exact at every chunk end.
 MIXTURE_CHUNK_BLOCKS = 4096
@@ -61,32 +51,13 @@ MIXTURE_CHUNK_BLOCKS = 4096
 SHUFFLE_WINDOW_TOKENS = 1 << 28
 # How often (in global positions) the prefetcher replans; it looks two mixture chunks ahead.
 PLAN_EVERY_BLOCKS = 256
-DOWNLOAD_THREADS = 4
-# Memory maps held open at once (the kernel's default limit is 65530 maps per process).
-MAX_OPEN_SHARDS = 1024
-# A staging folder untouched this long belongs to a process that died mid-download.
-ABANDONED_FETCH_S = 3600
 
 # Tags that keep the random streams of the different decisions independent.
 _MIXTURE_STREAM, _SHARD_ORDER_STREAM, _WINDOW_STREAM = 0, 1, 2
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "tinyllama" / "shards"
-
-
 class DataError(ValueError):
     """The training data cannot be used as configured; the message names the manifest or shard."""
-
-
-class DataSource(BaseModel):
-    """One entry of the run config's data mixture."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    manifest: str = Field(min_length=1, description="URI of a manifest.json: a path, file:// or s3://")
-    weight: float = Field(1.0, gt=0, allow_inf_nan=False, description="Mixture weight, normalized over sources")
-    source: str | None = Field(None, description="Only the shards of this source within the manifest")
 
 
 def read_manifest(uri: str) -> tuple[Store, DatasetManifest]:
@@ -122,35 +93,6 @@ def load_manifests(sources: Sequence[DataSource]) -> tuple[list[DatasetManifest]
     return [m for _, m in read], shared_tokenizer(read)
 
 
-@dataclass(frozen=True)
-class _Shard:
-    """One token shard as the loader needs it: where it lives and what its files must hash to."""
-
-    store: Store
-    prefix: str  # key of the shard without extension, relative to the store
-    bin: ObjectInfo
-    idx: ObjectInfo
-    tokens: int
-
-    @property
-    def uri(self) -> str:
-        return self.store.url(self.bin.key)
-
-    @property
-    def cache_name(self) -> str:
-        """Content-addressed: equal files share a cache entry, and a stale name cannot match."""
-        return f"{self.bin.sha256}-{self.idx.sha256[:16]}"
-
-    @property
-    def local_prefix(self) -> Path | None:
-        """The shard's own files when the store is a local folder (read in place), else None."""
-        return self.store.local_path(self.prefix)
-
-
-def _with_ext(prefix: Path, ext: str) -> Path:
-    return prefix.with_name(prefix.name + ext)  # not with_suffix: a shard name may contain dots
-
-
 def _rng(*key: int) -> np.random.Generator:
     return np.random.default_rng(list(key))
 
@@ -158,7 +100,7 @@ def _rng(*key: int) -> np.random.Generator:
 class _SourceStream:
     """One data source's blocks and its per-epoch two-level permutation."""
 
-    def __init__(self, index: int, shards: list[_Shard], block_len: int, seed: int, name: str):
+    def __init__(self, index: int, shards: list[ShardLocation], block_len: int, seed: int, name: str):
         self.index, self.name, self.seed = index, name, seed
         self.shards = shards
         self.block_len = block_len
@@ -244,193 +186,6 @@ class _Mixture:
         return sources, draws
 
 
-class _ShardCache:
-    """Shards ready to read: opened in place (local store) or from a bounded local cache.
-
-    Files are named by content and verified against the manifest's sha256 before first use in
-    this process, whether just downloaded or found in the cache (a mismatch there is deleted
-    and fetched again). Several processes (e.g. the ranks of a node) may share one folder:
-    downloads are atomic and a per-shard file lock lets only one of them fetch a shard.
-    """
-
-    def __init__(self, cache_dir: Path, cache_bytes: int):
-        self.dir = cache_dir
-        self.cache_bytes = cache_bytes
-        (self.dir / ".locks").mkdir(parents=True, exist_ok=True)
-        self._remove_abandoned_fetches()
-        self._pool = ThreadPoolExecutor(DOWNLOAD_THREADS, thread_name_prefix="shard-fetch")
-        self._lock = threading.Lock()
-        self._open: OrderedDict[str, Future[IndexedShard]] = OrderedDict()
-        self._wanted: set[str] = set()  # never evicted while wanted
-        self._reserved = 0  # bytes of downloads in flight
-        self._warned_small = False
-
-    def _remove_abandoned_fetches(self) -> None:
-        """Staging folders left by killed processes (live ones are younger than this)."""
-        cutoff = time.time() - ABANDONED_FETCH_S
-        for entry in os.scandir(self.dir):
-            if entry.name.startswith(".fetch-") and entry.stat().st_mtime < cutoff:
-                shutil.rmtree(entry.path, ignore_errors=True)
-
-    def set_wanted(self, shards: Sequence[_Shard]) -> None:
-        with self._lock:
-            self._wanted = {s.cache_name for s in shards}
-
-    def prefetch(self, shards: Sequence[_Shard]) -> None:
-        for shard in shards:
-            self._future(shard)
-
-    def get(self, shard: _Shard) -> IndexedShard:
-        future = self._future(shard)
-        try:
-            return future.result()
-        except BaseException:
-            with self._lock:  # let the next call try again instead of repeating the error forever
-                if self._open.get(shard.cache_name) is future:
-                    del self._open[shard.cache_name]
-            raise
-
-    def _future(self, shard: _Shard) -> Future[IndexedShard]:
-        name = shard.cache_name
-        with self._lock:
-            future = self._open.get(name)
-            if future is None:
-                future = self._open[name] = self._pool.submit(self._ready, shard)
-                self._close_extra_maps()
-            else:
-                self._open.move_to_end(name)
-            return future
-
-    def _close_extra_maps(self) -> None:
-        while len(self._open) > MAX_OPEN_SHARDS:
-            name = next((n for n, f in self._open.items() if f.done() and n not in self._wanted), None)
-            if name is None:
-                return
-            del self._open[name]
-
-    def _ready(self, shard: _Shard) -> IndexedShard:
-        local = shard.local_prefix
-        if local is not None:
-            return self._open_verified(shard, local, refetchable=False)
-        prefix = self.dir / shard.cache_name
-        with self._file_lock(shard.cache_name):
-            if _with_ext(prefix, ".bin").exists() and _with_ext(prefix, ".idx").exists():
-                try:
-                    opened = self._open_verified(shard, prefix, refetchable=True)
-                    os.utime(_with_ext(prefix, ".bin"))  # last use, for the LRU order
-                    return opened
-                except _StaleCacheFile as stale:
-                    log.warning("%s; fetching it again", stale)
-            return self._download(shard, prefix)
-
-    def _open_verified(self, shard: _Shard, prefix: Path, refetchable: bool) -> IndexedShard:
-        for info, ext in ((shard.idx, ".idx"), (shard.bin, ".bin")):
-            path = _with_ext(prefix, ext)
-            try:
-                intact = path.stat().st_size == info.size and sha256_file(path) == info.sha256
-            except FileNotFoundError:
-                intact = False
-            if not intact:
-                copy = f" (cached copy of {shard.store.url(info.key)})" if refetchable else ""
-                message = (
-                    f"{path}{copy} is missing or does not match the manifest's size {info.size} "
-                    f"and sha256 {info.sha256}"
-                )
-                if refetchable:
-                    _with_ext(prefix, ".bin").unlink(missing_ok=True)
-                    _with_ext(prefix, ".idx").unlink(missing_ok=True)
-                    raise _StaleCacheFile(message)
-                raise DataError(message)
-        return self._open_shard(shard, prefix)
-
-    def _open_shard(self, shard: _Shard, prefix: Path) -> IndexedShard:
-        try:
-            opened = IndexedShard(prefix)
-        except ShardError as e:
-            raise DataError(f"{shard.uri}: {e}") from None
-        if opened.num_tokens != shard.tokens:
-            raise DataError(f"{shard.uri}: holds {opened.num_tokens} tokens, the manifest says {shard.tokens}")
-        return opened
-
-    def _download(self, shard: _Shard, prefix: Path) -> IndexedShard:
-        size = shard.bin.size + shard.idx.size
-        self._make_room(size)
-        try:
-            with tempfile.TemporaryDirectory(dir=self.dir, prefix=".fetch-") as tmp:
-                staged = Path(tmp) / "shard"
-                for info, ext in ((shard.idx, ".idx"), (shard.bin, ".bin")):
-                    path = shard.store.download(info.key, _with_ext(staged, ext))
-                    actual = sha256_file(path)
-                    if actual != info.sha256:
-                        raise DataError(
-                            f"{shard.store.url(info.key)}: downloaded sha256 {actual} differs from "
-                            f"the manifest's {info.sha256} (the object changed after the build?)"
-                        )
-                # Map before moving: the mapping follows the file, so a concurrent eviction
-                # cannot pull it out from under us.
-                opened = self._open_shard(shard, staged)
-                os.replace(_with_ext(staged, ".idx"), _with_ext(prefix, ".idx"))
-                os.replace(_with_ext(staged, ".bin"), _with_ext(prefix, ".bin"))
-                return opened
-        finally:
-            with self._lock:
-                self._reserved -= size
-
-    def _make_room(self, incoming: int) -> None:
-        """Evict least recently used shards not wanted now until `incoming` more bytes fit."""
-        with self._lock:
-            self._reserved += incoming
-            entries = sorted(self._entries(), key=lambda e: e[1])  # oldest use first
-            used = sum(size for _, _, size in entries)
-            for name, _, size in entries:
-                if used + self._reserved <= self.cache_bytes:
-                    break
-                if name in self._wanted:
-                    continue
-                for ext in (".bin", ".idx"):
-                    _with_ext(self.dir / name, ext).unlink(missing_ok=True)
-                (self.dir / ".locks" / name).unlink(missing_ok=True)
-                self._open.pop(name, None)
-                used -= size
-            if used + self._reserved > self.cache_bytes and not self._warned_small:
-                self._warned_small = True
-                log.warning(
-                    "shard cache %s: the shards needed now (%d bytes) exceed cache_bytes=%d; "
-                    "raise cache_bytes or lower prefetch",
-                    self.dir, used + self._reserved, self.cache_bytes,
-                )
-
-    def _entries(self) -> Iterator[tuple[str, float, int]]:
-        """(name, last use, bytes) of each complete cached shard."""
-        for entry in os.scandir(self.dir):
-            if entry.name.endswith(".bin") and not entry.name.startswith("."):
-                name = entry.name.removesuffix(".bin")
-                try:
-                    stat = entry.stat()
-                    idx_size = _with_ext(self.dir / name, ".idx").stat().st_size
-                except FileNotFoundError:  # evicted meanwhile by another process
-                    continue
-                yield name, stat.st_mtime, stat.st_size + idx_size
-
-    @contextlib.contextmanager
-    def _file_lock(self, name: str) -> Iterator[None]:
-        with open(self.dir / ".locks" / name, "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        with self._lock:
-            self._open.clear()
-
-
-class _StaleCacheFile(Exception):
-    pass
-
-
 class BlockLoader:
     """This rank's micro-batches of [blocks, seq_len + 1] token ids from a weighted data mixture.
 
@@ -448,7 +203,8 @@ class BlockLoader:
         seed: int,
         rank: int = 0,
         world_size: int = 1,
-        cache_dir: str | os.PathLike | None = None,
+        *,
+        cache_dir: str | os.PathLike,
         cache_bytes: int = 16 << 30,
         prefetch: int = 16,
     ):
@@ -477,7 +233,7 @@ class BlockLoader:
         self._all_shards = [shard for source in self.sources for shard in source.shards]
         self._shard_base = np.cumsum([0] + [len(s.shards) for s in self.sources])
         self._chunk = functools.lru_cache(maxsize=4)(self._compute_chunk)
-        self._cache = _ShardCache(Path(cache_dir) if cache_dir is not None else default_cache_dir(), cache_bytes)
+        self._cache = ShardCache(Path(cache_dir), cache_bytes)
         self.position = 0
         self._planned_at: int | None = None
 
@@ -485,12 +241,12 @@ class BlockLoader:
     def _label(source: DataSource) -> str:
         return source.manifest + (f" (source {source.source!r})" if source.source else "")
 
-    def _shards(self, source: DataSource, store: Store, manifest: DatasetManifest) -> list[_Shard]:
+    def _shards(self, source: DataSource, store: Store, manifest: DatasetManifest) -> list[ShardLocation]:
         shards = [s for s in manifest.shards if source.source is None or s.source == source.source]
         if source.source is not None and not shards:
             present = sorted({s.source for s in manifest.shards})
             raise DataError(f"{source.manifest}: no shards of source {source.source!r}; it has {present}")
-        return [_Shard(store, s.prefix, s.bin, s.idx, s.tokens) for s in shards]
+        return [ShardLocation(store, s.prefix, s.bin, s.idx, s.tokens) for s in shards]
 
     def _compute_chunk(self, chunk: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Chunk start, then per position: source, block, first and last global shard id."""
@@ -555,7 +311,10 @@ class BlockLoader:
         for shard_id in range(first, last + 1):
             local = shard_id - self._shard_base[stream.index]
             offset = token + filled - int(stream.starts[local])
-            shard = self._cache.get(self._all_shards[shard_id])
+            try:
+                shard = self._cache.get(self._all_shards[shard_id])
+            except ShardError as e:  # corrupt or changed since the build: the same every time
+                raise DataError(str(e)) from None
             take = min(self.block_len - filled, shard.num_tokens - offset)
             out[filled : filled + take] = shard.tokens(offset, take)
             filled += take

@@ -40,7 +40,6 @@ from pydantic import (
 )
 
 from model.config import LlamaConfig
-from model.data import DataSource
 from storage.store import join_key, open_object, open_store
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -48,6 +47,16 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class DataSource(Section):
+    """One entry of the run config's data mixture."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    manifest: str = Field(min_length=1, description="URI of a manifest.json: a path, file:// or s3://")
+    weight: float = Field(1.0, gt=0, allow_inf_nan=False, description="Mixture weight, normalized over sources")
+    source: str | None = Field(None, description="Only the shards of this source within the manifest")
 
 
 class LRSchedule(Section):
@@ -129,7 +138,9 @@ class TrainConfig(Section):
     activation_checkpointing: bool = False
     dtype: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 on GPUs, fp32 on CPUs")
     data_parallel: Literal["auto", "fsdp", "ddp"] = Field("auto", description="auto: FSDP2 on GPUs, DDP on CPUs")
-    work_dir: str | None = Field(None, description="Local folder for metrics, TensorBoard and the shard cache")
+    work_dir: str | None = Field(
+        None, description="Local folder of each node for metrics, TensorBoard and the shard cache (<work_dir>/shard-cache)"
+    )
 
     @field_validator("name")
     @classmethod
@@ -219,6 +230,11 @@ class TrainConfig(Section):
         if self.work_dir:
             return Path(self.work_dir).expanduser().resolve()
         return Path(tempfile.gettempdir()) / "tinyllama-runs" / self.name
+
+    @property
+    def shard_cache_dir(self) -> Path:
+        """Where the loader keeps token shards fetched from a remote store; the node's ranks share it."""
+        return self.local_dir / "shard-cache"
 
 
 def _absolute(path_or_uri: str) -> str:

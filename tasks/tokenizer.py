@@ -30,7 +30,7 @@ class TokenizerError(ValueError):
     pass
 
 
-def load_model(model: bytes, name: str) -> spm.SentencePieceProcessor:
+def load_sentencepiece(model: bytes, name: str) -> spm.SentencePieceProcessor:
     processor = spm.SentencePieceProcessor()
     try:
         processor.LoadFromSerializedProto(model)
@@ -45,7 +45,7 @@ def load_model(model: bytes, name: str) -> spm.SentencePieceProcessor:
 def cached_processor(uri: str, sha256: str) -> spm.SentencePieceProcessor:
     """One processor per worker process and tokenizer, not one per task or document."""
     store, key = open_object(uri)
-    return load_model(store.get_bytes(key), uri)
+    return load_sentencepiece(store.get_bytes(key), uri)
 
 
 def sample_lines(store: Store, plan: list[PlannedFile], kept_bytes: int, sample_bytes: int, seed: int) -> Iterator[str]:
@@ -111,7 +111,7 @@ def tokenizer(build: Build, kept_bytes: int) -> TokenizerInfo:
     else:
         lines = sample_lines(store, build.plan, kept_bytes, config.train.sample_bytes, build.config.seed)
         model = train_model(lines, config.train)
-    processor = load_model(model, config.model or "the trained tokenizer")
+    processor = load_sentencepiece(model, config.model or "the trained tokenizer")
     store.put_bytes(TOKENIZER_KEY, model)
     info = TokenizerInfo(
         key=TOKENIZER_KEY,

@@ -39,9 +39,9 @@ from prefect.artifacts import (
 )
 from prefect.runtime import flow_run
 
-from model.data import DataError, DataSource, load_manifests
+from model.data import DataError, load_manifests
 from model.metrics import LOSS_PLOT, METRICS_FILE, read_metrics
-from model.train_config import TrainConfig
+from model.train_config import DataSource, TrainConfig
 from storage.lease import acquire_lease
 from storage.store import ObjectNotFound, join_key, open_store
 from tasks.fanout import ensure_ray

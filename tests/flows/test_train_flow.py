@@ -36,8 +36,7 @@ def artifacts(keys: list[str]) -> dict:
     return {a.key: a for a in found}
 
 
-def test_train_flow_trains_checkpoints_and_reports(prefect_server, bucket_prefix, tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+def test_train_flow_trains_checkpoints_and_reports(prefect_server, bucket_prefix, tmp_path):
     manifest = short_documents_build(f"{bucket_prefix}/data")
     held_out = short_documents_build(f"{bucket_prefix}/data", name="held-out")
     config = train_config(
@@ -91,7 +90,7 @@ def test_cancelling_the_flow_leaves_no_training_process(prefect_server, bucket_p
         [sys.executable, "-c",
          "import sys; from flows.train import train; from model.train_config import TrainConfig; "
          "train(TrainConfig.from_yaml(sys.argv[1]))", str(config_path)],
-        env={**os.environ, "PREFECT_API_URL": prefect_server, "XDG_CACHE_HOME": str(tmp_path / "cache")},
+        env={**os.environ, "PREFECT_API_URL": prefect_server},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     try:

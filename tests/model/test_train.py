@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import random
 import subprocess
 import sys
@@ -77,27 +76,19 @@ def dataset(s3_bucket_uri, sentencepiece_model) -> str:
 def runs(dataset, s3_bucket_uri, tmp_path_factory) -> dict[str, str]:
     """Run the three jobs; returns the run URIs by name."""
     tmp = tmp_path_factory.mktemp("train")
-    saved_cache = os.environ.get("XDG_CACHE_HOME")
-    os.environ["XDG_CACHE_HOME"] = str(tmp / "cache")  # the loader's shard cache, inherited by the jobs
     output = f"{s3_bucket_uri}/out-{uuid.uuid4().hex[:8]}"
-    try:
-        straight = train_config("straight", output, dataset, tmp)
-        run_training(straight, 2, tmp)
+    straight = train_config("straight", output, dataset, tmp)
+    run_training(straight, 2, tmp)
 
-        segmented = train_config("segmented", output, dataset, tmp, max_steps_this_run=STEPS // 2, keep_checkpoints=1)
-        run_training(segmented, 2, tmp)
-        plant_crash_leftovers(segmented.run_uri, STEPS // 2)
-        run_training(segmented, 2, tmp)
+    segmented = train_config("segmented", output, dataset, tmp, max_steps_this_run=STEPS // 2, keep_checkpoints=1)
+    run_training(segmented, 2, tmp)
+    plant_crash_leftovers(segmented.run_uri, STEPS // 2)
+    run_training(segmented, 2, tmp)
 
-        resized = train_config("resized", output, dataset, tmp, max_steps_this_run=STEPS // 2)
-        run_training(resized, 1, tmp)
-        # The GPU layout on CPUs: FSDP2 shards load the 1-rank DDP checkpoint.
-        run_training(resized.model_copy(update={"data_parallel": "fsdp"}), 2, tmp)
-    finally:
-        if saved_cache is None:
-            os.environ.pop("XDG_CACHE_HOME", None)
-        else:
-            os.environ["XDG_CACHE_HOME"] = saved_cache
+    resized = train_config("resized", output, dataset, tmp, max_steps_this_run=STEPS // 2)
+    run_training(resized, 1, tmp)
+    # The GPU layout on CPUs: FSDP2 shards load the 1-rank DDP checkpoint.
+    run_training(resized.model_copy(update={"data_parallel": "fsdp"}), 2, tmp)
     return {"straight": straight.run_uri, "segmented": segmented.run_uri, "resized": resized.run_uri}
 
 
