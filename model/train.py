@@ -44,6 +44,14 @@ from storage.store import open_store
 
 log = logging.getLogger("model.train")  # not __name__: that is __main__ under -m
 
+# Starts the one log line of a failure that a retry would repeat (bad data or config: a
+# ValueError, DataError included); the launcher fails the job with it instead of retrying.
+DETERMINISTIC_FAILURE = "training failed on its input: "
+
+
+def deterministic_failure_line(error: ValueError) -> str:
+    return DETERMINISTIC_FAILURE + f"{type(error).__name__}: " + " ".join(str(error).split())
+
 
 @dataclass(frozen=True)
 class Cluster:
@@ -316,7 +324,11 @@ def main(argv: list[str] | None = None) -> int:
         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
         stream=sys.stdout,
     )
-    train(TrainConfig.from_yaml(args.config))
+    try:
+        train(TrainConfig.from_yaml(args.config))
+    except ValueError as error:
+        log.error("%s", deterministic_failure_line(error))
+        return 1
     return 0
 
 

@@ -41,6 +41,7 @@ from prefect.runtime import flow_run
 
 from model.data import DataError, load_manifests
 from model.metrics import LOSS_PLOT, METRICS_FILE, read_metrics
+from model.train import DETERMINISTIC_FAILURE, deterministic_failure_line
 from model.train_config import DataSource, TrainConfig
 from storage.lease import acquire_lease
 from storage.store import ObjectNotFound, join_key, open_store
@@ -57,6 +58,18 @@ STOP_GRACE_S = 15.0
 
 class TrainingFailed(RuntimeError):
     """The training job exited with an error; its own log says why."""
+
+
+class TrainingInputError(ValueError):
+    """The training job stopped on its data or config, as it would on every retry: not retried."""
+
+
+def input_error(lines: list[str]) -> TrainingInputError | None:
+    """The job's deterministic failure, from the first line of its output that reports one."""
+    for line in lines:
+        if DETERMINISTIC_FAILURE in line:
+            return TrainingInputError(line[line.index(DETERMINISTIC_FAILURE):])
+    return None
 
 
 def prepare_config(config: TrainConfig) -> TrainConfig:
@@ -130,9 +143,12 @@ def stop_process_tree(process: subprocess.Popen, grace_s: float = STOP_GRACE_S) 
     process.wait()
 
 
-def _forward_lines(stream: IO[str], on_line: Callable[[str], None]) -> None:
+def _forward_lines(stream: IO[str], on_line: Callable[[str], None], failures: list[str]) -> None:
     for line in stream:
-        on_line(line.rstrip("\n"))
+        line = line.rstrip("\n")
+        if DETERMINISTIC_FAILURE in line:
+            failures.append(line)
+        on_line(line)
 
 
 # `python -m torch.distributed.run ARGS` that the kernel kills if its launcher dies, even by SIGKILL
@@ -173,7 +189,8 @@ def launch_torchrun(
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
         start_new_session=True,
     )
-    reader = threading.Thread(target=_forward_lines, args=(process.stdout, on_line), daemon=True)
+    failures: list[str] = []
+    reader = threading.Thread(target=_forward_lines, args=(process.stdout, on_line, failures), daemon=True)
     reader.start()
     try:
         while True:
@@ -188,7 +205,9 @@ def launch_torchrun(
             stop_process_tree(process)
         reader.join(timeout=10)
     if process.returncode != 0:
-        raise TrainingFailed(f"torchrun -m model.train {config_uri} exited with code {process.returncode}")
+        raise input_error(failures) or TrainingFailed(
+            f"torchrun -m model.train {config_uri} exited with code {process.returncode}"
+        )
 
 
 # --- Ray Train --------------------------------------------------------------------------------------
@@ -201,7 +220,10 @@ def train_worker(config_json: dict) -> None:
     from model.train import train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    train(TrainConfig.model_validate(config_json), device=ray.train.torch.get_device())
+    try:
+        train(TrainConfig.model_validate(config_json), device=ray.train.torch.get_device())
+    except ValueError as error:  # Ray Train reports a worker's error by its text: keep the cause findable
+        raise ValueError(deterministic_failure_line(error)) from None
 
 
 def _fit(config_json: dict) -> None:
@@ -248,7 +270,8 @@ def launch_ray(config: TrainConfig, on_poll: Callable[[], None] | None = None) -
         finished = True
         ray.get(job)
     except RayTaskError as error:
-        raise TrainingFailed(f"Ray Train run of {config.run_uri} failed: {error.cause or error}") from None
+        cause = str(error.cause or error)
+        raise input_error(cause.splitlines()) or TrainingFailed(f"Ray Train run of {config.run_uri} failed: {cause}") from None
     finally:
         if not finished:
             ray.cancel(job, force=True)
@@ -317,7 +340,7 @@ def train_task(config: TrainConfig) -> str:
 
     The job holds the run's lease on the store while it trains, so two jobs never train one run.
     A crash or a failed job is retried once (resuming from the newest checkpoint); a bad config
-    (ValueError) is not.
+    or bad data (ValueError, DataError, or TrainingInputError from inside the job) fails at once.
     """
     logger = get_run_logger()
     config = prepare_config(config)

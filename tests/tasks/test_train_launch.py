@@ -8,12 +8,15 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
+from prefect.states import Failed
 
 from model.checkpoint import complete_checkpoints
-from storage.store import open_store
-from tasks.train import process_tree, launch_ray, latest_step, prepare_config
+from storage.store import open_object, open_store
+from tasks.stage import is_transient
+from tasks.train import TrainingInputError, launch_ray, launch_torchrun, latest_step, prepare_config, process_tree
 from tests.model.runs import (
     START_TIMEOUT_S, metrics, short_documents_build, train_config, train_state, training_processes, wait_until,
 )
@@ -76,3 +79,18 @@ def test_killing_the_launcher_leaves_no_training_process(manifest, tmp_path):
     finally:
         if launcher.poll() is None:
             launcher.kill()
+
+
+def test_a_data_error_in_the_job_fails_at_once_with_its_cause(manifest, tmp_path):
+    """Bad data fails the same way on every try: not a retried TrainingFailed, and the message says why."""
+    store, _ = open_object(manifest)
+    shard = next(Path(store.root).glob("tokens/web/*.bin"))
+    shard.write_bytes(bytes(b ^ 0xFF for b in shard.read_bytes()))  # same size, other content
+    config = prepare_config(train_config("corrupt", str(tmp_path / "store"), manifest, tmp_path))
+    config_path = tmp_path / "corrupt-config.json"
+    config_path.write_text(config.to_json())
+    with pytest.raises(TrainingInputError) as failed:
+        launch_torchrun(str(config_path), 1, on_line=lambda line: None)
+    message = str(failed.value)
+    assert "\n" not in message and "DataError" in message and str(shard) in message and "sha256" in message
+    assert not is_transient(None, None, Failed(data=failed.value))
