@@ -85,12 +85,27 @@ class Validation(Section):
 
 
 class TorchrunLauncher(Section):
+    """`nproc` processes on each of `nnodes` nodes. Several nodes meet at a c10d rendezvous on
+    `rdzv_endpoint` (host:port of one node, e.g. the first of a Slurm job); the Prefect task runs
+    the agent of node `node_rank` and every other node runs its own (README: multi-node training)."""
+
     kind: Literal["torchrun"] = "torchrun"
-    nproc: PositiveInt = 1
+    nproc: PositiveInt = Field(1, description="Processes (GPUs) per node")
+    nnodes: PositiveInt = 1
+    node_rank: NonNegativeInt = 0
+    rdzv_endpoint: str | None = Field(None, description="host:port of the c10d rendezvous; required with nnodes > 1")
+
+    @model_validator(mode="after")
+    def _rendezvous(self) -> TorchrunLauncher:
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError(f"launcher.nnodes {self.nnodes} needs launcher.rdzv_endpoint (host:port of the rendezvous)")
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"launcher.node_rank {self.node_rank} must be below launcher.nnodes {self.nnodes}")
+        return self
 
     @property
     def world_size(self) -> int:
-        return self.nproc
+        return self.nproc * self.nnodes
 
 
 class RayLauncher(Section):

@@ -1,7 +1,8 @@
 """Stage: training. The Prefect task owns a training job that runs model/train.py on a launcher.
 
-- torchrun on this node: `python -m torch.distributed.run --standalone ... -m model.train
-  <run>/config.json`, in a session of its own. If the task is cancelled (Prefect turns the
+- torchrun: this node's agent, `python -m torch.distributed.run --standalone ... -m model.train
+  <run>/config.json` (or, with `nnodes` > 1, a c10d rendezvous at `rdzv_endpoint` that the
+  other nodes' agents join: see torchrun_arguments), in a session of its own. If the task is cancelled (Prefect turns the
   SIGTERM into an exception), crashes or is interrupted, the whole tree is stopped: SIGTERM
   to torchrun (which stops its workers), then SIGKILL to anything of the tree still alive.
   If the launching process dies outright (SIGKILL, OOM), the kernel kills torchrun, then its
@@ -42,7 +43,7 @@ from prefect.runtime import flow_run
 from model.data import DataError, load_manifests
 from model.metrics import LOSS_PLOT, METRICS_FILE, read_metrics
 from model.train import DETERMINISTIC_FAILURE, deterministic_failure_line
-from model.train_config import DataSource, TrainConfig
+from model.train_config import DataSource, TorchrunLauncher, TrainConfig
 from storage.lease import acquire_lease
 from storage.store import ObjectNotFound, join_key, open_store
 from tasks.fanout import ensure_ray
@@ -164,19 +165,31 @@ runpy.run_module("torch.distributed.run", run_name="__main__", alter_sys=True)
 """
 
 
+def torchrun_arguments(launcher: TorchrunLauncher, run_id: str) -> list[str]:
+    """torchrun's options for this node: standalone on one node, else a c10d rendezvous at
+    `rdzv_endpoint` that every node's agent joins with the same `run_id`."""
+    if launcher.nnodes == 1 and launcher.rdzv_endpoint is None:
+        return ["--standalone", f"--nproc-per-node={launcher.nproc}"]
+    return [
+        f"--nnodes={launcher.nnodes}", f"--node-rank={launcher.node_rank}", f"--nproc-per-node={launcher.nproc}",
+        "--rdzv-backend=c10d", f"--rdzv-endpoint={launcher.rdzv_endpoint}", f"--rdzv-id={run_id}",
+    ]
+
+
 def launch_torchrun(
     config_uri: str,
-    nproc: int,
+    launcher: TorchrunLauncher,
+    run_id: str = "tinyllama",
     on_line: Callable[[str], None] = print,
     on_poll: Callable[[], None] | None = None,
 ) -> None:
-    """Run `torchrun --standalone -m model.train CONFIG_URI` with `nproc` processes until it ends.
+    """Run `torchrun ... -m model.train CONFIG_URI` (this node's agent) until it ends.
 
     Its output goes line by line to `on_line`; `on_poll` is called every POLL_S seconds. Any
     exception here (cancellation included) stops the whole process tree before propagating.
     """
     command = [
-        sys.executable, "-c", _TORCHRUN_BOUND_TO_PARENT, "--standalone", f"--nproc-per-node={nproc}",
+        sys.executable, "-c", _TORCHRUN_BOUND_TO_PARENT, *torchrun_arguments(launcher, run_id),
         "-m", "model.train", config_uri,
     ]
     process = subprocess.Popen(
@@ -356,7 +369,7 @@ def train_task(config: TrainConfig) -> str:
             report_progress()
 
         if launcher.kind == "torchrun":
-            launch_torchrun(run_store.url(CONFIG_FILE), launcher.nproc, on_line=logger.info, on_poll=on_poll)
+            launch_torchrun(run_store.url(CONFIG_FILE), launcher, config.name, on_line=logger.info, on_poll=on_poll)
         else:
             launch_ray(config, on_poll=on_poll)
         report_progress()

@@ -14,11 +14,13 @@ import pytest
 from prefect.states import Failed
 
 from model.checkpoint import complete_checkpoints
+from model.train_config import TorchrunLauncher
 from storage.store import open_object, open_store
 from tasks.stage import is_transient
 from tasks.train import TrainingInputError, launch_ray, launch_torchrun, latest_step, prepare_config, process_tree
+from tests.fixtures.ports import free_port
 from tests.model.runs import (
-    START_TIMEOUT_S, metrics, short_documents_build, train_config, train_state, training_processes, wait_until,
+    START_TIMEOUT_S, STEPS, metrics, short_documents_build, train_config, train_state, training_processes, wait_until,
 )
 
 @pytest.fixture
@@ -65,7 +67,8 @@ def test_killing_the_launcher_leaves_no_training_process(manifest, tmp_path):
     config_path = tmp_path / "endless-config.json"
     config_path.write_text(config.to_json())
     launcher = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from tasks.train import launch_torchrun; launch_torchrun(sys.argv[1], 2)",
+        [sys.executable, "-c", "import sys; from model.train_config import TorchrunLauncher; from tasks.train import launch_torchrun; "
+         "launch_torchrun(sys.argv[1], TorchrunLauncher(nproc=2))",
          str(config_path)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
@@ -90,7 +93,44 @@ def test_a_data_error_in_the_job_fails_at_once_with_its_cause(manifest, tmp_path
     config_path = tmp_path / "corrupt-config.json"
     config_path.write_text(config.to_json())
     with pytest.raises(TrainingInputError) as failed:
-        launch_torchrun(str(config_path), 1, on_line=lambda line: None)
+        launch_torchrun(str(config_path), TorchrunLauncher(nproc=1), on_line=lambda line: None)
     message = str(failed.value)
     assert "\n" not in message and "DataError" in message and str(shard) in message and "sha256" in message
     assert not is_transient(None, None, Failed(data=failed.value))
+
+
+@pytest.mark.slow
+def test_two_torchrun_agents_meet_as_two_nodes_and_train_like_one_agent_with_two_processes(manifest, tmp_path):
+    store = str(tmp_path / "store")
+    one_node = prepare_config(train_config("one-node", store, manifest, tmp_path, launcher={"kind": "torchrun", "nproc": 2}))
+    two_nodes = prepare_config(train_config(
+        "two-nodes", store, manifest, tmp_path,
+        launcher={"kind": "torchrun", "nproc": 1, "nnodes": 2, "rdzv_endpoint": f"127.0.0.1:{free_port()}"},
+    ))
+    paths = {}
+    for config in (one_node, two_nodes):
+        paths[config.name] = tmp_path / f"{config.name}.json"
+        paths[config.name].write_text(config.to_json())
+    launch_torchrun(str(paths["one-node"]), one_node.launcher, "one-node", on_line=lambda line: None)
+
+    lines: list[str] = []
+    failures: list[BaseException] = []
+
+    def agent(node_rank: int) -> None:
+        try:
+            launcher = two_nodes.launcher.model_copy(update={"node_rank": node_rank})
+            launch_torchrun(str(paths["two-nodes"]), launcher, "two-nodes", on_line=lines.append)
+        except BaseException as error:
+            failures.append(error)
+
+    agents = [threading.Thread(target=agent, args=(node_rank,)) for node_rank in (0, 1)]
+    for thread in agents:
+        thread.start()
+    for thread in agents:
+        thread.join()
+
+    assert not failures, failures
+    assert any("world size 2" in line for line in lines)  # one process group across the two agents
+    one, two = metrics(one_node.run_uri), metrics(two_nodes.run_uri)
+    assert [r["step"] for r in two] == list(range(1, STEPS + 1))
+    assert [r["loss"] for r in two] == [r["loss"] for r in one]
