@@ -16,12 +16,19 @@ that ran after the checkpoint and are now repeated appear once; TensorBoard hide
 from __future__ import annotations
 
 import json
+import logging
+import math
+import time
 from pathlib import Path
 from typing import Any
 
 from storage.store import ObjectNotFound, Store, join_key
 
+log = logging.getLogger(__name__)
+
 METRICS_FILE = "metrics.jsonl"
+PROGRESS_FILE = "progress.json"
+PROGRESS_EVERY_S = 10.0
 TENSORBOARD_DIR = "tensorboard"
 LOSS_PLOT = "plots/loss.png"
 
@@ -37,11 +44,35 @@ def read_metrics(text: str) -> list[dict[str, Any]]:
     return records
 
 
-class MetricsLog:
-    """metrics.jsonl + TensorBoard for one invocation of a run, resumed after `resume_step`."""
+def read_progress(store: Store) -> dict[str, Any] | None:
+    """The latest record rank 0 put on the run store (None before the first step)."""
+    try:
+        return json.loads(store.get_text(PROGRESS_FILE))
+    except (ObjectNotFound, json.JSONDecodeError):
+        return None
 
-    def __init__(self, local_dir: Path, store: Store, resume_step: int):
+
+def step_line(record: dict[str, Any], max_steps: int) -> str:
+    line = (
+        f"step {record['step']}/{max_steps} loss {record['loss']:.4f} lr {record['lr']:.3g} "
+        f"grad_norm {record['grad_norm']:.3f} {record['tokens_per_s']:.0f} tokens/s"
+    )
+    if record.get("mfu") is not None:
+        line += f" mfu {record['mfu']:.1%}"
+    if record.get("val_loss") is not None:
+        line += f" val_loss {record['val_loss']:.4f}"
+    return line
+
+
+class MetricsLog:
+    """metrics.jsonl + TensorBoard for one invocation of a run, resumed after `resume_step`;
+    a log line every `log_every` steps (of `max_steps`) and the progress record on the store."""
+
+    def __init__(self, local_dir: Path, store: Store, resume_step: int, log_every: int = 1, max_steps: int = 0):
         self.local_dir, self.store = local_dir, store
+        self.log_every, self.max_steps = log_every, max_steps
+        self._progress_at = -math.inf
+        self._last: dict[str, Any] | None = None
         self.path = local_dir / METRICS_FILE
         self.tensorboard_dir = local_dir / TENSORBOARD_DIR
         self.tensorboard_dir.mkdir(parents=True, exist_ok=True)
@@ -62,18 +93,30 @@ class MetricsLog:
         self.writer = SummaryWriter(str(self.tensorboard_dir), purge_step=resume_step + 1)
         self._file = open(self.path, "a")
 
-    def log(self, record: dict[str, Any]) -> None:
+    def log(self, record: dict[str, Any], checkpoint: bool = False) -> None:
+        """Record a step; `checkpoint`: a checkpoint follows it (always worth a log line)."""
         self._file.write(json.dumps(record) + "\n")
-        self._file.flush()  # the launcher reads it for the progress bar
+        self._file.flush()
         for name, value in record.items():
             if name != "step" and isinstance(value, (int, float)):
                 self.writer.add_scalar(f"train/{name}" if not name.startswith("val_") else f"val/{name[4:]}",
                                        value, record["step"])
+        if checkpoint or record["step"] % self.log_every == 0 or self._last is None:
+            log.info("%s", step_line(record, self.max_steps))
+        self._last = record
+        if time.monotonic() - self._progress_at >= PROGRESS_EVERY_S:
+            self._put_progress()
+
+    def _put_progress(self) -> None:
+        if self._last is not None:
+            self.store.put_text(PROGRESS_FILE, json.dumps(self._last))
+            self._progress_at = time.monotonic()
 
     def upload(self) -> None:
-        """Copy metrics.jsonl and the TensorBoard files to the run folder on the store."""
+        """Copy metrics.jsonl, the progress record and the TensorBoard files to the run folder on the store."""
         self.writer.flush()
         self.store.put_file(METRICS_FILE, self.path)
+        self._put_progress()
         for path in self._tensorboard_files():
             if self._uploaded.get(path) != (signature := _signature(path)):  # event files of earlier runs never change
                 self.store.put_file(join_key(TENSORBOARD_DIR, path.relative_to(self.tensorboard_dir).as_posix()), path)

@@ -245,7 +245,8 @@ def _train_loop(config: TrainConfig, cluster: Cluster, loader: BlockLoader, val_
     if config.max_steps_this_run:
         stop_at = min(stop_at, state.step + config.max_steps_this_run)
     peak = peak_bf16_flops() if on_gpu else None
-    metrics = MetricsLog(config.local_dir, run_store, state.step) if cluster.is_main else None
+    metrics = (MetricsLog(config.local_dir, run_store, state.step, config.log_every, config.max_steps)
+               if cluster.is_main else None)
     autocast = torch.autocast(cluster.device.type, dtype=torch.bfloat16, enabled=bf16)
     if cluster.is_main:
         log.info(
@@ -277,14 +278,10 @@ def _train_loop(config: TrainConfig, cluster: Cluster, loader: BlockLoader, val_
         }
         if val_loader is not None and (state.step % config.val.every == 0 or state.step == stop_at):
             record["val_loss"] = evaluate(model, val_loader, config, cluster, autocast)
+        checkpointing = state.step % config.checkpoint_every == 0 or state.step == stop_at
         if metrics is not None:
-            metrics.log(record)
-            log.info(
-                "step %d/%d loss %.4f lr %.3g grad_norm %.3f %.0f tokens/s%s",
-                state.step, config.max_steps, loss_value, lr, record["grad_norm"], record["tokens_per_s"],
-                f" val_loss {record['val_loss']:.4f}" if "val_loss" in record else "",
-            )
-        if state.step % config.checkpoint_every == 0 or state.step == stop_at:
+            metrics.log(record, checkpoint=checkpointing)
+        if checkpointing:
             if metrics is not None:
                 metrics.upload()  # before the commit: a committed step's metrics are always on the store
             save_checkpoint(run_store, model, optimizer, state, config.keep_checkpoints, staging)

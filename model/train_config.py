@@ -146,6 +146,7 @@ class TrainConfig(Section):
     max_steps: PositiveInt = Field(description="Optimizer steps of the whole run")
     max_steps_this_run: PositiveInt | None = Field(None, description="Stop after this many steps in one invocation")
     checkpoint_every: PositiveInt
+    log_every: PositiveInt = Field(10, description="A log line every this many steps (and at each checkpoint)")
     keep_checkpoints: PositiveInt | None = Field(3, description="Keep the newest k complete checkpoints; null keeps all")
     launcher: Launcher = Field(default_factory=TorchrunLauncher)
     seed: int = 42

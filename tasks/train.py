@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -41,7 +42,7 @@ from prefect.artifacts import (
 from prefect.runtime import flow_run
 
 from model.data import DataError, load_manifests
-from model.metrics import LOSS_PLOT, METRICS_FILE, read_metrics
+from model.metrics import LOSS_PLOT, METRICS_FILE, read_metrics, read_progress
 from model.train import DETERMINISTIC_FAILURE, deterministic_failure_line
 from model.train_config import DataSource, TorchrunLauncher, TrainConfig
 from storage.lease import acquire_lease
@@ -144,9 +145,13 @@ def stop_process_tree(process: subprocess.Popen, grace_s: float = STOP_GRACE_S) 
     process.wait()
 
 
+# The workers' own log timestamp: Prefect (or any on_line logger) stamps each line again.
+_LEADING_TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[,.]\d+ ")
+
+
 def _forward_lines(stream: IO[str], on_line: Callable[[str], None], failures: list[str]) -> None:
     for line in stream:
-        line = line.rstrip("\n")
+        line = _LEADING_TIMESTAMP.sub("", line.rstrip("\n"))
         if DETERMINISTIC_FAILURE in line:
             failures.append(line)
         on_line(line)
@@ -199,7 +204,8 @@ def launch_torchrun(
         stdin=subprocess.DEVNULL,
         text=True,
         errors="replace",
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        # OMP_NUM_THREADS given (torchrun's own default) spares the log torchrun's banner about it.
+        env={"OMP_NUM_THREADS": "1", **os.environ, "PYTHONUNBUFFERED": "1"},
         start_new_session=True,
     )
     failures: list[str] = []
@@ -294,16 +300,10 @@ def launch_ray(config: TrainConfig, on_poll: Callable[[], None] | None = None) -
 
 
 def latest_step(config: TrainConfig) -> int:
-    """The last step in rank 0's local metrics.jsonl (0 before the first)."""
-    try:
-        with open(config.local_dir / METRICS_FILE, "rb") as f:
-            tail_start = max(0, f.seek(0, os.SEEK_END) - 4096)
-            f.seek(tail_start)
-            tail = f.read().decode("utf-8", "replace")
-    except FileNotFoundError:
-        return 0
-    records = read_metrics(tail.split("\n", 1)[-1] if tail_start else tail)  # skip a cut first line
-    return records[-1]["step"] if records else 0
+    """The last step rank 0 reported to the run folder on the store (0 before the first),
+    whichever launcher runs the job and wherever rank 0 is."""
+    progress = read_progress(open_store(config.run_uri))
+    return progress["step"] if progress else 0
 
 
 def progress_reporter(config: TrainConfig) -> Callable[[], None]:

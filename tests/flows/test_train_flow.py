@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,7 +12,9 @@ import uuid
 
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterName
+from prefect.client.schemas.filters import (
+    ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterName, LogFilter, LogFilterFlowRunId,
+)
 
 from flows.train import train
 from model.checkpoint import complete_checkpoints
@@ -67,6 +70,24 @@ def test_train_flow_trains_checkpoints_and_reports(prefect_server, bucket_prefix
     table = {row["metric"]: row["value"] for row in json.loads(found["flow-run-train-metrics"].data)}
     assert table["step"] == STEPS and table["loss"] == records[-1]["loss"]
     assert run_uri + "/plots/loss.png" in found["flow-run-loss-curve"].data
+
+    # The Prefect log: a line per log_every (10) steps and per checkpoint, not per step; no
+    # torchrun banner, no second timestamp inside the line.
+    def step_lines() -> list[str]:
+        return [found[1] for m in log_messages("train-flow-run") if (found := re.search(r"model.metrics: step (\S+)", m))]
+
+    wait_until(lambda: "8/8" in step_lines(), 30, "the last step's log line in Prefect")
+    assert step_lines() == ["1/8", "4/8", "8/8"]
+    messages = log_messages("train-flow-run")
+    assert not [m for m in messages if "*****" in m or "OMP_NUM_THREADS" in m]
+    assert not [m for m in messages if re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d", m)]
+
+
+def log_messages(flow_run_name: str) -> list[str]:
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[flow_run_name])))
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[r.id for r in runs])))
+    return [entry.message for entry in logs]
 
 
 def test_datasets_with_different_tokenizers_are_refused(bucket_prefix, tmp_path):
