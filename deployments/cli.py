@@ -71,6 +71,23 @@ def train(
     typer.echo(train_flow(run_config))
 
 
+@app.command("plan-train")
+def plan_train(
+    config: Annotated[Path, typer.Argument(help="Run config (YAML)", exists=True, dir_okay=False)],
+    nodes: Annotated[int, typer.Option(min=1, help="Nodes of the cluster")] = 1,
+    gpus_per_node: Annotated[int, typer.Option(min=1, help="GPUs (ranks) per node")] = 8,
+    mfu: Annotated[Optional[float], typer.Option(min=0.01, max=1.0, help="Assumed MFU (default: measured, else 0.4)")] = None,
+    peak_tflops: Annotated[float, typer.Option(min=1.0, help="Dense bf16 peak per GPU (H100 SXM: 989)")] = 989.0,
+) -> None:
+    """Dry-run CONFIG on a cluster: per-rank memory, checkpoint size, step time, days to the token budget."""
+    from model.plan import plan_training
+    from model.train_config import TrainConfig
+
+    plan = plan_training(TrainConfig.from_yaml(config), nodes, gpus_per_node, mfu, peak_tflops * 1e12)
+    typer.echo(f"{config}: model {plan.total_params / 1e9:.2f}B parameters on {plan.world_size} ranks\n")
+    typer.echo(plan.table())
+
+
 @app.command("export-hf")
 def export_hf(
     checkpoint_uri: Annotated[str, typer.Argument(help="A checkpoint folder, or a run folder (its newest checkpoint)")],

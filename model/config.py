@@ -61,6 +61,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tinyllama-1.1b": dict(
         vocab_size=32000, n_layers=22, dim=2048, n_heads=32, n_kv_heads=4, ffn_dim=5632, max_seq_len=2048
     ),
+    # Llama 2 7B (arXiv 2307.09288): 6,738,415,616 parameters; multi-head attention, context 4096.
+    "llama2-7b": dict(
+        vocab_size=32000, n_layers=32, dim=4096, n_heads=32, n_kv_heads=32, ffn_dim=11008, max_seq_len=4096
+    ),
     # ~20M parameters besides the embedding and output tables; a quick real training demo.
     "small": dict(vocab_size=32000, n_layers=12, dim=384, n_heads=6, n_kv_heads=2, ffn_dim=1024, max_seq_len=1024),
     # ~1M parameters besides the embedding and output tables; trains in seconds on a CPU.

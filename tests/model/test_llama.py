@@ -30,12 +30,19 @@ def test_tinyllama_preset_has_the_published_parameter_count():
     assert model.num_params(exclude_embedding=True) == 1_100_048_384 - 32000 * 2048
 
 
+def test_llama2_7b_preset_has_the_published_parameter_count():
+    with torch.device("meta"):
+        model = Llama(LlamaConfig.preset("llama2-7b"))
+    assert model.num_params() == 6_738_415_616
+    assert model.config.head_dim == 128
+
+
 def test_small_presets_sizes():
     with torch.device("meta"):
         tiny_model, small_model = Llama(LlamaConfig.preset("tiny")), Llama(LlamaConfig.preset("small"))
     assert 0.8e6 < non_embedding_params(tiny_model) < 1.2e6
     assert 16e6 < non_embedding_params(small_model) < 24e6
-    assert LlamaConfig.preset_names() == ["tinyllama-1.1b", "small", "tiny"]
+    assert LlamaConfig.preset_names() == ["tinyllama-1.1b", "llama2-7b", "small", "tiny"]
 
 
 def test_preset_overrides_and_validation():
