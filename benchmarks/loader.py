@@ -1,6 +1,13 @@
-"""Loader throughput: tokens/s per rank at seq_len 2048, from a local store, a warm cache and S3.
+"""Loader throughput: tokens/s per rank at seq_len 2048, from a local store, a warm cache and S3;
+and (--fetch) the bytes each node fetches per epoch, before and after node-aware loading.
 
     .venv/bin/python -m benchmarks.loader [--tokens 64M] [--windows 5] [--batches 200]
+    .venv/bin/python -m benchmarks.loader --fetch [--shards 1024] [--world-sizes 8,64] [--gpus-per-node 1,8]
+
+--fetch simulates: a manifest of `shards` 4M-token shards (no data: the loader's plan is a pure
+function of the manifest), and for each world size and GPUs per node, the shards whose tokens
+the blocks of one epoch of each node's ranks touch, i.e. what the node's shared cache fetches,
+with the sequence of one data node (before) and of `world size / GPUs per node` nodes (after).
 
 Builds a synthetic dataset (random tokens, 4M-token shards as the build flow writes them),
 once in a local folder and once on a SeaweedFS S3 server started here, then times
@@ -28,6 +35,8 @@ from pathlib import Path
 import numpy as np
 
 from model.data import BlockLoader, DataSource
+from storage.manifest import DatasetManifest, ObjectInfo, SourceAccounting, TokenizerInfo, TokenShard, write_record
+from storage.store import open_store
 from tests.fixtures.s3 import SeaweedServer, aws_environment
 from tests.model.synthetic import write_synthetic_build
 
@@ -66,12 +75,76 @@ def time_loader(manifest: str, cache_dir: Path, world_size: int, windows: int, b
     return first_batch, rates[0], statistics.median(rates[1:])
 
 
+def metadata_manifest(folder: Path, shards: int) -> str:
+    """A manifest of `shards` full 4M-token shards whose files do not exist (never read here)."""
+    fake = ObjectInfo(key="unused", size=0, sha256="0" * 64)
+    manifest = DatasetManifest(
+        name="fetch", build_id="simulated", config={}, config_hash="0" * 64, dtype="uint16",
+        tokenizer=TokenizerInfo(key="unused", sha256="0" * 64, vocab_size=32000, bos_id=1, eos_id=2, trained=False),
+        shards=[TokenShard(prefix=f"tokens/web/web-{i:06d}", source="web", documents=1, tokens=SHARD_TOKENS,
+                           bin=fake, idx=fake) for i in range(shards)],
+        sources={"web": SourceAccounting(docs_in=shards, kept=shards, tokens=shards * SHARD_TOKENS)},
+    )
+    store = open_store(str(folder))
+    write_record(store, "manifest.json", manifest)
+    return store.url("manifest.json")
+
+
+def fetched_per_node(manifest: str, cache: Path, world_size: int, gpus_per_node: int, data_nodes: int) -> list[float]:
+    """Per physical node: the fraction of the dataset's shards its ranks touch in one epoch."""
+    loaders = [BlockLoader([DataSource(manifest=manifest)], SEQ_LEN, seed=0, rank=r, world_size=world_size,
+                           cache_dir=cache, nodes=data_nodes, prefetch=0) for r in range(world_size)]
+    blocks = loaders[0].sources[0].num_blocks
+    total = len(loaders[0].sources[0].shards)
+    shares = []
+    for node in range(world_size // gpus_per_node):
+        touched: set[int] = set()
+        for loader in loaders[node * gpus_per_node : (node + 1) * gpus_per_node]:
+            positions = np.arange(loader.offset, blocks, world_size)
+            _, _, first, last = loader._layout(positions)
+            for lo, hi in {(int(a), int(b)) for a, b in zip(first, last)}:
+                touched.update(range(lo, hi + 1))
+        shares.append(len(touched) / total)
+    for loader in loaders:
+        loader.close()
+    return shares
+
+
+def fetch_table(args) -> None:
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="loader-fetch-") as tmp:
+        manifest = metadata_manifest(Path(tmp) / "store", args.shards)
+        for world_size in args.world_sizes:
+            for gpus in args.gpus_per_node:
+                if world_size % gpus:
+                    continue
+                nodes = world_size // gpus
+                before = fetched_per_node(manifest, Path(tmp) / "cache", world_size, gpus, 1)
+                after = fetched_per_node(manifest, Path(tmp) / "cache", world_size, gpus, nodes)
+                rows.append((world_size, gpus, nodes, max(before), statistics.mean(after), max(after)))
+    size = args.shards * SHARD_TOKENS * 2
+    print(f"\nShards fetched per node per epoch: {args.shards} shards of {SHARD_TOKENS >> 20}M tokens "
+          f"({size / 2**30:.0f} GiB as uint16), seq_len {SEQ_LEN}; x = fraction of the dataset\n")
+    print("| world size | GPUs per node | nodes | before (max over nodes) | after (mean) | after (max) | ideal 1/nodes |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for world_size, gpus, nodes, before, mean_after, max_after in rows:
+        print(f"| {world_size} | {gpus} | {nodes} | {before:.3f}x ({before * size / 2**30:,.2f} GiB) "
+              f"| {mean_after:.3f}x | {max_after:.3f}x ({max_after * size / 2**30:,.2f} GiB) | {1 / nodes:.3f}x |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=parse_tokens, default=parse_tokens("64M"), help="dataset size")
     parser.add_argument("--windows", type=int, default=5, help="timed windows after the first")
     parser.add_argument("--batches", type=int, default=200, help="micro-batches per window")
+    parser.add_argument("--fetch", action="store_true", help="simulate the bytes fetched per node instead")
+    parser.add_argument("--shards", type=int, default=1024, help="--fetch: shards in the simulated dataset")
+    parser.add_argument("--world-sizes", type=lambda t: [int(x) for x in t.split(",")], default=[8, 64])
+    parser.add_argument("--gpus-per-node", type=lambda t: [int(x) for x in t.split(",")], default=[1, 8])
     args = parser.parse_args()
+    if args.fetch:
+        fetch_table(args)
+        return
 
     lengths = {"web": documents(args.tokens, seed=0)}
     rows = []

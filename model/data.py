@@ -14,12 +14,23 @@ of blocks mixes the sources; global position p is a pure function of (seed, p) a
   for cache locality (as MosaicML Streaming's "py1s"): shuffle the shards, then shuffle the
   blocks within windows of SHUFFLE_WINDOW_TOKENS of that shard order. It is still a
   permutation of all blocks: each is visited exactly once per epoch.
+- nodes: with `nodes` N > 1 (the run's node count when it started, kept in the state) global
+  position p belongs to node p mod N, and each node has its own mixture and draw counters
+  over its own share of every shuffle window: window w's blocks (N x SHUFFLE_WINDOW_TOKENS), in
+  shard order, are cut into N contiguous pieces and node c draws only from piece c (shuffled
+  within it), as MosaicML Streaming assigns shards to nodes. The epoch then shuffles runs of
+  SHUFFLE_RUN_TOKENS of consecutive shards rather than single shards, since a block crossing
+  into the next shard needs that one too. So a node fetches ~1/N of the shards per epoch (plus
+  one per run and the shards straddling two pieces), the weights hold on every node, and each
+  epoch of a node visits its pieces once: together the nodes visit every block once per epoch.
 
-The state is the global position (with the seed and seq_len, checked on load). On every
-call of next_batch(n), made by all ranks in lockstep, the next n * world_size positions are
-consumed and offset i of them goes to rank i mod world_size: no two ranks overlap, none is
-skipped (TinyLlama's issue 67), and a resume with another world size (or micro-batch)
-continues the same global sequence.
+The state is the global position (with the seed, seq_len and nodes; the first two are checked
+on load, the third adopted). On every call of next_batch(n), made by all ranks in lockstep, the
+next n * world_size positions are consumed and each rank takes every world_size-th of them, at
+an offset that puts the ranks of one node (world_size / N consecutive ranks) on that node's
+positions: no two ranks overlap, none is skipped (TinyLlama's issue 67), and a resume with
+another world size (or micro-batch) continues the same global sequence (it stays node-local
+when the new world size is a multiple of N).
 
 Shards come from the store into a local cache bounded in bytes (least recently opened shards
 are evicted first; downloads atomic and sha256-verified), fetched in the background by a
@@ -49,6 +60,8 @@ MIXTURE_CHUNK_BLOCKS = 4096
 # Tokens per shuffle window: the blocks of this much consecutive (shard-shuffled) data are
 # permuted together, so the shards in use at once are about this many tokens (0.5 GB as uint16).
 SHUFFLE_WINDOW_TOKENS = 1 << 28
+# With several nodes, consecutive shards of about this many tokens stay together (see set_nodes).
+SHUFFLE_RUN_TOKENS = 1 << 25
 # How often (in global positions) the prefetcher replans; it looks two mixture chunks ahead.
 PLAN_EVERY_BLOCKS = 256
 
@@ -97,6 +110,12 @@ def _rng(*key: int) -> np.random.Generator:
     return np.random.default_rng(list(key))
 
 
+def _piece(size: int, node: int, nodes: int) -> tuple[int, int]:
+    """Start and length of `node`'s contiguous share of `size` blocks cut into `nodes` pieces."""
+    start = node * size // nodes
+    return start, (node + 1) * size // nodes - start
+
+
 class _SourceStream:
     """One data source's blocks and its per-epoch two-level permutation."""
 
@@ -115,33 +134,63 @@ class _SourceStream:
             )
         # Block b belongs to the shard holding its first token: shard s owns [first[s], first[s+1]).
         self.first_block = np.minimum(-(-self.starts // block_len), self.num_blocks)
-        self.window_blocks = max(1, SHUFFLE_WINDOW_TOKENS // block_len)
+        self.set_nodes(1)
+
+    def set_nodes(self, nodes: int) -> None:
+        """Share the blocks among `nodes`: each one's shuffle windows hold SHUFFLE_WINDOW_TOKENS."""
+        self.nodes = nodes
+        self.window_blocks = max(1, SHUFFLE_WINDOW_TOKENS * nodes // self.block_len)
+        # Several nodes: the epoch shuffles runs of consecutive shards, so that a block crossing
+        # into the next shard mostly finds it on its own node (one extra shard per run, not per shard).
+        mean_shard_tokens = self.starts[-1] / len(self.shards)
+        self.run_shards = 1 if nodes == 1 else max(1, round(SHUFFLE_RUN_TOKENS / mean_shard_tokens))
         self._epoch_order = functools.lru_cache(maxsize=2)(self._compute_epoch_order)
-        self._window_order = functools.lru_cache(maxsize=4)(self._compute_window_order)
+        self._piece_order = functools.lru_cache(maxsize=8)(self._compute_piece_order)
 
     def _compute_epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """The shards in this epoch's order and where each one's blocks begin in that order."""
-        order = _rng(self.seed, _SHARD_ORDER_STREAM, self.index, epoch).permutation(len(self.shards))
+        if self.nodes == 1:
+            order = _rng(self.seed, _SHARD_ORDER_STREAM, self.index, epoch).permutation(len(self.shards))
+        else:
+            runs = -(-len(self.shards) // self.run_shards)
+            shuffled = _rng(self.seed, _SHARD_ORDER_STREAM, self.index, epoch, self.nodes).permutation(runs)
+            order = np.concatenate([np.arange(r * self.run_shards, min((r + 1) * self.run_shards, len(self.shards)))
+                                    for r in shuffled])
         owned = np.diff(self.first_block)[order]
         offsets = np.zeros(len(order) + 1, dtype=np.int64)
         np.cumsum(owned, out=offsets[1:])
         return order, offsets
 
-    def _compute_window_order(self, epoch: int, window: int) -> np.ndarray:
-        size = min(self.window_blocks, self.num_blocks - window * self.window_blocks)
-        return _rng(self.seed, _WINDOW_STREAM, self.index, epoch, window).permutation(size)
+    def _window_size(self, window: int) -> int:
+        return min(self.window_blocks, self.num_blocks - window * self.window_blocks)
 
-    def blocks(self, draws: np.ndarray) -> np.ndarray:
-        """Block ids of this source's draws number `draws` (0, 1, ... over the whole run)."""
-        epoch, rest = np.divmod(draws, self.num_blocks)
-        window, offset = np.divmod(rest, self.window_blocks)
-        group = epoch * (self.num_blocks // self.window_blocks + 1) + window
+    def _compute_piece_order(self, epoch: int, window: int, node: int) -> np.ndarray:
+        size = _piece(self._window_size(window), node, self.nodes)[1]
+        extra = (self.nodes, node) if self.nodes > 1 else ()  # one node: the whole window, as before nodes existed
+        return _rng(self.seed, _WINDOW_STREAM, self.index, epoch, window, *extra).permutation(size)
+
+    def node_blocks(self, node: int) -> int:
+        """Blocks of one epoch that fall to `node` (its pieces of every window)."""
+        full_windows = self.num_blocks // self.window_blocks
+        last = self.num_blocks - full_windows * self.window_blocks
+        return full_windows * _piece(self.window_blocks, node, self.nodes)[1] + _piece(last, node, self.nodes)[1]
+
+    def blocks(self, draws: np.ndarray, node: int = 0) -> np.ndarray:
+        """Block ids of `node`'s draws number `draws` (0, 1, ... over the whole run) from this source."""
+        epoch, rest = np.divmod(draws, self.node_blocks(node))
+        full_windows = self.num_blocks // self.window_blocks
+        full_piece = _piece(self.window_blocks, node, self.nodes)[1]
+        in_full = rest < full_windows * full_piece
+        window = np.where(in_full, rest // max(full_piece, 1), full_windows)
+        offset = rest - window * full_piece
+        group = epoch * (full_windows + 1) + window
         out = np.empty_like(draws)
         for key in np.unique(group):
             sel = group == key
             e, w = int(epoch[sel][0]), int(window[sel][0])
             order, offsets = self._epoch_order(e)
-            rank = w * self.window_blocks + self._window_order(e, w)[offset[sel]]
+            lo = _piece(self._window_size(w), node, self.nodes)[0]
+            rank = w * self.window_blocks + lo + self._piece_order(e, w, node)[offset[sel]]
             owner = np.searchsorted(offsets, rank, side="right") - 1
             out[sel] = self.first_block[order[owner]] + (rank - offsets[owner])
         return out
@@ -174,12 +223,12 @@ class _Mixture:
         chunk = position // MIXTURE_CHUNK_BLOCKS
         return chunk + 1 if position >= self.chunk_start(chunk + 1) else chunk
 
-    def chunk(self, chunk: int) -> tuple[np.ndarray, np.ndarray]:
-        """For each position of the chunk: its source, and that source's draw number."""
+    def chunk(self, chunk: int, node: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """For each position of a node's chunk: its source, and that source's draw number."""
         before = self._drawn_before(chunk * MIXTURE_CHUNK_BLOCKS)
         counts = self._drawn_before((chunk + 1) * MIXTURE_CHUNK_BLOCKS) - before
         sources = np.repeat(np.arange(len(counts)), counts)
-        _rng(self.seed, _MIXTURE_STREAM, chunk).shuffle(sources)
+        _rng(self.seed, _MIXTURE_STREAM, chunk, *((node,) if node else ())).shuffle(sources)
         draws = np.empty(len(sources), dtype=np.int64)
         for j, count in enumerate(counts):
             draws[sources == j] = before[j] + np.arange(count)
@@ -189,11 +238,14 @@ class _Mixture:
 class BlockLoader:
     """This rank's micro-batches of [blocks, seq_len + 1] token ids from a weighted data mixture.
 
-    All ranks construct it with the same sources, seq_len and seed, and call next_batch with
-    the same `blocks` in lockstep. state_dict() is {"position": blocks consumed by all ranks,
-    "seed", "seq_len"}. `prefetch` is how many upcoming shards (in order of first need) are
-    fetched and verified in the background; `cache_bytes` bounds the cache folder, which the
-    ranks of a node may share. A local-folder store is read in place and uses no cache.
+    All ranks construct it with the same sources, seq_len, seed and nodes, and call next_batch
+    with the same `blocks` in lockstep. `nodes` is how many nodes the ranks run on (ranks
+    numbered node by node, as torchrun and Ray Train number them): each node then fetches ~1/nodes
+    of the data. state_dict() is {"position": blocks consumed by all ranks, "seed", "seq_len",
+    "nodes"}; a loaded state's `nodes` replaces the constructor's, so a resume on another
+    cluster continues the same sequence. `prefetch` is how many upcoming shards (in order of
+    first need) are fetched and verified in the background; `cache_bytes` bounds the cache
+    folder, which the ranks of a node share. A local-folder store is read in place, uncached.
     """
 
     def __init__(
@@ -205,6 +257,7 @@ class BlockLoader:
         world_size: int = 1,
         *,
         cache_dir: str | os.PathLike,
+        nodes: int = 1,
         cache_bytes: int = 16 << 30,
         prefetch: int = 16,
     ):
@@ -232,9 +285,27 @@ class BlockLoader:
         # Global shard ids: source j's shard s is self._all_shards[self._shard_base[j] + s].
         self._all_shards = [shard for source in self.sources for shard in source.shards]
         self._shard_base = np.cumsum([0] + [len(s.shards) for s in self.sources])
-        self._chunk = functools.lru_cache(maxsize=4)(self._compute_chunk)
         self._cache = ShardCache(Path(cache_dir), cache_bytes)
         self.position = 0
+        self._set_nodes(nodes)
+
+    def _set_nodes(self, nodes: int) -> None:
+        if nodes < 1:
+            raise DataError(f"nodes must be positive, got {nodes}")
+        for stream in self.sources:
+            stream.set_nodes(nodes)
+            short = [c for c in range(nodes) if stream.node_blocks(c) == 0]
+            if short:
+                raise DataError(
+                    f"{stream.name}: {stream.num_blocks} blocks cannot be shared by {nodes} nodes "
+                    f"(node {short[0]} would get none)"
+                )
+        self.nodes = nodes
+        # This rank's positions are position + offset + k * world_size: the ranks of node c take the
+        # positions p with p mod nodes = c. Without a whole number of ranks per node, offset = rank.
+        per_node, whole = divmod(self.world_size, nodes)
+        self.offset = (self.rank % per_node) * nodes + self.rank // per_node if per_node and not whole else self.rank
+        self._chunk = functools.lru_cache(maxsize=2 * nodes + 4)(self._compute_chunk)
         self._planned_at: int | None = None
 
     @staticmethod
@@ -248,35 +319,56 @@ class BlockLoader:
             raise DataError(f"{source.manifest}: no shards of source {source.source!r}; it has {present}")
         return [ShardLocation(store, s.prefix, s.bin, s.idx, s.tokens) for s in shards]
 
-    def _compute_chunk(self, chunk: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Chunk start, then per position: source, block, first and last global shard id."""
-        sources, draws = self._mixture.chunk(chunk)
+    def _compute_chunk(self, node: int, chunk: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """A node's chunk: its start, then per position: source, block, first and last global shard id."""
+        sources, draws = self._mixture.chunk(chunk, node)
         blocks = np.empty_like(draws)
         first = np.empty_like(draws)
         last = np.empty_like(draws)
         for j, stream in enumerate(self.sources):
             sel = sources == j
-            blocks[sel] = stream.blocks(draws[sel])
+            blocks[sel] = stream.blocks(draws[sel], node)
             lo, hi = stream.shard_span(blocks[sel])
             first[sel], last[sel] = lo + self._shard_base[j], hi + self._shard_base[j]
         return self._mixture.chunk_start(chunk), sources, blocks, first, last
 
-    def _layout(self, start: int, stop: int) -> tuple[np.ndarray, ...]:
-        """(source, block, first shard, last shard) of global positions [start, stop)."""
+    def _node_layout(self, node: int, start: int, stop: int) -> tuple[np.ndarray, ...]:
+        """(source, block, first shard, last shard) of a node's positions [start, stop)."""
         parts = []
         chunk = self._mixture.chunk_of(start)
         while start < stop:
-            begin, *columns = self._chunk(chunk)
+            begin, *columns = self._chunk(node, chunk)
             end = begin + len(columns[0])
             parts.append([c[start - begin : min(stop, end) - begin] for c in columns])
             start, chunk = end, chunk + 1
         return tuple(np.concatenate(c) for c in zip(*parts))
 
+    def _layout(self, positions: np.ndarray) -> tuple[np.ndarray, ...]:
+        """(source, block, first shard, last shard) of each global position."""
+        node, local = np.divmod(positions, self.nodes)[::-1]
+        out = [np.empty_like(positions) for _ in range(4)]
+        for c in np.unique(node):
+            sel = node == c
+            lo, hi = int(local[sel].min()), int(local[sel].max()) + 1
+            for column, values in zip(out, self._node_layout(int(c), lo, hi)):
+                column[sel] = values[local[sel] - lo]
+        return tuple(out)
+
     def _plan(self) -> None:
-        """Fetch, in order of first need, the next `prefetch` shards of the global sequence."""
-        _, _, first, last = self._layout(self.position, self.position + 2 * MIXTURE_CHUNK_BLOCKS)
-        needed = np.stack([first, last], axis=1).ravel()
-        ids, first_seen = np.unique(needed, return_index=True)
+        """Fetch, in order of first need, the next `prefetch` shards of this rank's node."""
+        per_node, whole = divmod(self.world_size, self.nodes)
+        nodes = [self.offset % self.nodes] if per_node and not whole else range(self.nodes)
+        horizon = 2 * MIXTURE_CHUNK_BLOCKS
+        needed, when = [], []
+        for c in nodes:
+            start = (self.position - c + self.nodes - 1) // self.nodes  # the node's next position
+            _, _, first, last = self._node_layout(c, start, start + horizon)
+            order = (start + np.arange(horizon)) * self.nodes + c  # global positions
+            needed += [first, last]
+            when += [order, order]
+        needed, when = np.concatenate(needed), np.concatenate(when)
+        by_need = np.argsort(when, kind="stable")
+        ids, first_seen = np.unique(needed[by_need], return_index=True)
         upcoming = [self._all_shards[i] for i in ids[np.argsort(first_seen)][: max(self.prefetch, 1)]]
         self._cache.set_wanted(upcoming)
         if self.prefetch:
@@ -287,22 +379,20 @@ class BlockLoader:
         """This rank's next `blocks` blocks: int64 [blocks, seq_len + 1]; inputs are [:, :-1], targets [:, 1:]."""
         if blocks < 1:
             raise DataError(f"blocks must be positive, got {blocks}")
-        if self._planned_at is None or self.position - self._planned_at >= PLAN_EVERY_BLOCKS:
+        if self._planned_at is None or self.position - self._planned_at >= PLAN_EVERY_BLOCKS * self.nodes:
             self._plan()
-        span = blocks * self.world_size
-        sources, block_ids, first, last = self._layout(self.position, self.position + span)
-        mine = slice(self.rank, span, self.world_size)
+        positions = self.position + self.offset + self.world_size * np.arange(blocks)
+        sources, block_ids, first, last = self._layout(positions)
         out = np.empty((blocks, self.block_len), dtype=np.int64)
-        for row, (j, block, lo, hi) in enumerate(zip(sources[mine], block_ids[mine], first[mine], last[mine])):
+        for row, (j, block, lo, hi) in enumerate(zip(sources, block_ids, first, last)):
             self._read_block(out[row], self.sources[j], int(block), int(lo), int(hi))
         if out.max() >= self.vocab_size:  # caught here, not as a device-side assert in the embedding
             row = int(np.argmax(out.max(axis=1) >= self.vocab_size))
-            stream = self.sources[sources[mine][row]]
             raise DataError(
-                f"{stream.name}: block {block_ids[mine][row]} holds token id {out[row].max()}, "
+                f"{self.sources[sources[row]].name}: block {block_ids[row]} holds token id {out[row].max()}, "
                 f"outside the tokenizer's vocabulary of {self.vocab_size}"
             )
-        self.position += span
+        self.position += blocks * self.world_size
         return torch.from_numpy(out)
 
     def _read_block(self, out: np.ndarray, stream: _SourceStream, block: int, first: int, last: int) -> None:
@@ -320,7 +410,7 @@ class BlockLoader:
             filled += take
 
     def state_dict(self) -> dict[str, int]:
-        return {"position": self.position, "seed": self.seed, "seq_len": self.seq_len}
+        return {"position": self.position, "seed": self.seed, "seq_len": self.seq_len, "nodes": self.nodes}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         for key in ("seed", "seq_len"):
@@ -332,7 +422,7 @@ class BlockLoader:
         if state["position"] < 0:
             raise DataError(f"loader state has a negative position {state['position']}")
         self.position = int(state["position"])
-        self._planned_at = None
+        self._set_nodes(int(state.get("nodes", 1)))  # states from before node-aware loading: one node
 
     def close(self) -> None:
         self._cache.close()

@@ -199,11 +199,12 @@ def _train(config: TrainConfig, cluster: Cluster) -> TrainState:
     if cluster.device.type != "cuda":
         torch.use_deterministic_algorithms(True)  # bit-exact resume on CPUs
     loader = BlockLoader(config.data, config.seq_len, config.seed, cluster.rank, cluster.world_size,
-                         cache_dir=config.shard_cache_dir)
+                         cache_dir=config.shard_cache_dir, nodes=config.loader_nodes)
     val_loader = None
     if config.val:
         val_loader = BlockLoader([DataSource(manifest=config.val.manifest)], config.seq_len, config.seed,
-                                 cluster.rank, cluster.world_size, cache_dir=config.shard_cache_dir)
+                                 cluster.rank, cluster.world_size, cache_dir=config.shard_cache_dir,
+                                 nodes=config.loader_nodes)
         if val_loader.tokenizer.sha256 != loader.tokenizer.sha256:
             raise DataError(f"validation build {config.val.manifest} has another tokenizer than the training data")
     try:

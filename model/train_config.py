@@ -149,6 +149,10 @@ class TrainConfig(Section):
     log_every: PositiveInt = Field(10, description="A log line every this many steps (and at each checkpoint)")
     keep_checkpoints: PositiveInt | None = Field(3, description="Keep the newest k complete checkpoints; null keeps all")
     launcher: Launcher = Field(default_factory=TorchrunLauncher)
+    data_nodes: PositiveInt | None = Field(
+        None, description="Nodes that share out the data, each fetching ~1/data_nodes of it (default: the "
+        "torchrun launcher's nnodes, 1 on Ray); a resumed run keeps the count it started with"
+    )
     seed: int = 42
     compile: bool = False
     activation_checkpointing: bool = False
@@ -246,6 +250,12 @@ class TrainConfig(Section):
         if self.work_dir:
             return Path(self.work_dir).expanduser().resolve()
         return Path(tempfile.gettempdir()) / "tinyllama-runs" / self.name
+
+    @property
+    def loader_nodes(self) -> int:
+        if self.data_nodes is not None:
+            return self.data_nodes
+        return self.launcher.nnodes if self.launcher.kind == "torchrun" else 1
 
     @property
     def shard_cache_dir(self) -> Path:

@@ -32,10 +32,12 @@ def build(store_uri: str, name: str = "toy", tokenizer: str = "synthetic", **sou
     return write_synthetic_build(store_uri, name, sources, vocab_size=1000, seed=len(name), shard_tokens=300, tokenizer=tokenizer)
 
 
-def global_sequence(sources, world_size: int, calls: int, blocks: int, cache_dir, seed: int = 7, state=None) -> np.ndarray:
+def global_sequence(
+    sources, world_size: int, calls: int, blocks: int, cache_dir, seed: int = 7, state=None, nodes: int = 1
+) -> np.ndarray:
     """The global sequence as all ranks together receive it: rows in global position order."""
     loaders = [
-        BlockLoader(sources, SEQ_LEN, seed, rank=r, world_size=world_size, cache_dir=cache_dir)
+        BlockLoader(sources, SEQ_LEN, seed, rank=r, world_size=world_size, cache_dir=cache_dir, nodes=nodes)
         for r in range(world_size)
     ]
     rows = []
@@ -45,8 +47,9 @@ def global_sequence(sources, world_size: int, calls: int, blocks: int, cache_dir
     for _ in range(calls):
         batches = [loader.next_batch(blocks).numpy() for loader in loaders]
         assert all(b.shape == (blocks, SEQ_LEN + 1) and b.dtype == np.int64 for b in batches)
-        # Offset i of the call went to rank i mod world_size.
-        rows.append(np.stack(batches, axis=1).reshape(blocks * world_size, SEQ_LEN + 1))
+        # Offset i of the call went to the rank whose offset is i mod world_size.
+        by_offset = [batches[r] for r in np.argsort([loader.offset for loader in loaders])]
+        rows.append(np.stack(by_offset, axis=1).reshape(blocks * world_size, SEQ_LEN + 1))
     states = {tuple(sorted(loader.state_dict().items())) for loader in loaders}
     assert len(states) == 1  # every rank holds the same state
     for loader in loaders:
@@ -229,3 +232,75 @@ def test_token_outside_the_vocabulary_is_an_error(tmp_path):
         loader.next_batch(4)
     assert loader.state_dict()["position"] == 0
     loader.close()
+
+
+def test_each_node_fetches_about_its_share_of_the_shards(s3_bucket_uri, tmp_path, monkeypatch):
+    """2 nodes x 2 ranks, each node with its own cache: one epoch fetches ~half the shards per node,
+    and the two nodes together still visit every block exactly once per epoch."""
+    monkeypatch.setattr(model.data, "SHUFFLE_WINDOW_TOKENS", 160 * (SEQ_LEN + 1))  # ~8 shards per node's window
+    monkeypatch.setattr(model.data, "SHUFFLE_RUN_TOKENS", 1200)  # runs of 4 shards
+    uri = build(f"{s3_bucket_uri}/{tmp_path.name}", web=[50] * 120)
+    expected = source_blocks(uri, SEQ_LEN)
+    count = len(expected)
+    store, _ = open_object(uri)
+    shards = len([key for key in store.list("tokens/web/") if key.endswith(".bin")])
+    sources = [DataSource(manifest=uri)]
+    fetched, rows = {}, {}
+    for nodes in (1, 2):
+        loaders = [
+            BlockLoader(sources, SEQ_LEN, 7, rank=r, world_size=4, nodes=nodes, prefetch=0,
+                        cache_dir=tmp_path / f"cache-{nodes}-node-{r // 2}")  # ranks 0, 1 on node 0
+            for r in range(4)
+        ]
+        batches = [[loader.next_batch(1).numpy()[0] for _ in range(count // 4)] for loader in loaders]
+        rows[nodes] = np.concatenate(batches)
+        fetched[nodes] = [len(list((tmp_path / f"cache-{nodes}-node-{n}").glob("*.bin"))) for n in (0, 1)]
+        for loader in loaders:
+            loader.close()
+    assert fetched[1] == [shards, shards]  # today: every node fetches everything
+    assert all(n <= 0.7 * shards for n in fetched[2]), (fetched, shards)
+    for nodes in (1, 2):  # count // 4 * 4 of the epoch's blocks, each at most once
+        ids = block_ids(rows[nodes], expected)
+        assert len(set(ids)) == len(ids) >= count - 4
+
+
+def test_node_aware_sequence_resumes_exactly_on_another_world_size(tmp_path):
+    uri = build(str(tmp_path / "store"))
+    expected = source_blocks(uri, SEQ_LEN)
+    sources = [DataSource(manifest=uri)]
+    cache = tmp_path / "cache"
+    straight = global_sequence(sources, world_size=4, calls=16, blocks=4, cache_dir=cache, nodes=2)
+    # Node c holds the positions p with p mod 2 = c; its epoch is its half of every window, so the
+    # nodes' epochs differ by at most a block per window: their halves are disjoint, nearly all blocks.
+    half = len(expected) // 2 - 1
+    node0, node1 = (set(block_ids(straight[c::2][:half], expected)) for c in (0, 1))
+    assert len(node0) == len(node1) == half and not node0 & node1
+
+    first_half = BlockLoader(sources, SEQ_LEN, 7, rank=1, world_size=4, cache_dir=cache, nodes=2)
+    for _ in range(6):
+        first_half.next_batch(4)
+    state = first_half.state_dict()
+    first_half.close()
+    assert state == {"position": 6 * 16, "seed": 7, "seq_len": SEQ_LEN, "nodes": 2}
+    # A cluster of another shape adopts the saved node count and continues the same sequence.
+    resumed8 = global_sequence(sources, world_size=8, calls=5, blocks=2, cache_dir=cache, state=state, nodes=4)
+    resumed1 = global_sequence(sources, world_size=1, calls=10, blocks=16, cache_dir=cache, state=state)
+    assert np.array_equal(resumed8, straight[96:176])
+    assert np.array_equal(resumed1, straight[96:])
+
+
+def test_mixture_weights_hold_on_every_node(tmp_path):
+    uri = build(str(tmp_path / "store"), web=[40] * 30, code=[25] * 30)
+    web, code = source_blocks(uri, SEQ_LEN, "web"), source_blocks(uri, SEQ_LEN, "code")
+    sources = [
+        DataSource(manifest=uri, source="web", weight=0.693584),
+        DataSource(manifest=uri, source="code", weight=0.306416),
+    ]
+    per_node = 64 * 40  # whole (shrunk) mixture chunks of each node
+    rows = global_sequence(sources, world_size=4, calls=2 * per_node // 64, blocks=16, cache_dir=tmp_path / "c", nodes=2)
+    lookup = {row.tobytes(): 0 for row in web} | {row.tobytes(): 1 for row in code}
+    origin = np.array([lookup[row.tobytes()] for row in rows])
+    web_draws, code_draws = int(per_node * 0.693584), int(per_node * 0.306416)
+    for node in (0, 1):  # node c holds the global positions p with p mod 2 = c
+        node_origin = origin[node::2]
+        assert (node_origin[: web_draws + code_draws] == 0).sum() == web_draws

@@ -102,7 +102,10 @@ def test_a_data_error_in_the_job_fails_at_once_with_its_cause(manifest, tmp_path
 @pytest.mark.slow
 def test_two_torchrun_agents_meet_as_two_nodes_and_train_like_one_agent_with_two_processes(manifest, tmp_path):
     store = str(tmp_path / "store")
-    one_node = prepare_config(train_config("one-node", store, manifest, tmp_path, launcher={"kind": "torchrun", "nproc": 2}))
+    # The data is shared out by node, so the single agent plays two data nodes: the same sequence.
+    one_node = prepare_config(train_config(
+        "one-node", store, manifest, tmp_path, launcher={"kind": "torchrun", "nproc": 2}, data_nodes=2
+    ))
     two_nodes = prepare_config(train_config(
         "two-nodes", store, manifest, tmp_path,
         launcher={"kind": "torchrun", "nproc": 1, "nnodes": 2, "rdzv_endpoint": f"127.0.0.1:{free_port()}"},
