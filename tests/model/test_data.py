@@ -112,18 +112,23 @@ def test_state_from_another_seed_is_refused(tmp_path):
     loader.close()
 
 
-def test_mixture_weights_hold_over_many_blocks(tmp_path):
-    # One manifest with two sources, mixed by selecting each source: TinyLlama's weights.
+def mixed_sequence(tmp_path, world_size: int, positions: int, nodes: int = 1):
+    """TinyLlama's weights over two sources of one manifest: the rows, the web blocks, and each row's source (0: web)."""
     uri = build(str(tmp_path / "store"), web=[40] * 30, code=[25] * 30)
     web, code = source_blocks(uri, SEQ_LEN, "web"), source_blocks(uri, SEQ_LEN, "code")
     sources = [
         DataSource(manifest=uri, source="web", weight=0.693584),
         DataSource(manifest=uri, source="code", weight=0.306416),
     ]
-    positions = 64 * 150  # a whole number of (shrunk) mixture chunks
-    rows = global_sequence(sources, world_size=2, calls=positions // 32, blocks=16, cache_dir=tmp_path / "c")
+    calls = positions // (16 * world_size)
+    rows = global_sequence(sources, world_size, calls=calls, blocks=16, cache_dir=tmp_path / "c", nodes=nodes)
     lookup = {row.tobytes(): 0 for row in web} | {row.tobytes(): 1 for row in code}
-    origin = np.array([lookup[row.tobytes()] for row in rows])
+    return rows, web, np.array([lookup[row.tobytes()] for row in rows])
+
+
+def test_mixture_weights_hold_over_many_blocks(tmp_path):
+    positions = 64 * 150  # a whole number of (shrunk) mixture chunks
+    rows, web, origin = mixed_sequence(tmp_path, world_size=2, positions=positions)
     # Exact at chunk boundaries: the chunk after 150 * 64 draws starts at the sum of the floors.
     web_draws, code_draws = int(positions * 0.693584), int(positions * 0.306416)
     assert (origin[: web_draws + code_draws] == 0).sum() == web_draws
@@ -290,16 +295,8 @@ def test_node_aware_sequence_resumes_exactly_on_another_world_size(tmp_path):
 
 
 def test_mixture_weights_hold_on_every_node(tmp_path):
-    uri = build(str(tmp_path / "store"), web=[40] * 30, code=[25] * 30)
-    web, code = source_blocks(uri, SEQ_LEN, "web"), source_blocks(uri, SEQ_LEN, "code")
-    sources = [
-        DataSource(manifest=uri, source="web", weight=0.693584),
-        DataSource(manifest=uri, source="code", weight=0.306416),
-    ]
     per_node = 64 * 40  # whole (shrunk) mixture chunks of each node
-    rows = global_sequence(sources, world_size=4, calls=2 * per_node // 64, blocks=16, cache_dir=tmp_path / "c", nodes=2)
-    lookup = {row.tobytes(): 0 for row in web} | {row.tobytes(): 1 for row in code}
-    origin = np.array([lookup[row.tobytes()] for row in rows])
+    _, _, origin = mixed_sequence(tmp_path, world_size=4, positions=2 * per_node, nodes=2)
     web_draws, code_draws = int(per_node * 0.693584), int(per_node * 0.306416)
     for node in (0, 1):  # node c holds the global positions p with p mod 2 = c
         node_origin = origin[node::2]
