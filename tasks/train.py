@@ -1,17 +1,19 @@
 """Stage: training. The Prefect task owns a training job that runs model/train.py on a launcher.
 
 - torchrun: this node's agent, `python -m torch.distributed.run --standalone ... -m model.train
-  <run>/config.json` (or, with `nnodes` > 1, a c10d rendezvous at `rdzv_endpoint` that the
-  other nodes' agents join: see torchrun_arguments), in a session of its own. If the task is cancelled (Prefect turns the
-  SIGTERM into an exception), crashes or is interrupted, the whole tree is stopped: SIGTERM
-  to torchrun (which stops its workers), then SIGKILL to anything of the tree still alive.
+  <run>/config.json` (with `nnodes` > 1, a c10d rendezvous at `rdzv_endpoint` that the other
+  nodes' agents join: see torchrun_arguments), in a session of its own. If the task is
+  cancelled (Prefect turns the SIGTERM into an exception), crashes or is interrupted, the
+  whole tree is stopped: SIGTERM to torchrun (which stops its workers), then SIGKILL to
+  anything of the tree still alive.
   If the launching process dies outright (SIGKILL, OOM), the kernel kills torchrun, then its
   workers (PR_SET_PDEATHSIG on both).
 - Ray Train: a `TorchTrainer` whose workers run the same program in the process group Ray
   creates. Ray Train restarts a failed worker group up to `max_failures` times; every start
   resumes from the newest checkpoint on the store (never from Ray's own checkpoints).
 
-Either way the task streams progress into a Prefect progress artifact, ends with a table
+Either way the task streams progress (read from the run folder's progress.json, which rank 0
+keeps current wherever it runs) into a Prefect progress artifact, ends with a table
 artifact of the final metrics and a link to the loss curve, and a retry (or the next run of
 the same config) resumes from the newest checkpoint.
 """
