@@ -10,7 +10,8 @@ AdamW and clipping, and the same threads:
 - harness: model/train.py's `train_step` as its training loop calls it: batches from the
   BlockLoader (a synthetic build in a local folder), the DDP wrapper (gloo, world size 1),
   gradient-sync control, lr schedule, loss all-reduce, deterministic algorithms, and the
-  metrics.jsonl + TensorBoard record of every step.
+  metrics.jsonl + TensorBoard record of every step (with the log line every log_every steps and
+  the progress record put on the store every 10 s, as rank 0 does).
 
 The machine may be shared and its load drifts, so the two alternate step by step (which goes
 first alternates too); medians skip the first two steps of each. A checkpoint (full state
@@ -97,7 +98,7 @@ class Harness:
         self.model = build_model(Llama(config.llama_config(VOCAB)), self.cluster, fsdp=False, bf16=False, compile=False)
         self.optimizer = build_optimizer(self.model, config, self.cluster.device)
         self.store = open_store(config.run_uri)
-        self.metrics = MetricsLog(config.local_dir, self.store, resume_step=0)
+        self.metrics = MetricsLog(config.local_dir, self.store, 0, config.log_every, config.max_steps)
         self.accum = config.accum_steps(1)
         self.autocast = torch.autocast("cpu", enabled=False)
         self.steps = 0
