@@ -55,3 +55,16 @@ def test_a_batch_that_does_not_split_over_the_cluster_is_refused(tmp_path):
     config = cluster_config("tinyllama-1.1b", 2048, 2, 2048 * 1024, 10_000, tmp_path)
     with pytest.raises(ValueError, match="not a multiple of micro_batch 2 x seq_len 2048 x world size 768"):
         plan_training(config, nodes=96, gpus_per_node=8)
+
+
+def test_plan_train_command_prints_the_table(tmp_path):
+    from typer.testing import CliRunner
+
+    from deployments.cli import app
+
+    config = cluster_config("tinyllama-1.1b", 2048, 8, 2048 * 1024, 1_430_512, tmp_path)
+    path = tmp_path / "run.yaml"
+    path.write_text(config.to_json())  # JSON is YAML
+    result = CliRunner().invoke(app, ["plan-train", str(path), "--nodes", "8", "--gpus-per-node", "8", "--mfu", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert "8 nodes x 8 GPUs = 64 ranks" in result.output and "50% (assumed)" in result.output
