@@ -75,6 +75,16 @@ class Validation(Section):
     batches: PositiveInt = 8
 
 
+class Evaluation(Section):
+    """lm-evaluation-harness tasks scored on the checkpoint each training segment ends with."""
+
+    tasks: list[str] = Field(min_length=1, description="lm-eval task names (registry or include_path)")
+    include_path: str | None = Field(None, description="Folder of task YAMLs (local data)")
+    num_fewshot: NonNegativeInt | None = None
+    limit: PositiveInt | None = Field(None, description="At most this many items per task")
+    batch_size: PositiveInt = 8
+
+
 class TorchrunLauncher(Section):
     kind: Literal["torchrun"] = "torchrun"
     nproc: PositiveInt = 1
@@ -111,6 +121,7 @@ class TrainConfig(Section):
     vocab_size: PositiveInt | None = Field(None, description="Default: the datasets' tokenizer vocabulary")
     data: list[DataSource] = Field(min_length=1)
     val: Validation | None = None
+    eval: Evaluation | None = None
     seq_len: PositiveInt
     global_batch_tokens: PositiveInt
     micro_batch: PositiveInt = Field(description="Sequences per rank per forward/backward")
@@ -178,6 +189,8 @@ class TrainConfig(Section):
             source["manifest"] = _absolute(source["manifest"])
         if data["val"]:
             data["val"]["manifest"] = _absolute(data["val"]["manifest"])
+        if data["eval"] and data["eval"]["include_path"]:
+            data["eval"]["include_path"] = _absolute(data["eval"]["include_path"])
         return TrainConfig.model_validate(data)
 
     def to_json(self) -> str:

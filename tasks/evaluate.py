@@ -17,12 +17,13 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
 from model.checkpoint import STATE_FILE, CheckpointError, fetch_file, read_train_state, resolve_checkpoint
 from model.export import export_hf
 from model.metrics import read_metrics
+from model.train_config import Evaluation
 from storage.store import ObjectNotFound, Store, join_key
 from tasks.reporting import artifact_key
 
@@ -195,3 +196,13 @@ def evaluate_task(
         description=f"{run}: lm-evaluation-harness at step {record['step']} ({record['tokens']} tokens), percent",
     )
     return record
+
+
+def evaluate_segment(run_uri: str, evaluation: Evaluation) -> dict | None:
+    """Evaluate the checkpoint a training segment ended with. A failure is logged and reported by
+    the failed task run, never raised: the checkpoint is committed and the next segment runs."""
+    try:
+        return evaluate_task(run_uri, **evaluation.model_dump())
+    except Exception as error:  # noqa: BLE001 - evaluation must not fail the training flow
+        get_run_logger().error("evaluation of %s failed (training is unaffected): %s", run_uri, error)
+        return None
