@@ -125,7 +125,7 @@ def print_manifest(uri: str, shards: bool = False) -> None:
 
 @app.command()
 def demo(ctx: typer.Context) -> None:
-    """The whole pipeline on the embedded defaults: sample corpus, dataset, training, HF export, generation."""
+    """The whole pipeline on the embedded defaults: sample corpus, dataset, training, HF export, generation, evaluation."""
     from deployments.demo import run_demo
 
     run_demo(ctx.parent.params["data"])

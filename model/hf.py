@@ -22,6 +22,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pro
 
 from model.config import LlamaConfig
 from model.llama import Llama
+from storage.manifest import DocumentConvention
 
 WEIGHTS_FILE = "model.safetensors"
 # Weight files in the order they are looked for; an index names the shards of a sharded checkpoint.
@@ -247,9 +248,30 @@ def read_hf_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_hf(path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Llama:
-    """A Llama with the weights of a Hugging Face LlamaForCausalLM directory, cast to `dtype`."""
+def hf_documents(path: str | Path) -> DocumentConvention:
+    """The document convention a Hugging Face directory's tokenizer encodes with: BOS first when its
+    tokenizer_config adds one (Llama 2's and TinyLlama's releases do, and so does a missing config)."""
+    config_path = Path(path) / "tokenizer_config.json"
+    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    return DocumentConvention(bos=config.get("add_bos_token", True))
+
+
+def load_hf(
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    documents: DocumentConvention | None = None,
+) -> Llama:
+    """A Llama with the weights of a Hugging Face LlamaForCausalLM directory, cast to `dtype`.
+    Given the convention of the data it will train on, refuses weights whose tokenizer frames
+    documents otherwise (continuing TinyLlama, which saw BOS before every document, on BOS-less data)."""
     root = Path(path)
+    if documents is not None and hf_documents(root).bos != documents.bos:
+        raise ValueError(
+            f"{root}: its tokenizer {'adds' if hf_documents(root).bos else 'does not add'} BOS before each text, "
+            f"but the training data's documents {'start' if documents.bos else 'do not start'} with BOS; "
+            "build the data with the same `bos` setting"
+        )
     hf = json.loads((root / "config.json").read_text())
     config = config_from_hf(hf, root / "config.json")
     state = read_hf_state_dict(root)

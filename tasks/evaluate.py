@@ -53,17 +53,23 @@ def go_offline() -> None:
 
 
 @lru_cache(maxsize=4)
-def _indexed_tasks(include_path: str | None):
+def _indexed_tasks(include_path: str | None, include_defaults: bool):
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=include_path)  # indexes thousands of registry YAMLs: once per process
+    return TaskManager(include_path=include_path, include_defaults=include_defaults)
 
 
 def task_manager(tasks: list[str], include_path: str | None):
-    """lm-eval's TaskManager with the local task folder; ValueError naming tasks it does not know."""
-    if include_path is not None and not Path(include_path).is_dir():
-        raise ValueError(f"include path {include_path} is not a folder")
-    manager = _indexed_tasks(include_path)
+    """lm-eval's TaskManager with the local task folder; ValueError naming tasks it does not know.
+    Indexing the registry's thousands of YAMLs takes most of a minute on a small CPU, so tasks all
+    found under `include_path` are run from an index of that folder alone."""
+    if include_path is not None:
+        if not Path(include_path).is_dir():
+            raise ValueError(f"include path {include_path} is not a folder")
+        local = _indexed_tasks(include_path, include_defaults=False)
+        if set(tasks) <= set(local.all_tasks):
+            return local
+    manager = _indexed_tasks(include_path, include_defaults=True)
     unknown = [name for name in tasks if name not in manager.all_tasks]
     if unknown:
         where = f"the harness's registry or {include_path}" if include_path else "the harness's registry"

@@ -229,3 +229,14 @@ def test_tokenizer_options_the_export_cannot_reproduce_are_refused(tmp_path):
     path.write_bytes(model.getvalue())
     with pytest.raises(ValueError, match="normalization 'nmt_nfkc' .*remove_extra_whitespaces"):
         save_hf(Llama(CONFIG), tmp_path / "out", tokenizer_model=path)
+
+
+def test_import_follows_the_document_convention(tmp_path, sentencepiece_model):
+    save_hf(Llama(CONFIG), tmp_path, tokenizer_model=sentencepiece_model, bos=True)
+    assert load_hf(tmp_path, documents=DocumentConvention(bos=True)).config == CONFIG
+    with pytest.raises(ValueError, match=f"{tmp_path}: its tokenizer adds BOS .* do not start with BOS"):
+        load_hf(tmp_path, documents=DocumentConvention(bos=False))
+    save_hf(Llama(CONFIG), tmp_path, tokenizer_model=sentencepiece_model, bos=False)
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["add_bos_token"] is False
+    assert AutoTokenizer.from_pretrained(tmp_path)("the fox").input_ids[0] != 1
+    assert load_hf(tmp_path, documents=DocumentConvention(bos=False)).config == CONFIG
