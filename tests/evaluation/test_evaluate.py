@@ -11,7 +11,10 @@ from flows.evaluate import evaluate
 from flows.train_epoch import train_epoch
 from model.checkpoint import CheckpointError
 from storage.store import open_store
-from tasks.evaluate import EVAL_LOG, EVAL_PLOT, eval_key, evaluate_checkpoint
+from prefect import flow
+
+from model.train_config import Evaluation
+from tasks.evaluate import EVAL_LOG, EVAL_PLOT, eval_key, evaluate_checkpoint, evaluate_segment
 from tests.evaluation.runs import evaluable_build
 from tests.model.runs import train_config
 from flows.train import train
@@ -73,3 +76,14 @@ def test_train_epoch_segments_with_evaluation_leave_one_record_per_segment(prefe
     assert [r["step"] for r in records] == [2, 4]
     assert records[0]["tokens"] < records[1]["tokens"]
     assert store.exists(eval_key(2)) and store.exists(eval_key(4))
+
+
+def test_a_failed_segment_evaluation_is_reported_not_raised(prefect_server, tmp_path, caplog):
+    @flow
+    def segment_end(run_uri: str) -> str:
+        evaluate_segment(run_uri, Evaluation(tasks=["tiny_mc"], include_path=TASKS))
+        return "training continues"
+
+    missing = str(tmp_path / "gone")
+    assert segment_end(missing) == "training continues"
+    assert any("evaluation of" in r.getMessage() and missing in r.getMessage() for r in caplog.records)
