@@ -128,12 +128,13 @@ def evaluate_checkpoint(
     except ObjectNotFound as e:
         raise CheckpointError(f"{checkpoint_uri}: no such checkpoint or run ({e})") from None
     with tempfile.TemporaryDirectory(prefix="tinyllama-eval-") as tmp:
-        state = read_train_state(fetch_file(store, checkpoint, STATE_FILE, Path(tmp)), store.url(checkpoint.key(STATE_FILE)))
+        state_file = fetch_file(store, checkpoint, STATE_FILE, Path(tmp))
+        state = read_train_state(state_file, store.url(checkpoint.key(STATE_FILE)))
         export = export_hf(store.url(checkpoint.prefix), Path(tmp) / "hf")
         results = run_harness(export, tasks, include_path, num_fewshot, limit, batch_size)
     record = {
-        "run": state.config["name"], "step": checkpoint.step, "tokens": state.tokens_seen, "checkpoint": store.url(checkpoint.prefix),
-        "tasks": tasks, "num_fewshot": num_fewshot, "limit": limit, "metrics": metric_rows(results),
+        "run": state.config["name"], "step": checkpoint.step, "tokens": state.tokens_seen,
+        "checkpoint": store.url(checkpoint.prefix), "tasks": tasks, "num_fewshot": num_fewshot, "limit": limit, "metrics": metric_rows(results),
     }
     store.put_text(eval_key(checkpoint.step), json.dumps({**record, "lm_eval": results}, indent=2) + "\n")
     append_record(store, record)
