@@ -99,7 +99,8 @@ def run_demo(data_dir: Path = Path("data"), steps: int = DEMO_STEPS) -> DemoResu
 def print_summary(result: DemoResult) -> None:
     minutes, seconds = divmod(round(result.seconds), 60)
     scores = ", ".join(
-        f"{row['task']} {row['metric']} {row['value']:.3f} ± {row['stderr']:.3f}" for row in result.evaluation["metrics"]
+        f"{row['task']} {row['metric']} {row['value']:.3f} ± {row['stderr']:.3f}"
+        for row in result.evaluation["metrics"]
     )
     print(
         f"""

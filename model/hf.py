@@ -153,8 +153,8 @@ def save_tokenizer(tokenizer_model: str | Path, out_dir: Path, config: LlamaConf
         "add_bos_token": bos,
         "add_eos_token": False,
         "add_prefix_space": _adds_dummy_prefix(sp),
-        # legacy: SentencePiece's own encode (dummy prefix included) on the whole text; the non-legacy
-        # path drops the dummy prefix before leading spaces ("    def" -> "▁▁▁▁" "def", not "▁▁▁▁▁def").
+        # legacy: SentencePiece's own encode (dummy prefix included) on the whole text; the
+        # non-legacy path drops the dummy prefix before leading spaces ("▁▁▁▁" "def", not "▁▁▁▁▁def").
         "legacy": True,
         # "<s>" written in a document is text to SentencePiece, not the BOS token
         "split_special_tokens": True,

@@ -134,7 +134,8 @@ def evaluate_checkpoint(
         results = run_harness(export, tasks, include_path, num_fewshot, limit, batch_size)
     record = {
         "run": state.config["name"], "step": checkpoint.step, "tokens": state.tokens_seen,
-        "checkpoint": store.url(checkpoint.prefix), "tasks": tasks, "num_fewshot": num_fewshot, "limit": limit, "metrics": metric_rows(results),
+        "checkpoint": store.url(checkpoint.prefix), "tasks": tasks, "num_fewshot": num_fewshot, "limit": limit,
+        "metrics": metric_rows(results),
     }
     store.put_text(eval_key(checkpoint.step), json.dumps({**record, "lm_eval": results}, indent=2) + "\n")
     append_record(store, record)
