@@ -81,7 +81,7 @@ def main() -> None:
         started = time.perf_counter()
         run_shards(
             "tokenize", store, plan, lambda f: f.shard,
-            lambda f: tokenize_shard(store, f, tokenizer, config.shard_tokens, config.seed),
+            lambda f: tokenize_shard(store, f, tokenizer, config.documents, config.shard_tokens, config.seed),
         )
         stage.append(megabytes / (time.perf_counter() - started))
 

@@ -99,6 +99,28 @@ def export_hf(
     typer.echo(str(export(checkpoint_uri, out_dir)))
 
 
+@app.command()
+def evaluate(
+    run_or_checkpoint: Annotated[str, typer.Argument(help="A checkpoint folder, or a run folder (its newest checkpoint)")],
+    tasks: Annotated[str, typer.Option(help="Comma-separated lm-eval task names")],
+    include_path: Annotated[Optional[str], typer.Option(help="Folder of task YAMLs (local data)")] = None,
+    num_fewshot: Annotated[Optional[int], typer.Option(help="Few-shot examples per item")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="At most this many items per task")] = None,
+    batch_size: Annotated[int, typer.Option(help="Items per forward pass")] = 8,
+) -> None:
+    """Run the evaluate flow (lm-evaluation-harness, offline) on a checkpoint; prints its metrics."""
+    from flows.evaluate import evaluate as flow
+
+    names = [name.strip() for name in tasks.split(",") if name.strip()]
+    record = flow(absolute(run_or_checkpoint), names, include_path and absolute(include_path), num_fewshot, limit,
+                  batch_size)
+    typer.echo(f"{record['checkpoint']} (step {record['step']}, {record['tokens']} tokens)")
+    for row in record["metrics"]:
+        stderr = "" if row["stderr"] is None else f" ± {row['stderr']:.4f}"
+        paper = "" if row["paper"] is None else f"  (TinyLlama 3T: {row['paper']:.4f})"
+        typer.echo(f"  {row['task']:<24} {row['metric']:<10} {row['value']:.4f}{stderr}{paper}")
+
+
 def print_manifest(uri: str, shards: bool = False) -> None:
     from storage.manifest import DatasetManifest, read_record
     from storage.store import open_object
@@ -120,7 +142,7 @@ def print_manifest(uri: str, shards: bool = False) -> None:
 
 @app.command()
 def demo(ctx: typer.Context) -> None:
-    """The whole pipeline on the embedded defaults: sample corpus, dataset, training, HF export, generation."""
+    """The whole pipeline on the embedded defaults: sample corpus, dataset, training, HF export, generation, evaluation."""
     from deployments.demo import run_demo
 
     run_demo(ctx.parent.params["data"])

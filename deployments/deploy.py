@@ -5,6 +5,7 @@
     pretrain/on-demand          pretrain        build, then train on the new build
     train-on-build/triggered    train-on-build  when a build-dataset/on-demand run completes (a deployment trigger)
     train-epoch/scheduled       train-epoch     every hour once its schedule is switched on (created paused)
+    evaluate/on-demand          evaluate        from the UI form: lm-eval tasks on a checkpoint (default: the run's newest)
 
 `tinyllama serve` serves them (flow.serve: each run in a subprocess of the serve process), so
 no work pool or worker is needed on one machine. The training deployments run one at a time
@@ -32,6 +33,7 @@ BUILD = "build-dataset/on-demand"
 PRETRAIN = "pretrain/on-demand"
 TRAIN_ON_BUILD = "train-on-build/triggered"
 TRAIN_EPOCH = "train-epoch/scheduled"
+EVALUATE = "evaluate/on-demand"
 EPOCH_CRON = "0 * * * *"  # hourly, at minute 0
 EPOCH_STEPS = 50
 TAGS = ["tinyllama"]
@@ -87,8 +89,9 @@ def deployments(
     epoch_schedule_active: bool = False,
     train_after_build: bool = True,
 ) -> list[RunnerDeployment]:
-    """The four deployments; `build` and `train` are the default parameters their UI forms show."""
+    """The five deployments; `build` and `train` are the default parameters their UI forms show."""
     from flows.build_dataset import build_dataset
+    from flows.evaluate import evaluate
     from flows.pretrain import pretrain, train_on_build
     from flows.train_epoch import train_epoch
 
@@ -116,6 +119,7 @@ def deployments(
             schedules=[Cron(epoch_cron, active=epoch_schedule_active)],
             concurrency_limit=ONE_AT_A_TIME,
         ),
+        declare(evaluate, EVALUATE, parameters={"checkpoint": train.run_uri}),
     ]
 
 

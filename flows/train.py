@@ -5,10 +5,15 @@ from __future__ import annotations
 from prefect import flow
 
 from model.train_config import TrainConfig
+from tasks.evaluate import evaluate_segment
 from tasks.train import train_task
 
 
 @flow(name="train", flow_run_name="train-{config.name}")
 def train(config: TrainConfig) -> str:
-    """Train until max_steps (or for max_steps_this_run more steps); returns the run's URI."""
-    return train_task(config)
+    """Train until max_steps (or for max_steps_this_run more steps), then evaluate the checkpoint it
+    ended with when the config names evaluation tasks; returns the run's URI."""
+    run_uri = train_task(config)
+    if config.eval is not None:
+        evaluate_segment(run_uri, config.eval)
+    return run_uri

@@ -85,7 +85,8 @@ def read_manifest(uri: str) -> tuple[Store, DatasetManifest]:
 
 
 def shared_tokenizer(manifests: Sequence[tuple[str, DatasetManifest]]) -> TokenizerInfo:
-    """The tokenizer all manifests (given with their URIs) share; DataError naming two that differ."""
+    """The tokenizer all manifests (given with their URIs) share; DataError naming two that differ
+    in tokenizer or in document convention (a BOS at each document's start or not)."""
     if not manifests:
         raise DataError("no data sources given")
     first_uri, first = manifests[0]
@@ -96,6 +97,12 @@ def shared_tokenizer(manifests: Sequence[tuple[str, DatasetManifest]]) -> Tokeni
                 f"thing: {first_uri} has tokenizer {first.tokenizer.sha256} "
                 f"(vocab {first.tokenizer.vocab_size}) but {uri} has {manifest.tokenizer.sha256} "
                 f"(vocab {manifest.tokenizer.vocab_size})"
+            )
+        if manifest.documents != first.documents:
+            raise DataError(
+                "data sources frame documents differently, so one run would mix two conventions: "
+                f"{first_uri} has {first.documents.model_dump()} but {uri} has {manifest.documents.model_dump()}; "
+                "rebuild one of them with the other's `bos` setting"
             )
     return first.tokenizer
 

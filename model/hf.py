@@ -15,11 +15,14 @@ import shutil
 from pathlib import Path
 
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
 import torch
 from safetensors.torch import load_file, save_file
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
 
 from model.config import LlamaConfig
 from model.llama import Llama
+from storage.manifest import DocumentConvention
 
 WEIGHTS_FILE = "model.safetensors"
 # Weight files in the order they are looked for; an index names the shards of a sharded checkpoint.
@@ -98,9 +101,14 @@ def config_from_hf(hf: dict, source: str | Path) -> LlamaConfig:
 
 
 def save_hf(
-    model: Llama, out_dir: str | Path, tokenizer_model: str | Path | None = None, dtype: torch.dtype | None = None
+    model: Llama,
+    out_dir: str | Path,
+    tokenizer_model: str | Path | None = None,
+    dtype: torch.dtype | None = None,
+    bos: bool = True,
 ) -> Path:
-    """Write `model` as a Hugging Face LlamaForCausalLM directory; dtype defaults to the weights' own."""
+    """Write `model` as a Hugging Face LlamaForCausalLM directory; dtype defaults to the weights' own,
+    `bos` is the training data's document convention (documents start with BOS)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").unlink(missing_ok=True)  # written last, so its presence marks a complete export
@@ -109,7 +117,7 @@ def save_hf(
     if dtype not in DTYPE_NAMES:
         raise ValueError(f"cannot export weights as {dtype}; choose one of {', '.join(DTYPE_NAMES.values())}")
     if tokenizer_model is not None:
-        save_tokenizer(tokenizer_model, out, config)
+        save_tokenizer(tokenizer_model, out, config, bos)
     tensors = {name: t.detach().to("cpu", dtype).contiguous() for name, t in model.state_dict().items()}
     save_file(tensors, out / WEIGHTS_FILE, metadata={"format": "pt"})  # transformers requires format=pt
     generation = {"bos_token_id": config.bos_id, "eos_token_id": config.eos_id, "max_length": config.max_seq_len}
@@ -118,8 +126,10 @@ def save_hf(
     return out
 
 
-def save_tokenizer(tokenizer_model: str | Path, out_dir: Path, config: LlamaConfig) -> None:
-    """tokenizer.model plus the configs with which AutoTokenizer builds a Llama tokenizer from it."""
+def save_tokenizer(tokenizer_model: str | Path, out_dir: Path, config: LlamaConfig, bos: bool = True) -> None:
+    """tokenizer.model, tokenizer.json and the configs with which AutoTokenizer encodes a text exactly as
+    the build encoded a document: [BOS if `bos`] + SentencePiece's ids (the build appends EOS at a
+    document's end; a prompt is a document's unfinished start, so the tokenizer adds none)."""
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
     for name, sp_id, model_id in (("BOS", sp.bos_id(), config.bos_id), ("EOS", sp.eos_id(), config.eos_id)):
         if sp_id != model_id:
@@ -127,6 +137,7 @@ def save_tokenizer(tokenizer_model: str | Path, out_dir: Path, config: LlamaConf
     if sp.vocab_size() > config.vocab_size:
         raise ValueError(f"{tokenizer_model}: {sp.vocab_size()} pieces exceed the model's vocab {config.vocab_size}")
     shutil.copyfile(tokenizer_model, out_dir / "tokenizer.model")
+    fast_tokenizer(sp, bos).save(str(out_dir / "tokenizer.json"))
     special = {
         "bos_token": sp.id_to_piece(sp.bos_id()),
         "eos_token": sp.id_to_piece(sp.eos_id()),
@@ -134,21 +145,83 @@ def save_tokenizer(tokenizer_model: str | Path, out_dir: Path, config: LlamaConf
     }
     if sp.pad_id() >= 0:
         special["pad_token"] = sp.id_to_piece(sp.pad_id())
-    # SentencePiece's add_dummy_prefix shows as a leading "▁" on the first piece; HF calls it add_prefix_space.
-    add_prefix_space = sp.encode("a", out_type=str)[0].startswith("▁")
     tokenizer_config = {
-        "tokenizer_class": "LlamaTokenizer",  # transformers picks LlamaTokenizerFast where it has one
+        # tokenizer.json as written: the LlamaTokenizer class rebuilds its own pre-tokenizer, which drops
+        # the dummy prefix before leading spaces
+        "tokenizer_class": "PreTrainedTokenizerFast",
         **special,
-        "add_bos_token": True,
+        "add_bos_token": bos,
         "add_eos_token": False,
-        "add_prefix_space": add_prefix_space,
-        "legacy": False,  # text after special tokens is tokenized as SentencePiece does
+        "add_prefix_space": _adds_dummy_prefix(sp),
+        # legacy: SentencePiece's own encode (dummy prefix included) on the whole text; the
+        # non-legacy path drops the dummy prefix before leading spaces ("▁▁▁▁" "def", not "▁▁▁▁▁def").
+        "legacy": True,
+        # "<s>" written in a document is text to SentencePiece, not the BOS token
+        "split_special_tokens": True,
         "clean_up_tokenization_spaces": False,
         "model_max_length": config.max_seq_len,
         "sp_model_kwargs": {},
     }
     _write_json(out_dir / "tokenizer_config.json", tokenizer_config)
     _write_json(out_dir / "special_tokens_map.json", special)
+
+
+def _adds_dummy_prefix(sp: spm.SentencePieceProcessor) -> bool:
+    # SentencePiece's add_dummy_prefix shows as a leading "▁" on the first piece; HF calls it add_prefix_space.
+    return sp.encode("a", out_type=str)[0].startswith("▁")
+
+
+def check_convertible(sp: spm.SentencePieceProcessor) -> None:
+    """Refuse SentencePiece options the `tokenizers` pipeline below does not reproduce."""
+    proto = sentencepiece_model_pb2.ModelProto.FromString(sp.serialized_model_proto())
+    spec, trainer = proto.normalizer_spec, proto.trainer_spec
+    unsupported = [
+        what for what, present in (
+            (f"model type {sentencepiece_model_pb2.TrainerSpec.ModelType.Name(trainer.model_type)} (not BPE)",
+             trainer.model_type != sentencepiece_model_pb2.TrainerSpec.BPE),
+            (f"normalization {spec.name!r} (not identity)", spec.name != "identity" or bool(spec.precompiled_charsmap)),
+            ("remove_extra_whitespaces", spec.remove_extra_whitespaces),
+            ("no escape_whitespaces", not spec.escape_whitespaces),
+            ("treat_whitespace_as_suffix", trainer.treat_whitespace_as_suffix),
+        ) if present
+    ]
+    if unsupported:
+        raise ValueError(f"tokenizer cannot be exported as tokenizer.json: {', '.join(unsupported)}")
+
+
+def fast_tokenizer(sp: spm.SentencePieceProcessor, bos: bool) -> Tokenizer:
+    """The `tokenizers` pipeline of a BPE SentencePiece model as the project trains it (identity
+    normalization, whitespace kept, byte fallback, split digits): SentencePiece's normalization is then
+    only the dummy prefix and " " -> "▁", and its BPE merges the highest-scored adjacent pair, leftmost
+    first, over the whole text; tokenizers' BPE does the same with merges ranked by the merged piece's
+    score. Split digits and whitespace-only pieces need nothing at encode time: they shape the vocabulary."""
+    check_convertible(sp)
+    vocab = {sp.id_to_piece(i): i for i in range(sp.vocab_size())}
+    ranked = []
+    for i in range(sp.vocab_size()):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i):
+            continue
+        piece = sp.id_to_piece(i)
+        ranked += [(-sp.get_score(i), i, piece[:k], piece[k:]) for k in range(1, len(piece))
+                   if piece[:k] in vocab and piece[k:] in vocab]
+    merges = [(left, right) for *_, left, right in sorted(ranked)]
+    unk = sp.id_to_piece(sp.unk_id())
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
+    steps = [normalizers.Replace(" ", "▁")]
+    decode = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if _adds_dummy_prefix(sp):
+        steps.insert(0, normalizers.Prepend("▁"))
+        decode.append(decoders.Strip(content=" ", left=1))
+    tokenizer.normalizer = normalizers.Sequence(steps)
+    tokenizer.decoder = decoders.Sequence(decode)
+    control = [sp.id_to_piece(i) for i in range(sp.vocab_size()) if sp.is_control(i) or sp.is_unknown(i)]
+    tokenizer.add_special_tokens([AddedToken(piece, special=True, normalized=False) for piece in control])
+    bos_piece = sp.id_to_piece(sp.bos_id())
+    if bos:
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos_piece} $A", pair=f"{bos_piece} $A {bos_piece} $B", special_tokens=[(bos_piece, sp.bos_id())]
+        )
+    return tokenizer
 
 
 def read_hf_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -175,9 +248,30 @@ def read_hf_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_hf(path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Llama:
-    """A Llama with the weights of a Hugging Face LlamaForCausalLM directory, cast to `dtype`."""
+def hf_documents(path: str | Path) -> DocumentConvention:
+    """The document convention a Hugging Face directory's tokenizer encodes with: BOS first when its
+    tokenizer_config adds one (Llama 2's and TinyLlama's releases do, and so does a missing config)."""
+    config_path = Path(path) / "tokenizer_config.json"
+    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    return DocumentConvention(bos=config.get("add_bos_token", True))
+
+
+def load_hf(
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    documents: DocumentConvention | None = None,
+) -> Llama:
+    """A Llama with the weights of a Hugging Face LlamaForCausalLM directory, cast to `dtype`.
+    Given the convention of the data it will train on, refuses weights whose tokenizer frames
+    documents otherwise (continuing TinyLlama, which saw BOS before every document, on BOS-less data)."""
     root = Path(path)
+    if documents is not None and hf_documents(root).bos != documents.bos:
+        raise ValueError(
+            f"{root}: its tokenizer {'adds' if hf_documents(root).bos else 'does not add'} BOS before each text, "
+            f"but the training data's documents {'start' if documents.bos else 'do not start'} with BOS; "
+            "build the data with the same `bos` setting"
+        )
     hf = json.loads((root / "config.json").read_text())
     config = config_from_hf(hf, root / "config.json")
     state = read_hf_state_dict(root)

@@ -84,6 +84,16 @@ class Validation(Section):
     batches: PositiveInt = 8
 
 
+class Evaluation(Section):
+    """lm-evaluation-harness tasks scored on the checkpoint each training segment ends with."""
+
+    tasks: list[str] = Field(min_length=1, description="lm-eval task names (registry or include_path)")
+    include_path: str | None = Field(None, description="Folder of task YAMLs (local data)")
+    num_fewshot: NonNegativeInt | None = None
+    limit: PositiveInt | None = Field(None, description="At most this many items per task")
+    batch_size: PositiveInt = 8
+
+
 class TorchrunLauncher(Section):
     """`nproc` processes on each of `nnodes` nodes. Several nodes meet at a c10d rendezvous on
     `rdzv_endpoint` (host:port of one node, e.g. the first of a Slurm job); the Prefect task runs
@@ -135,6 +145,7 @@ class TrainConfig(Section):
     vocab_size: PositiveInt | None = Field(None, description="Default: the datasets' tokenizer vocabulary")
     data: list[DataSource] = Field(min_length=1)
     val: Validation | None = None
+    eval: Evaluation | None = None
     seq_len: PositiveInt
     global_batch_tokens: PositiveInt
     micro_batch: PositiveInt = Field(description="Sequences per rank per forward/backward")
@@ -209,6 +220,8 @@ class TrainConfig(Section):
             source["manifest"] = _absolute(source["manifest"])
         if data["val"]:
             data["val"]["manifest"] = _absolute(data["val"]["manifest"])
+        if data["eval"] and data["eval"]["include_path"]:
+            data["eval"]["include_path"] = _absolute(data["eval"]["include_path"])
         return TrainConfig.model_validate(data)
 
     def to_json(self) -> str:

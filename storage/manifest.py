@@ -61,6 +61,20 @@ class TokenizerInfo(Record):
     trained: bool
 
 
+class DocumentConvention(Record):
+    """How each document's tokens are framed in the shards: [BOS] + text + [EOS]."""
+
+    bos: bool = True
+    eos: bool = True
+
+    def frame(self, ids: list[int], tokenizer: TokenizerInfo) -> list[int]:
+        return [tokenizer.bos_id] * self.bos + ids + [tokenizer.eos_id] * self.eos
+
+
+# Manifests written before the convention was recorded: EOS after each document, no BOS.
+UNRECORDED_CONVENTION = DocumentConvention(bos=False, eos=True)
+
+
 class TokenShard(Record):
     """One Megatron indexed shard (`<prefix>.bin` + `<prefix>.idx`) of one source."""
 
@@ -90,6 +104,7 @@ class DatasetManifest(Record):
     config: dict
     config_hash: str
     tokenizer: TokenizerInfo
+    documents: DocumentConvention = Field(default_factory=lambda: UNRECORDED_CONVENTION.model_copy())
     dtype: str  # numpy dtype name of the tokens: "uint16" or "int32"
     shards: list[TokenShard]
     sources: dict[str, SourceAccounting]

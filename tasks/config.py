@@ -10,6 +10,8 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from storage.manifest import DocumentConvention
+
 
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -98,6 +100,7 @@ class BuildConfig(Config):
     minhash: MinHashConfig = Field(default_factory=MinHashConfig)
     quarantine: bool = Field(True, description="Quarantine and count bad records; False fails on the first")
     shard_tokens: int = Field(4 << 20, gt=0, description="Target tokens per token shard")
+    bos: bool = Field(True, description="Start every document with BOS, as Llama 2 and TinyLlama do (EOS ends each)")
     seed: int = 42
     build_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", description="Default: the config hash")
     parallelism: int | None = Field(
@@ -121,6 +124,10 @@ class BuildConfig(Config):
 
     def config_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.content(), sort_keys=True).encode()).hexdigest()
+
+    @property
+    def documents(self) -> DocumentConvention:
+        return DocumentConvention(bos=self.bos)
 
     @property
     def resolved_build_id(self) -> str:

@@ -69,6 +69,7 @@ def write_manifest(build: Build, tokenizer: TokenizerInfo) -> str:
         config=build.config.content(),
         config_hash=build.config.config_hash(),
         tokenizer=tokenizer,
+        documents=build.config.documents,
         dtype=token_dtype(tokenizer.vocab_size).name,
         shards=[shard for receipt in tokenized for shard in receipt.token_shards],
         sources=sources,

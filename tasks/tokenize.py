@@ -1,8 +1,8 @@
 """Stage 6: tokenize and pack.
 
 Per docs shard (one Ray task each): drop the ids dedup removed, shuffle the rest with a seed
-of (build seed, shard), encode whole documents in batches, append EOS (no BOS padding), and
-write Megatron `.bin/.idx` shards of about `shard_tokens` tokens, one sequence per document.
+of (build seed, shard), encode whole documents in batches, frame each by the build's document
+convention (BOS first unless the build turns it off, EOS last; no BOS padding), and write Megatron `.bin/.idx` shards of about `shard_tokens` tokens, one sequence per document.
 A document is never split and nothing is dropped at a shard's end; training blocks are cut
 by the loader at read time.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from storage.manifest import Receipt, TokenizerInfo, TokenShard, upload
+from storage.manifest import DocumentConvention, Receipt, TokenizerInfo, TokenShard, upload
 from storage.shards import ShardWriter, token_dtype
 from storage.store import Store, join_key
 from tasks.fanout import run_shards
@@ -54,24 +54,26 @@ def _upload(store: Store, writer: ShardWriter, prefix: str, file: PlannedFile) -
     )
 
 
-def tokenize_shard(store: Store, file: PlannedFile, tokenizer: TokenizerInfo, shard_tokens: int, seed: int) -> Receipt:
+def tokenize_shard(
+    store: Store, file: PlannedFile, tokenizer: TokenizerInfo, documents: DocumentConvention, shard_tokens: int, seed: int
+) -> Receipt:
     processor = cached_processor(store.url(tokenizer.key), tokenizer.sha256)
     docs = read_table(store, docs_key(file), columns=["id", "text"])
     keep = np.flatnonzero(~np.isin(docs.column("id").to_numpy(), removed_ids(store, file)))
     texts = docs.column("text").to_pylist()
     order = keep[np.random.default_rng([seed, file.ordinal]).permutation(len(keep))]
     dtype = token_dtype(tokenizer.vocab_size)
-    eos = [tokenizer.eos_id]
     shards: list[TokenShard] = []
     with tempfile.TemporaryDirectory() as tmp:
         writer = ShardWriter(Path(tmp) / "part-0", dtype)
         for batch in _batches(texts, order):
             for ids in processor.encode(batch, num_threads=1):
-                if writer.documents and writer.tokens + len(ids) + 1 > shard_tokens:
+                ids = documents.frame(ids, tokenizer)
+                if writer.documents and writer.tokens + len(ids) > shard_tokens:
                     writer.close()
                     shards.append(_upload(store, writer, tokens_prefix(file, len(shards)), file))
                     writer = ShardWriter(Path(tmp) / f"part-{len(shards)}", dtype)
-                writer.add_document(ids + eos)
+                writer.add_document(ids)
         writer.close()
         if writer.documents:
             shards.append(_upload(store, writer, tokens_prefix(file, len(shards)), file))
@@ -85,7 +87,7 @@ def tokenize(build: Build, tokenizer: TokenizerInfo) -> dict[str, int | float]:
     store, config = build.store, build.config
     receipts = run_shards(
         "tokenize", store, build.plan, lambda f: f.shard,
-        lambda f: tokenize_shard(store, f, tokenizer, config.shard_tokens, config.seed),
+        lambda f: tokenize_shard(store, f, tokenizer, config.documents, config.shard_tokens, config.seed),
         on_progress=progress("tokenize", config.name), max_in_flight=config.parallelism,
     )
     return stage_table("tokenize", config.name, receipts)

@@ -58,8 +58,11 @@ def decoded_documents(manifest_uri: str, manifest: DatasetManifest, tmp: Path) -
         assert len(tokens) == shard.documents and tokens.num_tokens == shard.tokens
         for i in range(len(tokens)):
             document = tokens.document(i).tolist()
-            assert document[-1] == manifest.tokenizer.eos_id and manifest.tokenizer.bos_id not in document
-            texts.append(processor.decode(document[:-1]))
+            # the default convention: BOS + text + EOS, and no BOS inside a document
+            assert manifest.documents.bos and manifest.documents.eos
+            assert document[0] == manifest.tokenizer.bos_id and document[-1] == manifest.tokenizer.eos_id
+            assert manifest.tokenizer.bos_id not in document[1:]
+            texts.append(processor.decode(document[1:-1]))
     return texts
 
 

@@ -5,15 +5,23 @@ from __future__ import annotations
 import io
 import json
 import random
+from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import sentencepiece as spm
 import torch
 import transformers
+import zstandard
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaForCausalLM
+from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
 from model import Llama, LlamaConfig
 from model.hf import hf_config, load_hf, save_hf
+from storage.manifest import DocumentConvention, TokenizerInfo
+from tasks.config import TokenizerTrain
+from tasks.sample_corpus import make_sample_corpus
+from tasks.tokenizer import train_model
 
 # GQA and a non-default RoPE base, so that a dropped rope_theta or a head mix-up would show.
 CONFIG = LlamaConfig.preset("tiny", vocab_size=320, rope_theta=500000.0)
@@ -154,3 +162,81 @@ def test_tokenizer_must_agree_with_the_model(tmp_path, sentencepiece_model):
         save_hf(Llama(CONFIG.model_copy(update={"eos_id": 5})), tmp_path, tokenizer_model=sentencepiece_model)
     with pytest.raises(ValueError, match="300 pieces exceed the model's vocab 256"):
         save_hf(Llama(CONFIG.model_copy(update={"vocab_size": 256})), tmp_path, tokenizer_model=sentencepiece_model)
+
+
+# Texts a tokenizer conversion gets wrong first: whitespace at the ends or alone, digits, code,
+# non-Latin scripts, characters only byte fallback can spell, and special tokens written as text.
+HOSTILE_TEXTS = [
+    "", " ", "   ", "\n", "\t", " \n\t ", "\n\nparagraph", "trailing spaces   ", "trailing newline\n",
+    "    def f(x):\n        return x  # indented\n", "\tif a:\n\t\tpass", "x  =  1;;  y=2\r\n",
+    "0", "1234567890", "3.14159e-10 and 2,147,483,647", "v1.2.3-rc4", "٣٤٥ ١٢",
+    "東京タワー", "Ünïcödé naïve café", "Привет, мир", "مرحبا بالعالم", "नमस्ते दुनिया", "한국어 텍스트",
+    "emoji 🙂🚀 and ZWJ 👩‍💻", "\u200b zero width \u00a0 nbsp", "combining e\u0301", "\x01\x7f control",
+    "<s> literal </s> and <unk>", "<0x41> looks like a byte piece", "▁ the meta symbol itself ▁▁",
+]
+
+
+def build_documents(root) -> list[str]:
+    """The documents of the sample corpus the build tokenizes (prose and code)."""
+    corpus = make_sample_corpus(root, target_bytes=2 << 20, seed=3)
+    texts = []
+    for path in sorted(root.rglob("*.jsonl.zst")):
+        with zstandard.ZstdDecompressor().stream_reader(path.open("rb")) as reader:
+            texts += [json.loads(line)["text"] for line in reader.read().splitlines()]
+    for path in sorted(root.rglob("*.parquet")):
+        texts += pq.read_table(path, columns=["content"]).column("content").to_pylist()
+    assert len(texts) == sum(source["documents"] for source in corpus["sources"].values())
+    return texts
+
+
+@pytest.fixture(scope="module")
+def build_tokenizer(tmp_path_factory) -> tuple[Path, list[str]]:
+    """A tokenizer trained as the build trains one (tasks.tokenizer.train_model), and its documents."""
+    texts = build_documents(tmp_path_factory.mktemp("corpus"))
+    lines = (line for text in texts for line in text.splitlines() if line.strip())
+    path = tmp_path_factory.mktemp("build-tokenizer") / "tokenizer.model"
+    path.write_bytes(train_model(lines, TokenizerTrain(vocab_size=1024)))
+    return path, texts
+
+
+@pytest.mark.parametrize("bos", [True, False], ids=["bos", "no_bos"])
+def test_export_tokenizes_every_document_as_the_build_wrote_it(tmp_path, build_tokenizer, bos):
+    model_path, texts = build_tokenizer
+    texts = texts + HOSTILE_TEXTS
+    assert len(texts) > 300 and sum(t != t.lstrip(" ") for t in texts) > 20  # indented code among them
+    save_hf(Llama(LlamaConfig.preset("tiny", vocab_size=1024)), tmp_path, tokenizer_model=model_path, bos=bos)
+    assert (tmp_path / "tokenizer.json").exists() and (tmp_path / "tokenizer.model").exists()
+    sp = spm.SentencePieceProcessor(model_file=str(model_path))
+    info = TokenizerInfo(key="k", sha256="s", vocab_size=sp.vocab_size(), bos_id=1, eos_id=2, trained=True)
+    convention = DocumentConvention(bos=bos)
+    fast = AutoTokenizer.from_pretrained(tmp_path)  # tokenizer.json
+    slow = SentencePieceBackend.from_pretrained(tmp_path)  # transformers' SentencePiece-backed tokenizer
+    assert fast.is_fast and not slow.is_fast
+    for text in texts:
+        written = convention.frame(sp.encode(text), info)  # what tasks.tokenize writes for the document
+        assert fast(text).input_ids + [info.eos_id] == written, repr(text[:80])
+        assert [1] * bos + slow(text, add_special_tokens=False).input_ids + [info.eos_id] == written, repr(text[:80])
+        assert fast.decode(fast(text).input_ids, skip_special_tokens=True) == sp.decode(sp.encode(text))
+
+
+def test_tokenizer_options_the_export_cannot_reproduce_are_refused(tmp_path):
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(["some text to train on"] * 50), model_writer=model, vocab_size=40,
+        model_type="bpe", remove_extra_whitespaces=True, minloglevel=2,  # nmt_nfkc normalization by default
+    )
+    path = tmp_path / "nfkc.model"
+    path.write_bytes(model.getvalue())
+    with pytest.raises(ValueError, match="normalization 'nmt_nfkc' .*remove_extra_whitespaces"):
+        save_hf(Llama(CONFIG), tmp_path / "out", tokenizer_model=path)
+
+
+def test_import_follows_the_document_convention(tmp_path, sentencepiece_model):
+    save_hf(Llama(CONFIG), tmp_path, tokenizer_model=sentencepiece_model, bos=True)
+    assert load_hf(tmp_path, documents=DocumentConvention(bos=True)).config == CONFIG
+    with pytest.raises(ValueError, match=f"{tmp_path}: its tokenizer adds BOS .* do not start with BOS"):
+        load_hf(tmp_path, documents=DocumentConvention(bos=False))
+    save_hf(Llama(CONFIG), tmp_path, tokenizer_model=sentencepiece_model, bos=False)
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["add_bos_token"] is False
+    assert AutoTokenizer.from_pretrained(tmp_path)("the fox").input_ids[0] != 1
+    assert load_hf(tmp_path, documents=DocumentConvention(bos=False)).config == CONFIG

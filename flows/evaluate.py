@@ -1,0 +1,29 @@
+"""Flow `evaluate`: score a training checkpoint with lm-evaluation-harness (see tasks/evaluate.py)."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from tasks.evaluate import evaluate_task
+
+
+@flow(name="evaluate", flow_run_name="evaluate-{checkpoint}")
+def evaluate(
+    checkpoint: str,
+    tasks: list[str],
+    include_path: str | None = None,
+    num_fewshot: int | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+) -> dict:
+    """Export a checkpoint and evaluate it offline; returns the evaluation record.
+
+    Args:
+        checkpoint: A checkpoint folder, or a run folder (its newest complete checkpoint).
+        tasks: lm-eval task names, from its registry or from YAML files under include_path.
+        include_path: A folder of task YAMLs (local data: dataset_path json, data_files).
+        num_fewshot: Few-shot examples per item (default: each task's own).
+        limit: At most this many items per task.
+        batch_size: Items per forward pass.
+    """
+    return evaluate_task(checkpoint, tasks, include_path, num_fewshot, limit, batch_size)
