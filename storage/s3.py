@@ -46,6 +46,7 @@ from s3transfer.exceptions import RetriesExceededError
 
 from storage.store import (
     ObjectNotFound,
+    ObjectStat,
     Store,
     StoreError,
     atomic_output,
@@ -274,15 +275,25 @@ class S3Store(Store):
         return io.BufferedReader(_BodyReader(body, uri, self), buffer_size=READ_BUFFER_BYTES)
 
     def list(self, prefix: str = "") -> Iterator[str]:
+        return (listed.key for listed in self.list_objects(prefix))
+
+    def list_objects(self, prefix: str = "") -> Iterator[ObjectStat]:
         check_prefix(prefix)
         root = f"{self.prefix}/" if self.prefix else ""
-        keys: list[str] = []
+        found: list[ObjectStat] = []
         with self._errors("list", f"{self.uri}/{prefix}") as client:
             pages = client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=root + prefix)
             for page in pages:
-                keys.extend(item["Key"][len(root) :] for item in page.get("Contents", ()))
+                found.extend(
+                    ObjectStat(item["Key"][len(root) :], int(item["Size"]), item["ETag"].strip('"'))
+                    for item in page.get("Contents", ())
+                )
         # Folder markers ("a/") are not objects; servers differ in listing order, so sort here.
-        return iter(sorted(key for key in keys if not key.endswith("/")))
+        return iter(sorted((listed for listed in found if not listed.key.endswith("/")), key=lambda o: o.key))
+
+    def stat(self, key: str) -> ObjectStat:
+        head = self._head(key)
+        return ObjectStat(key, int(head["ContentLength"]), head["ETag"].strip('"'))
 
     def _head(self, key: str) -> dict:
         with self._errors("read", self.url(key)) as client:

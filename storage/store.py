@@ -17,6 +17,7 @@ import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -85,6 +86,20 @@ def atomic_output(path: Path) -> Iterator[Path]:
         raise
 
 
+@dataclass(frozen=True)
+class ObjectStat:
+    """An object as a listing shows it, at no extra request: its size and a version that
+    changes whenever its bytes may have (the S3 ETag; locally mtime, inode and size)."""
+
+    key: str
+    size: int
+    version: str
+
+
+def _local_version(stat: os.stat_result) -> str:
+    return f"{stat.st_mtime_ns}-{stat.st_ino}-{stat.st_size}"
+
+
 class Store(ABC):
     """The operations every object store offers. Keys are '/'-separated, relative to the root."""
 
@@ -114,6 +129,14 @@ class Store(ABC):
     @abstractmethod
     def list(self, prefix: str = "") -> Iterator[str]:
         """Keys under `prefix` (a key prefix, not only a folder), in sorted order."""
+
+    @abstractmethod
+    def list_objects(self, prefix: str = "") -> Iterator[ObjectStat]:
+        """Like `list`, with each object's size and version (on S3 the same paged LIST)."""
+
+    @abstractmethod
+    def stat(self, key: str) -> ObjectStat:
+        """One object's size and version (ObjectNotFound if missing)."""
 
     @abstractmethod
     def exists(self, key: str) -> bool: ...
@@ -197,21 +220,33 @@ class LocalStore(Store):
             raise self._missing(key) from None
 
     def list(self, prefix: str = "") -> Iterator[str]:
+        return (listed.key for listed in self.list_objects(prefix))
+
+    def list_objects(self, prefix: str = "") -> Iterator[ObjectStat]:
         check_prefix(prefix)
         folder = (self.root / prefix.rpartition("/")[0]).resolve()
         if not self._inside(folder):
             raise InvalidKey(f"prefix {prefix!r} resolves outside the store root {self.uri}")
         if not folder.is_dir():
             return iter(())
-        keys = (
-            p.relative_to(folder).as_posix()
+        paths = (
+            p
             for p in folder.rglob("*")
             if p.is_file()
             and not (p.name.startswith(".") and p.name.endswith(".tmp"))
             and not (p.is_symlink() and not self._inside(p.resolve()))
         )
         base = prefix.rpartition("/")[0]
-        return iter(sorted(k for k in (join_key(base, k) for k in keys) if k.startswith(prefix)))
+        keyed = ((join_key(base, p.relative_to(folder).as_posix()), p) for p in paths)
+        found = sorted((key, path) for key, path in keyed if key.startswith(prefix))
+        return iter([ObjectStat(key, (st := path.stat()).st_size, _local_version(st)) for key, path in found])
+
+    def stat(self, key: str) -> ObjectStat:
+        path = self._path(key)
+        if not path.is_file():
+            raise self._missing(key)
+        st = path.stat()
+        return ObjectStat(key, st.st_size, _local_version(st))
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()

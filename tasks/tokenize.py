@@ -14,23 +14,19 @@ from pathlib import Path
 
 import numpy as np
 
-from storage.manifest import Receipt, TokenizerInfo, TokenShard, upload
+from storage import build_layout as layout
+from storage.manifest import ShardResult, SourceAccounting, TokenizerInfo, TokenShard, upload
 from storage.shards import ShardWriter, token_dtype
-from storage.store import Store, join_key
-from tasks.fanout import run_shards
-from tasks.ingest import docs_key
+from storage.store import Store
+from tasks.fanout import run_stage
 from tasks.parquet_io import read_table
 from tasks.plan import Build, PlannedFile
-from tasks.removals import removed_ids
-from tasks.reporting import progress, stage_table
+from tasks.removals import deduplicated_ids
+from tasks.reporting import stage_totals
+from tasks.stage import Stage, stage_task
 from tasks.tokenizer import cached_processor
-from tasks.stage import stage_task
 
 ENCODE_BATCH_BYTES = 8 << 20
-
-
-def tokens_prefix(file: PlannedFile, part: int) -> str:
-    return join_key("tokens", file.source, f"{file.shard}-{part:04d}")
 
 
 def _batches(texts: list[str], order: np.ndarray):
@@ -54,10 +50,10 @@ def _upload(store: Store, writer: ShardWriter, prefix: str, file: PlannedFile) -
     )
 
 
-def tokenize_shard(store: Store, file: PlannedFile, tokenizer: TokenizerInfo, shard_tokens: int, seed: int) -> Receipt:
+def tokenize_shard(store: Store, file: PlannedFile, tokenizer: TokenizerInfo, shard_tokens: int, seed: int) -> ShardResult:
     processor = cached_processor(store.url(tokenizer.key), tokenizer.sha256)
-    docs = read_table(store, docs_key(file), columns=["id", "text"])
-    keep = np.flatnonzero(~np.isin(docs.column("id").to_numpy(), removed_ids(store, file)))
+    docs = read_table(store, layout.docs(file.source, file.shard), columns=["id", "text"])
+    keep = np.flatnonzero(~np.isin(docs.column("id").to_numpy(), deduplicated_ids(store, file)))
     texts = docs.column("text").to_pylist()
     order = keep[np.random.default_rng([seed, file.ordinal]).permutation(len(keep))]
     dtype = token_dtype(tokenizer.vocab_size)
@@ -69,23 +65,31 @@ def tokenize_shard(store: Store, file: PlannedFile, tokenizer: TokenizerInfo, sh
             for ids in processor.encode(batch, num_threads=1):
                 if writer.documents and writer.tokens + len(ids) + 1 > shard_tokens:
                     writer.close()
-                    shards.append(_upload(store, writer, tokens_prefix(file, len(shards)), file))
+                    shards.append(_upload(store, writer, layout.tokens(file.source, file.shard, len(shards)), file))
                     writer = ShardWriter(Path(tmp) / f"part-{len(shards)}", dtype)
                 writer.add_document(ids + eos)
         writer.close()
         if writer.documents:
-            shards.append(_upload(store, writer, tokens_prefix(file, len(shards)), file))
+            shards.append(_upload(store, writer, layout.tokens(file.source, file.shard, len(shards)), file))
     outputs = [info for shard in shards for info in (shard.bin, shard.idx)]
-    counts = {"documents": sum(s.documents for s in shards), "tokens": sum(s.tokens for s in shards)}
-    return Receipt(stage="tokenize", shard=file.shard, outputs=outputs, counts=counts, token_shards=shards)
+    documents, tokens = sum(s.documents for s in shards), sum(s.tokens for s in shards)
+    return ShardResult(
+        outputs=outputs,
+        counts={"documents": documents, "tokens": tokens},
+        sources={file.source: SourceAccounting(kept=documents, tokens=tokens)},
+        token_shards=shards,
+    )
+
+
+def shard_of(file: PlannedFile) -> str:
+    return file.shard
 
 
 @stage_task("tokenize")
 def tokenize(build: Build, tokenizer: TokenizerInfo) -> dict[str, int | float]:
     store, config = build.store, build.config
-    receipts = run_shards(
-        "tokenize", store, build.plan, lambda f: f.shard,
-        lambda f: tokenize_shard(store, f, tokenizer, config.shard_tokens, config.seed),
-        on_progress=progress("tokenize", config.name), max_in_flight=config.parallelism,
+    stage = Stage(
+        "tokenize", build.plan, shard_of,
+        lambda f: tokenize_shard(store, f, tokenizer, config.shard_tokens, config.seed), (layout.TOKENS,),
     )
-    return stage_table("tokenize", config.name, receipts)
+    return stage_totals(run_stage(store, stage, config.name, config.parallelism).receipts)

@@ -21,10 +21,13 @@ def sample_config(corpus: dict, output: str, **updates) -> BuildConfig:
     return BuildConfig.model_validate(config)
 
 
+RECORDS = ("/receipts/", "/summaries/")  # they record timings and object versions
+
+
 def build_objects(output: str, receipts: bool = True) -> dict[str, bytes]:
-    """Every object of every build under `output` (receipts record timings: leave them out to compare runs)."""
+    """Every object of every build under `output` (leave receipts and summaries out to compare runs)."""
     store = open_store(output)
-    return {key: store.get_bytes(key) for key in store.list("datasets/") if receipts or "/receipts/" not in key}
+    return {key: store.get_bytes(key) for key in store.list("datasets/") if receipts or not any(r in key for r in RECORDS)}
 
 
 def load_manifest(uri: str) -> DatasetManifest:
