@@ -9,8 +9,8 @@ dedup/exact/hashes/b<batch>/p<P>.parquet      content hashes of a batch of docs 
 dedup/exact/removed/<shard>/p<P>.parquet      ids exact dedup removed (id, kept_id)
 dedup/near/bands/b<batch>/p<P>.parquet        band hashes of a batch of docs shards, by band-hash range
 dedup/near/buckets/p<P>.parquet               LSH buckets of one range (with verification)
-dedup/near/candidates/<shard>/p<P>.parquet    a docs shard's candidates needed by range P
-dedup/near/shingles/p<P>/<shard>.parquet      hashed shingles of those candidates
+dedup/near/candidates/b<batch>/p<P>.parquet   a batch's candidates needed by range P
+dedup/near/shingles/p<P>/b<batch>.parquet     32-bit hashed shingles of those candidates
 dedup/near/edges/q<Q>/p<P>.parquet            similar pairs, by vertex partition Q
 dedup/near/components/rNNN/{large,small}/q<to>/q<from>.parquet   connected-components rounds
 dedup/near/removed/<shard>/q<Q>.parquet       ids near dedup removed (id, kept_id)

@@ -20,14 +20,14 @@ import xxhash
 
 from storage import build_layout as layout
 from storage.build_layout import batch_name, partition_name
-from storage.manifest import ShardResult, SourceAccounting
+from storage.manifest import ShardResult, SourceAccounting, StageSummary
 from storage.store import Store
 from tasks.fanout import read_summary, run_stage
 from tasks.parquet_io import read_table, write_table
 from tasks.partitioning import EXACT_ROW_BYTES, batch_bytes, batches, ingested_documents, partitions
 from tasks.plan import Build, PlannedFile, ordinal_of
 from tasks.reporting import stage_totals
-from tasks.stage import Stage, stage_task
+from tasks.stage import Run, Stage, stage_task
 
 HASH_SCHEMA = pa.schema([("id", pa.int64()), ("hash", pa.binary(16))])
 REMOVED_SCHEMA = pa.schema([("id", pa.int64()), ("kept_id", pa.int64())])
@@ -95,28 +95,26 @@ def exact_duplicate_ids(store: Store, file: PlannedFile) -> np.ndarray:
     return np.concatenate([read_table(store, k, columns=["id"]).column("id").to_numpy() for k in keys])
 
 
-def _batch_files(plan: list[PlannedFile], members: range) -> list[PlannedFile]:
-    return plan[members.start : members.stop]
+def run_exact_dedup(
+    store: Store, plan: list[PlannedFile], sizes: dict[str, int], ranges: int, budget: int, run: Run
+) -> StageSummary:
+    """Hash every batch of docs shards, then find the duplicates of each hash range; returns
+    the summary of the second step (its receipts carry the per-source exact_dup counts)."""
+    members = batches([sizes[f.shard] for f in plan], batch_bytes(budget))
+
+    def hash_one(batch: int) -> ShardResult:
+        return hash_batch(store, plan[members[batch].start : members[batch].stop], ranges, batch)
+
+    run(Stage("exact-hash", list(range(len(members))), batch_name, hash_one, (layout.EXACT_HASHES,)))
+    find = partial(find_duplicates, store, plan, len(members))
+    return run(Stage("exact-dedup", list(range(ranges)), partition_name, find, (layout.EXACT_REMOVED,)))
 
 
 @stage_task("exact-dedup")
 def exact_dedup(build: Build) -> dict[str, int | float]:
-    store, config, plan = build.store, build.config, build.plan
+    store, config = build.store, build.config
     documents, sizes = ingested_documents(read_summary(store, "ingest"))
     budget = config.task_memory_bytes
     ranges = partitions(documents, EXACT_ROW_BYTES, budget, config.dedup.exact_partitions)
-    members = batches([sizes[f.shard] for f in plan], batch_bytes(budget))
     run = partial(run_stage, store, build_name=config.name, max_in_flight=config.parallelism)
-    run(
-        Stage(
-            "exact-hash", list(range(len(members))), batch_name,
-            lambda b: hash_batch(store, _batch_files(plan, members[b]), ranges, b), (layout.EXACT_HASHES,),
-        )
-    )
-    summary = run(
-        Stage(
-            "exact-dedup", list(range(ranges)), partition_name,
-            partial(find_duplicates, store, plan, len(members)), (layout.EXACT_REMOVED,),
-        )
-    )
-    return stage_totals(summary.receipts)
+    return stage_totals(run_exact_dedup(store, build.plan, sizes, ranges, budget, run).receipts)

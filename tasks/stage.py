@@ -15,7 +15,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from storage.lease import LeaseHeld
-from storage.manifest import ShardResult
+from storage.manifest import ShardResult, StageSummary
 
 STAGE_RETRIES = 2
 RETRY_DELAY_S = 5
@@ -38,6 +38,10 @@ class Stage(Generic[Item]):
     shard_of: Callable[[Item], str]
     work: Callable[[Item], ShardResult]
     outputs: tuple[str, ...]
+
+
+Run = Callable[[Stage], StageSummary]
+"""run(stage) -> its summary: tasks.fanout.run_stage with the store (and reporting) bound."""
 
 
 def is_transient(_task, _task_run, state) -> bool:

@@ -32,7 +32,7 @@ source's near_dup count as typed accounting.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -41,7 +41,7 @@ import pyarrow as pa
 
 from storage import build_layout as layout
 from storage.build_layout import batch_name, partition_name, vertex_partition_name
-from storage.manifest import ObjectInfo, ShardResult, SourceAccounting, StageSummary
+from storage.manifest import ObjectInfo, ShardResult, SourceAccounting
 from storage.store import Store
 from tasks.config import MinHashConfig
 from tasks.near_dedup import components, lsh
@@ -49,10 +49,7 @@ from tasks.near_dedup.minhash import MinHasher, jaccard
 from tasks.parquet_io import read_table, write_table
 from tasks.partitioning import batches
 from tasks.plan import PlannedFile, ordinal_of
-from tasks.stage import Stage
-
-Run = Callable[[Stage], StageSummary]
-"""run(stage) -> its summary: tasks.fanout.run_stage with the store bound."""
+from tasks.stage import Run, Stage
 
 STAGE = "near-dedup"  # the step whose receipts carry the per-source near_dup counts
 SAMPLE_ROWS = 100
