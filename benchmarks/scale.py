@@ -151,35 +151,29 @@ METADATA_DOCS_PER_FILE = 3
 
 def metadata(files: int, s3_uri: str | None) -> None:
     """Upload `files` tiny inputs to S3, then build and rebuild them in a child process."""
-    import boto3
-
+    from storage.store import open_store
     from tests.builds import tiny_corpus
 
     work = Path(tempfile.mkdtemp(prefix="bench-metadata-"))
     server = None
-    env = dict(os.environ)
     if s3_uri is None:
         from tests.fixtures.s3 import SeaweedServer
 
         server = SeaweedServer(work / "seaweedfs")
         server.start()
-        env.update(server.env)
+        os.environ.update(server.env())  # this process and the child talk to it
         bucket = f"bench-{uuid.uuid4().hex[:8]}"
         server.client().create_bucket(Bucket=bucket)
         s3_uri = f"s3://{bucket}"
     try:
-        run_id = uuid.uuid4().hex[:8]
-        inputs, output = f"{s3_uri.rstrip('/')}/metadata-{run_id}/raw", f"{s3_uri.rstrip('/')}/metadata-{run_id}/out"
+        root = f"{s3_uri.rstrip('/')}/metadata-{uuid.uuid4().hex[:8]}"
         corpus = tiny_corpus(work / "raw", files, METADATA_DOCS_PER_FILE, seed=0)
-        bucket, _, prefix = inputs.removeprefix("s3://").partition("/")
-        client = boto3.client("s3", endpoint_url=env.get("AWS_ENDPOINT_URL"), region_name=env.get("AWS_DEFAULT_REGION"),
-                              aws_access_key_id=env.get("AWS_ACCESS_KEY_ID"), aws_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY"))
-        paths = sorted(corpus.iterdir())
+        inputs = open_store(f"{root}/raw")
         with ThreadPoolExecutor(32) as pool:
-            list(pool.map(lambda p: client.upload_file(str(p), bucket, f"{prefix}/{p.name}"), paths))
+            list(pool.map(lambda path: inputs.put_file(path.name, path), sorted(corpus.iterdir())))
         out = subprocess.run(
-            [sys.executable, "-m", "benchmarks.scale", "--metadata-one", inputs, output],
-            env=env, capture_output=True, text=True, check=True,
+            [sys.executable, "-m", "benchmarks.scale", "--metadata-one", f"{root}/raw", f"{root}/out"],
+            capture_output=True, text=True, check=True,
         ).stdout
     finally:
         if server is not None:
