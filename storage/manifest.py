@@ -93,7 +93,7 @@ class Receipt(ShardResult):
 
     stage: str
     shard: str
-    versions: dict[str, str] = Field(default_factory=dict)  # output key -> ObjectStat.version
+    versions: dict[str, dict[str, str]] = Field(default_factory=dict)  # output key -> ListedObject.version
     seconds: float = 0.0  # wall time of the shard's work, for the stage's table artifact
 
 
@@ -103,7 +103,7 @@ class StageSummary(Record):
 
     stage: str
     receipts: list[Receipt]
-    receipt_versions: dict[str, str]  # shard -> version of receipts/<stage>/<shard>.json
+    receipt_versions: dict[str, dict[str, str]]  # shard -> version of receipts/<stage>/<shard>.json
 
     def sources(self) -> dict[str, SourceAccounting]:
         """The per-source accounting of every shard, summed."""

@@ -87,17 +87,12 @@ def atomic_output(path: Path) -> Iterator[Path]:
 
 
 @dataclass(frozen=True)
-class ObjectStat:
-    """An object as a listing shows it, at no extra request: its size and a version that
-    changes whenever its bytes may have (the S3 ETag; locally mtime, inode and size)."""
+class ListedObject:
+    """What a listing tells about an object at no extra request: its size and a version stamp."""
 
     key: str
     size: int
-    version: str
-
-
-def _local_version(stat: os.stat_result) -> str:
-    return f"{stat.st_mtime_ns}-{stat.st_ino}-{stat.st_size}"
+    version: dict[str, str]  # S3: {"etag"}; a local file: {"mtime_ns", "inode"}
 
 
 class Store(ABC):
@@ -131,12 +126,12 @@ class Store(ABC):
         """Keys under `prefix` (a key prefix, not only a folder), in sorted order."""
 
     @abstractmethod
-    def list_objects(self, prefix: str = "") -> Iterator[ObjectStat]:
-        """Like `list`, with each object's size and version (on S3 the same paged LIST)."""
+    def list_info(self, prefix: str = "") -> Iterator[ListedObject]:
+        """Like `list`, with each object's size and version, from the listing itself (by the page on S3)."""
 
     @abstractmethod
-    def stat(self, key: str) -> ObjectStat:
-        """One object's size and version (ObjectNotFound if missing)."""
+    def info(self, key: str) -> ListedObject:
+        """One object's size and version (ObjectNotFound if it is missing)."""
 
     @abstractmethod
     def exists(self, key: str) -> bool: ...
@@ -220,33 +215,38 @@ class LocalStore(Store):
             raise self._missing(key) from None
 
     def list(self, prefix: str = "") -> Iterator[str]:
-        return (listed.key for listed in self.list_objects(prefix))
-
-    def list_objects(self, prefix: str = "") -> Iterator[ObjectStat]:
         check_prefix(prefix)
         folder = (self.root / prefix.rpartition("/")[0]).resolve()
         if not self._inside(folder):
             raise InvalidKey(f"prefix {prefix!r} resolves outside the store root {self.uri}")
         if not folder.is_dir():
             return iter(())
-        paths = (
-            p
+        keys = (
+            p.relative_to(folder).as_posix()
             for p in folder.rglob("*")
             if p.is_file()
             and not (p.name.startswith(".") and p.name.endswith(".tmp"))
             and not (p.is_symlink() and not self._inside(p.resolve()))
         )
         base = prefix.rpartition("/")[0]
-        keyed = ((join_key(base, p.relative_to(folder).as_posix()), p) for p in paths)
-        found = sorted((key, path) for key, path in keyed if key.startswith(prefix))
-        return iter([ObjectStat(key, (st := path.stat()).st_size, _local_version(st)) for key, path in found])
+        return iter(sorted(k for k in (join_key(base, k) for k in keys) if k.startswith(prefix)))
 
-    def stat(self, key: str) -> ObjectStat:
+    def list_info(self, prefix: str = "") -> Iterator[ListedObject]:
+        for key in self.list(prefix):
+            try:
+                yield self._info(key, self._path(key).stat())
+            except FileNotFoundError:  # removed since the listing
+                continue
+
+    def info(self, key: str) -> ListedObject:
         path = self._path(key)
         if not path.is_file():
             raise self._missing(key)
-        st = path.stat()
-        return ObjectStat(key, st.st_size, _local_version(st))
+        return self._info(key, path.stat())
+
+    @staticmethod
+    def _info(key: str, stat: os.stat_result) -> ListedObject:
+        return ListedObject(key, stat.st_size, {"mtime_ns": str(stat.st_mtime_ns), "inode": str(stat.st_ino)})
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()

@@ -30,7 +30,7 @@ from ray.exceptions import RayTaskError
 
 from storage import build_layout as layout
 from storage.manifest import Receipt, ShardResult, StageSummary, read_record, write_record
-from storage.store import ObjectNotFound, ObjectStat, Store, StoreError
+from storage.store import ObjectNotFound, ListedObject, Store, StoreError
 from tasks.reporting import progress, stage_table
 from tasks.stage import Item, Stage
 
@@ -61,11 +61,11 @@ def read_summary(store: Store, stage: str) -> StageSummary | None:
     return summary if summary is not None and summary.stage == stage else None
 
 
-def _listing(store: Store, prefixes: tuple[str, ...]) -> dict[str, ObjectStat]:
-    return {listed.key: listed for prefix in prefixes for listed in store.list_objects(prefix)}
+def _listing(store: Store, prefixes: tuple[str, ...]) -> dict[str, ListedObject]:
+    return {listed.key: listed for prefix in prefixes for listed in store.list_info(prefix)}
 
 
-def _intact(receipt: Receipt, outputs: dict[str, ObjectStat]) -> bool:
+def _intact(receipt: Receipt, outputs: dict[str, ListedObject]) -> bool:
     for output in receipt.outputs:
         listed = outputs.get(output.key)
         if listed is None or listed.size != output.size or listed.version != receipt.versions.get(output.key):
@@ -76,7 +76,7 @@ def _intact(receipt: Receipt, outputs: dict[str, ObjectStat]) -> bool:
 
 def finished_receipts(store: Store, stage: Stage) -> tuple[dict[str, Receipt], StageSummary | None]:
     """The intact receipts of the stage's shards, and the stage's summary when it holds them all."""
-    listed = {o.key: o for o in store.list_objects(layout.receipts(stage.name))}
+    listed = {o.key: o for o in store.list_info(layout.receipts(stage.name))}
     shards = [shard for item in stage.items if layout.receipt(stage.name, shard := stage.shard_of(item)) in listed]
     version = {shard: listed[layout.receipt(stage.name, shard)].version for shard in shards}
     summary = read_summary(store, stage.name) if shards else None
@@ -102,10 +102,10 @@ def commit(store: Store, stage_name: str, prefixes: tuple[str, ...], shard: str,
     for output in result.outputs:
         if not output.key.startswith(prefixes):
             raise RuntimeError(f"{stage_name}: output {output.key} lies outside the stage's prefixes {prefixes}")
-        stat = store.stat(output.key)
-        if stat.size != output.size:
-            raise StoreError(f"{store.url(output.key)} holds {stat.size} bytes after {output.size} were written")
-        versions[output.key] = stat.version
+        listed = store.info(output.key)
+        if listed.size != output.size:
+            raise StoreError(f"{store.url(output.key)} holds {listed.size} bytes after {output.size} were written")
+        versions[output.key] = listed.version
     receipt = Receipt(**dict(result), stage=stage_name, shard=shard, versions=versions, seconds=round(seconds, 3))
     write_record(store, layout.receipt(stage_name, shard), receipt)
     return receipt
@@ -143,7 +143,7 @@ def run_stage(
         run(store, stage, todo, receipts, total, on_progress, max_in_flight)
     ordered = [receipts[stage.shard_of(item)] for item in stage.items]
     if summary is None or todo:
-        listed = {o.key: o.version for o in store.list_objects(layout.receipts(stage.name))}
+        listed = {o.key: o.version for o in store.list_info(layout.receipts(stage.name))}
         versions = {r.shard: listed[layout.receipt(stage.name, r.shard)] for r in ordered}
         summary = StageSummary(stage=stage.name, receipts=ordered, receipt_versions=versions)
         write_record(store, layout.summary(stage.name), summary)
