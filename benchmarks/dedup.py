@@ -24,12 +24,14 @@ and datasketch==2.0.0.
    removed documents, every method keeping the smallest id of each of its clusters.
 4. Scale: the whole stage on Ray (`--cpus` workers) over synthetic Zipf-word documents with
    20% planted near-duplicates; wall time and the largest per-task peak RSS (VmHWM reset
-   at each task's start), with partitions growing with the corpus.
+   at each task's start), with partitions sized from the documents as the build sizes them
+   (tasks.partitioning, 1 GiB per task).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import platform
@@ -48,22 +50,23 @@ import numpy as np
 import pyarrow as pa
 import xxhash
 
-from storage.manifest import Receipt
+from storage.manifest import ShardResult
 from storage.store import LocalStore, Store
 from tasks.config import MinHashConfig
-from tasks.fanout import run_shards
+from tasks.fanout import run_stage
 from tasks.near_dedup.minhash import MinHasher, normalize
-from tasks.near_dedup.stage import DocsShard, removed_ids, run_near_dedup
+from tasks.near_dedup.steps import DocsShard, bands_rows, near_duplicate_ids, run_near_dedup
 from tasks.parquet_io import write_table
+from tasks.partitioning import NEAR_BAND_ROW_BYTES, NEAR_EDGE_BYTES, batch_bytes, partitions
 from tasks.plan import PlannedFile, document_id, ordinal_of
+from tasks.stage import Stage
 
 THRESHOLD = 0.8
 DATATROVE = "datatrove MinhashDedupSignature, word 5-grams x 112"
 DATASKETCH = "datasketch MinHash, char 13-grams x 128"
 UNSIGNED = np.iinfo(np.uint64).max  # a signature row datatrove did not compute
 DOCS_PER_SHARD = 10_000
-PARTITION_DOCS = 5_000  # documents per band-hash range at scale: what one bucket task holds
-COMPONENT_DOCS = 50_000  # documents per connected-components vertex partition at scale
+TASK_MEMORY_BYTES = 1 << 30  # the build's default budget: partitions and batches are sized to it
 
 
 # -- corpora ------------------------------------------------------------------------------
@@ -122,15 +125,17 @@ def zipf_corpus(count: int, seed: int = 0) -> list[str]:
     return texts
 
 
-def write_shards(store: Store, texts: Sequence[str]) -> list[DocsShard]:
+def write_shards(store: Store, texts: Sequence[str], first_ordinal: int = 0) -> list[DocsShard]:
+    """Docs shards of DOCS_PER_SHARD texts, plan ordinals from `first_ordinal` on."""
     shards = []
-    for ordinal, start in enumerate(range(0, len(texts), DOCS_PER_SHARD)):
+    for offset, start in enumerate(range(0, len(texts), DOCS_PER_SHARD)):
+        ordinal = first_ordinal + offset
         chunk = texts[start : start + DOCS_PER_SHARD]
         file = PlannedFile(source="bench", uri=f"bench://{ordinal}", size=0, ordinal=ordinal)
         ids = pa.array([document_id(ordinal, r) for r in range(len(chunk))], pa.int64())
         key = f"docs/bench/{file.shard}.parquet"
-        write_table(store, key, pa.table({"id": ids, "source": ["bench"] * len(chunk), "text": list(chunk), "meta": ["{}"] * len(chunk)}))
-        shards.append(DocsShard(file, key))
+        info = write_table(store, key, pa.table({"id": ids, "source": ["bench"] * len(chunk), "text": list(chunk), "meta": ["{}"] * len(chunk)}))
+        shards.append(DocsShard(file, key, size=info.size))
     return shards
 
 
@@ -289,42 +294,61 @@ def _rss_mib(field: str) -> int:
     return int(line.split()[1]) // 1024
 
 
-def measured(work: Callable[[object], Receipt]) -> Callable[[object], Receipt]:
+def measured(work: Callable[[object], ShardResult]) -> Callable[[object], ShardResult]:
     """The work, reporting its worker's RSS when the task began and its peak since."""
 
     def run(item):
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current RSS
         start = _rss_mib("VmRSS")
-        receipt = work(item)
-        receipt.counts.update(rss_start_mib=start, peak_rss_mib=_rss_mib("VmHWM"))
-        return receipt
+        result = work(item)
+        result.counts.update(rss_start_mib=start, peak_rss_mib=_rss_mib("VmHWM"))
+        return result
 
     return run
 
 
 @dataclass
 class StageRun:
-    seconds: float  # wall time of the whole stage
+    """What one dedup stage cost, step by step: run(stage) for run_near_dedup / run_exact_dedup."""
+
+    store: Store
+    seconds: float = 0.0  # wall time of the whole stage
     peak_mib: int = 0  # the largest per-task peak RSS
     baseline_mib: int = 1 << 30  # the smallest RSS of a worker when a task began
     step_peak_mib: dict[str, int] = field(default_factory=dict)
     step_seconds: dict[str, float] = field(default_factory=dict)
+    step_files: dict[str, int] = field(default_factory=dict)  # objects written by each step
+    step_tasks: dict[str, int] = field(default_factory=dict)
+
+    def __call__(self, stage: Stage):
+        seconds, summary = timed(lambda: run_stage(self.store, dataclasses.replace(stage, work=measured(stage.work))))
+        step = stage.name.removeprefix("near-").split("-r0")[0]
+        receipts = summary.receipts
+        self.step_seconds[step] = self.step_seconds.get(step, 0.0) + seconds
+        self.step_peak_mib[step] = max([self.step_peak_mib.get(step, 0)] + [r.counts["peak_rss_mib"] for r in receipts])
+        self.step_files[step] = self.step_files.get(step, 0) + sum(len(r.outputs) for r in receipts)
+        self.step_tasks[step] = self.step_tasks.get(step, 0) + len(receipts)
+        self.baseline_mib = min([self.baseline_mib] + [r.counts["rss_start_mib"] for r in receipts])
+        self.peak_mib = max(self.step_peak_mib.values())
+        return summary
 
 
-def run_stage(store: Store, shards: list[DocsShard], cfg: MinHashConfig) -> StageRun:
-    run = StageRun(seconds=0.0)
+def sized(cfg: MinHashConfig, documents: int, budget: int = TASK_MEMORY_BYTES) -> MinHashConfig:
+    """The config with the partition counts the build would derive for `documents`."""
+    bands, _ = bands_rows(cfg)
+    return cfg.model_copy(
+        update={
+            "bucket_partitions": partitions(documents, bands * NEAR_BAND_ROW_BYTES, budget, cfg.bucket_partitions),
+            "component_partitions": partitions(documents, NEAR_EDGE_BYTES, budget, cfg.component_partitions),
+        }
+    )
 
-    def fan_out(stage, items, shard_of, work):
-        seconds, receipts = timed(lambda: run_shards(stage, store, items, shard_of, measured(work)))
-        step = stage.removeprefix("near-").split("-r0")[0]
-        run.step_seconds[step] = run.step_seconds.get(step, 0.0) + seconds
-        run.step_peak_mib[step] = max([run.step_peak_mib.get(step, 0)] + [r.counts["peak_rss_mib"] for r in receipts])
-        run.baseline_mib = min([run.baseline_mib] + [r.counts["rss_start_mib"] for r in receipts])
-        return receipts
 
-    run.seconds, _ = timed(lambda: run_near_dedup(store, shards, cfg, fan_out))
-    run.peak_mib = max(run.step_peak_mib.values())
+def measure_near_dedup(store: Store, shards: list[DocsShard], cfg: MinHashConfig, budget: int = TASK_MEMORY_BYTES) -> StageRun:
+    """The whole near-dedup stage on Ray, every task's peak RSS recorded in its receipt."""
+    run = StageRun(store)
+    run.seconds, _ = timed(lambda: run_near_dedup(store, shards, cfg, run, batch_bytes(budget)))
     return run
 
 
@@ -354,7 +378,7 @@ def warm_up() -> None:
     """Start the Ray workers and their imports before anything is timed."""
     with tempfile.TemporaryDirectory() as tmp:
         store = LocalStore(tmp)
-        run_stage(store, write_shards(store, zipf_corpus(200)), MinHashConfig(bucket_partitions=2, component_partitions=2))
+        measure_near_dedup(store, write_shards(store, zipf_corpus(200)), MinHashConfig(bucket_partitions=2, component_partitions=2))
 
 
 def sample_benchmarks(count: int) -> None:
@@ -388,14 +412,14 @@ def sample_benchmarks(count: int) -> None:
     warm_up()
     with tempfile.TemporaryDirectory() as tmp:
         for label, cfg in [
-            ("project 9 x 13, verified (default)", MinHashConfig(bucket_partitions=4, component_partitions=4)),
-            ("project 9 x 13, no verification", MinHashConfig(bucket_partitions=4, component_partitions=4, verify=False)),
-            ("project 16 x 8, verified", MinHashConfig(bands=16, rows=8, bucket_partitions=4, component_partitions=4)),
+            ("project 16 x 8, verified (default)", MinHashConfig(bucket_partitions=4, component_partitions=4)),
+            ("project 16 x 8, no verification", MinHashConfig(bucket_partitions=4, component_partitions=4, verify=False)),
+            ("project 9 x 13, verified (SlimPajama preset)", MinHashConfig(bands=9, rows=13, bucket_partitions=4, component_partitions=4)),
         ]:
             store = LocalStore(Path(tmp) / label.replace(" ", "_").replace(",", ""))
             shards = write_shards(store, texts)
-            stage_runs[label] = run_stage(store, shards, cfg)
-            results[label] = {position_of(int(d)) for s in shards for d in removed_ids(store, s.file)}
+            stage_runs[label] = measure_near_dedup(store, shards, cfg)
+            results[label] = {position_of(int(d)) for s in shards for d in near_duplicate_ids(store, s.file)}
     print("\n| method | removed | precision | recall |\n| --- | ---: | ---: | ---: |")
     for name, removed in results.items():
         precision, recall = precision_recall(removed, truth)
@@ -415,12 +439,10 @@ def scale_benchmarks(counts: Sequence[int]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             store = LocalStore(tmp)
             shards = write_shards(store, texts)
-            partitions = max(2, count // PARTITION_DOCS)
-            vertex_partitions = max(2, count // COMPONENT_DOCS)
-            cfg = MinHashConfig(bucket_partitions=partitions, component_partitions=vertex_partitions)
-            run = run_stage(store, shards, cfg)
+            cfg = sized(MinHashConfig(), count)
+            run = measure_near_dedup(store, shards, cfg)
         size = sum(len(t.encode()) for t in texts) / 1e6
-        print(f"| {count:,} | {size:.0f} | {len(shards)} | {partitions} / {vertex_partitions} | {run.seconds:.1f} | {count / run.seconds:,.0f} "
+        print(f"| {count:,} | {size:.0f} | {len(shards)} | {cfg.bucket_partitions} / {cfg.component_partitions} | {run.seconds:.1f} | {count / run.seconds:,.0f} "
               f"| {run.peak_mib} | {run.baseline_mib} |")
         details.append((count, run))
     for count, run in details:

@@ -1,23 +1,41 @@
-"""Capacity model inputs: per-core throughput of each build stage on 1 CPU, 2 CPUs and a 2-node
-Ray cluster (one CPU per node, both on this machine), plus the TinyLlama training arithmetic.
+"""Capacity model inputs, in three parts (docs/scaling.md turns them into a capacity model):
 
-    .venv/bin/python -m benchmarks.scale [--bytes 32M] [--no-cluster]
+    .venv/bin/python -m benchmarks.scale [--bytes 32M] [--no-cluster]          # 1. throughput
+    .venv/bin/python -m benchmarks.scale --skip-throughput --metadata 20000 [--s3 s3://bucket/prefix]
+    .venv/bin/python -m benchmarks.scale --skip-throughput --dedup-docs 1000000,10000000 [--cpus 2]
 
-One sample corpus, one process: for each setup Ray is (re)started with that many CPUs, or joined
-as a 2-node cluster started with `ray start`, and the same config is built into a fresh folder.
-A stage's time is the wall time of its Prefect task's body (as in benchmarks/build.py); its
-per-core rate is raw MB / (seconds x cores). The tokenizer training sample is capped, so its
-time is a fixed cost, not a per-byte one. docs/scaling.md turns the table into a capacity model.
+1. Throughput: per-core throughput of each build stage on 1 CPU, 2 CPUs and a 2-node Ray
+   cluster (one CPU per node, both on this machine), plus the TinyLlama training arithmetic.
+   One sample corpus; for each setup Ray is (re)started with that many CPUs, or joined as a
+   2-node cluster started with `ray start`, and the same config is built into a fresh folder.
+   A stage's time is the wall time of its Prefect task's body (as in benchmarks/build.py); its
+   per-core rate is raw MB / (seconds x cores). The tokenizer training sample is capped, so its
+   time is a fixed cost, not a per-byte one.
+2. Metadata (`--metadata FILES`): a build of FILES tiny input files (3 documents each, inputs
+   and outputs on S3: `--s3`, or a SeaweedFS server started here), then a rerun of the finished
+   build: for each stage the S3 calls made by the driver (botocore's before-call hook; Ray
+   workers are other processes) and its wall time.
+3. Memory and files (`--dedup-docs N,...`): exact then near dedup over N synthetic Zipf-word
+   documents (benchmarks/dedup.py's corpus, in shards of 10,000) on `--cpus` Ray workers, with
+   partitions and batches sized by the build's rules for `--budget` per task: per step the
+   tasks, the objects written and the largest task peak RSS (VmHWM reset at each task's
+   start), and the driver's own peak RSS while the stages ran. One process per N.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
+import os
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
@@ -33,11 +51,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bytes", type=parse_bytes, default=parse_bytes("32M"))
     parser.add_argument("--no-cluster", action="store_true", help="Skip the 2-node cluster run")
+    parser.add_argument("--skip-throughput", action="store_true", help="Skip part 1")
+    parser.add_argument("--metadata", type=int, default=0, metavar="FILES", help="Part 2 with this many input files")
+    parser.add_argument("--s3", help="s3://bucket/prefix for part 2 (default: a SeaweedFS server started here)")
+    parser.add_argument("--dedup-docs", default="", metavar="N,...", help="Part 3 at these document counts")
+    parser.add_argument("--cpus", type=int, default=2, help="Ray workers for part 3")
+    parser.add_argument("--budget", type=parse_bytes, default=parse_bytes("1G"), help="task_memory_bytes for part 3")
     parser.add_argument("--one", nargs=3, metavar=("CORPUS_YAML", "CPUS", "RAY_ADDRESS"), help=argparse.SUPPRESS)
+    parser.add_argument("--metadata-one", nargs=2, metavar=("INPUTS_URI", "OUTPUT_URI"), help=argparse.SUPPRESS)
+    parser.add_argument("--dedup-one", type=int, metavar="DOCS", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         return run_one(Path(args.one[0]), int(args.one[1]), args.one[2] if args.one[2] != "-" else None)
+    if args.metadata_one:
+        return metadata_one(*args.metadata_one)
+    if args.dedup_one:
+        return dedup_one(args.dedup_one, args.cpus, args.budget)
+    if not args.skip_throughput:
+        throughput(args)
+    if args.metadata:
+        metadata(args.metadata, args.s3)
+    for docs in [int(d) for d in args.dedup_docs.split(",") if d]:
+        dedup_scale(docs, args.cpus, args.budget)
 
+
+def throughput(args) -> None:
     from tasks.sample_corpus import make_sample_corpus
 
     work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
@@ -103,6 +141,176 @@ def run_one(corpus_config: Path, cpus: int, address: str | None) -> None:
     wall = time.perf_counter() - started
     ray.shutdown()
     print(json.dumps({"wall": wall, "stages": seconds}))
+
+
+# -- 2. metadata -------------------------------------------------------------------------
+
+
+METADATA_DOCS_PER_FILE = 3
+
+
+def metadata(files: int, s3_uri: str | None) -> None:
+    """Upload `files` tiny inputs to S3, then build and rebuild them in a child process."""
+    from storage.store import open_store
+    from tests.builds import tiny_corpus
+
+    work = Path(tempfile.mkdtemp(prefix="bench-metadata-"))
+    server = None
+    if s3_uri is None:
+        from tests.fixtures.s3 import SeaweedServer
+
+        server = SeaweedServer(work / "seaweedfs")
+        server.start()
+        os.environ.update(server.env())  # this process and the child talk to it
+        bucket = f"bench-{uuid.uuid4().hex[:8]}"
+        server.client().create_bucket(Bucket=bucket)
+        s3_uri = f"s3://{bucket}"
+    try:
+        root = f"{s3_uri.rstrip('/')}/metadata-{uuid.uuid4().hex[:8]}"
+        corpus = tiny_corpus(work / "raw", files, METADATA_DOCS_PER_FILE, seed=0)
+        inputs = open_store(f"{root}/raw")
+        with ThreadPoolExecutor(32) as pool:
+            list(pool.map(lambda path: inputs.put_file(path.name, path), sorted(corpus.iterdir())))
+        out = subprocess.run(
+            [sys.executable, "-m", "benchmarks.scale", "--metadata-one", f"{root}/raw", f"{root}/out"],
+            capture_output=True, text=True, check=True,
+        ).stdout
+    finally:
+        if server is not None:
+            server.stop()
+    result = json.loads(out.strip().splitlines()[-1])
+    print(f"\nmetadata: {files} input files x {METADATA_DOCS_PER_FILE} documents on {'SeaweedFS' if server else s3_uri}\n")
+    print("| stage | build: driver S3 calls | build: wall s | rerun: driver S3 calls | rerun: wall s |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    first, rerun = result["build"], result["rerun"]
+    for name in first["stages"]:
+        (s1, r1), (s2, r2) = first["stages"][name], rerun["stages"][name]
+        print(f"| {name} | {sum(r1.values())} | {s1:.1f} | {sum(r2.values())} | {s2:.1f} |")
+    for label, run in (("build", first), ("rerun", rerun)):
+        calls = Counter()
+        for _, requests in run["stages"].values():
+            calls.update(requests)
+        print(f"| **{label} total** | {sum(calls.values())} | {run['wall']:.1f} | | |" if label == "build"
+              else f"| **rerun total** | | | {sum(calls.values())} | {run['wall']:.1f} |")
+    print("\nby operation: build " + json.dumps(first["operations"]) + ", rerun " + json.dumps(rerun["operations"]))
+
+
+def metadata_one(inputs: str, output: str) -> None:
+    """Build and rebuild the tiny corpus at `inputs` into `output`; prints JSON per stage."""
+    work = Path(tempfile.mkdtemp(prefix="bench-metadata-one-"))
+    configure_prefect(work)  # before prefect is imported: the flow runs on a temporary server
+
+    from prefect import flow
+
+    import flows.build_dataset as flow_module
+    from tasks.fanout import ensure_ray
+    from tests.builds import RequestCounter, tiny_config
+
+    config = tiny_config(f"{inputs}/*.jsonl", output)
+    counter = RequestCounter()
+    stages: dict[str, list] = {}
+    for name in STAGE_TASKS:
+        task = getattr(flow_module, name)
+        task.fn = _counted(task.fn, task.name, stages, counter)
+    ensure_ray()
+    flow(name="warm-up")(lambda: None)()
+    result = {}
+    for label in ("build", "rerun"):
+        stages.clear()
+        counter.take()
+        started = time.perf_counter()
+        flow_module.build_dataset(config)
+        wall = time.perf_counter() - started
+        operations = Counter()
+        for _, requests in stages.values():
+            operations.update(requests)
+        result[label] = {"wall": wall, "stages": dict(stages), "operations": dict(operations)}
+    print(json.dumps(result))
+
+
+STAGE_TASKS = ("plan", "ingest", "exact_dedup", "near_dedup", "tokenizer", "tokenize", "write_manifest")
+
+
+def _counted(fn, name: str, stages: dict[str, list], counter):
+    """The stage body, recording its wall time and the driver's S3 calls under `name`."""
+
+    @functools.wraps(fn)
+    def counted(*args, **kwargs):
+        before = Counter(counter.operations)
+        started = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            stages[name] = [time.perf_counter() - started, dict(counter.operations - before)]
+
+    return counted
+
+
+# -- 3. memory and files --------------------------------------------------------------------
+
+
+def dedup_scale(docs: int, cpus: int, budget: int) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.scale", "--dedup-one", str(docs), "--cpus", str(cpus), "--budget", str(budget)],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    print(f"\ndedup at {docs:,} documents ({result['megabytes']:.0f} MB, {result['shards']} docs shards), {cpus} Ray workers, "
+          f"budget {budget >> 20} MiB per task: exact {result['exact_ranges']} hash ranges, near "
+          f"{result['bucket_partitions']} / {result['component_partitions']} partitions; "
+          f"driver peak RSS {result['driver_peak_mib']} MiB (at start {result['driver_start_mib']} MiB)\n")
+    print("| stage | step | tasks | files written | wall s | largest task peak RSS MiB |\n| --- | --- | ---: | ---: | ---: | ---: |")
+    for stage in ("exact", "near"):
+        for step, (tasks, files, seconds, peak) in result[stage].items():
+            print(f"| {stage} | {step} | {tasks} | {files} | {seconds:.1f} | {peak} |")
+
+
+def _rss(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return int(next(line for line in status if line.startswith(f"{field}:")).split()[1]) // 1024
+
+
+def dedup_one(docs: int, cpus: int, budget: int) -> None:
+    """Exact and near dedup of `docs` synthetic documents in this process; prints JSON."""
+    import ray
+
+    from benchmarks.dedup import DOCS_PER_SHARD, StageRun, sized, write_shards, zipf_corpus
+    from storage import build_layout as layout
+    from storage.store import LocalStore
+    from tasks.config import MinHashConfig
+    from tasks.exact_dedup import run_exact_dedup
+    from tasks.near_dedup.steps import run_near_dedup
+    from tasks.partitioning import EXACT_ROW_BYTES, batch_bytes, partitions
+
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    store = LocalStore(tempfile.mkdtemp(prefix="bench-dedup-scale-"))
+    shards, megabytes = [], 0.0
+    for start in range(0, docs, DOCS_PER_SHARD):
+        texts = zipf_corpus(min(DOCS_PER_SHARD, docs - start), seed=start)
+        megabytes += sum(len(t.encode()) for t in texts) / 1e6
+        shards += write_shards(store, texts, first_ordinal=start // DOCS_PER_SHARD)
+    plan, sizes = [s.file for s in shards], {s.shard: s.size for s in shards}
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the driver's peak from here on: the stages, not the corpus it wrote
+    start_mib = _rss("VmRSS")
+    ranges = partitions(docs, EXACT_ROW_BYTES, budget)
+    exact = StageRun(store)
+    run_exact_dedup(store, plan, sizes, ranges, budget, exact)
+    cfg = sized(MinHashConfig(), docs, budget)
+    near = StageRun(store)
+    excluded = [dataclasses.replace(s, exclude=layout.exact_removed(s.shard)) for s in shards]
+    run_near_dedup(store, excluded, cfg, near, batch_bytes(budget))
+    steps = {}
+    for label, run in (("exact", exact), ("near", near)):
+        steps[label] = {
+            step: [run.step_tasks[step], run.step_files[step], run.step_seconds[step], run.step_peak_mib[step]]
+            for step in run.step_seconds
+        }
+    print(json.dumps({
+        "megabytes": megabytes, "shards": len(shards), "exact_ranges": ranges,
+        "bucket_partitions": cfg.bucket_partitions, "component_partitions": cfg.component_partitions,
+        "driver_start_mib": start_mib, "driver_peak_mib": _rss("VmHWM"), **steps,
+    }))
 
 
 def print_training_arithmetic() -> None:

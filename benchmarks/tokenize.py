@@ -6,7 +6,7 @@ Builds the sample corpus and runs the build flow up to the tokenizer once (a loc
 local Ray with every core), then times, on the same kept documents:
 - raw: `SentencePieceProcessor.encode(batch, num_threads=<cores>)` over texts already in memory;
 - stage: the project's tokenize stage end to end, store to store (read docs parquet, skip dedup
-  removals, shuffle, encode, write Megatron shards, upload, receipts), one Ray task per shard.
+  removals, shuffle, encode, write Megatron shards, upload, verify, receipts), one Ray task per shard.
 Prints medians (MB/s of UTF-8 text) and the ratio stage/raw. Target: >= 0.85.
 """
 
@@ -41,29 +41,29 @@ def main() -> None:
     import ray
 
     from flows.build_dataset import build_dataset
+    from storage import build_layout as layout
     from storage.manifest import TokenizerInfo, read_record
     from tasks.config import BuildConfig
-    from tasks.fanout import ensure_ray, run_shards
-    from tasks.ingest import docs_key
+    from tasks.fanout import ensure_ray, run_stage
     from tasks.parquet_io import read_table
     from tasks.plan import Build
-    from tasks.removals import removed_ids
+    from tasks.removals import deduplicated_ids
     from tasks.sample_corpus import make_sample_corpus
-    from tasks.tokenize import tokenize_shard
-    from tasks.tokenizer import INFO_KEY
+    from tasks.stage import Stage
+    from tasks.tokenize import shard_of, tokenize_shard
 
     corpus = make_sample_corpus(work / "raw", target_bytes=args.bytes)
     config = BuildConfig.model_validate({**yaml.safe_load(Path(corpus["config"]).read_text()), "output": str(work / "out")})
     build_dataset(config)  # a full build: docs shards, dedup removals and the tokenizer are in place
     build = Build(config=config)
     store, plan = build.store, build.plan
-    tokenizer = read_record(store, INFO_KEY, TokenizerInfo)
+    tokenizer = read_record(store, layout.TOKENIZER_INFO, TokenizerInfo)
     processor = spm.SentencePieceProcessor(model_proto=store.get_bytes(tokenizer.key))
 
     texts = []
     for file in plan:
-        docs = read_table(store, docs_key(file), columns=["id", "text"])
-        removed = set(removed_ids(store, file).tolist())
+        docs = read_table(store, layout.docs(file.source, file.shard), columns=["id", "text"])
+        removed = set(deduplicated_ids(store, file).tolist())
         texts += [t for i, t in zip(docs.column("id").to_pylist(), docs.column("text").to_pylist()) if i not in removed]
     megabytes = sum(len(t.encode("utf-8")) for t in texts) / 1e6
     ensure_ray()
@@ -76,13 +76,11 @@ def main() -> None:
             processor.encode(texts[i : i + 1024], num_threads=cores)
         raw.append(megabytes / (time.perf_counter() - started))
 
-        for key in list(store.list("receipts/tokenize/")):
+        for key in list(store.list(layout.receipts("tokenize"))):
             store.delete(key)
         started = time.perf_counter()
-        run_shards(
-            "tokenize", store, plan, lambda f: f.shard,
-            lambda f: tokenize_shard(store, f, tokenizer, config.documents, config.shard_tokens, config.seed),
-        )
+        work = lambda f: tokenize_shard(store, f, tokenizer, config.documents, config.shard_tokens, config.seed)  # noqa: E731
+        run_stage(store, Stage("tokenize", plan, shard_of, work, (layout.TOKENS,)))
         stage.append(megabytes / (time.perf_counter() - started))
 
     raw_mb, stage_mb = statistics.median(raw), statistics.median(stage)

@@ -1,7 +1,7 @@
 """Flow `build-dataset`: raw corpora in, token shards and a manifest out.
 
 plan -> ingest -> exact dedup -> near dedup -> tokenizer -> tokenize + pack -> manifest
-Each step is one Prefect task; inside it, every shard is one Ray task.
+Each step is one Prefect task; inside it, every shard is one Ray task (tasks.fanout.run_stage).
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from prefect import flow
 
 from tasks.config import BuildConfig
 from tasks.exact_dedup import exact_dedup
-from tasks.ingest import ingest
-from tasks.manifest import write_manifest
+from tasks.ingest_stage import ingest
 from tasks.near_dedup import near_dedup
 from tasks.plan import plan
+from tasks.publish import write_manifest
 from tasks.tokenize import tokenize
 from tasks.tokenizer import tokenizer
 
@@ -22,11 +22,11 @@ from tasks.tokenizer import tokenizer
 def build_dataset(config: BuildConfig) -> str:
     """Build a tokenized dataset; returns the manifest's URI."""
     build = plan(config)
-    ingested = ingest(build)
+    ingest(build)
     if config.dedup.exact:
         exact_dedup(build)
     if config.dedup.near:
         near_dedup(build)
-    tokenizer_info = tokenizer(build, kept_bytes=ingested["bytes_in"])
+    tokenizer_info = tokenizer(build)
     tokenize(build, tokenizer_info)
     return write_manifest(build, tokenizer_info)

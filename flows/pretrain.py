@@ -15,9 +15,9 @@ from flows.build_dataset import build_dataset
 from flows.train import train as train_run
 from model.data import DataSource
 from model.train_config import TrainConfig
+from storage import build_layout
 from storage.store import open_object
 from tasks.config import BuildConfig
-from tasks.manifest import MANIFEST_KEY
 from tasks.plan import Build
 from tasks.train import run_config
 
@@ -37,7 +37,7 @@ class TrainSettings(TrainConfig):
 
 def manifest_uri(build: BuildConfig) -> str:
     """Where the build described by `build` has (or will have) its manifest."""
-    return Build(config=build).store.url(MANIFEST_KEY)
+    return Build(config=build).store.url(build_layout.MANIFEST)
 
 
 def check_same_data(config: TrainConfig) -> None:

@@ -1,6 +1,9 @@
-"""Typed records of what a stage produced: per-shard receipts and the dataset manifest.
+"""Typed records of what a stage produced: per-shard receipts, per-stage summaries and the
+dataset manifest.
 
 A receipt is written only after every object it names, so "has a receipt" means "done".
+A stage summary (every receipt of a stage, written once the stage completes) lets a rerun
+and the later stages read one object instead of one per shard.
 A build *is* its manifest: everything a reader needs (shards, counts, checksums, tokenizer,
 config) is in that one JSON document.
 """
@@ -47,6 +50,9 @@ class SourceAccounting(Record):
     bytes_in: int = 0
     tokens: int = 0
 
+    def __add__(self, other: SourceAccounting) -> SourceAccounting:
+        return SourceAccounting(**{name: getattr(self, name) + getattr(other, name) for name in SourceAccounting.model_fields})
+
     @property
     def reconciles(self) -> bool:
         return self.docs_in == self.kept + self.filtered + self.exact_dup + self.near_dup + self.malformed
@@ -86,15 +92,40 @@ class TokenShard(Record):
     idx: ObjectInfo
 
 
-class Receipt(Record):
-    """Proof that one shard of one stage finished: its outputs and its counts."""
+class ShardResult(Record):
+    """What one shard's work produced: the objects it wrote and what it counted."""
+
+    outputs: list[ObjectInfo] = Field(default_factory=list)
+    counts: dict[str, int] = Field(default_factory=dict)  # the stage's own metrics, for its table
+    sources: dict[str, SourceAccounting] = Field(default_factory=dict)  # this shard's share of the accounting
+    token_shards: list[TokenShard] = Field(default_factory=list)  # tokenize stage only
+
+
+class Receipt(ShardResult):
+    """Proof that one shard of one stage finished: its result, and each output's version as
+    the store reported it when the shard committed (a rerun's listing must show the same)."""
 
     stage: str
     shard: str
-    outputs: list[ObjectInfo] = Field(default_factory=list)
-    counts: dict[str, int] = Field(default_factory=dict)
-    token_shards: list[TokenShard] = Field(default_factory=list)  # tokenize stage only
+    versions: dict[str, dict[str, str]] = Field(default_factory=dict)  # output key -> ListedObject.version
     seconds: float = 0.0  # wall time of the shard's work, for the stage's table artifact
+
+
+class StageSummary(Record):
+    """Every receipt of a completed stage, and the version of each receipt object it was read
+    from: a rerun re-reads only the receipts whose listed version differs."""
+
+    stage: str
+    receipts: list[Receipt]
+    receipt_versions: dict[str, dict[str, str]]  # shard -> version of receipts/<stage>/<shard>.json
+
+    def sources(self) -> dict[str, SourceAccounting]:
+        """The per-source accounting of every shard, summed."""
+        totals: dict[str, SourceAccounting] = {}
+        for receipt in self.receipts:
+            for name, share in receipt.sources.items():
+                totals[name] = totals.get(name, SourceAccounting()) + share
+        return totals
 
 
 class DatasetManifest(Record):

@@ -45,22 +45,29 @@ class Filters(Config):
 class Dedup(Config):
     exact: bool = True
     near: bool = True
+    exact_partitions: int | None = Field(
+        None, ge=1, description="Hash ranges of exact dedup (one Ray task each); default: sized from the documents"
+    )
 
 
 class MinHashConfig(Config):
-    """Near-duplicate detection; defaults are SlimPajama's recipe."""
+    """Near-duplicate detection: SlimPajama's shingling and threshold with a recall-oriented,
+    verified LSH shape (16 x 8); SlimPajama's own shape is the preset bands=9, rows=13."""
 
     ngram: int = Field(13, ge=1)
     shingle: str = Field("char", pattern="^(char|word)$")
     num_perm: int = Field(128, ge=1)
-    bands: int | None = Field(9, ge=1)
-    rows: int | None = Field(13, ge=1)
+    bands: int | None = Field(16, ge=1)
+    rows: int | None = Field(8, ge=1)
     threshold: float = Field(0.8, gt=0, lt=1)
     verify: bool = Field(True, description="Drop candidate pairs whose true Jaccard is below threshold")
     verify_anchors: int = Field(4, ge=1, description="Most members of a bucket each candidate is verified against")
-    bucket_partitions: int = Field(16, ge=1, description="Band-hash ranges, one Ray task each")
-    component_partitions: int = Field(
-        16, ge=1, description="Vertex partitions of connected components, one Ray task each (n*n files a round)"
+    bucket_partitions: int | None = Field(
+        None, ge=1, description="Band-hash ranges, one Ray task each; default: sized from the documents"
+    )
+    component_partitions: int | None = Field(
+        None, ge=1, description="Vertex partitions of connected components, one Ray task each (n*n files a round); "
+        "default: sized from the documents",
     )
     seed: int = 1
 
@@ -105,6 +112,9 @@ class BuildConfig(Config):
     build_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", description="Default: the config hash")
     parallelism: int | None = Field(
         None, ge=1, description="At most this many shards at once (default: twice Ray's CPUs); never changes outputs"
+    )
+    task_memory_bytes: int = Field(
+        1 << 30, ge=1 << 16, description="What one dedup task may hold: partition counts and batches are sized to it"
     )
 
     @model_validator(mode="after")

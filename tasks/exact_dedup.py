@@ -1,99 +1,120 @@
 """Stage 3: exact deduplication.
 
-Each docs shard hashes its texts into `partitions` hash ranges (one Ray task per shard);
-each hash range then finds repeated hashes across all shards (one Ray task per range) and
-keeps the first occurrence in plan order, i.e. the smallest document id. Removed ids are
-written per docs shard, so the tokenize stage reads only its own.
+Each batch of consecutive docs shards hashes its texts (xxh3-128) into hash ranges, one file
+per range for the whole batch (one Ray task per batch); each hash range then finds repeated
+hashes across all batches (one Ray task per range) and keeps the first occurrence in plan
+order, i.e. the smallest document id. The number of ranges is sized from the documents so
+one range task stays inside `task_memory_bytes`. Removed ids are written per docs shard, so
+the tokenize stage reads only its own.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
+from functools import partial
 
 import numpy as np
 import pyarrow as pa
 import xxhash
 
-from storage.manifest import Receipt
-from storage.store import Store, join_key
-from tasks.fanout import run_shards
-from tasks.ingest import docs_key
+from storage import build_layout as layout
+from storage.build_layout import batch_name, partition_name
+from storage.manifest import ShardResult, SourceAccounting, StageSummary
+from storage.store import Store
+from tasks.fanout import read_summary, run_stage
 from tasks.parquet_io import read_table, write_table
+from tasks.partitioning import EXACT_ROW_BYTES, batch_bytes, batches, ingested_documents, partitions
 from tasks.plan import Build, PlannedFile, ordinal_of
-from tasks.reporting import progress, stage_table
-from tasks.stage import stage_task
+from tasks.reporting import stage_totals
+from tasks.stage import Run, Stage, stage_task
 
-PARTITIONS = 16
 HASH_SCHEMA = pa.schema([("id", pa.int64()), ("hash", pa.binary(16))])
 REMOVED_SCHEMA = pa.schema([("id", pa.int64()), ("kept_id", pa.int64())])
 
 
-def hashes_key(partition: int, shard: str) -> str:
-    return join_key("dedup/exact/hashes", f"{partition:04d}", f"{shard}.parquet")
+def text_digests(texts: pa.Array) -> np.ndarray:
+    """xxh3-128 of each text's UTF-8 bytes, as a (documents, 16) uint8 array, hashed straight
+    from the arrow buffers (no Python strings)."""
+    texts = texts.cast(pa.large_string()) if texts.type == pa.string() else texts
+    offsets = np.frombuffer(texts.buffers()[1], dtype=np.int64)[texts.offset : texts.offset + len(texts) + 1]
+    data = memoryview(texts.buffers()[2] or b"")
+    digest = xxhash.xxh3_128_digest
+    joined = b"".join(digest(data[start:end]) for start, end in zip(offsets[:-1].tolist(), offsets[1:].tolist()))
+    return np.frombuffer(joined, dtype=np.uint8).reshape(-1, 16)
 
 
-def removed_prefix(shard: str) -> str:
-    return join_key("dedup/exact/removed", shard) + "/"
-
-
-def hash_shard(store: Store, file: PlannedFile) -> Receipt:
-    docs = read_table(store, docs_key(file), columns=["id", "text"])
-    ids = docs.column("id").to_numpy()
-    digests = [xxhash.xxh3_128_digest(text.encode("utf-8")) for text in docs.column("text").to_pylist()]
-    partition_of = np.array([int.from_bytes(d[:8], "little") % PARTITIONS for d in digests], dtype=np.int64)
+def hash_batch(store: Store, files: Sequence[PlannedFile], ranges: int, batch: int) -> ShardResult:
+    """The (id, hash) rows of a batch of docs shards, one file per hash range."""
+    ids, digests = [], []
+    for file in files:
+        docs = read_table(store, layout.docs(file.source, file.shard), columns=["id", "text"])
+        ids.append(docs.column("id").to_numpy())
+        digests.append(text_digests(docs.column("text").combine_chunks()))
+    ids, digests = np.concatenate(ids), np.concatenate(digests)
+    range_of = digests[:, :8].copy().view("<u8").reshape(-1) % np.uint64(ranges)
     outputs = []
-    for partition in range(PARTITIONS):
-        rows = np.flatnonzero(partition_of == partition)
-        table = pa.table(
-            {"id": pa.array(ids[rows], pa.int64()), "hash": pa.array([digests[i] for i in rows], pa.binary(16))},
-            schema=HASH_SCHEMA,
-        )
-        outputs.append(write_table(store, hashes_key(partition, file.shard), table))
-    return Receipt(stage="exact-hash", shard=file.shard, outputs=outputs, counts={"documents": len(ids)})
+    for partition in range(ranges):
+        rows = np.flatnonzero(range_of == partition)
+        hashes = pa.FixedSizeBinaryArray.from_buffers(pa.binary(16), len(rows), [None, pa.py_buffer(digests[rows].tobytes())])
+        table = pa.table({"id": pa.array(ids[rows], pa.int64()), "hash": hashes}, schema=HASH_SCHEMA)
+        outputs.append(write_table(store, layout.exact_hashes(batch, partition), table))
+    return ShardResult(outputs=outputs, counts={"documents": len(ids)})
 
 
-def find_duplicates(store: Store, plan: list[PlannedFile], partition: int) -> Receipt:
+def find_duplicates(store: Store, plan: list[PlannedFile], batch_count: int, partition: int) -> ShardResult:
     """Within one hash range: every document whose hash was seen at a smaller id is removed."""
-    tables = [read_table(store, hashes_key(partition, f.shard)) for f in plan]
+    tables = [read_table(store, layout.exact_hashes(b, partition)) for b in range(batch_count)]
     table = pa.concat_tables(tables).sort_by([("hash", "ascending"), ("id", "ascending")])
     ids = table.column("id").to_numpy()
-    digests = np.frombuffer(b"".join(table.column("hash").to_pylist()), dtype=np.uint64).reshape(-1, 2)
+    hashes = table.column("hash").combine_chunks()
+    digests = np.frombuffer(hashes.buffers()[1], dtype=np.uint64)[2 * hashes.offset : 2 * (hashes.offset + len(hashes))]
+    digests = digests.reshape(-1, 2)
     first = np.ones(len(ids), dtype=bool)  # the first (smallest id) of each run of equal hashes
     first[1:] = (digests[1:] != digests[:-1]).any(axis=1)
     group_first = np.maximum.accumulate(np.where(first, np.arange(len(ids)), 0))
-    removed_ids, kept_ids = ids[~first], ids[group_first[~first]]
-    shards = ordinal_of(removed_ids)
+    removed, kept = ids[~first], ids[group_first[~first]]
+    shards = ordinal_of(removed)
     outputs, per_source = [], Counter()
     for ordinal in np.unique(shards):
         rows = shards == ordinal
         file = plan[int(ordinal)]
         per_source[file.source] += int(rows.sum())
-        table = pa.table({"id": removed_ids[rows], "kept_id": kept_ids[rows]}, schema=REMOVED_SCHEMA)
-        outputs.append(write_table(store, removed_prefix(file.shard) + f"p{partition:04d}.parquet", table))
-    counts = {f"exact_dup:{source}": n for source, n in sorted(per_source.items())}
-    counts["exact_dup"] = len(removed_ids)
-    return Receipt(stage="exact-dedup", shard=f"p{partition:04d}", outputs=outputs, counts=counts)
+        table = pa.table({"id": removed[rows], "kept_id": kept[rows]}, schema=REMOVED_SCHEMA)
+        key = layout.exact_removed(file.shard) + f"{partition_name(partition)}.parquet"
+        outputs.append(write_table(store, key, table))
+    sources = {source: SourceAccounting(exact_dup=n) for source, n in sorted(per_source.items())}
+    return ShardResult(outputs=outputs, counts={"exact_dup": len(removed)}, sources=sources)
 
 
-def removed_ids(store: Store, file: PlannedFile) -> np.ndarray:
+def exact_duplicate_ids(store: Store, file: PlannedFile) -> np.ndarray:
     """Ids of one docs shard that exact dedup removed (empty when the stage did not run)."""
-    keys = list(store.list(removed_prefix(file.shard)))
+    keys = list(store.list(layout.exact_removed(file.shard)))
     if not keys:
         return np.empty(0, dtype=np.int64)
     return np.concatenate([read_table(store, k, columns=["id"]).column("id").to_numpy() for k in keys])
 
 
+def run_exact_dedup(
+    store: Store, plan: list[PlannedFile], sizes: dict[str, int], ranges: int, budget: int, run: Run
+) -> StageSummary:
+    """Hash every batch of docs shards, then find the duplicates of each hash range; returns
+    the summary of the second step (its receipts carry the per-source exact_dup counts)."""
+    members = batches([sizes[f.shard] for f in plan], batch_bytes(budget))
+
+    def hash_one(batch: int) -> ShardResult:
+        return hash_batch(store, plan[members[batch].start : members[batch].stop], ranges, batch)
+
+    run(Stage("exact-hash", list(range(len(members))), batch_name, hash_one, (layout.EXACT_HASHES,)))
+    find = partial(find_duplicates, store, plan, len(members))
+    return run(Stage("exact-dedup", list(range(ranges)), partition_name, find, (layout.EXACT_REMOVED,)))
+
+
 @stage_task("exact-dedup")
 def exact_dedup(build: Build) -> dict[str, int | float]:
-    store, plan = build.store, build.plan
-    hashed = run_shards(
-        "exact-hash", store, plan, lambda f: f.shard, lambda f: hash_shard(store, f),
-        on_progress=progress("exact-hash", build.config.name), max_in_flight=build.config.parallelism,
-    )
-    stage_table("exact-hash", build.config.name, hashed)
-    receipts = run_shards(
-        "exact-dedup", store, range(PARTITIONS), lambda p: f"p{p:04d}",
-        lambda p: find_duplicates(store, plan, p),
-        on_progress=progress("exact-dedup", build.config.name), max_in_flight=build.config.parallelism,
-    )
-    return stage_table("exact-dedup", build.config.name, receipts)
+    store, config = build.store, build.config
+    documents, sizes = ingested_documents(read_summary(store, "ingest"))
+    budget = config.task_memory_bytes
+    ranges = partitions(documents, EXACT_ROW_BYTES, budget, config.dedup.exact_partitions)
+    run = partial(run_stage, store, build_name=config.name, max_in_flight=config.parallelism)
+    return stage_totals(run_exact_dedup(store, build.plan, sizes, ranges, budget, run).receipts)

@@ -1,8 +1,20 @@
-"""Prefect schedules, Ray fans out: run one Ray task per shard and commit a receipt for each.
+"""The one stage runner: "Prefect schedules, Ray fans out", with a receipt per shard.
 
-A shard whose receipt exists (and whose outputs are all present at the recorded sizes) is
-done and is skipped, so a Prefect retry, a rerun, or a recovery after a crash redoes only
-the unfinished shards. Outputs are written by the shard's work; the receipt is written last.
+`run_stage(store, stage)` runs `stage.work(item)` as one Ray task per item that is not done,
+and returns the stage's summary. What is done is decided by the page, never by a request
+per object in the driver:
+
+1. one paginated listing of `receipts/<stage>/` (keys, sizes, versions; 1,000 a request);
+2. one GET of `summaries/<stage>.json`: every receipt whose listed version is the one the
+   summary recorded is taken from it; the others (a stage cut short, a receipt rewritten or
+   damaged) are read in a thread pool, and an unreadable or invalid one counts as missing;
+3. one paginated listing of the stage's output prefixes: a receipt is intact only if each of
+   its outputs is listed at the size and version the task recorded when it committed, so an
+   output deleted, truncated or rewritten (even at the same size) after its receipt is redone.
+
+A task writes its outputs, checks each one's size on the store and records its version, then
+writes its receipt last. When the stage completes, the summary is written once (unless a
+rerun found everything as its summary said, then nothing is written).
 """
 
 from __future__ import annotations
@@ -10,27 +22,20 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
-from typing import TypeVar
+from concurrent.futures import ThreadPoolExecutor
 
 import ray
+from pydantic import ValidationError
 from ray.exceptions import RayTaskError
 
-from storage.manifest import Receipt, read_record, write_record
-from storage.store import ObjectNotFound, Store, join_key
+from storage import build_layout as layout
+from storage.manifest import Receipt, ShardResult, StageSummary, read_record, write_record
+from storage.store import ObjectNotFound, ListedObject, Store, StoreError
+from tasks.reporting import progress, stage_table
+from tasks.stage import Item, Stage
 
-Item = TypeVar("Item")
 log = logging.getLogger(__name__)
-
-
-def receipt_key(stage: str, shard: str) -> str:
-    return join_key("receipts", stage, f"{shard}.json")
-
-
-def list_receipts(store: Store, stage: str) -> list[Receipt]:
-    """Every receipt a stage has committed, in shard order."""
-    prefix = join_key("receipts", stage) + "/"
-    return [read_record(store, key, Receipt) for key in store.list(prefix) if key.endswith(".json")]
+READ_THREADS = 32  # receipts read at once when the summary does not have them
 
 
 def ensure_ray() -> None:
@@ -39,72 +44,134 @@ def ensure_ray() -> None:
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
 
 
-def finished_receipt(store: Store, stage: str, shard: str) -> Receipt | None:
-    """The shard's receipt if it and every output it names are intact, else None."""
+def read_valid(store: Store, key: str, cls):
+    """The record at `key`, or None when it is missing, unreadable or invalid (logged with its key)."""
     try:
-        receipt = read_record(store, receipt_key(stage, shard), Receipt)
+        return read_record(store, key, cls)
     except ObjectNotFound:
         return None
+    except (ValidationError, ValueError, UnicodeDecodeError) as error:
+        log.warning("%s is damaged and counts as missing (%s)", store.url(key), type(error).__name__)
+        return None
+
+
+def read_summary(store: Store, stage: str) -> StageSummary | None:
+    """A completed stage's summary (None when the stage has not completed, or it is damaged)."""
+    summary = read_valid(store, layout.summary(stage), StageSummary)
+    return summary if summary is not None and summary.stage == stage else None
+
+
+def _listing(store: Store, prefixes: tuple[str, ...]) -> dict[str, ListedObject]:
+    return {listed.key: listed for prefix in prefixes for listed in store.list_info(prefix)}
+
+
+def _intact(receipt: Receipt, outputs: dict[str, ListedObject]) -> bool:
     for output in receipt.outputs:
-        try:
-            if store.size(output.key) != output.size:
-                return None
-        except ObjectNotFound:
-            return None
+        listed = outputs.get(output.key)
+        if listed is None or listed.size != output.size or listed.version != receipt.versions.get(output.key):
+            log.warning("%s: output %s changed since its receipt; shard %s is redone", receipt.stage, output.key, receipt.shard)
+            return False
+    return True
+
+
+def finished_receipts(store: Store, stage: Stage) -> tuple[dict[str, Receipt], StageSummary | None]:
+    """The intact receipts of the stage's shards, and the stage's summary when it holds them all."""
+    listed = {o.key: o for o in store.list_info(layout.receipts(stage.name))}
+    shards = [shard for item in stage.items if layout.receipt(stage.name, shard := stage.shard_of(item)) in listed]
+    version = {shard: listed[layout.receipt(stage.name, shard)].version for shard in shards}
+    summary = read_summary(store, stage.name) if shards else None
+    known = {r.shard: r for r in summary.receipts} if summary else {}
+    receipts = {s: known[s] for s in shards if s in known and summary.receipt_versions.get(s) == version[s]}
+    unread = [s for s in shards if s not in receipts]
+    if unread:
+        with ThreadPoolExecutor(READ_THREADS) as pool:
+            for shard, receipt in zip(unread, pool.map(lambda s: read_valid(store, layout.receipt(stage.name, s), Receipt), unread)):
+                if receipt is not None and (receipt.stage, receipt.shard) == (stage.name, shard):
+                    receipts[shard] = receipt
+    if receipts:
+        outputs = _listing(store, stage.outputs)
+        receipts = {shard: r for shard, r in receipts.items() if _intact(r, outputs)}
+    current = summary is not None and not unread and len(receipts) == len(shards)
+    return receipts, summary if current else None
+
+
+def commit(store: Store, stage_name: str, prefixes: tuple[str, ...], shard: str, result: ShardResult, seconds: float) -> Receipt:
+    """Check the outputs the work reported against the store, record their versions, then
+    write the receipt; runs in the task that produced them."""
+    versions = {}
+    for output in result.outputs:
+        if not output.key.startswith(prefixes):
+            raise RuntimeError(f"{stage_name}: output {output.key} lies outside the stage's prefixes {prefixes}")
+        listed = store.info(output.key)
+        if listed.size != output.size:
+            raise StoreError(f"{store.url(output.key)} holds {listed.size} bytes after {output.size} were written")
+        versions[output.key] = listed.version
+    receipt = Receipt(**dict(result), stage=stage_name, shard=shard, versions=versions, seconds=round(seconds, 3))
+    write_record(store, layout.receipt(stage_name, shard), receipt)
     return receipt
 
 
-def _work_and_commit(stage: str, store: Store, work: Callable[[Item], Receipt], item: Item) -> Receipt:
+def _work_and_commit(store: Store, stage_name: str, prefixes: tuple[str, ...], work, shard: str, item) -> Receipt:
     started = time.perf_counter()
-    receipt = work(item)
-    receipt = receipt.model_copy(update={"seconds": round(time.perf_counter() - started, 3)})
-    write_record(store, receipt_key(stage, receipt.shard), receipt)
-    return receipt
+    result = work(item)
+    return commit(store, stage_name, prefixes, shard, result, time.perf_counter() - started)
 
 
-def run_shards(
-    stage: str,
+def run_stage(
     store: Store,
-    items: Sequence[Item],
-    shard_of: Callable[[Item], str],
-    work: Callable[[Item], Receipt],
-    on_progress: Callable[[int, int], None] | None = None,
+    stage: Stage[Item],
+    build_name: str | None = None,
     max_in_flight: int | None = None,
-) -> list[Receipt]:
-    """Run `work(item)` as a Ray task for every item without a receipt; receipts in item order.
+    inline: bool = False,
+) -> StageSummary:
+    """Run every shard of `stage` that is not done; returns the stage's summary (receipts in
+    item order). With `build_name`, Prefect gets a progress artifact and a table artifact.
+    `inline` runs the work in this process, one item after another (tests, benchmarks).
 
-    `work` must return a Receipt whose `shard` equals `shard_of(item)`. A worker that dies is
-    retried by Ray; an exception from `work` (bad input, say) is raised here unchanged after
-    the tasks already running have finished and committed.
+    A worker that dies is retried by Ray; an exception from `work` (bad input, say) is raised
+    here unchanged after the tasks already running have finished and committed.
     """
-    receipts: dict[str, Receipt] = {}
-    todo = []
-    for item in items:
-        shard = shard_of(item)
-        if (done := finished_receipt(store, stage, shard)) is not None:
-            receipts[shard] = done
-        else:
-            todo.append(item)
-    total = len(items)
+    receipts, summary = finished_receipts(store, stage)
+    total = len(stage.items)
+    on_progress = progress(stage.name, build_name) if build_name else None
     if on_progress:
         on_progress(len(receipts), total)
+    todo = [item for item in stage.items if stage.shard_of(item) not in receipts]
     if todo:
-        log.info("%s: %d of %d shards to run (%d already done)", stage, len(todo), total, len(receipts))
-        _fan_out(stage, store, todo, work, receipts, total, on_progress, max_in_flight)
-    return [receipts[shard_of(item)] for item in items]
+        log.info("%s: %d of %d shards to run (%d already done)", stage.name, len(todo), total, len(receipts))
+        run = _run_inline if inline else _fan_out
+        run(store, stage, todo, receipts, total, on_progress, max_in_flight)
+    ordered = [receipts[stage.shard_of(item)] for item in stage.items]
+    if summary is None or todo:
+        listed = {o.key: o.version for o in store.list_info(layout.receipts(stage.name))}
+        versions = {r.shard: listed[layout.receipt(stage.name, r.shard)] for r in ordered}
+        summary = StageSummary(stage=stage.name, receipts=ordered, receipt_versions=versions)
+        write_record(store, layout.summary(stage.name), summary)
+    if build_name:
+        stage_table(stage.name, build_name, ordered)
+    return summary
 
 
-def _fan_out(stage, store, todo, work, receipts, total, on_progress, max_in_flight) -> None:
+def _run_inline(store, stage, todo, receipts, total, on_progress, _max_in_flight) -> None:
+    for item in todo:
+        shard = stage.shard_of(item)
+        receipts[shard] = _work_and_commit(store, stage.name, stage.outputs, stage.work, shard, item)
+        if on_progress:
+            on_progress(len(receipts), total)
+
+
+def _fan_out(store, stage, todo, receipts, total, on_progress, max_in_flight) -> None:
     ensure_ray()
     remote = ray.remote(num_cpus=1, max_retries=3)(_work_and_commit)
     window = max_in_flight or 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
-    store_ref, work_ref = ray.put(store), ray.put(work)
+    store_ref, work_ref = ray.put(store), ray.put(stage.work)
     queue = list(reversed(todo))
     pending: list = []
     failure: RayTaskError | None = None
     while queue or pending:
         while queue and failure is None and len(pending) < window:
-            pending.append(remote.remote(stage, store_ref, work_ref, queue.pop()))
+            item = queue.pop()
+            pending.append(remote.remote(store_ref, stage.name, stage.outputs, work_ref, stage.shard_of(item), item))
         if not pending:
             break
         ready, pending = ray.wait(pending, num_returns=1)
@@ -120,3 +187,4 @@ def _fan_out(stage, store, todo, work, receipts, total, on_progress, max_in_flig
         # The work's own exception (an IngestError naming the file, say), with Ray's remote
         # traceback chained to it.
         raise (failure.cause or failure) from failure
+

@@ -32,13 +32,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
 
-from storage.manifest import Receipt, upload
+from storage import build_layout as layout
+from storage.manifest import ShardResult, SourceAccounting, upload
 from storage.store import LocalStore, Store, open_object, open_store
 from tasks.config import Filters, Format, SourceConfig
-from tasks.fanout import run_shards
-from tasks.plan import Build, PlannedFile, document_id
-from tasks.reporting import progress, stage_table
-from tasks.stage import stage_task
+from tasks.plan import PlannedFile, document_id
 
 DOC_SCHEMA = pa.schema(
     [
@@ -61,16 +59,16 @@ class IngestError(ValueError):
 
 def docs_key(file: PlannedFile) -> str:
     """The document shard of a planned file, relative to the build folder."""
-    return f"docs/{file.source}/{file.shard}.parquet"
+    return layout.docs(file.source, file.shard)
 
 
 def quarantine_key(file: PlannedFile) -> str:
     """The malformed records of a planned file, relative to the build folder."""
-    return f"quarantine/{file.source}/{file.shard}.jsonl"
+    return layout.quarantine(file.source, file.shard)
 
 
-def ingest_file(file: PlannedFile, source: SourceConfig, filters: Filters, quarantine: bool, out: Store) -> Receipt:
-    """Ingest one planned file into `out` (the build folder) and return its receipt."""
+def ingest_file(file: PlannedFile, source: SourceConfig, filters: Filters, quarantine: bool, out: Store) -> ShardResult:
+    """Ingest one planned file into `out` (the build folder) and return what it wrote and counted."""
     if file.source != source.name:
         raise ValueError(f"planned file of source {file.source!r} given the config of source {source.name!r}")
     to_document = _DocumentMapper(source, filters)
@@ -111,20 +109,10 @@ def ingest_file(file: PlannedFile, source: SourceConfig, filters: Filters, quara
         outputs = [upload(out, docs_key(file), docs_path)]
         if bad.count:
             outputs.append(upload(out, quarantine_key(file), bad_path))
-    return Receipt(stage="ingest", shard=file.shard, outputs=outputs, counts=counts)
-
-
-@stage_task("ingest")
-def ingest(build: Build) -> dict[str, int | float]:
-    """Every planned file to a docs shard, one Ray task each; returns the stage's totals."""
-    config, store = build.config, build.store
-    sources = {s.name: s for s in config.sources}
-    receipts = run_shards(
-        "ingest", store, build.plan, lambda f: f.shard,
-        lambda f: ingest_file(f, sources[f.source], config.filters, config.quarantine, store),
-        on_progress=progress("ingest", config.name), max_in_flight=config.parallelism,
+    accounting = SourceAccounting(
+        docs_in=docs_in, kept=kept, filtered=counts["filtered"], malformed=bad.count, bytes_in=bytes_in
     )
-    return stage_table("ingest", config.name, receipts)
+    return ShardResult(outputs=outputs, counts=counts, sources={file.source: accounting})
 
 
 # --- mapping a record to a document ---------------------------------------------------------

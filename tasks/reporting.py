@@ -40,17 +40,22 @@ def plan_table(build_name: str, files, source_bytes: dict[str, int]) -> None:
     )
 
 
-def stage_table(stage: str, build_name: str, receipts: Sequence[Receipt]) -> dict[str, int | float]:
-    """Totals of the receipts' counts, as a table artifact; returns the totals (a small summary)."""
+def stage_totals(receipts: Sequence[Receipt]) -> dict[str, int | float]:
+    """The receipts' counts summed (what a stage's Prefect task returns: a small summary)."""
     totals: dict[str, int | float] = {"shards": len(receipts)}
     for receipt in receipts:
         for name, value in receipt.counts.items():
             totals[name] = totals.get(name, 0) + value
     totals["bytes_out"] = sum(o.size for r in receipts for o in r.outputs)
     totals["work_seconds"] = round(sum(r.seconds for r in receipts), 3)
+    return totals
+
+
+def stage_table(stage: str, build_name: str, receipts: Sequence[Receipt]) -> None:
+    """The stage's totals as a table artifact."""
+    totals = stage_totals(receipts)
     create_table_artifact(
         [{"metric": name, "value": value} for name, value in totals.items()],
         key=artifact_key(build_name, stage),
         description=f"{stage}: totals over {len(receipts)} shards",
     )
-    return totals

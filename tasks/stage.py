@@ -1,14 +1,47 @@
-"""The Prefect task every pipeline stage is: tracked, retried on transient failures only."""
+"""The stage contract every pipeline stage is written against, and its Prefect task.
+
+A stage is datatrove's `run(data, rank, world_size)` made typed: a name, its work items, each
+item's shard name, and `work(item) -> ShardResult`. `tasks.fanout.run_stage` runs it (Ray,
+receipts, progress, the table artifact); a stage knows none of that.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from storage.lease import LeaseHeld
+from storage.manifest import ShardResult, StageSummary
 
 STAGE_RETRIES = 2
 RETRY_DELAY_S = 5
+
+Item = TypeVar("Item")
+
+
+@dataclass(frozen=True)
+class Stage(Generic[Item]):
+    """One step of a build: `work(item)` for every item, each item one shard.
+
+    `work` writes its outputs (keys from storage.build_layout) and returns what it wrote; it
+    runs in a Ray worker, so it must pickle and must not depend on which worker runs it.
+    `outputs` are the key prefixes holding everything the stage writes: a rerun lists them
+    (1,000 keys a request) to check that every receipt's outputs are still as committed.
+    """
+
+    name: str
+    items: Sequence[Item]
+    shard_of: Callable[[Item], str]
+    work: Callable[[Item], ShardResult]
+    outputs: tuple[str, ...]
+
+
+Run = Callable[[Stage], StageSummary]
+"""run(stage) -> its summary: tasks.fanout.run_stage with the store (and reporting) bound."""
 
 
 def is_transient(_task, _task_run, state) -> bool:

@@ -2,7 +2,8 @@
 
 Per docs shard (one Ray task each): drop the ids dedup removed, shuffle the rest with a seed
 of (build seed, shard), encode whole documents in batches, frame each by the build's document
-convention (BOS first unless the build turns it off, EOS last; no BOS padding), and write Megatron `.bin/.idx` shards of about `shard_tokens` tokens, one sequence per document.
+convention (BOS first unless the build turns it off, EOS last; no BOS padding), and write
+Megatron `.bin/.idx` shards of about `shard_tokens` tokens, one sequence per document.
 A document is never split and nothing is dropped at a shard's end; training blocks are cut
 by the loader at read time.
 """
@@ -14,23 +15,19 @@ from pathlib import Path
 
 import numpy as np
 
-from storage.manifest import DocumentConvention, Receipt, TokenizerInfo, TokenShard, upload
+from storage import build_layout as layout
+from storage.manifest import DocumentConvention, ShardResult, SourceAccounting, TokenizerInfo, TokenShard, upload
 from storage.shards import ShardWriter, token_dtype
-from storage.store import Store, join_key
-from tasks.fanout import run_shards
-from tasks.ingest import docs_key
+from storage.store import Store
+from tasks.fanout import run_stage
 from tasks.parquet_io import read_table
 from tasks.plan import Build, PlannedFile
-from tasks.removals import removed_ids
-from tasks.reporting import progress, stage_table
+from tasks.removals import deduplicated_ids
+from tasks.reporting import stage_totals
+from tasks.stage import Stage, stage_task
 from tasks.tokenizer import cached_processor
-from tasks.stage import stage_task
 
 ENCODE_BATCH_BYTES = 8 << 20
-
-
-def tokens_prefix(file: PlannedFile, part: int) -> str:
-    return join_key("tokens", file.source, f"{file.shard}-{part:04d}")
 
 
 def _batches(texts: list[str], order: np.ndarray):
@@ -55,11 +52,11 @@ def _upload(store: Store, writer: ShardWriter, prefix: str, file: PlannedFile) -
 
 
 def tokenize_shard(
-    store: Store, file: PlannedFile, tokenizer: TokenizerInfo, documents: DocumentConvention, shard_tokens: int, seed: int
-) -> Receipt:
+    store: Store, file: PlannedFile, tokenizer: TokenizerInfo, convention: DocumentConvention, shard_tokens: int, seed: int
+) -> ShardResult:
     processor = cached_processor(store.url(tokenizer.key), tokenizer.sha256)
-    docs = read_table(store, docs_key(file), columns=["id", "text"])
-    keep = np.flatnonzero(~np.isin(docs.column("id").to_numpy(), removed_ids(store, file)))
+    docs = read_table(store, layout.docs(file.source, file.shard), columns=["id", "text"])
+    keep = np.flatnonzero(~np.isin(docs.column("id").to_numpy(), deduplicated_ids(store, file)))
     texts = docs.column("text").to_pylist()
     order = keep[np.random.default_rng([seed, file.ordinal]).permutation(len(keep))]
     dtype = token_dtype(tokenizer.vocab_size)
@@ -68,26 +65,35 @@ def tokenize_shard(
         writer = ShardWriter(Path(tmp) / "part-0", dtype)
         for batch in _batches(texts, order):
             for ids in processor.encode(batch, num_threads=1):
-                ids = documents.frame(ids, tokenizer)
+                ids = convention.frame(ids, tokenizer)
                 if writer.documents and writer.tokens + len(ids) > shard_tokens:
                     writer.close()
-                    shards.append(_upload(store, writer, tokens_prefix(file, len(shards)), file))
+                    shards.append(_upload(store, writer, layout.tokens(file.source, file.shard, len(shards)), file))
                     writer = ShardWriter(Path(tmp) / f"part-{len(shards)}", dtype)
                 writer.add_document(ids)
         writer.close()
         if writer.documents:
-            shards.append(_upload(store, writer, tokens_prefix(file, len(shards)), file))
+            shards.append(_upload(store, writer, layout.tokens(file.source, file.shard, len(shards)), file))
     outputs = [info for shard in shards for info in (shard.bin, shard.idx)]
-    counts = {"documents": sum(s.documents for s in shards), "tokens": sum(s.tokens for s in shards)}
-    return Receipt(stage="tokenize", shard=file.shard, outputs=outputs, counts=counts, token_shards=shards)
+    documents, tokens = sum(s.documents for s in shards), sum(s.tokens for s in shards)
+    return ShardResult(
+        outputs=outputs,
+        counts={"documents": documents, "tokens": tokens},
+        sources={file.source: SourceAccounting(kept=documents, tokens=tokens)},
+        token_shards=shards,
+    )
+
+
+def shard_of(file: PlannedFile) -> str:
+    return file.shard
 
 
 @stage_task("tokenize")
 def tokenize(build: Build, tokenizer: TokenizerInfo) -> dict[str, int | float]:
     store, config = build.store, build.config
-    receipts = run_shards(
-        "tokenize", store, build.plan, lambda f: f.shard,
+    stage = Stage(
+        "tokenize", build.plan, shard_of,
         lambda f: tokenize_shard(store, f, tokenizer, config.documents, config.shard_tokens, config.seed),
-        on_progress=progress("tokenize", config.name), max_in_flight=config.parallelism,
+        (layout.TOKENS,),
     )
-    return stage_table("tokenize", config.name, receipts)
+    return stage_totals(run_stage(store, stage, config.name, config.parallelism).receipts)

@@ -6,24 +6,25 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Iterator
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import numpy as np
+import pyarrow as pa
 import sentencepiece as spm
 import xxhash
 
-from storage.manifest import ObjectInfo, Receipt, TokenizerInfo, read_record, sha256_bytes, write_record
+from storage import build_layout as layout
+from storage.manifest import ObjectInfo, ShardResult, TokenizerInfo, record_bytes, sha256_bytes
 from storage.store import ObjectNotFound, Store, open_object
-from tasks.config import TokenizerTrain
-from tasks.fanout import finished_receipt, receipt_key
-from tasks.ingest import docs_key
+from tasks.config import TokenizerConfig, TokenizerTrain
+from tasks.fanout import read_summary, read_valid, run_stage
 from tasks.parquet_io import read_table
 from tasks.plan import Build, PlannedFile
-from tasks.removals import removed_ids
-from tasks.stage import stage_task
+from tasks.removals import deduplicated_ids
+from tasks.stage import Stage, stage_task
 
-TOKENIZER_KEY = "tokenizer/tokenizer.model"
-INFO_KEY = "tokenizer/tokenizer.json"
+SAMPLE_SPREAD = 4  # the sample is drawn from shards holding this many times sample_bytes of text
+DEDUP_MARGIN = 1.5  # documents are drawn at this multiple of the needed rate: dedup removes some
 
 
 class TokenizerError(ValueError):
@@ -48,26 +49,40 @@ def cached_processor(uri: str, sha256: str) -> spm.SentencePieceProcessor:
     return load_sentencepiece(store.get_bytes(key), uri)
 
 
-def sample_lines(store: Store, plan: list[PlannedFile], kept_bytes: int, sample_bytes: int, seed: int) -> Iterator[str]:
-    """Non-empty lines of a seeded sample of kept documents, about `sample_bytes` of text.
+def sampled_shards(plan: list[PlannedFile], kept_bytes: dict[str, int], sample_bytes: int, seed: int) -> list[PlannedFile]:
+    """A seeded subset of docs shards holding SAMPLE_SPREAD x sample_bytes of text (all when
+    the corpus is smaller), in a seeded order; it depends only on the ingest summary and the seed."""
+    chosen, held = [], 0
+    for position in np.random.default_rng(seed).permutation(len(plan)).tolist():
+        if held >= SAMPLE_SPREAD * sample_bytes:
+            break
+        chosen.append(plan[position])
+        held += kept_bytes[plan[position].shard]
+    return chosen
 
-    Each document is in the sample when a hash of (seed, id) falls below the sampling rate,
-    so the sample depends only on the documents and the seed.
-    """
-    rate = min(1.0, 1.5 * sample_bytes / max(kept_bytes, 1))
-    threshold = int(rate * (2**64 - 1))
+
+def write_sample(store: Store, file: PlannedFile, rate: float, seed: int) -> ShardResult:
+    """The non-empty lines of a seeded sample of one docs shard's kept documents: a document is
+    in it when a hash of (seed, id) falls below `rate`, so the sample depends only on the data."""
+    docs = read_table(store, layout.docs(file.source, file.shard), columns=["id", "text"])
+    ids = docs.column("id").to_numpy()
+    threshold = int(min(1.0, rate) * (2**64 - 1))
+    drawn = np.array([xxhash.xxh64_intdigest(i.to_bytes(8, "little"), seed) <= threshold for i in ids.tolist()], dtype=bool)
+    rows = np.flatnonzero(drawn & ~np.isin(ids, deduplicated_ids(store, file)))
+    texts = docs.column("text").take(pa.array(rows)).to_pylist()
+    body = "".join(f"{line}\n" for text in texts for line in text.splitlines() if line.strip()).encode("utf-8")
+    key = layout.tokenizer_sample(file.shard)
+    store.put_bytes(key, body)
+    return ShardResult(outputs=[ObjectInfo(key=key, size=len(body), sha256=sha256_bytes(body))], counts={"bytes": len(body)})
+
+
+def sample_lines(store: Store, keys: list[str], sample_bytes: int) -> Iterator[str]:
+    """Lines of the sample files in order, until about `sample_bytes` of text."""
     taken = 0
-    for position in np.random.default_rng(seed).permutation(len(plan)):
-        file = plan[position]
-        docs = read_table(store, docs_key(file), columns=["id", "text"])
-        removed = set(removed_ids(store, file).tolist())
-        for doc_id, text in zip(docs.column("id").to_pylist(), docs.column("text").to_pylist()):
-            if doc_id in removed or xxhash.xxh64_intdigest(doc_id.to_bytes(8, "little"), seed) > threshold:
-                continue
-            for line in text.splitlines():
-                if line.strip():
-                    yield line
-            taken += len(text.encode("utf-8"))
+    for key in keys:
+        for line in store.get_text(key).splitlines():
+            yield line
+            taken += len(line.encode("utf-8")) + 1
             if taken >= sample_bytes:
                 return
 
@@ -97,11 +112,8 @@ def train_model(lines: Iterator[str], train: TokenizerTrain) -> bytes:
     return model.getvalue()
 
 
-@stage_task("tokenizer")
-def tokenizer(build: Build, kept_bytes: int) -> TokenizerInfo:
-    store, config = build.store, build.config.tokenizer
-    if finished_receipt(store, "tokenizer", "tokenizer") is not None:
-        return read_record(store, INFO_KEY, TokenizerInfo)
+def make_tokenizer(store: Store, config: TokenizerConfig, sample_keys: list[str], _item: str) -> ShardResult:
+    """The one item of the tokenizer stage: load the user's model or train one on the sample."""
     if config.model is not None:
         source, key = open_object(config.model)
         try:
@@ -109,19 +121,53 @@ def tokenizer(build: Build, kept_bytes: int) -> TokenizerInfo:
         except ObjectNotFound:
             raise TokenizerError(f"tokenizer model {config.model} does not exist") from None
     else:
-        lines = sample_lines(store, build.plan, kept_bytes, config.train.sample_bytes, build.config.seed)
-        model = train_model(lines, config.train)
+        model = train_model(sample_lines(store, sample_keys, config.train.sample_bytes), config.train)
     processor = load_sentencepiece(model, config.model or "the trained tokenizer")
-    store.put_bytes(TOKENIZER_KEY, model)
+    store.put_bytes(layout.TOKENIZER_MODEL, model)
     info = TokenizerInfo(
-        key=TOKENIZER_KEY,
+        key=layout.TOKENIZER_MODEL,
         sha256=sha256_bytes(model),
         vocab_size=processor.vocab_size(),
         bos_id=processor.bos_id(),
         eos_id=processor.eos_id(),
         trained=config.model is None,
     )
-    write_record(store, INFO_KEY, info)
-    outputs = [ObjectInfo(key=TOKENIZER_KEY, size=len(model), sha256=info.sha256)]
-    write_record(store, receipt_key("tokenizer", "tokenizer"), Receipt(stage="tokenizer", shard="tokenizer", outputs=outputs))
+    body = record_bytes(info)
+    store.put_bytes(layout.TOKENIZER_INFO, body)
+    outputs = [
+        ObjectInfo(key=layout.TOKENIZER_MODEL, size=len(model), sha256=info.sha256),
+        ObjectInfo(key=layout.TOKENIZER_INFO, size=len(body), sha256=sha256_bytes(body)),
+    ]
+    return ShardResult(outputs=outputs, counts={"vocab_size": info.vocab_size})
+
+
+def _sample_shard(file: PlannedFile) -> str:
+    return file.shard
+
+
+def _only_shard(_item: str) -> str:
+    return "tokenizer"
+
+
+@stage_task("tokenizer")
+def tokenizer(build: Build) -> TokenizerInfo:
+    store, config = build.store, build.config
+    sample_keys: list[str] = []
+    if config.tokenizer.train is not None:
+        ingested = read_summary(store, "ingest")
+        kept_bytes = {r.shard: sum(a.bytes_in for a in r.sources.values()) for r in ingested.receipts}
+        sample_bytes = config.tokenizer.train.sample_bytes
+        files = sampled_shards(build.plan, kept_bytes, sample_bytes, config.seed)
+        rate = DEDUP_MARGIN * sample_bytes / max(1, sum(kept_bytes[f.shard] for f in files))
+        run_stage(
+            store,
+            Stage("tokenizer-sample", files, _sample_shard, lambda f: write_sample(store, f, rate, config.seed), (layout.TOKENIZER_SAMPLE,)),
+            config.name, config.parallelism,
+        )
+        sample_keys = [layout.tokenizer_sample(f.shard) for f in files]
+    work = partial(make_tokenizer, store, config.tokenizer, sample_keys)
+    run_stage(store, Stage("tokenizer", ["tokenizer"], _only_shard, work, (layout.TOKENIZER_MODEL, layout.TOKENIZER_INFO)), config.name)
+    info = read_valid(store, layout.TOKENIZER_INFO, TokenizerInfo)
+    if info is None:
+        raise TokenizerError(f"{store.url(layout.TOKENIZER_INFO)} vanished or was damaged while the build ran; rerun it")
     return info

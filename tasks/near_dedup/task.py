@@ -1,16 +1,18 @@
-"""The near-dedup stage as one Prefect task: every step's shards fan out on Ray with receipts."""
+"""The near-dedup stage as one Prefect task: every step runs through tasks.fanout.run_stage."""
 
 from __future__ import annotations
 
+from functools import partial
+
 from prefect.artifacts import create_table_artifact
 
-from tasks.exact_dedup import removed_prefix
-from tasks.fanout import list_receipts, run_shards
-from tasks.ingest import docs_key
-from tasks.near_dedup.stage import SAMPLE_KEY, STAGE, DocsShard, run_near_dedup
+from storage import build_layout as layout
+from tasks.fanout import read_summary, run_stage
+from tasks.near_dedup.steps import STAGE, DocsShard, bands_rows, run_near_dedup
 from tasks.parquet_io import read_table
+from tasks.partitioning import NEAR_BAND_ROW_BYTES, NEAR_EDGE_BYTES, batch_bytes, ingested_documents, partitions
 from tasks.plan import Build
-from tasks.reporting import artifact_key, progress, stage_table
+from tasks.reporting import artifact_key, stage_totals
 from tasks.stage import stage_task
 
 SAMPLE_ARTIFACT_ROWS = 20
@@ -19,19 +21,27 @@ SAMPLE_ARTIFACT_ROWS = 20
 @stage_task("near-dedup")
 def near_dedup(build: Build) -> dict[str, int | float]:
     store, config = build.store, build.config
-    shards = [DocsShard(f, docs_key(f), tuple(store.list(removed_prefix(f.shard)))) for f in build.plan]
-
-    def fan_out(stage, items, shard_of, work):
-        return run_shards(
-            stage, store, items, shard_of, work,
-            on_progress=progress(stage, config.name), max_in_flight=config.parallelism,
-        )
-
-    run_near_dedup(store, shards, config.minhash, fan_out)
-    sample = read_table(store, SAMPLE_KEY).slice(0, SAMPLE_ARTIFACT_ROWS).to_pylist()
+    documents, sizes = ingested_documents(read_summary(store, "ingest"))
+    budget, cfg = config.task_memory_bytes, config.minhash
+    bands, _ = bands_rows(cfg)
+    cfg = cfg.model_copy(
+        update={
+            "bucket_partitions": partitions(documents, bands * NEAR_BAND_ROW_BYTES, budget, cfg.bucket_partitions),
+            "component_partitions": partitions(documents, NEAR_EDGE_BYTES, budget, cfg.component_partitions),
+        }
+    )
+    exact = config.dedup.exact
+    shards = [
+        DocsShard(f, layout.docs(f.source, f.shard), layout.exact_removed(f.shard) if exact else None, sizes[f.shard])
+        for f in build.plan
+    ]
+    run = partial(run_stage, store, build_name=config.name, max_in_flight=config.parallelism)
+    run_near_dedup(store, shards, cfg, run, batch_bytes(budget))
+    sample = read_table(store, layout.NEAR_SAMPLE).slice(0, SAMPLE_ARTIFACT_ROWS).to_pylist()
     create_table_artifact(
         sample or [{"removed": "none"}],
         key=artifact_key(config.name, "near-dup-sample"),
-        description=f"near duplicates removed, with the document kept (first {SAMPLE_ARTIFACT_ROWS}; all in {store.url(SAMPLE_KEY)})",
+        description=f"near duplicates removed, with the document kept (first {SAMPLE_ARTIFACT_ROWS}; "
+        f"all in {store.url(layout.NEAR_SAMPLE)})",
     )
-    return stage_table(STAGE, config.name, list_receipts(store, STAGE))
+    return stage_totals(read_summary(store, STAGE).receipts)

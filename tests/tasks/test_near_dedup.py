@@ -7,26 +7,29 @@ project's hashing.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 import string
+from functools import partial
 
 import numpy as np
 import pyarrow as pa
 import pytest
 
-from storage.manifest import Receipt, read_record, write_record
+from storage import build_layout as layout
+from storage.manifest import Receipt, read_record
 from storage.store import LocalStore, Store
 from tasks.config import MinHashConfig
-from tasks.fanout import finished_receipt, receipt_key, run_shards
+from tasks.fanout import run_stage
 from tasks.near_dedup import components, lsh, minhash
 from tasks.near_dedup.minhash import MinHasher, normalize
-from tasks.near_dedup.stage import (
-    SAMPLE_KEY,
+from tasks.near_dedup.steps import (
     STAGE,
     DocsShard,
     bands_rows,
-    removed_ids,
+    docs_batches,
+    near_duplicate_ids,
     run_near_dedup,
 )
 from tasks.parquet_io import read_table, write_table
@@ -35,6 +38,7 @@ from tasks.plan import PlannedFile, document_id
 # 16 bands x 8 rows: LSH recall 0.994 at J=0.85 (SlimPajama's 9 x 13 gives 0.69 there: its
 # S-curve is centered at 0.845); verification then removes the extra candidates.
 CONFIG = MinHashConfig(bands=16, rows=8, bucket_partitions=3, component_partitions=2)
+ONE_SHARD_BATCHES = 1  # batch_bytes: every docs shard is its own batch
 LEVELS = (0.5, 0.7, 0.85, 0.95)
 
 
@@ -152,7 +156,7 @@ class Corpus:
         self.groups = [[self.id_of[(g, i)] for i in range(len(group))] for g, group in enumerate(groups)]
 
     def docs_shards(self) -> list[DocsShard]:
-        return [DocsShard(file, key, (f"dedup/exact/removed/{file.shard}/p0000.parquet",)) for file, key in self.shards]
+        return [DocsShard(file, key, f"dedup/exact/removed/{file.shard}/", size=1) for file, key in self.shards]
 
     def removed(self, store: Store) -> dict[int, int]:
         """id -> kept_id over every docs shard."""
@@ -164,26 +168,25 @@ class Corpus:
         return result
 
 
-def serial_fan_out(store: Store, executed: list[tuple[str, str]] | None = None):
-    """The fan-out contract of tasks.fanout.run_shards, in this process."""
+def inline_run(store: Store, executed: list[tuple[str, str]] | None = None):
+    """tasks.fanout.run_stage in this process, recording the (stage, shard) pairs that ran."""
 
-    def fan_out(stage, items, shard_of, work):
-        receipts = []
-        for item in items:
-            receipt = finished_receipt(store, stage, shard_of(item))
-            if receipt is None:
-                if executed is not None:
-                    executed.append((stage, shard_of(item)))
-                receipt = work(item)
-                write_record(store, receipt_key(stage, receipt.shard), receipt)
-            receipts.append(receipt)
-        return receipts
+    def run(stage):
+        if executed is not None:
+            work = stage.work
 
-    return fan_out
+            def recorded(item):
+                executed.append((stage.name, stage.shard_of(item)))
+                return work(item)
+
+            stage = dataclasses.replace(stage, work=recorded)
+        return run_stage(store, stage, inline=True)
+
+    return run
 
 
-def ray_fan_out(store: Store, max_in_flight: int | None = None):
-    return lambda stage, items, shard_of, work: run_shards(stage, store, items, shard_of, work, max_in_flight=max_in_flight)
+def ray_run(store: Store, max_in_flight: int | None = None):
+    return partial(run_stage, store, max_in_flight=max_in_flight)
 
 
 def outputs(store: LocalStore, prefix: str = "dedup/near/") -> dict[str, bytes]:
@@ -374,7 +377,7 @@ def test_star_rounds_match_union_find(seed):
 
 def test_near_dedup_finds_planted_duplicates(store):
     corpus = Corpus(store)
-    counts = run_near_dedup(store, corpus.docs_shards(), CONFIG, serial_fan_out(store))
+    counts = run_near_dedup(store, corpus.docs_shards(), CONFIG, inline_run(store), ONE_SHARD_BATCHES)
     removed = corpus.removed(store)
 
     similarity = {tuple(g): true_jaccard(corpus.text_of[g[0]], corpus.text_of[g[1]]) for g in corpus.groups if len(g) == 2}
@@ -400,9 +403,9 @@ def test_near_dedup_finds_planted_duplicates(store):
     receipts = [read_record(store, key, Receipt) for key in store.list(f"receipts/{STAGE}/")]
     assert sum(r.counts["near_dup"] for r in receipts) == len(removed)
     for file, _ in corpus.shards:
-        assert removed_ids(store, file).tolist() == sorted(d for d in removed if d >> 32 == file.ordinal)
+        assert near_duplicate_ids(store, file).tolist() == sorted(d for d in removed if d >> 32 == file.ordinal)
 
-    sample = read_table(store, SAMPLE_KEY).to_pylist()
+    sample = read_table(store, layout.NEAR_SAMPLE).to_pylist()
     assert [row["id"] for row in sample] == sorted(removed)[: len(sample)] and len(sample) == min(100, len(removed))
     for row in sample:
         assert row["kept_id"] == removed[row["id"]] and row["kept_text"] == corpus.text_of[row["kept_id"]][:300]
@@ -413,7 +416,7 @@ def test_without_verification_buckets_become_edges(tmp_path):
     store = LocalStore(tmp_path)
     corpus = Corpus(store, seed=8)
     cfg = CONFIG.model_copy(update={"verify": False})
-    run_near_dedup(store, corpus.docs_shards(), cfg, serial_fan_out(store))
+    run_near_dedup(store, corpus.docs_shards(), cfg, inline_run(store), ONE_SHARD_BATCHES)
     removed = corpus.removed(store)
     assert not list(store.list("dedup/near/shingles/"))
     for cluster in (g for g in corpus.groups if len(g) == 4):
@@ -424,34 +427,50 @@ def test_same_result_serial_and_on_ray(tmp_path, ray_local):
     """Byte-identical outputs in-process, on one Ray worker at a time, and on two."""
     results = []
     for name, make in (
-        ("serial", serial_fan_out),
-        ("ray-1", lambda store: ray_fan_out(store, max_in_flight=1)),
-        ("ray-2", ray_fan_out),
+        ("serial", inline_run),
+        ("ray-1", lambda store: ray_run(store, max_in_flight=1)),
+        ("ray-2", ray_run),
     ):
         store = LocalStore(tmp_path / name)
         corpus = Corpus(store, seed=9)
-        run_near_dedup(store, corpus.docs_shards(), CONFIG, make(store))
+        run_near_dedup(store, corpus.docs_shards(), CONFIG, make(store), ONE_SHARD_BATCHES)
         results.append(outputs(store))
     assert results[0] == results[1] == results[2] and any("removed/" in k for k in results[0])
+
+
+def test_batches_of_shards_write_one_file_per_partition_and_find_the_same(tmp_path):
+    """Map-side combining: a batch of docs shards writes one bands file per range, whatever
+    the batch size, and the removed documents do not change."""
+    found = []
+    for name, batch_bytes in (("per-shard", ONE_SHARD_BATCHES), ("one-batch", 1 << 30)):
+        store = LocalStore(tmp_path / name)
+        corpus = Corpus(store, seed=11)
+        batches = docs_batches(corpus.docs_shards(), batch_bytes)
+        run_near_dedup(store, corpus.docs_shards(), CONFIG, inline_run(store), batch_bytes)
+        assert len(list(store.list("dedup/near/bands/"))) == len(batches) * CONFIG.bucket_partitions
+        assert len(list(store.list("dedup/near/shingles/"))) <= len(batches) * CONFIG.bucket_partitions
+        found.append(corpus.removed(store))
+    assert len(docs_batches(corpus.docs_shards(), ONE_SHARD_BATCHES)) == 4
+    assert found[0] == found[1] and found[0]
 
 
 def test_rerun_skips_finished_work(tmp_path):
     store = LocalStore(tmp_path)
     corpus = Corpus(store, seed=10)
     executed: list[tuple[str, str]] = []
-    run_near_dedup(store, corpus.docs_shards(), CONFIG, serial_fan_out(store, executed))
+    run_near_dedup(store, corpus.docs_shards(), CONFIG, inline_run(store, executed), ONE_SHARD_BATCHES)
     before = outputs(store)
-    assert ("near-signatures", "000000") in executed and (STAGE, "q0000") in executed
+    assert ("near-signatures", "b000000") in executed and (STAGE, "q0000") in executed
 
     executed.clear()
-    run_near_dedup(store, corpus.docs_shards(), CONFIG, serial_fan_out(store, executed))
+    run_near_dedup(store, corpus.docs_shards(), CONFIG, inline_run(store, executed), ONE_SHARD_BATCHES)
     assert executed == []
 
     # a lost output or receipt: only that task runs again, and the results are the same
-    store.delete("dedup/near/bands/p0001/000002.parquet")
-    store.delete(receipt_key(STAGE, "q0001"))
-    run_near_dedup(store, corpus.docs_shards(), CONFIG, serial_fan_out(store, executed))
-    assert executed == [("near-signatures", "000002"), (STAGE, "q0001")]
+    store.delete("dedup/near/bands/b000002/p0001.parquet")
+    store.delete(layout.receipt(STAGE, "q0001"))
+    run_near_dedup(store, corpus.docs_shards(), CONFIG, inline_run(store, executed), ONE_SHARD_BATCHES)
+    assert executed == [("near-signatures", "b000002"), (STAGE, "q0001")]
     assert outputs(store) == before
 
 
@@ -460,5 +479,5 @@ def test_ids_outside_their_plan_file_are_an_error(tmp_path):
     file = PlannedFile(source="web", uri="file:///in/a.jsonl", size=1, ordinal=3)
     write_table(store, "docs/web/000003.parquet", pa.table({"id": pa.array([document_id(4, 0)], pa.int64()), "text": ["x" * 30]}))
     with pytest.raises(ValueError, match=r"docs/web/000003.parquet.*does not belong to plan file 3"):
-        run_near_dedup(store, [DocsShard(file, "docs/web/000003.parquet")], CONFIG, serial_fan_out(store))
+        run_near_dedup(store, [DocsShard(file, "docs/web/000003.parquet")], CONFIG, inline_run(store), ONE_SHARD_BATCHES)
 

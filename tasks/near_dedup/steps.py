@@ -1,17 +1,22 @@
 """Stage 4: near-duplicate removal, MinHash LSH over docs shards, as small fan-out steps.
 
-Every step is a list of independent tasks (one per docs shard or per partition) that read
-and write parquet on the build store and return a Receipt; `fan_out` runs them (on Ray, with
-receipts, so a rerun redoes only unfinished tasks). No task holds all documents, all edges
-or all ids: P = `bucket_partitions` and Q = `component_partitions` bound what one task sees.
+Every step is a Stage (tasks.stage): independent tasks, one per batch of docs shards or per
+partition, that read and write parquet on the build store; `run` (tasks.fanout.run_stage)
+runs them with receipts, so a rerun redoes only unfinished tasks. No task holds all
+documents, all edges or all ids: P = `bucket_partitions` and Q = `component_partitions`
+(derived from the document count so a task stays inside the memory budget) bound what one
+task sees. A batch is a run of consecutive docs shards of about `batch_bytes`; a map task
+writes one file per partition per batch (map-side combining), so a step writes
+batches x partitions files, not shards x partitions.
 
-  near-signatures  per docs shard: band hashes of each document that exact dedup kept, split
-                   into P band-hash ranges            bands/p<P>/<shard>.parquet
+  near-signatures  per batch: band hashes of each document exact dedup kept, split into P
+                   band-hash ranges                   bands/b<batch>/p<P>.parquet
   near-buckets     per range: documents sharing a bucket; with verification, the buckets and
-                   each shard's candidates            buckets/p<P>.parquet, candidates/<shard>/p<P>.parquet
+                   each batch's candidates            buckets/p<P>.parquet, candidates/b<batch>/p<P>.parquet
                    without: star edges                edges/q<Q>/p<P>.parquet
-  near-shingles    per docs shard (verify): shingle sets of its candidates, sent to each range
-                   that needs them                    shingles/p<P>/<shard>.parquet
+  near-shingles    per batch (verify): the candidates' shingles, hashed to 32 bits (4 bytes a
+                   shingle; collisions are ~1e-6 of a 3,000-shingle document), sent to each
+                   range that needs them              shingles/p<P>/b<batch>.parquet
   near-verify      per range (verify): edges whose true Jaccard reaches the threshold
   near-components-rNNN-{large,small}
                    per vertex partition: one round of large-star and small-star, until a round
@@ -20,35 +25,33 @@ or all ids: P = `bucket_partitions` and Q = `component_partitions` bound what on
                    of its component                   removed/<shard>/q<Q>.parquet (id, kept_id)
   near-sample      the first removed documents in plan order beside the ones kept: sample.parquet
 
-All keys are under `dedup/near/`. The near-dedup receipts count `near_dup:<source>`.
+All keys are under `dedup/near/` (storage.build_layout). The near-dedup receipts carry each
+source's near_dup count as typed accounting.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
 import pyarrow as pa
 
-from storage.manifest import ObjectInfo, Receipt
-from storage.store import Store, join_key
+from storage import build_layout as layout
+from storage.build_layout import batch_name, partition_name, vertex_partition_name
+from storage.manifest import ObjectInfo, ShardResult, SourceAccounting
+from storage.store import Store
 from tasks.config import MinHashConfig
-from tasks.fanout import Item
 from tasks.near_dedup import components, lsh
 from tasks.near_dedup.minhash import MinHasher, jaccard
 from tasks.parquet_io import read_table, write_table
+from tasks.partitioning import batches
 from tasks.plan import PlannedFile, ordinal_of
+from tasks.stage import Run, Stage
 
-FanOut = Callable[[str, Sequence[Item], Callable[[Item], str], Callable[[Item], Receipt]], list[Receipt]]
-"""fan_out(stage, items, shard_of, work) -> receipts in item order, like tasks.fanout.run_shards
-with the store bound: runs work(item) for every item without a receipt, commits the receipts."""
-
-PREFIX = "dedup/near"
 STAGE = "near-dedup"  # the step whose receipts carry the per-source near_dup counts
-SAMPLE_KEY = join_key(PREFIX, "sample.parquet")
 SAMPLE_ROWS = 100
 SNIPPET_CHARS = 300
 SIGN_BATCH = 4096  # documents turned into Python strings at a time
@@ -57,7 +60,7 @@ MAX_ROUNDS = 64  # large-star/small-star needs O(log^2 n): far fewer in practice
 BANDS_SCHEMA = pa.schema([("hash", pa.uint64()), ("id", pa.int64())])
 BUCKETS_SCHEMA = pa.schema([("bucket", pa.int64()), ("id", pa.int64())])
 IDS_SCHEMA = pa.schema([("id", pa.int64())])
-SHINGLES_SCHEMA = pa.schema([("id", pa.int64()), ("shingles", pa.list_(pa.uint64()))])
+SHINGLES_SCHEMA = pa.schema([("id", pa.int64()), ("shingles", pa.list_(pa.uint32()))])
 EDGES_SCHEMA = pa.schema([("vertex", pa.int64()), ("neighbor", pa.int64())])
 REMOVED_SCHEMA = pa.schema([("id", pa.int64()), ("kept_id", pa.int64())])
 SAMPLE_SCHEMA = pa.schema(
@@ -79,53 +82,31 @@ class DocsShard:
 
     file: PlannedFile  # its ids are document_id(file.ordinal, record)
     key: str  # the docs parquet (columns id, text, ...), relative to the build store
-    exclude_keys: tuple[str, ...] = ()  # parquet files with an `id` column: documents to skip
+    exclude: str | None = None  # a prefix of parquet files with an `id` column: documents to skip
+    size: int = 0  # bytes of the docs parquet, for batching
 
     @property
     def shard(self) -> str:
         return self.file.shard
 
 
-# -- keys ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DocsBatch:
+    """Consecutive docs shards handled by one map task."""
+
+    index: int
+    shards: tuple[DocsShard, ...]
+
+    @property
+    def name(self) -> str:
+        return batch_name(self.index)
 
 
-def partition_name(partition: int) -> str:
-    return f"p{partition:04d}"
-
-
-def vertex_partition_name(partition: int) -> str:
-    return f"q{partition:04d}"
-
-
-def bands_key(partition: int, shard: str) -> str:
-    return join_key(PREFIX, "bands", partition_name(partition), f"{shard}.parquet")
-
-
-def buckets_key(partition: int) -> str:
-    return join_key(PREFIX, "buckets", f"{partition_name(partition)}.parquet")
-
-
-def candidates_prefix(shard: str) -> str:
-    return join_key(PREFIX, "candidates", shard) + "/"
-
-
-def shingles_prefix(partition_folder: str) -> str:
-    return join_key(PREFIX, "shingles", partition_folder) + "/"
-
-
-def edges_key(vertex_partition: int, partition: int) -> str:
-    return join_key(PREFIX, "edges", vertex_partition_name(vertex_partition), f"{partition_name(partition)}.parquet")
-
-
-def star_key(round_: int, step: str, to_partition: int, from_partition: int) -> str:
-    return join_key(
-        PREFIX, "components", f"r{round_:03d}", step, vertex_partition_name(to_partition),
-        f"{vertex_partition_name(from_partition)}.parquet",
-    )
-
-
-def removed_prefix(shard: str) -> str:
-    return join_key(PREFIX, "removed", shard) + "/"
+def docs_batches(shards: Sequence[DocsShard], batch_bytes: int) -> list[DocsBatch]:
+    """Consecutive shards in plan order, about `batch_bytes` of docs each; depends only on the
+    shards, never on the workers."""
+    ranges = batches([s.size for s in shards], batch_bytes)
+    return [DocsBatch(i, tuple(shards[r.start : r.stop])) for i, r in enumerate(ranges)]
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -211,33 +192,52 @@ def _read_docs(store: Store, shard: DocsShard, wanted: np.ndarray | None = None)
 # -- steps --------------------------------------------------------------------------------
 
 
-def compute_signatures(store: Store, cfg: MinHashConfig, shard: DocsShard) -> Receipt:
-    """Band hashes of every document of a docs shard that is not excluded, by hash range."""
+def _batch_of_ordinal(batches: Sequence[DocsBatch]) -> dict[int, DocsBatch]:
+    return {s.file.ordinal: b for b in batches for s in b.shards}
+
+
+def _by_batch(ids: np.ndarray, batches: Sequence[DocsBatch]) -> list[tuple[DocsBatch, np.ndarray]]:
+    """Sorted ids split by the batch of docs shards they belong to."""
+    batch_of = _batch_of_ordinal(batches)
+    index = np.array([batch_of[o].index for o in ordinal_of(ids).tolist()], dtype=np.int64)
+    values, starts = np.unique(index, return_index=True)
+    return [(batches[v], part) for v, part in zip(values.tolist(), np.split(ids, starts[1:]))]
+
+
+def compute_signatures(store: Store, cfg: MinHashConfig, batch: DocsBatch) -> ShardResult:
+    """Band hashes of every document of a batch of docs shards that is not excluded, by hash
+    range: one file per range for the whole batch."""
     bands, rows = bands_rows(cfg)
     minhash = hasher(cfg)
-    ids, texts = _read_docs(store, shard)
-    keep = np.flatnonzero(~np.isin(ids, _ids(store, shard.exclude_keys)))
-    band_hashes = np.empty((len(keep), bands), dtype=np.uint64)
-    for start in range(0, len(keep), SIGN_BATCH):
-        chunk = keep[start : start + SIGN_BATCH]
-        signatures = minhash.signatures(texts.take(pa.array(chunk)).to_pylist())
-        band_hashes[start : start + len(chunk)] = minhash.band_hashes(signatures, bands, rows)
-    hashes = band_hashes.reshape(-1)
-    owners = np.repeat(ids[keep], bands)
+    hashes, owners, documents = [], [], 0
+    for shard in batch.shards:
+        ids, texts = _read_docs(store, shard)
+        excluded = _ids(store, list(store.list(shard.exclude))) if shard.exclude else np.empty(0, np.int64)
+        keep = np.flatnonzero(~np.isin(ids, excluded))
+        documents += len(ids)
+        band_hashes = np.empty((len(keep), bands), dtype=np.uint64)
+        for start in range(0, len(keep), SIGN_BATCH):
+            chunk = keep[start : start + SIGN_BATCH]
+            signatures = minhash.signatures(texts.take(pa.array(chunk)).to_pylist())
+            band_hashes[start : start + len(chunk)] = minhash.band_hashes(signatures, bands, rows)
+        hashes.append(band_hashes.reshape(-1))
+        owners.append(np.repeat(ids[keep], bands))
+    hashes, owners = np.concatenate(hashes), np.concatenate(owners)
     partitions = cfg.bucket_partitions
     partition = (((hashes >> np.uint64(32)) * np.uint64(partitions)) >> np.uint64(32)).astype(np.int64)
     outputs = []
     for p in range(partitions):
         selected = partition == p
         table = pa.table([hashes[selected], owners[selected]], schema=BANDS_SCHEMA)
-        outputs.append(write_table(store, bands_key(p, shard.shard), table))
-    counts = {"documents": len(ids), "excluded": len(ids) - len(keep), "signed": len(keep)}
-    return Receipt(stage="near-signatures", shard=shard.shard, outputs=outputs, counts=counts)
+        outputs.append(write_table(store, layout.near_bands(batch.index, p), table))
+    signed = len(owners) // bands
+    counts = {"documents": documents, "excluded": documents - signed, "signed": signed}
+    return ShardResult(outputs=outputs, counts=counts)
 
 
-def find_buckets(store: Store, shards: Sequence[DocsShard], cfg: MinHashConfig, partition: int) -> Receipt:
+def find_buckets(store: Store, batches: Sequence[DocsBatch], cfg: MinHashConfig, partition: int) -> ShardResult:
     """Documents that share a band bucket within one hash range."""
-    table = _read_all(store, [bands_key(partition, s.shard) for s in shards], BANDS_SCHEMA)
+    table = _read_all(store, [layout.near_bands(b.index, partition) for b in batches], BANDS_SCHEMA)
     members, starts = lsh.group_buckets(table.column("hash").to_numpy(), table.column("id").to_numpy())
     members, starts = lsh.distinct_buckets(members, starts)
     counts = {"buckets": len(starts), "members": len(members)}
@@ -245,56 +245,66 @@ def find_buckets(store: Store, shards: Sequence[DocsShard], cfg: MinHashConfig, 
         first, second = lsh.star_edges(members, starts)
         outputs = _write_edges(store, cfg, partition, first, second)
         counts["edges"] = len(first)
-        return Receipt(stage="near-buckets", shard=partition_name(partition), outputs=outputs, counts=counts)
+        return ShardResult(outputs=outputs, counts=counts)
     bucket = np.repeat(np.arange(len(starts), dtype=np.int64), lsh.bucket_sizes(starts, len(members)))
-    outputs = [write_table(store, buckets_key(partition), pa.table([bucket, members], schema=BUCKETS_SCHEMA))]
-    by_ordinal = _shard_of_ordinal(shards)
-    for ordinal, ids in _by_ordinal(np.unique(members)):
-        key = candidates_prefix(by_ordinal[ordinal].shard) + f"{partition_name(partition)}.parquet"
+    outputs = [write_table(store, layout.near_buckets(partition), pa.table([bucket, members], schema=BUCKETS_SCHEMA))]
+    for batch, ids in _by_batch(np.unique(members), batches):
+        key = layout.near_candidates(batch.name) + f"{partition_name(partition)}.parquet"
         outputs.append(write_table(store, key, pa.table([ids], schema=IDS_SCHEMA)))
-    return Receipt(stage="near-buckets", shard=partition_name(partition), outputs=outputs, counts=counts)
+    return ShardResult(outputs=outputs, counts=counts)
 
 
 def _write_edges(store: Store, cfg: MinHashConfig, partition: int, first: np.ndarray, second: np.ndarray) -> list[ObjectInfo]:
     """Edges in both directions, by the vertex partition of their first endpoint."""
-    keys = [edges_key(q, partition) for q in range(cfg.component_partitions)]
+    keys = [layout.near_edges(q, partition) for q in range(cfg.component_partitions)]
     return _write_pairs(store, keys, *_both_directions(first, second))
 
 
-def collect_shingles(store: Store, cfg: MinHashConfig, shard: DocsShard) -> Receipt:
-    """Shingle sets of a docs shard's candidate documents, one file per range that needs them."""
-    wanted_by_key = {key: _ids(store, [key]) for key in store.list(candidates_prefix(shard.shard))}
+def compact_shingles(sets: list[np.ndarray]) -> list[np.ndarray]:
+    """Shingle sets with each 64-bit hash cut to its top 32 bits: half the bytes to ship,
+    and Jaccard unchanged but for a collision in ~4e9 shingle pairs."""
+    return [np.unique((s >> np.uint64(32)).astype(np.uint32)) for s in sets]
+
+
+def collect_shingles(store: Store, cfg: MinHashConfig, batch: DocsBatch) -> ShardResult:
+    """Hashed shingles of a batch's candidate documents, one file per range that needs them."""
+    wanted_by_key = {key: _ids(store, [key]) for key in store.list(layout.near_candidates(batch.name))}
     wanted = _union(list(wanted_by_key.values()))
     outputs = []
     if len(wanted):
-        ids, texts = _read_docs(store, shard, wanted)
-        if len(ids) != len(wanted):
-            missing = np.setdiff1d(wanted, ids)[0]
-            raise ValueError(f"{store.url(shard.key)}: candidate document {missing} is not in the docs shard")
-        order = np.argsort(ids)
-        ids, sets = ids[order], hasher(cfg).shingle_sets(texts.take(pa.array(order)).to_pylist())
-        offsets = np.cumsum([0] + [len(s) for s in sets]).astype(np.int32)
-        all_sets = pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(sets), pa.uint64()))
+        found_ids, found_sets = [], []
+        by_ordinal = {s.file.ordinal: s for s in batch.shards}
+        for ordinal, shard_wanted in _by_ordinal(wanted):
+            shard = by_ordinal[ordinal]
+            ids, texts = _read_docs(store, shard, shard_wanted)
+            if len(ids) != len(shard_wanted):
+                missing = np.setdiff1d(shard_wanted, ids)[0]
+                raise ValueError(f"{store.url(shard.key)}: candidate document {missing} is not in the docs shard")
+            order = np.argsort(ids)
+            found_ids.append(ids[order])
+            found_sets.extend(compact_shingles(hasher(cfg).shingle_sets(texts.take(pa.array(order)).to_pylist())))
+        ids = np.concatenate(found_ids)
+        offsets = np.cumsum([0] + [len(s) for s in found_sets]).astype(np.int32)
+        all_sets = pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(found_sets), pa.uint32()))
         for key, key_ids in wanted_by_key.items():
             rows = pa.array(np.searchsorted(ids, key_ids))
             folder = key.rsplit("/", 1)[1].removesuffix(".parquet")
             table = pa.table([pa.array(ids).take(rows), all_sets.take(rows)], schema=SHINGLES_SCHEMA)
-            outputs.append(write_table(store, shingles_prefix(folder) + f"{shard.shard}.parquet", table))
-    counts = {"candidates": len(wanted)}
-    return Receipt(stage="near-shingles", shard=shard.shard, outputs=outputs, counts=counts)
+            outputs.append(write_table(store, layout.near_shingles(folder) + f"{batch.name}.parquet", table))
+    return ShardResult(outputs=outputs, counts={"candidates": len(wanted)})
 
 
-def verify_buckets(store: Store, cfg: MinHashConfig, partition: int) -> Receipt:
+def verify_buckets(store: Store, cfg: MinHashConfig, partition: int) -> ShardResult:
     """Edges between members of one range's buckets whose true Jaccard reaches the threshold."""
-    buckets = read_table(store, buckets_key(partition))
+    buckets = read_table(store, layout.near_buckets(partition))
     members = buckets.column("id").to_numpy()
     bucket = buckets.column("bucket").to_numpy()
     starts, _ = components.runs(bucket)
-    table = _read_all(store, list(store.list(shingles_prefix(partition_name(partition)))), SHINGLES_SCHEMA)
+    table = _read_all(store, list(store.list(layout.near_shingles(partition_name(partition)))), SHINGLES_SCHEMA)
     shingles = table.column("shingles").combine_chunks()
     values = shingles.values.to_numpy()
     offsets = shingles.offsets.to_numpy()
-    row_of = {doc: row for row, doc in enumerate(table.column("id").to_pylist())}
+    row_of = dict(zip(table.column("id").to_numpy().tolist(), range(table.num_rows)))
 
     def similarity(a: int, b: int) -> float:
         ra, rb = row_of[a], row_of[b]
@@ -302,40 +312,38 @@ def verify_buckets(store: Store, cfg: MinHashConfig, partition: int) -> Receipt:
 
     first, second, comparisons = lsh.verified_edges(members, starts, similarity, cfg.threshold, cfg.verify_anchors)
     outputs = _write_edges(store, cfg, partition, first, second)
-    counts = {"comparisons": comparisons, "edges": len(first)}
-    return Receipt(stage="near-verify", shard=partition_name(partition), outputs=outputs, counts=counts)
+    return ShardResult(outputs=outputs, counts={"comparisons": comparisons, "edges": len(first)})
 
 
-def large_star_step(store: Store, cfg: MinHashConfig, round_: int, partition: int) -> Receipt:
+def large_star_step(store: Store, cfg: MinHashConfig, round_: int, partition: int) -> ShardResult:
     partitions = range(cfg.component_partitions)
     if round_ == 0:
-        inputs = [edges_key(partition, p) for p in range(cfg.bucket_partitions)]
+        inputs = [layout.near_edges(partition, p) for p in range(cfg.bucket_partitions)]
     else:
-        inputs = [star_key(round_ - 1, "small", partition, q) for q in partitions]
+        inputs = [layout.near_star(round_ - 1, "small", partition, q) for q in partitions]
     vertex, neighbor = _pairs(store, inputs)
     larger, smaller, changed = components.large_star(vertex, neighbor)
-    keys = [star_key(round_, "large", q, partition) for q in partitions]
+    keys = [layout.near_star(round_, "large", q, partition) for q in partitions]
     outputs = _write_pairs(store, keys, larger, smaller)
-    counts = {"edges_in": len(vertex), "changed": changed}
-    return Receipt(stage=f"near-components-r{round_:03d}-large", shard=vertex_partition_name(partition), outputs=outputs, counts=counts)
+    return ShardResult(outputs=outputs, counts={"edges_in": len(vertex), "changed": changed})
 
 
-def small_star_step(store: Store, cfg: MinHashConfig, round_: int, partition: int) -> Receipt:
+def small_star_step(store: Store, cfg: MinHashConfig, round_: int, partition: int) -> ShardResult:
     partitions = range(cfg.component_partitions)
-    larger, smaller = _pairs(store, [star_key(round_, "large", partition, q) for q in partitions])
+    larger, smaller = _pairs(store, [layout.near_star(round_, "large", partition, q) for q in partitions])
     new_larger, new_smaller, changed = components.small_star(larger, smaller)
-    keys = [star_key(round_, "small", q, partition) for q in partitions]
+    keys = [layout.near_star(round_, "small", q, partition) for q in partitions]
     outputs = _write_pairs(store, keys, *_both_directions(new_larger, new_smaller))
-    counts = {"edges_in": len(larger), "changed": changed}
-    return Receipt(stage=f"near-components-r{round_:03d}-small", shard=vertex_partition_name(partition), outputs=outputs, counts=counts)
+    return ShardResult(outputs=outputs, counts={"edges_in": len(larger), "changed": changed})
 
 
 def write_removed(
     store: Store, shards: Sequence[DocsShard], cfg: MinHashConfig, final_round: int, partition: int
-) -> Receipt:
+) -> ShardResult:
     """From the converged stars: each non-center vertex is removed for its center, the
     smallest id of its component; written per docs shard for the tokenize stage."""
-    vertex, neighbor = _pairs(store, [star_key(final_round, "small", partition, q) for q in range(cfg.component_partitions)])
+    keys = [layout.near_star(final_round, "small", partition, q) for q in range(cfg.component_partitions)]
+    vertex, neighbor = _pairs(store, keys)
     leaf = vertex > neighbor
     removed, kept = vertex[leaf], neighbor[leaf]
     order = np.argsort(removed)
@@ -345,27 +353,26 @@ def write_removed(
     for ordinal, ids in _by_ordinal(removed):
         shard = by_ordinal[ordinal]
         rows = np.searchsorted(removed, ids)
-        key = removed_prefix(shard.shard) + f"{vertex_partition_name(partition)}.parquet"
+        key = layout.near_removed(shard.shard) + f"{vertex_partition_name(partition)}.parquet"
         outputs.append(write_table(store, key, pa.table([ids, kept[rows]], schema=REMOVED_SCHEMA)))
         per_source[shard.file.source] += len(ids)
-    counts = {f"near_dup:{source}": n for source, n in sorted(per_source.items())}
-    counts["near_dup"] = len(removed)
-    return Receipt(stage=STAGE, shard=vertex_partition_name(partition), outputs=outputs, counts=counts)
+    sources = {source: SourceAccounting(near_dup=n) for source, n in sorted(per_source.items())}
+    return ShardResult(outputs=outputs, counts={"near_dup": len(removed)}, sources=sources)
 
 
 def _removed_pairs(store: Store, shard: str) -> tuple[np.ndarray, np.ndarray]:
-    table = _read_all(store, list(store.list(removed_prefix(shard))), REMOVED_SCHEMA)
+    table = _read_all(store, list(store.list(layout.near_removed(shard))), REMOVED_SCHEMA)
     ids, kept = table.column("id").to_numpy(), table.column("kept_id").to_numpy()
     order = np.argsort(ids)
     return ids[order], kept[order]
 
 
-def removed_ids(store: Store, file: PlannedFile) -> np.ndarray:
+def near_duplicate_ids(store: Store, file: PlannedFile) -> np.ndarray:
     """Sorted ids of one docs shard that near dedup removed (empty when it did not run)."""
-    return _ids(store, list(store.list(removed_prefix(file.shard))))
+    return _ids(store, list(store.list(layout.near_removed(file.shard))))
 
 
-def write_sample(store: Store, shards: Sequence[DocsShard], cfg: MinHashConfig, rows: int = SAMPLE_ROWS) -> Receipt:
+def write_sample(store: Store, shards: Sequence[DocsShard], cfg: MinHashConfig, rows: int = SAMPLE_ROWS) -> ShardResult:
     """The first `rows` removed documents in plan order, beside the document kept for each."""
     by_ordinal = _shard_of_ordinal(shards)
     removed, kept = [], []
@@ -375,64 +382,76 @@ def write_sample(store: Store, shards: Sequence[DocsShard], cfg: MinHashConfig, 
         kept.append(kept_ids[: len(removed[-1])])
         if sum(map(len, removed)) >= rows:
             break
-    removed_ids_ = np.concatenate(removed) if removed else np.empty(0, np.int64)
+    removed_ids = np.concatenate(removed) if removed else np.empty(0, np.int64)
     kept_ids = np.concatenate(kept) if kept else np.empty(0, np.int64)
     texts: dict[int, str] = {}
-    for ordinal, ids in _by_ordinal(np.unique(np.concatenate([removed_ids_, kept_ids]))):
+    for ordinal, ids in _by_ordinal(np.unique(np.concatenate([removed_ids, kept_ids]))):
         found, found_texts = _read_docs(store, by_ordinal[ordinal], ids)
         texts.update(zip(found.tolist(), found_texts.to_pylist()))
-    removed_texts = [texts[i] for i in removed_ids_.tolist()]
+    removed_texts = [texts[i] for i in removed_ids.tolist()]
     kept_texts = [texts[i] for i in kept_ids.tolist()]
     sets = hasher(cfg).shingle_sets(removed_texts + kept_texts)
     similarity = [jaccard(a, b) for a, b in zip(sets[: len(removed_texts)], sets[len(removed_texts) :])]
-    source = [by_ordinal[int(o)].file.source for o in ordinal_of(removed_ids_)]
+    source = [by_ordinal[int(o)].file.source for o in ordinal_of(removed_ids)]
     kept_source = [by_ordinal[int(o)].file.source for o in ordinal_of(kept_ids)]
     table = pa.table(
         [
-            removed_ids_, source, kept_ids, kept_source, similarity,
+            removed_ids, source, kept_ids, kept_source, similarity,
             [t[:SNIPPET_CHARS] for t in removed_texts], [t[:SNIPPET_CHARS] for t in kept_texts],
         ],
         schema=SAMPLE_SCHEMA,
     )
-    return Receipt(stage="near-sample", shard="sample", outputs=[write_table(store, SAMPLE_KEY, table)], counts={"rows": len(removed_ids_)})
+    outputs = [write_table(store, layout.NEAR_SAMPLE, table)]
+    return ShardResult(outputs=outputs, counts={"rows": len(removed_ids)})
 
 
 # -- the stage ----------------------------------------------------------------------------
 
 
-def _shard_name(shard: DocsShard) -> str:
-    return shard.shard
+def _batch_name(batch: DocsBatch) -> str:
+    return batch.name
 
 
-def run_near_dedup(store: Store, shards: Sequence[DocsShard], cfg: MinHashConfig, fan_out: FanOut) -> dict[str, int]:
-    """Run every step over the docs shards; returns near_dup counts per source."""
+def _sample_name(_rows: int) -> str:
+    return "sample"
+
+
+def run_near_dedup(
+    store: Store, shards: Sequence[DocsShard], cfg: MinHashConfig, run: Run, batch_bytes: int
+) -> dict[str, int]:
+    """Run every step over the docs shards; returns near_dup counts per source. `cfg` has its
+    partition counts resolved (tasks.partitioning)."""
+    shards = list(shards)
+    batches = docs_batches(shards, batch_bytes)
     partitions = list(range(cfg.bucket_partitions))
     vertex_partitions = list(range(cfg.component_partitions))
-    fan_out("near-signatures", shards, _shard_name, partial(compute_signatures, store, cfg))
-    fan_out("near-buckets", partitions, partition_name, partial(find_buckets, store, list(shards), cfg))
+    run(Stage("near-signatures", batches, _batch_name, partial(compute_signatures, store, cfg), (layout.NEAR_BANDS,)))
+    bucket_outputs = (layout.NEAR_BUCKETS, layout.NEAR_CANDIDATES) if cfg.verify else (layout.NEAR_EDGES,)
+    run(Stage("near-buckets", partitions, partition_name, partial(find_buckets, store, batches, cfg), bucket_outputs))
     if cfg.verify:
-        fan_out("near-shingles", shards, _shard_name, partial(collect_shingles, store, cfg))
-        fan_out("near-verify", partitions, partition_name, partial(verify_buckets, store, cfg))
+        run(Stage("near-shingles", batches, _batch_name, partial(collect_shingles, store, cfg), (layout.NEAR_SHINGLES,)))
+        run(Stage("near-verify", partitions, partition_name, partial(verify_buckets, store, cfg), (layout.NEAR_EDGES,)))
     for round_ in range(MAX_ROUNDS):
-        large = fan_out(
-            f"near-components-r{round_:03d}-large", vertex_partitions, vertex_partition_name,
-            partial(large_star_step, store, cfg, round_),
-        )
-        small = fan_out(
-            f"near-components-r{round_:03d}-small", vertex_partitions, vertex_partition_name,
-            partial(small_star_step, store, cfg, round_),
-        )
-        if sum(r.counts["changed"] for r in large + small) == 0:
+        changed = 0
+        for step, work in (("large", large_star_step), ("small", small_star_step)):
+            summary = run(
+                Stage(
+                    f"near-components-r{round_:03d}-{step}", vertex_partitions, vertex_partition_name,
+                    partial(work, store, cfg, round_), (layout.near_components(round_, step),),
+                )
+            )
+            changed += sum(r.counts["changed"] for r in summary.receipts)
+        if changed == 0:
             break
     else:
         raise RuntimeError(f"near dedup: connected components did not converge in {MAX_ROUNDS} rounds")
-    removed = fan_out(
-        STAGE, vertex_partitions, vertex_partition_name, partial(write_removed, store, list(shards), cfg, round_)
+    removed = run(
+        Stage(
+            STAGE, vertex_partitions, vertex_partition_name, partial(write_removed, store, shards, cfg, round_),
+            (layout.NEAR_REMOVED,),
+        )
     )
-    fan_out("near-sample", [SAMPLE_ROWS], lambda _: "sample", partial(write_sample, store, list(shards), cfg))
-    per_source = Counter({s.file.source: 0 for s in shards})
-    for receipt in removed:
-        for name, value in receipt.counts.items():
-            if name.startswith("near_dup:"):
-                per_source[name.removeprefix("near_dup:")] += value
-    return dict(per_source)
+    run(Stage("near-sample", [SAMPLE_ROWS], _sample_name, partial(write_sample, store, shards, cfg), (layout.NEAR_SAMPLE,)))
+    per_source = {s.file.source: 0 for s in shards}
+    per_source.update({name: acc.near_dup for name, acc in removed.sources().items()})
+    return per_source

@@ -1,0 +1,145 @@
+"""Every key of a dataset build, in one place. Keys are relative to the build folder
+`<store>/datasets/<name>/<build>/`:
+
+```
+plan.json                                     the frozen inputs (stage plan)
+docs/<source>/<shard>.parquet                 documents: id, source, text, meta (ingest)
+quarantine/<source>/<shard>.jsonl             malformed records with file, line/row, reason (ingest)
+dedup/exact/hashes/b<batch>/p<P>.parquet      content hashes of a batch of docs shards, by hash range
+dedup/exact/removed/<shard>/p<P>.parquet      ids exact dedup removed (id, kept_id)
+dedup/near/bands/b<batch>/p<P>.parquet        band hashes of a batch of docs shards, by band-hash range
+dedup/near/buckets/p<P>.parquet               LSH buckets of one range (with verification)
+dedup/near/candidates/b<batch>/p<P>.parquet   a batch's candidates needed by range P
+dedup/near/shingles/p<P>/b<batch>.parquet     32-bit hashed shingles of those candidates
+dedup/near/edges/q<Q>/p<P>.parquet            similar pairs, by vertex partition Q
+dedup/near/components/rNNN/{large,small}/q<to>/q<from>.parquet   connected-components rounds
+dedup/near/removed/<shard>/q<Q>.parquet       ids near dedup removed (id, kept_id)
+dedup/near/sample.parquet                     the first removed documents beside the ones kept
+tokenizer/sample/<shard>.txt                  the tokenizer's training sample, per sampled docs shard
+tokenizer/tokenizer.model, tokenizer.json     the SentencePiece model and its fingerprint
+tokens/<source>/<shard>-NNNN.{bin,idx}        Megatron indexed token shards
+receipts/<stage>/<shard>.json                 one per finished shard of a stage: outputs, versions, counts
+summaries/<stage>.json                        every receipt of a completed stage, in one object
+manifest.json                                 the build: shards, checksums, tokenizer, accounting
+```
+
+Stages ask this module for keys; none imports another stage to find a file.
+"""
+
+from __future__ import annotations
+
+from storage.store import join_key
+
+PLAN = "plan.json"
+MANIFEST = "manifest.json"
+TOKENIZER_MODEL = "tokenizer/tokenizer.model"
+TOKENIZER_INFO = "tokenizer/tokenizer.json"
+TOKENIZER_SAMPLE = "tokenizer/sample/"
+DOCS = "docs/"
+QUARANTINE = "quarantine/"
+TOKENS = "tokens/"
+EXACT = "dedup/exact"
+NEAR = "dedup/near"
+NEAR_SAMPLE = join_key(NEAR, "sample.parquet")
+SUMMARIES = "summaries/"
+
+
+def docs(source: str, shard: str) -> str:
+    return join_key(DOCS, source, f"{shard}.parquet")
+
+
+def quarantine(source: str, shard: str) -> str:
+    return join_key(QUARANTINE, source, f"{shard}.jsonl")
+
+
+def tokens(source: str, shard: str, part: int) -> str:
+    """A token shard's prefix, without `.bin` / `.idx`."""
+    return join_key(TOKENS, source, f"{shard}-{part:04d}")
+
+
+def tokenizer_sample(shard: str) -> str:
+    return join_key(TOKENIZER_SAMPLE, f"{shard}.txt")
+
+
+def receipts(stage: str) -> str:
+    return join_key("receipts", stage) + "/"
+
+
+def receipt(stage: str, shard: str) -> str:
+    return join_key("receipts", stage, f"{shard}.json")
+
+
+def summary(stage: str) -> str:
+    return join_key(SUMMARIES, f"{stage}.json")
+
+
+def batch_name(batch: int) -> str:
+    return f"b{batch:06d}"
+
+
+def partition_name(partition: int) -> str:
+    return f"p{partition:04d}"
+
+
+def vertex_partition_name(partition: int) -> str:
+    return f"q{partition:04d}"
+
+
+# -- exact dedup --------------------------------------------------------------------------
+
+EXACT_HASHES = join_key(EXACT, "hashes") + "/"
+EXACT_REMOVED = join_key(EXACT, "removed") + "/"
+
+
+def exact_hashes(batch: int, partition: int) -> str:
+    return join_key(EXACT_HASHES, batch_name(batch), f"{partition_name(partition)}.parquet")
+
+
+def exact_removed(shard: str) -> str:
+    """The folder of one docs shard's exact-duplicate ids (one file per hash range)."""
+    return join_key(EXACT_REMOVED, shard) + "/"
+
+
+# -- near dedup ---------------------------------------------------------------------------
+
+NEAR_BANDS = join_key(NEAR, "bands") + "/"
+NEAR_BUCKETS = join_key(NEAR, "buckets") + "/"
+NEAR_CANDIDATES = join_key(NEAR, "candidates") + "/"
+NEAR_SHINGLES = join_key(NEAR, "shingles") + "/"
+NEAR_EDGES = join_key(NEAR, "edges") + "/"
+NEAR_REMOVED = join_key(NEAR, "removed") + "/"
+
+
+def near_bands(batch: int, partition: int) -> str:
+    return join_key(NEAR_BANDS, batch_name(batch), f"{partition_name(partition)}.parquet")
+
+
+def near_buckets(partition: int) -> str:
+    return join_key(NEAR_BUCKETS, f"{partition_name(partition)}.parquet")
+
+
+def near_candidates(shard: str) -> str:
+    return join_key(NEAR_CANDIDATES, shard) + "/"
+
+
+def near_shingles(partition_folder: str) -> str:
+    return join_key(NEAR_SHINGLES, partition_folder) + "/"
+
+
+def near_edges(vertex_partition: int, partition: int) -> str:
+    return join_key(NEAR_EDGES, vertex_partition_name(vertex_partition), f"{partition_name(partition)}.parquet")
+
+
+def near_components(round_: int, step: str) -> str:
+    return join_key(NEAR, "components", f"r{round_:03d}", step) + "/"
+
+
+def near_star(round_: int, step: str, to_partition: int, from_partition: int) -> str:
+    return join_key(
+        near_components(round_, step), vertex_partition_name(to_partition), f"{vertex_partition_name(from_partition)}.parquet"
+    )
+
+
+def near_removed(shard: str) -> str:
+    """The folder of one docs shard's near-duplicate ids (one file per vertex partition)."""
+    return join_key(NEAR_REMOVED, shard) + "/"

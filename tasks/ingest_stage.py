@@ -1,0 +1,27 @@
+"""Stage 2 wired into the stage contract: one planned file per shard, `ingest_file` as the work."""
+
+from __future__ import annotations
+
+from storage import build_layout as layout
+from tasks.fanout import run_stage
+from tasks.ingest import ingest_file
+from tasks.plan import Build, PlannedFile
+from tasks.reporting import stage_totals
+from tasks.stage import Stage, stage_task
+
+
+def shard_of(file: PlannedFile) -> str:
+    return file.shard
+
+
+@stage_task("ingest")
+def ingest(build: Build) -> dict[str, int | float]:
+    """Every planned file to a docs shard, one Ray task each; returns the stage's totals."""
+    config, store = build.config, build.store
+    sources = {s.name: s for s in config.sources}
+    stage = Stage(
+        "ingest", build.plan, shard_of,
+        lambda f: ingest_file(f, sources[f.source], config.filters, config.quarantine, store),
+        (layout.DOCS, layout.QUARANTINE),
+    )
+    return stage_totals(run_stage(store, stage, config.name, config.parallelism).receipts)

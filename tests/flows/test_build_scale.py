@@ -1,0 +1,62 @@
+"""The build's costs grow with the data, not with data x files: the driver's store requests
+stay bounded by the page, and dedup partitions are sized from the documents."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pyarrow.parquet as pq
+import pytest
+
+from flows.build_dataset import build_dataset
+from storage import build_layout as layout
+from storage.store import open_store
+from tasks.exact_dedup import exact_dedup
+from tasks.ingest_stage import ingest
+from tasks.partitioning import EXACT_ROW_BYTES, partitions
+from tasks.plan import plan
+from tests.builds import RequestCounter, tiny_config, tiny_corpus
+
+pytestmark = pytest.mark.usefixtures("prefect_server", "ray_local")
+
+INPUT_FILES = 200
+# Per stage the driver lists its receipts and outputs, reads and writes its summary: a few
+# calls for each of the ~20 stages and steps (~60 measured, inputs local). One call per input
+# file in any stage would alone pass INPUT_FILES.
+FIRST_BUILD_REQUESTS = 100
+RERUN_REQUESTS = 80
+
+
+def test_driver_requests_do_not_grow_with_the_input_files(tmp_path, s3_endpoint, s3_bucket_uri):
+    corpus = tiny_corpus(tmp_path / "raw", INPUT_FILES, 3, seed=1)
+    config = tiny_config(f"{corpus}/*.jsonl", f"{s3_bucket_uri}/requests")
+    counter = RequestCounter()
+    build_dataset(config)
+    first = counter.take()
+    build_dataset(config)
+    rerun = counter.take()
+    assert sum(first.values()) <= FIRST_BUILD_REQUESTS, first
+    assert sum(rerun.values()) <= RERUN_REQUESTS, rerun
+    # a rerun of a finished build reads listings and summaries, and writes nothing
+    assert set(rerun) <= {"ListObjectsV2", "GetObject"}, rerun
+
+
+def test_exact_dedup_partitions_grow_with_the_documents_and_fit_the_budget(tmp_path):
+    budget = 1 << 16
+    ranges = {}
+    for docs_per_file in (60, 240):
+        corpus = tiny_corpus(tmp_path / f"raw-{docs_per_file}", 10, docs_per_file, seed=docs_per_file)
+        config = tiny_config(f"{corpus}/*.jsonl", str(tmp_path / f"out-{docs_per_file}"), task_memory_bytes=budget)
+        build = plan.fn(config)
+        ingest.fn(build)
+        exact_dedup.fn(build)
+        store = open_store(config.output).child(build.key)
+        rows = Counter()
+        for key in store.list(layout.EXACT_HASHES):
+            rows[key.rsplit("/", 1)[1]] += pq.read_metadata(store.local_path(key)).num_rows
+        documents = 10 * docs_per_file
+        ranges[docs_per_file] = len(rows)
+        assert len(rows) == partitions(documents, EXACT_ROW_BYTES, budget) == len(list(store.list(layout.receipts("exact-dedup"))))
+        assert sum(rows.values()) == documents
+        assert max(rows.values()) * EXACT_ROW_BYTES <= budget, rows  # what one range task holds
+    assert ranges[240] > ranges[60] > 1
