@@ -19,11 +19,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from storage.run_layout import LOSS_PLOT, METRICS_FILE, TENSORBOARD_DIR
 from storage.store import ObjectNotFound, Store, join_key
-
-METRICS_FILE = "metrics.jsonl"
-TENSORBOARD_DIR = "tensorboard"
-LOSS_PLOT = "plots/loss.png"
 
 
 def read_metrics(text: str) -> list[dict[str, Any]]:

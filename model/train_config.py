@@ -41,7 +41,8 @@ from pydantic import (
 
 from model.config import LlamaConfig
 from model.data import DataSource
-from storage.store import join_key, open_object, open_store
+from storage.run_layout import RunLayout
+from storage.store import open_object
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -211,7 +212,7 @@ class TrainConfig(Section):
     @property
     def run_uri(self) -> str:
         """<output>/runs/<name>, as an absolute store URI."""
-        return open_store(self.output).url(join_key("runs", self.name))
+        return RunLayout.of(self.output, self.name).uri
 
     @property
     def local_dir(self) -> Path:

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from model.checkpoint import complete_checkpoints
+from storage.run_layout import RunLayout
 from storage.store import open_store
 from tasks.train import process_tree, launch_ray, latest_step, prepare_config
 from tests.model.runs import (
@@ -41,7 +42,7 @@ def test_ray_train_runs_two_cpu_workers_and_a_failed_worker_resumes_from_the_sto
 
     saboteur = threading.Thread(target=kill_a_worker_after_the_first_checkpoint)
     saboteur.start()
-    launch_ray(config)
+    launch_ray(config, RunLayout.of(config.output, config.name).write_config(config.to_json()))
     saboteur.join()
 
     assert killed, "no Ray Train worker was found to kill"
