@@ -10,6 +10,10 @@ repeats the uninterrupted one bit for bit. AdamW without decay on 1-D parameters
 biases); warmup + cosine on optimizer steps; gradient accumulation to `global_batch_tokens`;
 clipping; checkpoints (model/checkpoint.py) every `checkpoint_every` steps and when this
 invocation stops, at `max_steps` or after `max_steps_this_run` steps.
+
+What a resume needs is the components' own
+state (model, optimizer, lr scheduler, loader, progress counters, RNG), gathered at save time
+by one `Checkpointer`.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,14 +38,19 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
+from torch.distributed.checkpoint.stateful import Stateful
+from torch.optim.lr_scheduler import LambdaLR
 
-from model.checkpoint import TrainState, restore_checkpoint, save_checkpoint
+from model.checkpoint import (
+    DIST_TIMEOUT, RNG_KEY, Architecture, Checkpointer, ModelState, OptimizerState, RNGState,
+)
+from model.config import LlamaConfig
 from model.data import BlockLoader, DataError, DataSource
 from model.flops import flops_per_token, mfu, peak_bf16_flops
 from model.llama import Llama
 from model.metrics import MetricsLog
 from model.train_config import LRSchedule, TrainConfig
-from storage.store import open_store
+from storage.run_layout import RunLayout
 
 log = logging.getLogger("model.train")  # not __name__: that is __main__ under -m
 
@@ -67,9 +77,9 @@ def init_distributed(device: torch.device | None = None) -> tuple[Cluster, bool]
     if created:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if "RANK" in os.environ:  # torchrun
-            dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+            dist.init_process_group(backend, device_id=device if device.type == "cuda" else None, timeout=DIST_TIMEOUT)
         else:  # a lone process
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=DIST_TIMEOUT)
     return Cluster(dist.get_rank(), dist.get_world_size(), device), created
 
 
@@ -129,14 +139,11 @@ def train_step(
     loader: BlockLoader,
     config: TrainConfig,
     accum: int,
-    lr: float,
     autocast: torch.autocast,
     device: torch.device,
 ) -> tuple[float, float]:
     """One optimizer step over `accum` micro-batches per rank; returns the loss (mean over the
     global batch) and the gradient norm before clipping. Waits for the device, so it can be timed."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
     loss_sum = torch.zeros((), device=device)
     for micro_step in range(accum):
         batch = loader.next_batch(config.micro_batch).to(device, non_blocking=True)
@@ -177,7 +184,48 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(config: TrainConfig, device: torch.device | None = None) -> TrainState:
+@dataclass
+class TrainProgress(Stateful):
+    """The counters of a run: optimizer steps done and target tokens consumed."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    world_size: int = 1  # of the invocation that saved it (for the record: a resume may change it)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> LambdaLR:
+    """`learning_rate` as a torch scheduler over optimizer steps (each group's base lr is lr.max)."""
+    return LambdaLR(optimizer, lambda step: learning_rate(step, config.lr, config.max_steps) / config.lr.max)
+
+
+def training_states(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: LambdaLR,
+    loader: Stateful | dict[str, Any],
+    progress: TrainProgress,
+    llama_config: LlamaConfig,
+    rng: Stateful | dict[str, Any],
+) -> dict[str, Any]:
+    """What a checkpoint holds, by key: each component hands over its own state at save time."""
+    return {
+        "model": ModelState(model),
+        "optimizer": OptimizerState(model, optimizer),
+        "scheduler": scheduler,
+        "loader": loader,
+        "progress": progress,
+        "architecture": Architecture(llama_config),
+        RNG_KEY: rng,
+    }
+
+
+def train(config: TrainConfig, device: torch.device | None = None) -> TrainProgress:
     """Run (or continue) the training run `config` describes until this invocation's last step."""
     cluster, created_group = init_distributed(device)
     try:
@@ -187,7 +235,7 @@ def train(config: TrainConfig, device: torch.device | None = None) -> TrainState
             dist.destroy_process_group()
 
 
-def _train(config: TrainConfig, cluster: Cluster) -> TrainState:
+def _train(config: TrainConfig, cluster: Cluster) -> TrainProgress:
     if cluster.device.type != "cuda":
         torch.use_deterministic_algorithms(True)  # bit-exact resume on CPUs
     loader = BlockLoader(config.data, config.seq_len, config.seed, cluster.rank, cluster.world_size)
@@ -205,12 +253,13 @@ def _train(config: TrainConfig, cluster: Cluster) -> TrainState:
             val_loader.close()
 
 
-def _train_loop(config: TrainConfig, cluster: Cluster, loader: BlockLoader, val_loader: BlockLoader | None) -> TrainState:
+def _train_loop(
+    config: TrainConfig, cluster: Cluster, loader: BlockLoader, val_loader: BlockLoader | None
+) -> TrainProgress:
     on_gpu = cluster.device.type == "cuda"
     bf16 = config.dtype == "bf16" or (config.dtype == "auto" and on_gpu)
     accum = config.accum_steps(cluster.world_size)
-    run_store = open_store(config.run_uri)
-    staging = config.local_dir / "staging"
+    layout = RunLayout.of(config.output, config.name)
     llama_config = config.llama_config(loader.vocab_size)
     if llama_config.vocab_size < loader.vocab_size:
         raise ValueError(f"vocab_size {llama_config.vocab_size} is below the datasets' tokenizer vocabulary {loader.vocab_size}")
@@ -221,77 +270,80 @@ def _train_loop(config: TrainConfig, cluster: Cluster, loader: BlockLoader, val_
     fsdp = config.data_parallel == "fsdp" or (config.data_parallel == "auto" and on_gpu)
     model = build_model(raw_model, cluster, fsdp, bf16, config.compile)
     optimizer = build_optimizer(model, config, cluster.device)
+    scheduler = build_scheduler(optimizer, config)
     seed_everything(config.seed + cluster.rank)
 
-    model_config = llama_config.model_dump()
-    state = restore_checkpoint(run_store, model, optimizer, staging)
-    if state is None:
-        state = TrainState(0, 0, loader.state_dict(), cluster.world_size, model_config, {})
-    else:
-        check_resumable(state, model_config)
-        loader.load_state_dict(state.loader)
-    state.config = config.model_dump(mode="json")
+    progress = TrainProgress(world_size=cluster.world_size)
+    checkpointer = Checkpointer(
+        layout,
+        training_states(model, optimizer, scheduler, loader, progress, llama_config, RNGState(cluster.rank)),
+        keep=config.keep_checkpoints,
+        staging_dir=config.local_dir / "staging",
+        async_save=config.async_checkpoint,
+    )
+    try:
+        checkpointer.load()
+        _run_steps(config, cluster, model, optimizer, scheduler, loader, val_loader, progress, checkpointer,
+                   accum=accum, flops=flops, bf16=bf16, layout=layout, num_params=raw_model.num_params())
+    finally:
+        checkpointer.close()  # the last checkpoint committed before the program ends
+    return progress
 
+
+def _run_steps(config, cluster, model, optimizer, scheduler, loader, val_loader, progress, checkpointer, *,
+               accum: int, flops: float, bf16: bool, layout: RunLayout, num_params: int) -> None:
     stop_at = config.max_steps
     if config.max_steps_this_run:
-        stop_at = min(stop_at, state.step + config.max_steps_this_run)
-    peak = peak_bf16_flops() if on_gpu else None
-    metrics = MetricsLog(config.local_dir, run_store, state.step) if cluster.is_main else None
+        stop_at = min(stop_at, progress.step + config.max_steps_this_run)
+    peak = peak_bf16_flops() if cluster.device.type == "cuda" else None
+    metrics = MetricsLog(config.local_dir, layout.store, progress.step) if cluster.is_main else None
     autocast = torch.autocast(cluster.device.type, dtype=torch.bfloat16, enabled=bf16)
     if cluster.is_main:
         log.info(
             "run %s: %s model, %.1fM parameters, world size %d x %d micro-batches of %dx%d, steps %d -> %d of %d",
-            config.run_uri, config.model, raw_model.num_params() / 1e6, cluster.world_size, accum,
-            config.micro_batch, config.seq_len, state.step, stop_at, config.max_steps,
+            layout.uri, config.model, num_params / 1e6, cluster.world_size, accum,
+            config.micro_batch, config.seq_len, progress.step, stop_at, config.max_steps,
         )
 
-    start_step = state.step
-    while state.step < stop_at:
+    start_step = progress.step
+    while progress.step < stop_at:
         started = time.perf_counter()
-        lr = learning_rate(state.step, config.lr, config.max_steps)
-        loss_value, grad_norm = train_step(model, optimizer, loader, config, accum, lr, autocast, cluster.device)
+        lr = scheduler.get_last_lr()[0]
+        loss_value, grad_norm = train_step(model, optimizer, loader, config, accum, autocast, cluster.device)
+        scheduler.step()
         seconds = time.perf_counter() - started
-        state.step += 1
-        state.tokens_seen += config.global_batch_tokens
-        state.loader = loader.state_dict()
-        state.world_size = cluster.world_size
+        progress.step += 1
+        progress.tokens_seen += config.global_batch_tokens
         record = {
-            "step": state.step,
+            "step": progress.step,
             "loss": loss_value,
             "lr": lr,
-            "tokens": state.tokens_seen,
+            "tokens": progress.tokens_seen,
             "tokens_per_s": config.global_batch_tokens / seconds,
             "grad_norm": grad_norm,
             "mfu": mfu(config.global_batch_tokens / seconds, flops, peak * cluster.world_size) if peak else None,
             "step_time_s": seconds,
             "time": time.time(),
         }
-        if val_loader is not None and (state.step % config.val.every == 0 or state.step == stop_at):
+        if val_loader is not None and (progress.step % config.val.every == 0 or progress.step == stop_at):
             record["val_loss"] = evaluate(model, val_loader, config, cluster, autocast)
         if metrics is not None:
             metrics.log(record)
             log.info(
                 "step %d/%d loss %.4f lr %.3g grad_norm %.3f %.0f tokens/s%s",
-                state.step, config.max_steps, loss_value, lr, record["grad_norm"], record["tokens_per_s"],
+                progress.step, config.max_steps, loss_value, lr, record["grad_norm"], record["tokens_per_s"],
                 f" val_loss {record['val_loss']:.4f}" if "val_loss" in record else "",
             )
-        if state.step % config.checkpoint_every == 0 or state.step == stop_at:
+        if progress.step % config.checkpoint_every == 0 or progress.step == stop_at:
             if metrics is not None:
                 metrics.upload()  # before the commit: a committed step's metrics are always on the store
-            save_checkpoint(run_store, model, optimizer, state, config.keep_checkpoints, staging)
+            checkpointer.save(progress.step)
 
     if metrics is not None:
-        if state.step == start_step:
-            log.info("run %s is already at step %d: nothing to do", config.run_uri, state.step)
+        if progress.step == start_step:
+            log.info("run %s is already at step %d: nothing to do", layout.uri, progress.step)
         metrics.plot()
         metrics.close()
-    return state
-
-
-def check_resumable(state: TrainState, model_config: dict) -> None:
-    """A checkpoint continues only the same architecture (the loader checks its own seed and seq_len)."""
-    if state.model_config != model_config:
-        raise ValueError(f"the newest checkpoint's model {state.model_config} differs from the config's {model_config}")
 
 
 def _die_with_torchrun() -> None:

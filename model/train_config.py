@@ -124,6 +124,7 @@ class TrainConfig(Section):
     max_steps_this_run: PositiveInt | None = Field(None, description="Stop after this many steps in one invocation")
     checkpoint_every: PositiveInt
     keep_checkpoints: PositiveInt | None = Field(3, description="Keep the newest k complete checkpoints; null keeps all")
+    async_checkpoint: bool = Field(False, description="Train on while a checkpoint is written (at most one in flight)")
     launcher: Launcher = Field(default_factory=TorchrunLauncher)
     seed: int = 42
     compile: bool = False
