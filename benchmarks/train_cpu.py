@@ -95,9 +95,9 @@ class Harness:
         self.config = config
         self.cluster, _ = init_distributed(torch.device("cpu"))
         self.loader = BlockLoader(config.data, config.seq_len, config.seed)
-        torch.manual_seed(config.seed)
-        raw = Llama(config.llama_config(VOCAB))
-        self.model = build_model(raw, self.cluster, fsdp=False, bf16=False, compile=False)
+        with torch.device("meta"):
+            raw = Llama(config.llama_config(VOCAB))
+        self.model = build_model(raw, self.cluster, fsdp=False, bf16=False, compile=False, seed=config.seed)
         self.optimizer = build_optimizer(self.model, config, self.cluster.device)
         self.scheduler = build_scheduler(self.optimizer, config)
         self.progress = TrainProgress()

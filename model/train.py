@@ -11,7 +11,9 @@ biases); warmup + cosine on optimizer steps; gradient accumulation to `global_ba
 clipping; checkpoints (model/checkpoint.py) every `checkpoint_every` steps and when this
 invocation stops, at `max_steps` or after `max_steps_this_run` steps.
 
-What a resume needs is the components' own
+The model is built on the meta device, sharded, then materialized and initialized shard by
+shard (`materialize`): no rank ever holds the whole fp32 model, and the weights equal an eager
+`Llama(config)` after `torch.manual_seed(seed)`. What a resume needs is the components' own
 state (model, optimizer, lr scheduler, loader, progress counters, RNG), gathered at save time
 by one `Checkpointer`.
 """
@@ -36,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.optim.lr_scheduler import LambdaLR
@@ -47,7 +49,7 @@ from model.checkpoint import (
 from model.config import LlamaConfig
 from model.data import BlockLoader, DataError, DataSource
 from model.flops import flops_per_token, mfu, peak_bf16_flops
-from model.llama import Llama
+from model.llama import Llama, RMSNorm
 from model.metrics import MetricsLog
 from model.train_config import LRSchedule, TrainConfig
 from storage.run_layout import RunLayout
@@ -94,20 +96,65 @@ def learning_rate(step: int, lr: LRSchedule, max_steps: int) -> float:
     return lr.min + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr.max - lr.min)
 
 
-def build_model(model: Llama, cluster: Cluster, fsdp: bool, bf16: bool, compile: bool) -> nn.Module:
-    """Wrap for data parallelism: FSDP2 (one unit per block, then the root) or DDP."""
+def build_model(model: Llama, cluster: Cluster, fsdp: bool, bf16: bool, compile: bool, seed: int) -> nn.Module:
+    """Wrap `model` (built on the meta device) for data parallelism, FSDP2 (one unit per block, then
+    the root) or DDP, and materialize it on the cluster's device with the initial weights of `seed`."""
     if compile:
         for block in model.model.layers:
             block.compile()  # per block, as torchtitan: parameter names stay unchanged
-    model.to(cluster.device)
-    model.reset_rope_cache()
     if not fsdp:
-        return DistributedDataParallel(model)
+        materialize(model, cluster.device, seed)
+        return DistributedDataParallel(model)  # after materializing: DDP broadcasts rank 0's weights
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
     for block in model.model.layers:
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
+    materialize(model, cluster.device, seed)
     return model
+
+
+@torch.no_grad()
+def materialize(model: Llama, device: torch.device, seed: int) -> None:
+    """Allocate the (possibly sharded) meta-device parameters on `device` and give each rank's shard
+    the values an eager `Llama(config)` gets after `torch.manual_seed(seed)`.
+
+    The eager model's values come from one CPU generator, in order: the draws of nn.Linear's and
+    nn.Embedding's own constructors (kaiming-uniform, normal), then `Llama.init_weights`. The same
+    sequence is replayed one full parameter at a time on the CPU, and only this rank's shard kept:
+    memory beyond the shards is one parameter, never the model.
+    """
+    model.to_empty(device=device)
+    generator = torch.Generator().manual_seed(seed)
+    initialized: set[int] = set()
+
+    def draw(param: nn.Parameter, init) -> None:
+        initialized.add(id(param))
+        full = torch.empty(param.shape)  # DTensor.shape is the global shape
+        init(full)
+        if isinstance(param, DTensor):
+            full = distribute_tensor(full, param.device_mesh, param.placements).to_local()
+            param.to_local().copy_(full)
+        else:
+            param.copy_(full)
+
+    for module in model.modules():  # what the constructors drew (nn.Linear has no bias here)
+        if isinstance(module, nn.Linear):
+            draw(module.weight, lambda t: nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator))
+        elif isinstance(module, nn.Embedding):
+            draw(module.weight, lambda t: nn.init.normal_(t, generator=generator))
+    std = math.sqrt(2.0 / (5 * model.config.dim))
+    residual_std = 1.0 / math.sqrt(model.config.dim) / model.config.n_layers
+    for module in model.modules():  # Llama.init_weights, with the generator
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            draw(module.weight, lambda t: nn.init.normal_(t, mean=0.0, std=std, generator=generator))
+        elif isinstance(module, RMSNorm):
+            draw(module.weight, nn.init.ones_)
+    for block in model.model.layers:
+        for weight in (block.self_attn.o_proj.weight, block.mlp.down_proj.weight):
+            draw(weight, lambda t: nn.init.normal_(t, mean=0.0, std=residual_std, generator=generator))
+    if missing := [name for name, p in model.named_parameters() if id(p) not in initialized]:
+        raise RuntimeError(f"materialize: no initialization for {missing}")  # a new kind of parameter
+    model.reset_rope_cache()
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -264,11 +311,12 @@ def _train_loop(
     if llama_config.vocab_size < loader.vocab_size:
         raise ValueError(f"vocab_size {llama_config.vocab_size} is below the datasets' tokenizer vocabulary {loader.vocab_size}")
 
-    torch.manual_seed(config.seed)  # identical initial weights on every rank, whatever the world size
-    raw_model = Llama(llama_config, activation_checkpointing=config.activation_checkpointing)
+    with torch.device("meta"):
+        raw_model = Llama(llama_config, activation_checkpointing=config.activation_checkpointing)
     flops = flops_per_token(raw_model, config.seq_len)
     fsdp = config.data_parallel == "fsdp" or (config.data_parallel == "auto" and on_gpu)
-    model = build_model(raw_model, cluster, fsdp, bf16, config.compile)
+    # The same initial weights on every rank, whatever the world size.
+    model = build_model(raw_model, cluster, fsdp, bf16, config.compile, config.seed)
     optimizer = build_optimizer(model, config, cluster.device)
     scheduler = build_scheduler(optimizer, config)
     seed_everything(config.seed + cluster.rank)

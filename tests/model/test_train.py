@@ -29,7 +29,9 @@ from model.data import read_manifest
 from model.export import export_hf
 from model.hf import load_hf
 from model.metrics import METRICS_FILE
-from model.train import learning_rate
+from model.config import LlamaConfig
+from model.llama import Llama
+from model.train import learning_rate, materialize
 from model.train_config import LRSchedule, TrainConfig
 from storage.manifest import sha256_bytes, write_record
 from storage.run_layout import RunLayout
@@ -176,6 +178,51 @@ def test_fsdp_ranks_write_their_own_shards(runs):
             files_by_tensor[index.fqn].add(info.relative_path)
     assert all(files == {"__0_0.distcp", "__1_0.distcp"} for files in files_by_tensor.values()), files_by_tensor
     assert {f.key for f in newest.files} == {".metadata", "__0_0.distcp", "__1_0.distcp"}
+
+
+@pytest.mark.parametrize("activation_checkpointing", [False, True])
+def test_meta_device_construction_gives_the_eager_initial_weights(activation_checkpointing):
+    config = LlamaConfig.preset("tiny", n_layers=2, vocab_size=300)
+    torch.manual_seed(11)
+    eager = Llama(config, activation_checkpointing=activation_checkpointing)
+    with torch.device("meta"):
+        lazy = Llama(config, activation_checkpointing=activation_checkpointing)
+    torch.manual_seed(0)  # the global generator is not what materialize draws from
+    materialize(lazy, torch.device("cpu"), seed=11)
+    for name, tensor in eager.state_dict().items():
+        assert torch.equal(tensor, lazy.state_dict()[name]), name
+    assert torch.equal(eager.rope_cos, lazy.rope_cos)
+
+
+def _materialize_sharded(rank: int, world_size: int, init_file: str, out: str) -> None:
+    """One rank of test_meta_device_construction_shards...: FSDP2 on meta, then materialize."""
+    import torch.distributed as dist
+
+    from model.train import Cluster, build_model
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        with torch.device("meta"):
+            model = Llama(LlamaConfig.preset("tiny", n_layers=2, vocab_size=301))  # 301: uneven shards
+        build_model(model, Cluster(rank, world_size, torch.device("cpu")), fsdp=True, bf16=False, compile=False, seed=11)
+        local_bytes = sum(p.to_local().numel() for p in model.parameters())
+        full = {name: p.full_tensor() for name, p in model.named_parameters()}
+        if rank == 0:
+            torch.save({"full": full, "local": local_bytes}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_meta_device_construction_shards_then_initializes_each_shard_as_the_eager_model(tmp_path):
+    torch.multiprocessing.spawn(
+        _materialize_sharded, args=(2, str(tmp_path / "init"), str(tmp_path / "out.pt")), nprocs=2, join=True
+    )
+    result = torch.load(tmp_path / "out.pt", weights_only=True)
+    torch.manual_seed(11)
+    eager = Llama(LlamaConfig.preset("tiny", n_layers=2, vocab_size=301))
+    assert result["local"] < eager.num_params()  # rank 0 held only its shards
+    for name, tensor in eager.named_parameters():
+        assert torch.equal(tensor.detach(), result["full"][name]), name
 
 
 def test_metrics_tensorboard_and_plot_reach_the_store(runs):
