@@ -392,6 +392,7 @@ class Checkpointer:
         self.staging_dir = None if local else staging_dir
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint") if async_save else None
         self._in_flight: Future | None = None
+        self.last_save_s: float | None = None  # call to commit, of the newest finished save
 
     # -- save --
 
@@ -451,9 +452,10 @@ class Checkpointer:
         reports: list[Any] = [None] * self.world_size if self.rank == 0 else None
         dist.gather_object(infos, reports, dst=0, group=self.group)
         if self.rank != 0:
+            self.last_save_s = time.perf_counter() - started
             return
         checkpoint = commit_checkpoint(self.store, step, [info for report in reports for info in report])
-        seconds = time.perf_counter() - started
+        seconds = self.last_save_s = time.perf_counter() - started
         log.info("checkpoint %s committed (%.1f s)", self.store.url(checkpoint.prefix), seconds)
         if seconds > DIST_TIMEOUT.total_seconds() / 2:
             log.warning("checkpoint %s took %.0f s, over half the distributed timeout %s",
