@@ -16,8 +16,8 @@ steps apart, to a local folder (or `--store s3://...`), once per method:
 Per method: save time (call to committed, mean per checkpoint), training stall per checkpoint
 (time the loop was blocked in the checkpointer, plus how much slower the steps ran while a save
 was in flight than the median step without one), and bytes written per rank. A preset is run
-only if its estimated peak memory (2 ranks' state, the async CPU copy, the baseline's full copy
-on rank 0) fits in 80% of this machine's memory.
+only if its estimated peak memory (both ranks' training state, plus the async CPU copy or the
+baseline's full copy on rank 0) fits in 80% of this machine's memory.
 """
 
 from __future__ import annotations
@@ -50,11 +50,11 @@ STATE_BYTES_PER_PARAM = 16  # fp32 weights, gradients, AdamW's two moments
 
 
 def fits(preset: str, memory_bytes: int) -> bool:
-    """Peak: the training state of both ranks, the async CPU copy (12 B/param over the ranks),
-    and the baseline's full weights + moments on rank 0 (12 B/param)."""
+    """Peak: the training state of both ranks plus, one at a time, the async CPU copy (weights and
+    moments, 12 B/param over the ranks) or the baseline's full copy of them on rank 0 (12 B/param)."""
     with torch.device("meta"):
         params = Llama(LlamaConfig.preset(preset)).num_params()
-    return params * (STATE_BYTES_PER_PARAM + 12 + 12) < 0.8 * memory_bytes
+    return params * (STATE_BYTES_PER_PARAM + 12) < 0.8 * memory_bytes
 
 
 def bench_config(preset: str, output: str) -> TrainConfig:

@@ -22,13 +22,11 @@ metadata through an unpickler that admits only DCP's own metadata classes.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import pickle
 import random
 import shutil
-import tempfile
 import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -57,7 +55,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from model.config import LlamaConfig
 from model.llama import Llama
 from model.train_config import TrainConfig
-from storage.manifest import ObjectInfo, Record, read_record, write_record
+from storage.manifest import ObjectInfo, Record, read_record, sha256_stream, write_record
 from storage.run_layout import COMMIT, RunLayout
 from storage.store import ObjectNotFound, Store, join_key, open_store
 
@@ -68,7 +66,6 @@ LEGACY_MODEL_FILE = "model.safetensors"  # the full-state format of earlier vers
 # Collectives (a checkpoint's barrier and gathers among them) fail after this long; a save must
 # finish within it, and one taking over half of it is logged as a warning.
 DIST_TIMEOUT = timedelta(minutes=30)
-_HASH_BUFFER = 8 << 20
 
 
 class CheckpointError(Exception):
@@ -172,13 +169,6 @@ def prune_checkpoints(store: Store, keep: int | None) -> list[int]:
         _delete_folder(store, prefix)
         deleted.append(step)
     return deleted
-
-
-def sha256_stream(stream) -> str:
-    digest = hashlib.sha256()
-    while chunk := stream.read(_HASH_BUFFER):
-        digest.update(chunk)
-    return digest.hexdigest()
 
 
 # --- weights_only reading of DCP files ----------------------------------------------------------------

@@ -21,13 +21,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
-from model.checkpoint import CheckpointError, Checkpointer, load_value, resolve_checkpoint, sha256_stream
+from model.checkpoint import CheckpointError, Checkpointer, load_value, resolve_checkpoint
 from model.config import LlamaConfig
 from model.llama import Llama
 from model.train import TrainProgress, build_optimizer, build_scheduler, training_states
 from model.train_config import TrainConfig
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+from storage.manifest import sha256_file
 
 LEGACY_FILES = ("train_state.json", "model.safetensors", "optimizer.pt", "rng.pt")
 
@@ -39,9 +40,8 @@ def _fetch_verified(layout, checkpoint, dest: Path) -> dict[str, Path]:
         if name not in infos:
             raise CheckpointError(f"{layout.store.url(checkpoint.prefix)}: its COMMIT lists no {name}")
         path = layout.store.download(checkpoint.key(name), dest / name)
-        with open(path, "rb") as f:
-            if sha256_stream(f) != infos[name].sha256:
-                raise CheckpointError(f"{layout.store.url(checkpoint.key(name))}: sha256 differs from its COMMIT marker")
+        if sha256_file(path) != infos[name].sha256:
+            raise CheckpointError(f"{layout.store.url(checkpoint.key(name))}: sha256 differs from its COMMIT marker")
         paths[name] = path
     return paths
 
