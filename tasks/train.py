@@ -209,6 +209,8 @@ def _fit(config_uri: str) -> None:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from model.checkpoint import DIST_TIMEOUT  # the training program's timeout, for the group Ray creates
+
     config = TrainConfig.from_yaml(config_uri)
     launcher = config.launcher
     use_gpu = launcher.gpus_per_worker > 0
@@ -216,7 +218,7 @@ def _fit(config_uri: str) -> None:
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=config_uri,
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=int(DIST_TIMEOUT.total_seconds())),
         scaling_config=ScalingConfig(num_workers=launcher.workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=f"{config.name}-{uuid.uuid4().hex[:8]}",
