@@ -22,6 +22,7 @@ metadata through an unpickler that admits only DCP's own metadata classes.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import pickle
@@ -442,6 +443,9 @@ class Checkpointer:
         reports: list[Any] = [None] * self.world_size if self.rank == 0 else None
         dist.gather_object(infos, reports, dst=0, group=self.group)
         if self.rank != 0:
+            if self.staging_dir is not None:  # empty now, unless another rank of this node is the coordinator
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
             self.last_save_s = time.perf_counter() - started
             return
         checkpoint = commit_checkpoint(self.store, step, [info for report in reports for info in report])
