@@ -213,7 +213,6 @@ def _materialize_sharded(rank: int, world_size: int, init_file: str, out: str) -
         dist.destroy_process_group()
 
 
-@pytest.mark.slow
 def test_meta_device_construction_shards_then_initializes_each_shard_as_the_eager_model(tmp_path):
     torch.multiprocessing.spawn(
         _materialize_sharded, args=(2, str(tmp_path / "init"), str(tmp_path / "out.pt")), nprocs=2, join=True
