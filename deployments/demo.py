@@ -66,8 +66,8 @@ def run_demo(data_dir: Path = Path("data"), steps: int = DEMO_STEPS) -> DemoResu
     from flows.evaluate import evaluate
     from flows.pretrain import manifest_uri, pretrain
     from model.export import export_hf
-    from model.metrics import METRICS_FILE, read_metrics
-    from storage.store import open_store
+    from model.metrics import read_metrics
+    from storage.run_layout import HF_DIR, METRICS_FILE, RunLayout
     from tasks.config import BuildConfig
     from tasks.sample_corpus import make_sample_corpus
 
@@ -78,8 +78,9 @@ def run_demo(data_dir: Path = Path("data"), steps: int = DEMO_STEPS) -> DemoResu
     train = sample_training(data_dir).model_copy(update={"max_steps_this_run": steps})
     run_uri = pretrain(build, train)  # build (a rerun finishes in seconds), then the first segment
 
-    records = read_metrics(open_store(run_uri).get_text(METRICS_FILE))
-    export = export_hf(run_uri, data_dir / "runs" / train.name / "hf")
+    run = RunLayout.at(run_uri)
+    records = read_metrics(run.store.get_text(METRICS_FILE))
+    export = export_hf(run_uri, run.store.local_path(HF_DIR))  # the demo's store is data_dir
     result = DemoResult(
         corpus=data_dir / "raw",
         manifest=manifest_uri(build),

@@ -1,72 +1,76 @@
-"""Training checkpoints on the object store: written so that a crash never leaves one that looks complete.
+"""Training checkpoints on the object store: sharded, written by every rank, resharded on load,
+and never trusted before their COMMIT marker.
 
     <run>/checkpoints/step-0000040/
-        model.safetensors    full (unsharded) fp32 weights, Hugging Face parameter names
-        optimizer.pt         full AdamW state keyed by parameter name (plain tensors and numbers)
-        rng.pt               every rank's python / numpy / torch (and CUDA) RNG states
-        train_state.json     step, tokens seen, loader state, world size, model and run config
-        COMMIT               written last: the step and every file's size and sha256
+        __0_0.distcp, __1_0.distcp ...  torch.distributed.checkpoint (DCP) shards, one file per rank
+        .metadata                       DCP's index of every tensor chunk and value (coordinator)
+        COMMIT                          written last: the step and every file's size and sha256
 
-A checkpoint counts only if its COMMIT exists and every file it lists is there at its size;
-a resume takes the newest whose files also match their sha256s, and tensors load with `torch.load(weights_only=True)` (a file
-holding any pickled object other than tensors and plain containers is refused). State is
-gathered to full tensors on rank 0 and broadcast back on load, so a run can resume on a
-different number of ranks (DCP's sharded format would need pickle to read its metadata).
+One `Checkpointer` is handed the training's Stateful components (model, optimizer, scheduler,
+loader, progress counters, RNG, architecture) and gathers their own `state_dict()`s at save
+time, as torchtitan does; DCP writes each rank's shards (FSDP2's DTensor shards, or an even
+split of DDP's replicated tensors) to a local folder: the store's own folder, or a staging
+folder whose files each rank then uploads itself. `async_save` stages a CPU copy and lets the
+loop go on while the files are written, uploaded and committed (at most one in flight).
+
+A checkpoint counts only if its COMMIT exists and every file it lists is there at its size; a
+resume takes the newest whose files also match their sha256s (each rank hashes a share of the
+files) and loads it through DCP, which reshards to the current world size. Loading is
+`weights_only` throughout: tensors and values with `torch.load(weights_only=True)`, DCP's
+metadata through an unpickler that admits only DCP's own metadata classes.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
+import io
 import logging
 import pickle
 import random
-import re
-import tempfile
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+import shutil
+import time
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from pydantic import ValidationError
-from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.checkpoint.stateful import Stateful
 
 from model.config import LlamaConfig
 from model.llama import Llama
 from model.train_config import TrainConfig
-from storage.manifest import ObjectInfo, Record, read_record, sha256_file, write_record
+from storage.manifest import ObjectInfo, Record, read_record, sha256_stream, write_record
+from storage.run_layout import COMMIT, RunLayout
 from storage.store import ObjectNotFound, Store, join_key, open_store
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS = "checkpoints"
-COMMIT = "COMMIT"
-MODEL_FILE = "model.safetensors"
-OPTIMIZER_FILE = "optimizer.pt"
-RNG_FILE = "rng.pt"
-STATE_FILE = "train_state.json"
-_STEP_FOLDER = re.compile(r"^step-(\d+)$")
-# Full state on rank 0 only, in CPU memory; on load, rank 0's full state is broadcast to all.
-_GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
-_SCATTER = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+METADATA_FILE = ".metadata"
+LEGACY_MODEL_FILE = "model.safetensors"  # the full-state format of earlier versions
+# Collectives (a checkpoint's barrier and gathers among them) fail after this long; a save must
+# finish within it, and one taking over half of it is logged as a warning.
+DIST_TIMEOUT = timedelta(minutes=30)
 
 
 class CheckpointError(Exception):
     """A checkpoint is unusable (corrupt, unsafe, or from an incompatible run); the message names it."""
-
-
-class CorruptCheckpoint(CheckpointError):
-    """A committed file's content no longer matches its sha256."""
 
 
 class CommitMarker(Record):
@@ -85,53 +89,28 @@ class Checkpoint:
     def key(self, name: str) -> str:
         return join_key(self.prefix, name)
 
-
-@dataclass
-class TrainState:
-    """What besides weights and optimizer a resume needs, as stored in train_state.json."""
-
-    step: int
-    tokens_seen: int
-    loader: dict[str, int]
-    world_size: int
-    model_config: dict[str, Any]
-    config: dict[str, Any]
+    @property
+    def is_legacy(self) -> bool:
+        names = {f.key for f in self.files}
+        return LEGACY_MODEL_FILE in names and METADATA_FILE not in names
 
 
-def checkpoint_prefix(step: int) -> str:
-    return join_key(CHECKPOINTS, f"step-{step:07d}")
+# --- the store layer: commit markers, listing, pruning (no torch.distributed) ---------------------
 
 
-# --- the store layer: plain files, no torch.distributed -------------------------------------------
-
-
-def commit_checkpoint(store: Store, step: int, files: dict[str, Path]) -> Checkpoint:
-    """Upload `files` (name -> local path) into the step's folder, then its COMMIT marker last."""
-    prefix = checkpoint_prefix(step)
-    store.delete(join_key(prefix, COMMIT))  # an older commit of this step must not vouch for new files
-    infos = []
-    for name, path in sorted(files.items()):
-        store.put_file(join_key(prefix, name), path)
-        infos.append(ObjectInfo.of_file(name, path))
-    marker = CommitMarker(step=step, files=infos)
-    write_record(store, join_key(prefix, COMMIT), marker)
+def commit_checkpoint(store: Store, step: int, files: list[ObjectInfo]) -> Checkpoint:
+    """Write the COMMIT marker of the step's folder, whose `files` (relative keys) are already there."""
+    prefix = RunLayout.checkpoint(step)
+    infos = sorted(files, key=lambda f: f.key)
+    write_record(store, RunLayout.commit_marker(prefix), CommitMarker(step=step, files=infos))
     return Checkpoint(step, prefix, tuple(infos))
 
 
-def _step_folders(store: Store) -> dict[int, str]:
-    """Step -> folder key of every checkpoint folder, complete or not."""
-    folders = {}
-    for key in store.list(CHECKPOINTS + "/"):
-        folder = key.split("/")[1]
-        if match := _STEP_FOLDER.match(folder):
-            folders[int(match.group(1))] = join_key(CHECKPOINTS, folder)
-    return folders
-
-
-def _read_complete(store: Store, step: int, prefix: str) -> Checkpoint | None:
-    """The checkpoint in `prefix` if its COMMIT exists and lists files present at their sizes."""
+def _read_complete(store: Store, step: int, prefix: str, sizes: dict[str, int]) -> Checkpoint | None:
+    """The checkpoint in `prefix` if its COMMIT exists and lists files present at their sizes
+    (`sizes`: every key under the folder, from one listing)."""
     try:
-        marker = read_record(store, join_key(prefix, COMMIT), CommitMarker)
+        marker = read_record(store, RunLayout.commit_marker(prefix), CommitMarker)
     except ObjectNotFound:
         return None
     except ValidationError as e:
@@ -141,39 +120,45 @@ def _read_complete(store: Store, step: int, prefix: str) -> Checkpoint | None:
         log.warning("ignoring checkpoint %s: its COMMIT names step %d", store.url(prefix), marker.step)
         return None
     for info in marker.files:
-        key = join_key(prefix, info.key)
-        try:
-            size = store.size(key)
-        except ObjectNotFound:
-            size = None
-        if size != info.size:
+        if sizes.get(join_key(prefix, info.key)) != info.size:
             log.warning("ignoring checkpoint %s: %s is missing or has the wrong size", store.url(prefix), info.key)
             return None
     return Checkpoint(step, prefix, tuple(marker.files))
 
 
-def _newest_first(store: Store, folders: dict[int, str]) -> Iterator[Checkpoint]:
-    """The complete checkpoints among `folders`, newest first, each checked only when reached."""
-    for step in sorted(folders, reverse=True):
-        if (checkpoint := _read_complete(store, step, folders[step])) is not None:
-            yield checkpoint
+def _sizes(store: Store, prefix: str) -> dict[str, int]:
+    return {key: store.size(key) for key in store.list(prefix + "/")}
 
 
 def complete_checkpoints(store: Store) -> list[Checkpoint]:
     """Every complete checkpoint of a run store, newest first."""
-    return list(_newest_first(store, _step_folders(store)))
+    folders = RunLayout(store).checkpoint_folders()
+    found = (_read_complete(store, step, folders[step], _sizes(store, folders[step])) for step in sorted(folders, reverse=True))
+    return [c for c in found if c is not None]
 
 
 def latest_checkpoint(store: Store) -> Checkpoint | None:
-    return next(_newest_first(store, _step_folders(store)), None)
+    folders = RunLayout(store).checkpoint_folders()
+    for step in sorted(folders, reverse=True):
+        if (checkpoint := _read_complete(store, step, folders[step], _sizes(store, folders[step]))) is not None:
+            return checkpoint
+    return None
+
+
+def _delete_folder(store: Store, prefix: str) -> None:
+    """COMMIT first, so a half-deleted checkpoint never looks complete; a local folder leaves no empty dirs."""
+    store.delete(RunLayout.commit_marker(prefix))
+    for key in store.list(prefix + "/"):
+        store.delete(key)
+    if (folder := store.local_path(prefix)) is not None and folder.is_dir():
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def prune_checkpoints(store: Store, keep: int | None) -> list[int]:
-    """Keep the newest `keep` complete checkpoints; delete older ones (COMMIT first, so a half-deleted
-    one never looks complete) and incomplete leftovers older than the newest complete one.
-    Returns the deleted steps."""
-    folders = _step_folders(store)
-    complete = list(_newest_first(store, folders))
+    """Keep the newest `keep` complete checkpoints; delete older ones and incomplete leftovers older
+    than the newest complete one. Returns the deleted steps."""
+    folders = RunLayout(store).checkpoint_folders()
+    complete = complete_checkpoints(store)
     if not complete:
         return []
     kept = {c.step for c in (complete if keep is None else complete[:keep])}
@@ -182,42 +167,153 @@ def prune_checkpoints(store: Store, keep: int | None) -> list[int]:
     for step, prefix in sorted(folders.items()):
         if step in kept or step > newest:
             continue
-        store.delete(join_key(prefix, COMMIT))
-        for key in store.list(prefix + "/"):
-            store.delete(key)
+        _delete_folder(store, prefix)
         deleted.append(step)
     return deleted
 
 
-def fetch_file(store: Store, checkpoint: Checkpoint, name: str, dest_dir: Path) -> Path:
-    """Download one file of a checkpoint and check it against the COMMIT's sha256."""
-    info = next((f for f in checkpoint.files if f.key == name), None)
-    if info is None:
-        raise CheckpointError(f"{store.url(checkpoint.prefix)}: its COMMIT lists no {name}")
-    path = store.download(checkpoint.key(name), dest_dir / name)
-    if sha256_file(path) != info.sha256:
-        raise CorruptCheckpoint(f"{store.url(checkpoint.key(name))}: sha256 differs from its COMMIT marker")
-    return path
+# --- weights_only reading of DCP files ----------------------------------------------------------------
 
 
-def load_tensors(path: Path, source: str) -> Any:
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's .metadata is a pickle: admit only the classes DCP's metadata is made of."""
+
+    _ALLOWED = {
+        ("torch", "Size"), ("torch.serialization", "_get_layout"),
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("pathlib", "PosixPath"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch.distributed.checkpoint.metadata" or (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of DCP's metadata")
+
+
+def read_metadata(store: Store, checkpoint: Checkpoint) -> Metadata:
+    try:
+        return _MetadataUnpickler(io.BytesIO(store.get_bytes(checkpoint.key(METADATA_FILE)))).load()
+    except (pickle.UnpicklingError, AttributeError, EOFError) as e:
+        raise CheckpointError(f"{store.url(checkpoint.key(METADATA_FILE))}: refused to load: {e}") from None
+
+
+def load_value(data: bytes, source: str) -> Any:
     """torch.load with weights_only=True: tensors and plain containers only, never pickled code."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{source}: refused to load: it holds pickled objects other than tensors and plain containers ({e})"
         ) from None
 
 
-def read_train_state(path: Path, source: str) -> TrainState:
-    try:
-        return TrainState(**json.loads(path.read_text()))
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{source}: unreadable: {e}") from None
+class _SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's default planner, except that non-tensor values load with weights_only=True."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        loaded = load_value(value.getvalue(), f"checkpoint value {read_item.dest_index.fqn}")
+        if self.flatten_state_dict:
+            from torch.distributed.checkpoint._nested_dict import set_element  # DCP's own helper for this
+
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = loaded
 
 
-# --- RNG states --------------------------------------------------------------------------------------
+class _StoreFiles:
+    """The part of DCP's file-system interface its reader uses, over a store folder: each chunk
+    DCP reads is one ranged GET (so a rank fetches only its own shards' bytes)."""
+
+    def __init__(self, store: Store):
+        self.store = store
+
+    def concat_path(self, path: str, suffix: str) -> str:
+        return join_key(path, suffix)
+
+    def create_stream(self, key: str, mode: str):
+        return _KeyHandle(key)
+
+
+@dataclass
+class _KeyHandle:
+    key: str
+
+    def __enter__(self) -> _KeyHandle:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        pass
+
+
+class StoreReader(FileSystemReader):
+    """DCP's file-system reader over a checkpoint folder on any store, weights_only throughout."""
+
+    def __init__(self, store: Store, checkpoint: Checkpoint):
+        super().__init__(checkpoint.prefix)
+        self.store, self.checkpoint = store, checkpoint
+        self.fs, self.path = _StoreFiles(store), checkpoint.prefix
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        return read_metadata(self.store, self.checkpoint)
+
+    def _slice_file(self, handle: _KeyHandle, sinfo) -> io.BytesIO:
+        return io.BytesIO(self.store.get_range(handle.key, sinfo.offset, sinfo.length))
+
+
+def read_values(store: Store, checkpoint: Checkpoint, prefix: str) -> dict[str, Any]:
+    """The plain values (not tensors) saved under `prefix` ("progress", "loader", ...), by flat key."""
+    metadata = read_metadata(store, checkpoint)
+    values = {}
+    for index, info in metadata.storage_data.items():
+        fqn = index.fqn
+        if fqn.startswith(prefix + ".") and isinstance(metadata.state_dict_metadata[fqn], BytesStorageMetadata):
+            data = store.get_range(checkpoint.key(info.relative_path), info.offset, info.length)
+            values[fqn.removeprefix(prefix + ".")] = load_value(data, store.url(checkpoint.prefix) + f" {fqn}")
+    return values
+
+
+# --- the Stateful components that are not a torch object's own ---------------------------------------
+
+
+class ModelState(Stateful):
+    """The model's parameters by their unwrapped names (DTensor shards under FSDP2)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def state_dict(self) -> dict[str, Any]:
+        return get_model_state_dict(self.model)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_model_state_dict(self.model, state)
+
+
+class OptimizerState(Stateful):
+    """The optimizer's state keyed by parameter name (so it reshards like the parameters)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        return get_optimizer_state_dict(self.model, self.optimizer)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_optimizer_state_dict(self.model, self.optimizer, state)
+
+
+class Architecture(Stateful):
+    """The model config a checkpoint's tensors belong to: saved with them, and a resume refuses another."""
+
+    def __init__(self, config: LlamaConfig):
+        self.config_json = config.model_dump_json()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"config": self.config_json}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["config"] != self.config_json:
+            raise CheckpointError(f"the checkpoint's model {state['config']} differs from the config's {self.config_json}")
 
 
 def rng_state() -> dict[str, Any]:
@@ -246,118 +342,214 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-# --- the distributed layer: every rank calls these together -----------------------------------------
+class RNGState(Stateful):
+    """This rank's RNG states, under a key of its own (`rank-R`): ranks the saving run did not have
+    (a larger world size now) keep their freshly seeded states."""
+
+    def __init__(self, rank: int):
+        self.key = f"rank-{rank}"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {self.key: rng_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_rng_state(state[self.key])
 
 
-def save_checkpoint(
-    store: Store,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    state: TrainState,
-    keep: int | None,
-    staging_dir: Path,
-) -> None:
-    """Gather the full state on rank 0, write it to the store as checkpoint `state.step`, commit, prune."""
-    model_state = get_model_state_dict(model, options=_GATHER)
-    optimizer_state = get_optimizer_state_dict(model, optimizer, options=_GATHER)
-    rng_states = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(rng_state(), rng_states, dst=0)
-    if dist.get_rank() == 0:
-        staging_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=staging_dir, prefix="save-") as tmp:
-            files = {name: Path(tmp) / name for name in (MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, STATE_FILE)}
-            save_file({k: v.contiguous() for k, v in model_state.items()}, files[MODEL_FILE])
-            torch.save(optimizer_state, files[OPTIMIZER_FILE])
-            torch.save({f"rank-{r}": s for r, s in enumerate(rng_states)}, files[RNG_FILE])
-            files[STATE_FILE].write_text(json.dumps(asdict(state), indent=2, sort_keys=True) + "\n")
-            checkpoint = commit_checkpoint(store, state.step, files)
-        log.info("checkpoint %s committed", store.url(checkpoint.prefix))
-        deleted = prune_checkpoints(store, keep)
-        if deleted:
+# --- the checkpointer: every rank calls save/load together -------------------------------------------
+
+RNG_KEY = "rng"
+
+
+class Checkpointer:
+    """Saves and restores the Stateful components in `states` as sharded checkpoints of a run."""
+
+    def __init__(
+        self,
+        layout: RunLayout,
+        states: dict[str, Stateful],
+        *,
+        keep: int | None,
+        staging_dir: Path,
+        async_save: bool = False,
+    ):
+        self.layout, self.store, self.states = layout, layout.store, states
+        self.keep, self.async_save = keep, async_save
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        # Checkpoint collectives on a gloo group of their own: the async writer's run in a
+        # background thread, beside the training's collectives (NCCL on GPUs).
+        self.group = dist.new_group(backend="gloo", timeout=DIST_TIMEOUT)
+        local = self.store.local_path(RunLayout.checkpoint(0)) is not None
+        self.staging_dir = None if local else staging_dir
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint") if async_save else None
+        self._in_flight: Future | None = None
+        self.last_save_s: float | None = None  # call to commit, of the newest finished save
+
+    # -- save --
+
+    def save(self, step: int) -> None:
+        """Checkpoint the components at `step`: return once committed, or, with async_save, once a
+        CPU copy is staged (a previous save still in flight is finished first)."""
+        self.wait()
+        started = time.perf_counter()
+        prefix = RunLayout.checkpoint(step)
+        if self.rank == 0:  # leftovers of a crashed save of this step must not mix with the new files
+            _delete_folder(self.store, prefix)
+        folder = self._write_folder(step)
+        if self.staging_dir is not None:  # this rank's files of a crashed save: not to be uploaded
+            for stale in folder.glob(f"__{self.rank}_*"):
+                stale.unlink()
+        dist.barrier(group=self.group)
+        writer = FileSystemWriter(folder, sync_files=self.staging_dir is None)
+        if self._executor is None:
+            dcp.save(self.states, storage_writer=writer, process_group=self.group)
+            self._finish(step, folder, started)
+        else:
+            written = dcp.async_save(self.states, storage_writer=writer, process_group=self.group)
+            self._in_flight = self._executor.submit(self._finish_after, written, step, folder, started)
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is committed; re-raise its error."""
+        if self._in_flight is not None:
+            in_flight, self._in_flight = self._in_flight, None
+            in_flight.result()
+
+    def close(self) -> None:
+        self.wait()
+        if self._executor is not None:
+            self._executor.shutdown()
+
+    def _write_folder(self, step: int) -> Path:
+        if self.staging_dir is None:
+            return self.store.local_path(RunLayout.checkpoint(step))
+        return self.staging_dir / f"step-{step:07d}"
+
+    def _finish_after(self, written: Future, step: int, folder: Path, started: float) -> None:
+        written.result()
+        self._finish(step, folder, started)
+
+    def _finish(self, step: int, folder: Path, started: float) -> None:
+        """Each rank uploads (or just hashes) its own files; rank 0 commits what all ranks report."""
+        mine = [p for p in sorted(folder.iterdir()) if p.name.startswith(f"__{self.rank}_")
+                or (self.rank == 0 and p.name == METADATA_FILE)]
+        prefix = RunLayout.checkpoint(step)
+        infos = []
+        for path in mine:
+            if self.staging_dir is not None:
+                self.store.put_file(join_key(prefix, path.name), path)
+            infos.append(ObjectInfo.of_file(path.name, path))
+            if self.staging_dir is not None:
+                path.unlink()
+        reports: list[Any] = [None] * self.world_size if self.rank == 0 else None
+        dist.gather_object(infos, reports, dst=0, group=self.group)
+        if self.rank != 0:
+            if self.staging_dir is not None:  # empty now, unless another rank of this node is the coordinator
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            self.last_save_s = time.perf_counter() - started
+            return
+        checkpoint = commit_checkpoint(self.store, step, [info for report in reports for info in report])
+        seconds = self.last_save_s = time.perf_counter() - started
+        log.info("checkpoint %s committed (%.1f s)", self.store.url(checkpoint.prefix), seconds)
+        if seconds > DIST_TIMEOUT.total_seconds() / 2:
+            log.warning("checkpoint %s took %.0f s, over half the distributed timeout %s",
+                        self.store.url(checkpoint.prefix), seconds, DIST_TIMEOUT)
+        if self.staging_dir is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+        if deleted := prune_checkpoints(self.store, self.keep):
             log.info("deleted older checkpoints at steps %s", deleted)
-    dist.barrier()
 
+    # -- load --
 
-def _read_newest(store: Store, staging_dir: Path) -> tuple[Checkpoint, TrainState, dict, dict, dict] | None:
-    """Rank 0: the newest complete checkpoint whose files match their sha256s, read into memory."""
-    for checkpoint in complete_checkpoints(store):
-        staging_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=staging_dir, prefix="load-") as tmp:
-            folder = Path(tmp)
-            try:
-                paths = {name: fetch_file(store, checkpoint, name, folder)
-                         for name in (STATE_FILE, MODEL_FILE, OPTIMIZER_FILE, RNG_FILE)}
-            except CorruptCheckpoint as e:
-                log.warning("skipping a corrupt checkpoint: %s", e)
+    def load(self) -> int | None:
+        """Load the newest intact checkpoint into the components; its step, or None if there is none."""
+        candidates: list[Any] = [complete_checkpoints(self.store) if self.rank == 0 else None]
+        dist.broadcast_object_list(candidates, src=0, group=self.group)
+        for checkpoint in candidates[0]:
+            if checkpoint.is_legacy:
+                raise CheckpointError(
+                    f"{self.store.url(checkpoint.prefix)} is in the full-state format of earlier versions "
+                    f"({LEGACY_MODEL_FILE}); convert it to the sharded format with "
+                    f"`python -m model.convert_checkpoint {self.store.url(checkpoint.prefix)}`"
+                )
+            if not self._intact_everywhere(checkpoint):
+                log.warning("skipping checkpoint %s: a file's sha256 differs from its COMMIT marker",
+                            self.store.url(checkpoint.prefix))
                 continue
-            state = read_train_state(paths[STATE_FILE], store.url(checkpoint.key(STATE_FILE)))
-            model_state = load_file(paths[MODEL_FILE])
-            optimizer_state = load_tensors(paths[OPTIMIZER_FILE], store.url(checkpoint.key(OPTIMIZER_FILE)))
-            rng = load_tensors(paths[RNG_FILE], store.url(checkpoint.key(RNG_FILE)))
-        return checkpoint, state, model_state, optimizer_state, rng
-    return None
-
-
-def restore_checkpoint(
-    store: Store, model: nn.Module, optimizer: torch.optim.Optimizer, staging_dir: Path
-) -> TrainState | None:
-    """Load the newest intact checkpoint into model and optimizer on every rank; None if there is none.
-
-    Rank 0 reads and verifies the files, then broadcasts; ranks that the saving run did not have
-    (a larger world size now) keep their freshly seeded RNG states.
-    """
-    loaded: list[Any] = [None, None]  # TrainState, every saved rank's RNG states
-    model_state: dict[str, torch.Tensor] = {}
-    optimizer_state: dict[str, Any] = {}
-    if dist.get_rank() == 0 and (newest := _read_newest(store, staging_dir)) is not None:
-        checkpoint, state, model_state, optimizer_state, rng = newest
-        loaded = [state, rng]
-        log.info("resuming from %s (step %d)", store.url(checkpoint.prefix), state.step)
-    dist.broadcast_object_list(loaded, src=0)
-    state, rng = loaded
-    if state is None:
+            states = dict(self.states)
+            rng = states.get(RNG_KEY)
+            if isinstance(rng, RNGState) and f"{RNG_KEY}.{rng.key}.torch" not in read_metadata(
+                self.store, checkpoint
+            ).state_dict_metadata:
+                del states[RNG_KEY]
+            dcp.load(states, storage_reader=StoreReader(self.store, checkpoint), planner=_SafeLoadPlanner(),
+                     process_group=self.group)
+            if self.rank == 0:
+                log.info("resumed from %s (step %d)", self.store.url(checkpoint.prefix), checkpoint.step)
+            return checkpoint.step
         return None
-    set_model_state_dict(model, model_state, options=_SCATTER)
-    set_optimizer_state_dict(model, optimizer, optimizer_state, options=_SCATTER)
-    mine = rng.get(f"rank-{dist.get_rank()}")
-    if mine is not None:
-        set_rng_state(mine)
-    return state
+
+    def _intact_everywhere(self, checkpoint: Checkpoint) -> bool:
+        """Every file's sha256 checked, the files shared out among the ranks."""
+        intact = True
+        for info in checkpoint.files[self.rank :: self.world_size]:
+            with self.store.open_read(checkpoint.key(info.key)) as stream:
+                intact &= sha256_stream(stream) == info.sha256
+        flag = torch.tensor([int(intact)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
+        return bool(flag.item())
 
 
 # --- export ------------------------------------------------------------------------------------------
 
 
-def resolve_checkpoint(uri: str) -> tuple[Store, Checkpoint]:
+def resolve_checkpoint(uri: str) -> tuple[RunLayout, Checkpoint]:
     """A checkpoint folder URI, or a run folder URI meaning its newest complete checkpoint."""
     store = open_store(uri)
     if store.exists(COMMIT):  # a checkpoint folder: view it from its run folder
-        run_uri, _, folder = uri.rstrip("/").rpartition(f"/{CHECKPOINTS}/")
-        match = _STEP_FOLDER.match(folder)
-        if not run_uri or not match:
-            raise CheckpointError(f"{uri}: a checkpoint folder must be <run>/{CHECKPOINTS}/step-NNNNNNN")
-        run_store, step = open_store(run_uri), int(match.group(1))
-        checkpoint = _read_complete(run_store, step, checkpoint_prefix(step))
+        split = RunLayout.split_checkpoint_uri(uri)
+        if split is None:
+            raise CheckpointError(f"{uri}: a checkpoint folder must be <run>/checkpoints/step-NNNNNNN")
+        layout, step = RunLayout.at(split[0]), split[1]
+        prefix = RunLayout.checkpoint(step)
+        checkpoint = _read_complete(layout.store, step, prefix, _sizes(layout.store, prefix))
         if checkpoint is None:
             raise CheckpointError(f"{uri}: incomplete checkpoint (files missing or the wrong size)")
-        return run_store, checkpoint
+        return layout, checkpoint
     checkpoint = latest_checkpoint(store)
     if checkpoint is None:
         raise CheckpointError(f"{uri}: neither a checkpoint folder (no {COMMIT}) nor a run with a complete checkpoint")
-    return store, checkpoint
+    return RunLayout(store), checkpoint
+
+
+def _check_sha256(store: Store, checkpoint: Checkpoint) -> None:
+    for info in checkpoint.files:
+        with store.open_read(checkpoint.key(info.key)) as stream:
+            if sha256_stream(stream) != info.sha256:
+                raise CheckpointError(f"{store.url(checkpoint.key(info.key))}: sha256 differs from its COMMIT marker")
 
 
 def load_model(checkpoint_uri: str) -> tuple[Llama, TrainConfig]:
-    """The trained model (fp32, CPU) and run config of a checkpoint folder or a run's newest checkpoint."""
-    store, checkpoint = resolve_checkpoint(checkpoint_uri)
-    with tempfile.TemporaryDirectory(prefix="tinyllama-load-") as tmp:
-        state = read_train_state(fetch_file(store, checkpoint, STATE_FILE, Path(tmp)), store.url(checkpoint.key(STATE_FILE)))
-        weights = load_file(fetch_file(store, checkpoint, MODEL_FILE, Path(tmp)))
+    """The trained model (fp32, CPU) and run config of a checkpoint folder or a run's newest
+    checkpoint: the shards consolidated in this one process, whatever world size wrote them."""
+    layout, checkpoint = resolve_checkpoint(checkpoint_uri)
+    store = layout.store
+    if checkpoint.is_legacy:
+        raise CheckpointError(
+            f"{store.url(checkpoint.prefix)} is in the full-state format of earlier versions; convert it with "
+            f"`python -m model.convert_checkpoint {store.url(checkpoint.prefix)}`"
+        )
+    _check_sha256(store, checkpoint)
+    architecture = read_values(store, checkpoint, "architecture")["config"]
     with torch.device("meta"):
-        model = Llama(LlamaConfig.model_validate(state.model_config))
+        model = Llama(LlamaConfig.model_validate_json(architecture))
+    model.to_empty(device="cpu")
+    state = {"model": model.state_dict()}
     try:
-        model.load_state_dict(weights, assign=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{store.url(checkpoint.key(MODEL_FILE))}: does not fit its model config: {e}") from None
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, storage_reader=StoreReader(store, checkpoint), planner=_SafeLoadPlanner(), no_dist=True)
+    except (RuntimeError, ValueError) as e:  # DCP wraps the per-rank errors
+        raise CheckpointError(f"{store.url(checkpoint.prefix)}: does not fit its model config: {e}") from None
     model.reset_rope_cache()
-    return model, TrainConfig.model_validate(state.config)
+    return model, TrainConfig.model_validate_json(layout.read_config())

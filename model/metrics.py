@@ -22,15 +22,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from storage.run_layout import LOSS_PLOT, METRICS_FILE, PROGRESS_FILE, TENSORBOARD_DIR
 from storage.store import ObjectNotFound, Store, join_key
 
 log = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.jsonl"
-PROGRESS_FILE = "progress.json"
 PROGRESS_EVERY_S = 10.0
-TENSORBOARD_DIR = "tensorboard"
-LOSS_PLOT = "plots/loss.png"
 
 
 def read_metrics(text: str) -> list[dict[str, Any]]:

@@ -10,6 +10,12 @@ repeats the uninterrupted one bit for bit. AdamW without decay on 1-D parameters
 biases); warmup + cosine on optimizer steps; gradient accumulation to `global_batch_tokens`;
 clipping; checkpoints (model/checkpoint.py) every `checkpoint_every` steps and when this
 invocation stops, at `max_steps` or after `max_steps_this_run` steps.
+
+The model is built on the meta device, sharded, then materialized and initialized shard by
+shard (`materialize`): no rank ever holds the whole fp32 model, and the weights equal an eager
+`Llama(config)` after `torch.manual_seed(seed)`. What a resume needs is the components' own
+state (model, optimizer, lr scheduler, loader, progress counters, RNG), gathered at save time
+by one `Checkpointer`.
 """
 
 from __future__ import annotations
@@ -25,22 +31,28 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
+from torch.distributed.checkpoint.stateful import Stateful
+from torch.optim.lr_scheduler import LambdaLR
 
-from model.checkpoint import TrainState, restore_checkpoint, save_checkpoint
+from model.checkpoint import (
+    DIST_TIMEOUT, RNG_KEY, Architecture, Checkpointer, ModelState, OptimizerState, RNGState,
+)
+from model.config import LlamaConfig
 from model.data import BlockLoader, DataError, DataSource
 from model.flops import flops_per_token, mfu, peak_bf16_flops
-from model.llama import Llama
+from model.llama import Llama, RMSNorm
 from model.metrics import MetricsLog
 from model.train_config import LRSchedule, TrainConfig
-from storage.store import open_store
+from storage.run_layout import RunLayout
 
 log = logging.getLogger("model.train")  # not __name__: that is __main__ under -m
 
@@ -75,9 +87,9 @@ def init_distributed(device: torch.device | None = None) -> tuple[Cluster, bool]
     if created:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if "RANK" in os.environ:  # torchrun
-            dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+            dist.init_process_group(backend, device_id=device if device.type == "cuda" else None, timeout=DIST_TIMEOUT)
         else:  # a lone process
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=DIST_TIMEOUT)
     return Cluster(dist.get_rank(), dist.get_world_size(), device), created
 
 
@@ -92,20 +104,65 @@ def learning_rate(step: int, lr: LRSchedule, max_steps: int) -> float:
     return lr.min + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr.max - lr.min)
 
 
-def build_model(model: Llama, cluster: Cluster, fsdp: bool, bf16: bool, compile: bool) -> nn.Module:
-    """Wrap for data parallelism: FSDP2 (one unit per block, then the root) or DDP."""
+def build_model(model: Llama, cluster: Cluster, fsdp: bool, bf16: bool, compile: bool, seed: int) -> nn.Module:
+    """Wrap `model` (built on the meta device) for data parallelism, FSDP2 (one unit per block, then
+    the root) or DDP, and materialize it on the cluster's device with the initial weights of `seed`."""
     if compile:
         for block in model.model.layers:
             block.compile()  # per block, as torchtitan: parameter names stay unchanged
-    model.to(cluster.device)
-    model.reset_rope_cache()
     if not fsdp:
-        return DistributedDataParallel(model)
+        materialize(model, cluster.device, seed)
+        return DistributedDataParallel(model)  # after materializing: DDP broadcasts rank 0's weights
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
     for block in model.model.layers:
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
+    materialize(model, cluster.device, seed)
     return model
+
+
+@torch.no_grad()
+def materialize(model: Llama, device: torch.device, seed: int) -> None:
+    """Allocate the (possibly sharded) meta-device parameters on `device` and give each rank's shard
+    the values an eager `Llama(config)` gets after `torch.manual_seed(seed)`.
+
+    The eager model's values come from one CPU generator, in order: the draws of nn.Linear's and
+    nn.Embedding's own constructors (kaiming-uniform, normal), then `Llama.init_weights`. The same
+    sequence is replayed one full parameter at a time on the CPU, and only this rank's shard kept:
+    memory beyond the shards is one parameter, never the model.
+    """
+    model.to_empty(device=device)
+    generator = torch.Generator().manual_seed(seed)
+    initialized: set[int] = set()
+
+    def draw(param: nn.Parameter, init) -> None:
+        initialized.add(id(param))
+        full = torch.empty(param.shape)  # DTensor.shape is the global shape
+        init(full)
+        if isinstance(param, DTensor):
+            full = distribute_tensor(full, param.device_mesh, param.placements).to_local()
+            param.to_local().copy_(full)
+        else:
+            param.copy_(full)
+
+    for module in model.modules():  # what the constructors drew (nn.Linear has no bias here)
+        if isinstance(module, nn.Linear):
+            draw(module.weight, lambda t: nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator))
+        elif isinstance(module, nn.Embedding):
+            draw(module.weight, lambda t: nn.init.normal_(t, generator=generator))
+    std = math.sqrt(2.0 / (5 * model.config.dim))
+    residual_std = 1.0 / math.sqrt(model.config.dim) / model.config.n_layers
+    for module in model.modules():  # Llama.init_weights, with the generator
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            draw(module.weight, lambda t: nn.init.normal_(t, mean=0.0, std=std, generator=generator))
+        elif isinstance(module, RMSNorm):
+            draw(module.weight, nn.init.ones_)
+    for block in model.model.layers:
+        for weight in (block.self_attn.o_proj.weight, block.mlp.down_proj.weight):
+            draw(weight, lambda t: nn.init.normal_(t, mean=0.0, std=residual_std, generator=generator))
+    if missing := [name for name, p in model.named_parameters() if id(p) not in initialized]:
+        raise RuntimeError(f"materialize: no initialization for {missing}")  # a new kind of parameter
+    model.reset_rope_cache()
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -137,14 +194,11 @@ def train_step(
     loader: BlockLoader,
     config: TrainConfig,
     accum: int,
-    lr: float,
     autocast: torch.autocast,
     device: torch.device,
 ) -> tuple[float, float]:
     """One optimizer step over `accum` micro-batches per rank; returns the loss (mean over the
     global batch) and the gradient norm before clipping. Waits for the device, so it can be timed."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
     loss_sum = torch.zeros((), device=device)
     for micro_step in range(accum):
         batch = loader.next_batch(config.micro_batch).to(device, non_blocking=True)
@@ -185,7 +239,48 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(config: TrainConfig, device: torch.device | None = None) -> TrainState:
+@dataclass
+class TrainProgress(Stateful):
+    """The counters of a run: optimizer steps done and target tokens consumed."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    world_size: int = 1  # of the invocation that saved it (for the record: a resume may change it)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> LambdaLR:
+    """`learning_rate` as a torch scheduler over optimizer steps (each group's base lr is lr.max)."""
+    return LambdaLR(optimizer, lambda step: learning_rate(step, config.lr, config.max_steps) / config.lr.max)
+
+
+def training_states(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: LambdaLR,
+    loader: Stateful | dict[str, Any],
+    progress: TrainProgress,
+    llama_config: LlamaConfig,
+    rng: Stateful | dict[str, Any],
+) -> dict[str, Any]:
+    """What a checkpoint holds, by key: each component hands over its own state at save time."""
+    return {
+        "model": ModelState(model),
+        "optimizer": OptimizerState(model, optimizer),
+        "scheduler": scheduler,
+        "loader": loader,
+        "progress": progress,
+        "architecture": Architecture(llama_config),
+        RNG_KEY: rng,
+    }
+
+
+def train(config: TrainConfig, device: torch.device | None = None) -> TrainProgress:
     """Run (or continue) the training run `config` describes until this invocation's last step."""
     cluster, created_group = init_distributed(device)
     try:
@@ -195,7 +290,7 @@ def train(config: TrainConfig, device: torch.device | None = None) -> TrainState
             dist.destroy_process_group()
 
 
-def _train(config: TrainConfig, cluster: Cluster) -> TrainState:
+def _train(config: TrainConfig, cluster: Cluster) -> TrainProgress:
     if cluster.device.type != "cuda":
         torch.use_deterministic_algorithms(True)  # bit-exact resume on CPUs
     loader = BlockLoader(config.data, config.seq_len, config.seed, cluster.rank, cluster.world_size,
@@ -215,90 +310,95 @@ def _train(config: TrainConfig, cluster: Cluster) -> TrainState:
             val_loader.close()
 
 
-def _train_loop(config: TrainConfig, cluster: Cluster, loader: BlockLoader, val_loader: BlockLoader | None) -> TrainState:
+def _train_loop(
+    config: TrainConfig, cluster: Cluster, loader: BlockLoader, val_loader: BlockLoader | None
+) -> TrainProgress:
     on_gpu = cluster.device.type == "cuda"
     bf16 = config.dtype == "bf16" or (config.dtype == "auto" and on_gpu)
     accum = config.accum_steps(cluster.world_size)
-    run_store = open_store(config.run_uri)
-    staging = config.local_dir / "staging"
+    layout = RunLayout.of(config.output, config.name)
     llama_config = config.llama_config(loader.vocab_size)
     if llama_config.vocab_size < loader.vocab_size:
         raise ValueError(f"vocab_size {llama_config.vocab_size} is below the datasets' tokenizer vocabulary {loader.vocab_size}")
 
-    torch.manual_seed(config.seed)  # identical initial weights on every rank, whatever the world size
-    raw_model = Llama(llama_config, activation_checkpointing=config.activation_checkpointing)
+    with torch.device("meta"):
+        raw_model = Llama(llama_config, activation_checkpointing=config.activation_checkpointing)
     flops = flops_per_token(raw_model, config.seq_len)
     fsdp = config.data_parallel == "fsdp" or (config.data_parallel == "auto" and on_gpu)
-    model = build_model(raw_model, cluster, fsdp, bf16, config.compile)
+    # The same initial weights on every rank, whatever the world size.
+    model = build_model(raw_model, cluster, fsdp, bf16, config.compile, config.seed)
     optimizer = build_optimizer(model, config, cluster.device)
+    scheduler = build_scheduler(optimizer, config)
     seed_everything(config.seed + cluster.rank)
 
-    model_config = llama_config.model_dump()
-    state = restore_checkpoint(run_store, model, optimizer, staging)
-    if state is None:
-        state = TrainState(0, 0, loader.state_dict(), cluster.world_size, model_config, {})
-    else:
-        check_resumable(state, model_config)
-        loader.load_state_dict(state.loader)
-    state.config = config.model_dump(mode="json")
+    progress = TrainProgress(world_size=cluster.world_size)
+    checkpointer = Checkpointer(
+        layout,
+        training_states(model, optimizer, scheduler, loader, progress, llama_config, RNGState(cluster.rank)),
+        keep=config.keep_checkpoints,
+        staging_dir=config.local_dir / "staging",
+        async_save=config.async_checkpoint,
+    )
+    try:
+        checkpointer.load()
+        _run_steps(config, cluster, model, optimizer, scheduler, loader, val_loader, progress, checkpointer,
+                   accum=accum, flops=flops, bf16=bf16, layout=layout, num_params=raw_model.num_params())
+    finally:
+        checkpointer.close()  # the last checkpoint committed before the program ends
+    return progress
 
+
+def _run_steps(config, cluster, model, optimizer, scheduler, loader, val_loader, progress, checkpointer, *,
+               accum: int, flops: float, bf16: bool, layout: RunLayout, num_params: int) -> None:
     stop_at = config.max_steps
     if config.max_steps_this_run:
-        stop_at = min(stop_at, state.step + config.max_steps_this_run)
-    peak = peak_bf16_flops() if on_gpu else None
-    metrics = (MetricsLog(config.local_dir, run_store, state.step, config.log_every, config.max_steps)
+        stop_at = min(stop_at, progress.step + config.max_steps_this_run)
+    peak = peak_bf16_flops() if cluster.device.type == "cuda" else None
+    metrics = (MetricsLog(config.local_dir, layout.store, progress.step, config.log_every, config.max_steps)
                if cluster.is_main else None)
     autocast = torch.autocast(cluster.device.type, dtype=torch.bfloat16, enabled=bf16)
     if cluster.is_main:
         log.info(
             "run %s: %s model, %.1fM parameters, world size %d x %d micro-batches of %dx%d, steps %d -> %d of %d",
-            config.run_uri, config.model, raw_model.num_params() / 1e6, cluster.world_size, accum,
-            config.micro_batch, config.seq_len, state.step, stop_at, config.max_steps,
+            layout.uri, config.model, num_params / 1e6, cluster.world_size, accum,
+            config.micro_batch, config.seq_len, progress.step, stop_at, config.max_steps,
         )
 
-    start_step = state.step
-    while state.step < stop_at:
+    start_step = progress.step
+    while progress.step < stop_at:
         started = time.perf_counter()
-        lr = learning_rate(state.step, config.lr, config.max_steps)
-        loss_value, grad_norm = train_step(model, optimizer, loader, config, accum, lr, autocast, cluster.device)
+        lr = scheduler.get_last_lr()[0]
+        loss_value, grad_norm = train_step(model, optimizer, loader, config, accum, autocast, cluster.device)
+        scheduler.step()
         seconds = time.perf_counter() - started
-        state.step += 1
-        state.tokens_seen += config.global_batch_tokens
-        state.loader = loader.state_dict()
-        state.world_size = cluster.world_size
+        progress.step += 1
+        progress.tokens_seen += config.global_batch_tokens
         record = {
-            "step": state.step,
+            "step": progress.step,
             "loss": loss_value,
             "lr": lr,
-            "tokens": state.tokens_seen,
+            "tokens": progress.tokens_seen,
             "tokens_per_s": config.global_batch_tokens / seconds,
             "grad_norm": grad_norm,
             "mfu": mfu(config.global_batch_tokens / seconds, flops, peak * cluster.world_size) if peak else None,
             "step_time_s": seconds,
             "time": time.time(),
         }
-        if val_loader is not None and (state.step % config.val.every == 0 or state.step == stop_at):
+        if val_loader is not None and (progress.step % config.val.every == 0 or progress.step == stop_at):
             record["val_loss"] = evaluate(model, val_loader, config, cluster, autocast)
-        checkpointing = state.step % config.checkpoint_every == 0 or state.step == stop_at
+        checkpointing = progress.step % config.checkpoint_every == 0 or progress.step == stop_at
         if metrics is not None:
             metrics.log(record, checkpoint=checkpointing)
         if checkpointing:
             if metrics is not None:
                 metrics.upload()  # before the commit: a committed step's metrics are always on the store
-            save_checkpoint(run_store, model, optimizer, state, config.keep_checkpoints, staging)
+            checkpointer.save(progress.step)
 
     if metrics is not None:
-        if state.step == start_step:
-            log.info("run %s is already at step %d: nothing to do", config.run_uri, state.step)
+        if progress.step == start_step:
+            log.info("run %s is already at step %d: nothing to do", layout.uri, progress.step)
         metrics.plot()
         metrics.close()
-    return state
-
-
-def check_resumable(state: TrainState, model_config: dict) -> None:
-    """A checkpoint continues only the same architecture (the loader checks its own seed and seq_len)."""
-    if state.model_config != model_config:
-        raise ValueError(f"the newest checkpoint's model {state.model_config} differs from the config's {model_config}")
 
 
 def _die_with_torchrun() -> None:

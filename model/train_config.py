@@ -40,7 +40,8 @@ from pydantic import (
 )
 
 from model.config import LlamaConfig
-from storage.store import join_key, open_object, open_store
+from storage.run_layout import RunLayout
+from storage.store import open_object
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -159,6 +160,7 @@ class TrainConfig(Section):
     checkpoint_every: PositiveInt
     log_every: PositiveInt = Field(10, description="A log line every this many steps (and at each checkpoint)")
     keep_checkpoints: PositiveInt | None = Field(3, description="Keep the newest k complete checkpoints; null keeps all")
+    async_checkpoint: bool = Field(False, description="Train on while a checkpoint is written (at most one in flight)")
     launcher: Launcher = Field(default_factory=TorchrunLauncher)
     data_nodes: PositiveInt | None = Field(
         None, description="Nodes that share out the data, each fetching ~1/data_nodes of it (default: the "
@@ -255,7 +257,7 @@ class TrainConfig(Section):
     @property
     def run_uri(self) -> str:
         """<output>/runs/<name>, as an absolute store URI."""
-        return open_store(self.output).url(join_key("runs", self.name))
+        return RunLayout.of(self.output, self.name).uri
 
     @property
     def local_dir(self) -> Path:

@@ -20,24 +20,19 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
-from model.checkpoint import STATE_FILE, CheckpointError, fetch_file, read_train_state, resolve_checkpoint
+from model.checkpoint import CheckpointError, read_values, resolve_checkpoint
 from model.export import export_hf
 from model.metrics import read_metrics
 from model.train_config import Evaluation
-from storage.store import ObjectNotFound, Store, join_key
+from storage.run_layout import EVAL_LOG, EVAL_PLOT, RunLayout
+from storage.store import ObjectNotFound, Store
 from tasks.reporting import artifact_key
 
-EVAL_LOG = "eval.jsonl"
-EVAL_PLOT = "plots/eval.png"
 # TinyLlama 1.1B at 3T tokens (arXiv 2401.02385, Table 2): acc_norm, lm-evaluation-harness, zero-shot.
 PAPER_ACC_NORM = {
     "hellaswag": 59.20, "openbookqa": 36.00, "winogrande": 59.12, "arc_challenge": 30.12,
     "arc_easy": 55.25, "boolq": 57.83, "piqa": 73.29,
 }
-
-
-def eval_key(step: int) -> str:
-    return join_key("eval", f"step-{step:07d}.json")
 
 
 def go_offline() -> None:
@@ -124,20 +119,20 @@ def evaluate_checkpoint(
         raise ValueError("no evaluation tasks given")
     task_manager(tasks, include_path)  # an unknown task fails before the export's work
     try:
-        store, checkpoint = resolve_checkpoint(checkpoint_uri)
+        layout, checkpoint = resolve_checkpoint(checkpoint_uri)
     except ObjectNotFound as e:
         raise CheckpointError(f"{checkpoint_uri}: no such checkpoint or run ({e})") from None
+    store = layout.store
+    progress = read_values(store, checkpoint, "progress")
     with tempfile.TemporaryDirectory(prefix="tinyllama-eval-") as tmp:
-        state_file = fetch_file(store, checkpoint, STATE_FILE, Path(tmp))
-        state = read_train_state(state_file, store.url(checkpoint.key(STATE_FILE)))
         export = export_hf(store.url(checkpoint.prefix), Path(tmp) / "hf")
         results = run_harness(export, tasks, include_path, num_fewshot, limit, batch_size)
     record = {
-        "run": state.config["name"], "step": checkpoint.step, "tokens": state.tokens_seen,
+        "run": json.loads(layout.read_config())["name"], "step": checkpoint.step, "tokens": progress["tokens_seen"],
         "checkpoint": store.url(checkpoint.prefix), "tasks": tasks, "num_fewshot": num_fewshot, "limit": limit,
         "metrics": metric_rows(results),
     }
-    store.put_text(eval_key(checkpoint.step), json.dumps({**record, "lm_eval": results}, indent=2) + "\n")
+    store.put_text(RunLayout.evaluation(checkpoint.step), json.dumps({**record, "lm_eval": results}, indent=2) + "\n")
     append_record(store, record)
     plot_evaluations(store)
     return record

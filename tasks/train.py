@@ -44,17 +44,16 @@ from prefect.artifacts import (
 from prefect.runtime import flow_run
 
 from model.data import DataError, load_manifests
-from model.metrics import LOSS_PLOT, METRICS_FILE, read_metrics, read_progress
+from model.metrics import read_metrics, read_progress
 from model.train import DETERMINISTIC_FAILURE, deterministic_failure_line
 from model.train_config import DataSource, TorchrunLauncher, TrainConfig
 from storage.lease import acquire_lease
-from storage.store import ObjectNotFound, join_key, open_store
+from storage.run_layout import CONFIG_FILE, LEASE_FILE, LOSS_PLOT, METRICS_FILE, RunLayout
+from storage.store import ObjectNotFound, open_store
 from tasks.fanout import ensure_ray
 from tasks.reporting import artifact_key
 from tasks.stage import stage_task
 
-CONFIG_FILE = "config.json"
-LEASE_FILE = "lease.json"
 POLL_S = 2.0
 # How long torchrun gets to stop its workers after SIGTERM before everything is killed.
 STOP_GRACE_S = 15.0
@@ -90,12 +89,12 @@ def prepare_config(config: TrainConfig) -> TrainConfig:
 
 def run_config(output: str, run: str) -> TrainConfig:
     """The config a run was last trained with (its config.json), or a clear error if there is no such run."""
-    run_store = open_store(output).child(join_key("runs", run))
+    layout = RunLayout.of(output, run)
     try:
-        text = run_store.get_text(CONFIG_FILE)
+        text = layout.read_config()
     except ObjectNotFound:
         raise ValueError(
-            f"no training run at {run_store.uri} (no {CONFIG_FILE}): start it first with `tinyllama train` "
+            f"no training run at {layout.uri} (no {CONFIG_FILE}): start it first with `tinyllama train` "
             "or the pretrain / train-on-build deployments"
         ) from None
     return TrainConfig.model_validate_json(text)
@@ -234,32 +233,35 @@ def launch_torchrun(
 # --- Ray Train --------------------------------------------------------------------------------------
 
 
-def train_worker(config_json: dict) -> None:
-    """Ray Train's per-worker function: the training program, in the process group Ray created."""
+def train_worker(config_uri: str) -> None:
+    """Ray Train's per-worker function: the training program, in the process group Ray created,
+    on the run config it reads from the run folder (like torchrun's workers)."""
     import ray.train.torch
 
     from model.train import train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        train(TrainConfig.model_validate(config_json), device=ray.train.torch.get_device())
+        train(TrainConfig.from_yaml(config_uri), device=ray.train.torch.get_device())
     except ValueError as error:  # Ray Train reports a worker's error by its text: keep the cause findable
         raise ValueError(deterministic_failure_line(error)) from None
 
 
-def _fit(config_json: dict) -> None:
+def _fit(config_uri: str) -> None:
     """Build and run the TorchTrainer; runs as a Ray task, which owns (and so fate-shares) the run."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    config = TrainConfig.model_validate(config_json)
+    from model.checkpoint import DIST_TIMEOUT  # the training program's timeout, for the group Ray creates
+
+    config = TrainConfig.from_yaml(config_uri)
     launcher = config.launcher
     use_gpu = launcher.gpus_per_worker > 0
     resources = {"CPU": launcher.cpus_per_worker, **({"GPU": launcher.gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config=config_json,
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        train_loop_config=config_uri,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=int(DIST_TIMEOUT.total_seconds())),
         scaling_config=ScalingConfig(num_workers=launcher.workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=f"{config.name}-{uuid.uuid4().hex[:8]}",
@@ -270,8 +272,9 @@ def _fit(config_json: dict) -> None:
     trainer.fit()
 
 
-def launch_ray(config: TrainConfig, on_poll: Callable[[], None] | None = None) -> None:
-    """Run the training program on Ray Train with the config's `ray` launcher until it ends.
+def launch_ray(config: TrainConfig, config_uri: str, on_poll: Callable[[], None] | None = None) -> None:
+    """Run the training program on Ray Train with the config's `ray` launcher until it ends;
+    `config_uri` is where the launcher wrote the config (the run's config.json).
 
     The trainer runs inside a Ray task: cancelling that task (on any exception here) ends its
     controller and workers with it.
@@ -282,7 +285,7 @@ def launch_ray(config: TrainConfig, on_poll: Callable[[], None] | None = None) -
     if config.launcher.kind != "ray":
         raise ValueError(f"launch_ray needs a ray launcher, the config has {config.launcher.kind!r}")
     ensure_ray()
-    job = ray.remote(num_cpus=0, max_retries=0)(_fit).remote(config.model_dump(mode="json"))
+    job = ray.remote(num_cpus=0, max_retries=0)(_fit).remote(config_uri)
     finished = False
     try:
         while not ray.wait([job], timeout=POLL_S)[0]:
@@ -359,10 +362,10 @@ def train_task(config: TrainConfig) -> str:
     """
     logger = get_run_logger()
     config = prepare_config(config)
-    run_store = open_store(config.run_uri)
+    layout = RunLayout.of(config.output, config.name)
     launcher = config.launcher
-    with acquire_lease(run_store, LEASE_FILE, owner=f"train task of flow run {flow_run.name!r}") as lease:
-        run_store.put_text(CONFIG_FILE, config.to_json())
+    with acquire_lease(layout.store, LEASE_FILE, owner=f"train task of flow run {flow_run.name!r}") as lease:
+        config_uri = layout.write_config(config.to_json())  # the one copy every process reads
         logger.info("training %s on %s (world size %d)", config.run_uri, launcher.kind, launcher.world_size)
         report_progress = progress_reporter(config)
 
@@ -371,9 +374,9 @@ def train_task(config: TrainConfig) -> str:
             report_progress()
 
         if launcher.kind == "torchrun":
-            launch_torchrun(run_store.url(CONFIG_FILE), launcher, config.name, on_line=logger.info, on_poll=on_poll)
+            launch_torchrun(config_uri, launcher, config.name, on_line=logger.info, on_poll=on_poll)
         else:
-            launch_ray(config, on_poll=on_poll)
+            launch_ray(config, config_uri, on_poll=on_poll)
         report_progress()
     final = report_final(config)
     logger.info("run %s at step %s, loss %s", config.run_uri, final.get("step"), final.get("loss"))

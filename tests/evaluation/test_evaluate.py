@@ -14,7 +14,8 @@ from storage.store import open_store
 from prefect import flow
 
 from model.train_config import Evaluation
-from tasks.evaluate import EVAL_LOG, EVAL_PLOT, eval_key, evaluate_checkpoint, evaluate_segment
+from storage.run_layout import EVAL_LOG, EVAL_PLOT, RunLayout
+from tasks.evaluate import evaluate_checkpoint, evaluate_segment
 from tests.evaluation.runs import evaluable_build
 from tests.model.runs import train_config
 from flows.train import train
@@ -46,7 +47,7 @@ def test_harness_scores_a_multiple_choice_task_reproducibly(trained_run, monkeyp
         assert 0 <= row["value"] <= 1 and 0 < row["stderr"] <= 1
         assert row["value"] * ITEMS == pytest.approx(round(row["value"] * ITEMS))  # a count of items right
     store = open_store(trained_run)
-    stored = json.loads(store.get_text(eval_key(first["step"])))
+    stored = json.loads(store.get_text(RunLayout.evaluation(first["step"])))
     assert stored["lm_eval"]["results"]["tiny_mc"]["acc,none"] == rows["acc"]["value"]
     assert stored["lm_eval"]["n-samples"]["tiny_mc"]["effective"] == ITEMS
     assert store.exists(EVAL_PLOT) and len(store.get_text(EVAL_LOG).splitlines()) == 2
@@ -75,7 +76,7 @@ def test_train_epoch_segments_with_evaluation_leave_one_record_per_segment(prefe
     records = [json.loads(line) for line in store.get_text(EVAL_LOG).splitlines()]
     assert [r["step"] for r in records] == [2, 4]
     assert records[0]["tokens"] < records[1]["tokens"]
-    assert store.exists(eval_key(2)) and store.exists(eval_key(4))
+    assert store.exists(RunLayout.evaluation(2)) and store.exists(RunLayout.evaluation(4))
 
 
 def test_a_failed_segment_evaluation_is_reported_not_raised(prefect_server, tmp_path, caplog):

@@ -3,12 +3,11 @@ what a run left on the store, and the training processes alive on this machine."
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
 
-from model.checkpoint import STATE_FILE, complete_checkpoints
+from model.checkpoint import complete_checkpoints, read_values
 from model.metrics import METRICS_FILE, read_metrics
 from model.train_config import TrainConfig
 from storage.store import open_store
@@ -53,9 +52,10 @@ def metrics(run_uri: str) -> list[dict]:
 
 
 def train_state(run_uri: str) -> dict:
+    """The newest checkpoint's progress counters, with its loader state under "loader"."""
     store = open_store(run_uri)
     newest = complete_checkpoints(store)[0]
-    return json.loads(store.get_text(newest.key(STATE_FILE)))
+    return {**read_values(store, newest, "progress"), "loader": read_values(store, newest, "loader")}
 
 
 def training_processes(marker: str) -> list[int]:

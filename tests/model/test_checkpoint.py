@@ -1,9 +1,13 @@
-"""Checkpoints on the store: commit markers, keep-last-k, safe loading, and RNG states."""
+"""Checkpoints on the store (a local folder and S3): commit markers, keep-last-k, weights_only
+loading, and the Checkpointer's round trip of Stateful components in one gloo process."""
 
 from __future__ import annotations
 
+import io
 import json
+import pickle
 import random
+
 from pathlib import Path
 
 import numpy as np
@@ -12,84 +16,76 @@ import torch
 import torch.distributed as dist
 
 from model.checkpoint import (
-    COMMIT,
-    MODEL_FILE,
-    OPTIMIZER_FILE,
-    RNG_FILE,
-    STATE_FILE,
+    LEGACY_MODEL_FILE,
+    METADATA_FILE,
     CheckpointError,
-    TrainState,
-    checkpoint_prefix,
+    Checkpointer,
+    ModelState,
+    OptimizerState,
+    RNGState,
     commit_checkpoint,
     complete_checkpoints,
-    fetch_file,
     latest_checkpoint,
-    load_tensors,
+    load_model,
+    load_value,
     prune_checkpoints,
-    restore_checkpoint,
-    save_checkpoint,
+    read_metadata,
+    read_values,
     rng_state,
     set_rng_state,
 )
+from model.llama import Llama
+from model.train import TrainProgress
+from model.train_config import TrainConfig
+from storage.manifest import ObjectInfo
+from storage.run_layout import COMMIT, RunLayout
 from storage.store import join_key
+from tests.model.runs import train_config
 
 
-def files(tmp_path: Path, step: int) -> dict[str, Path]:
-    folder = tmp_path / f"files-{step}"
-    folder.mkdir()
-    out = {}
-    for name in ("model.safetensors", "train_state.json"):
-        out[name] = folder / name
-        out[name].write_bytes(f"{name} of step {step}".encode())
-    return out
+def put_files(store, step: int, names=("__0_0.distcp", METADATA_FILE)) -> list[ObjectInfo]:
+    """Files of a checkpoint folder as a save leaves them before its COMMIT."""
+    infos = []
+    for name in names:
+        data = f"{name} of step {step}".encode()
+        store.put_bytes(join_key(RunLayout.checkpoint(step), name), data)
+        infos.append(ObjectInfo(key=name, size=len(data), sha256="0" * 64))
+    return infos
 
 
-def test_commit_marker_is_written_last_and_lists_every_file(store, tmp_path):
-    checkpoint = commit_checkpoint(store, 7, files(tmp_path, 7))
+def test_commit_marker_lists_every_file(store):
+    checkpoint = commit_checkpoint(store, 7, put_files(store, 7))
     assert checkpoint.prefix == "checkpoints/step-0000007"
     marker = json.loads(store.get_text(join_key(checkpoint.prefix, COMMIT)))
     assert marker["step"] == 7
-    assert sorted(f["key"] for f in marker["files"]) == ["model.safetensors", "train_state.json"]
+    assert sorted(f["key"] for f in marker["files"]) == [METADATA_FILE, "__0_0.distcp"]
     assert latest_checkpoint(store).step == 7
 
 
-def test_checkpoints_without_commit_or_with_missing_files_are_ignored(store, tmp_path):
-    commit_checkpoint(store, 1, files(tmp_path, 1))
-    # A crash mid-save: files of step 2 uploaded, no COMMIT.
-    for name, path in files(tmp_path, 2).items():
-        store.put_file(join_key(checkpoint_prefix(2), name), path)
-    # A COMMIT whose file was later truncated.
-    commit_checkpoint(store, 3, files(tmp_path, 3))
-    store.put_bytes(join_key(checkpoint_prefix(3), "model.safetensors"), b"short")
-    # A COMMIT whose file was deleted.
-    commit_checkpoint(store, 4, files(tmp_path, 4))
-    store.delete(join_key(checkpoint_prefix(4), "train_state.json"))
+def test_checkpoints_without_commit_or_with_missing_files_are_ignored(store):
+    commit_checkpoint(store, 1, put_files(store, 1))
+    put_files(store, 2)  # a crash mid-save: files, no COMMIT
+    commit_checkpoint(store, 3, put_files(store, 3))
+    store.put_bytes(join_key(RunLayout.checkpoint(3), "__0_0.distcp"), b"short")  # truncated later
+    commit_checkpoint(store, 4, put_files(store, 4))
+    store.delete(join_key(RunLayout.checkpoint(4), METADATA_FILE))  # deleted later
 
     assert [c.step for c in complete_checkpoints(store)] == [1]
     assert latest_checkpoint(store).step == 1
 
 
-def test_fetch_refuses_a_file_whose_content_changed(store, tmp_path):
-    checkpoint = commit_checkpoint(store, 5, files(tmp_path, 5))
-    key = join_key(checkpoint.prefix, "model.safetensors")
-    store.put_bytes(key, store.get_bytes(key)[::-1])  # same size, other bytes
-    assert latest_checkpoint(store).step == 5  # sizes match: only the sha256 can tell
-    with pytest.raises(CheckpointError, match="sha256 differs"):
-        fetch_file(store, checkpoint, "model.safetensors", tmp_path)
-
-
-def test_keep_last_k_deletes_older_complete_and_stale_incomplete_checkpoints(store, tmp_path):
+def test_keep_last_k_deletes_older_and_stale_checkpoints_leaving_no_empty_folders(store):
     for step in (10, 20, 30):
-        commit_checkpoint(store, step, files(tmp_path, step))
-    store.put_bytes(join_key(checkpoint_prefix(15), "model.safetensors"), b"crashed mid-save")
-    store.put_bytes(join_key(checkpoint_prefix(40), "model.safetensors"), b"being written now")
+        commit_checkpoint(store, step, put_files(store, step))
+    put_files(store, 15)  # crashed mid-save
+    put_files(store, 40)  # being written now
 
-    deleted = prune_checkpoints(store, keep=2)
-
-    assert deleted == [10, 15]
+    assert prune_checkpoints(store, keep=2) == [10, 15]
     assert [c.step for c in complete_checkpoints(store)] == [30, 20]
-    assert not list(store.list(checkpoint_prefix(10) + "/"))
-    assert store.exists(join_key(checkpoint_prefix(40), "model.safetensors"))  # newer than any commit: untouched
+    assert not list(store.list(RunLayout.checkpoint(10) + "/"))
+    assert set(RunLayout(store).checkpoint_folders()) == {20, 30, 40}  # newer than any commit: untouched
+    if (root := store.local_path("checkpoints")) is not None:
+        assert sorted(p.name for p in root.iterdir()) == ["step-0000020", "step-0000030", "step-0000040"]
     assert prune_checkpoints(store, keep=None) == []
 
 
@@ -98,13 +94,14 @@ class NotATensor:
         return (print, ("this code would run on load",))
 
 
-def test_load_refuses_pickled_objects(tmp_path):
-    path = tmp_path / "optimizer.pt"
-    torch.save({"state": {}, "hook": NotATensor()}, path)
+def test_values_load_weights_only():
+    buffer = io.BytesIO()
+    torch.save({"state": {}, "hook": NotATensor()}, buffer)
     with pytest.raises(CheckpointError, match="refused to load"):
-        load_tensors(path, "optimizer.pt")
-    torch.save({"state": {"w": {"exp_avg": torch.ones(2)}}, "param_groups": [{"lr": 0.1, "betas": (0.9, 0.95)}]}, path)
-    assert torch.equal(load_tensors(path, "optimizer.pt")["state"]["w"]["exp_avg"], torch.ones(2))
+        load_value(buffer.getvalue(), "optimizer.param_groups.0.lr")
+    buffer = io.BytesIO()
+    torch.save({"exp_avg": torch.ones(2), "betas": (0.9, 0.95)}, buffer)
+    assert torch.equal(load_value(buffer.getvalue(), "x")["exp_avg"], torch.ones(2))
 
 
 @pytest.fixture
@@ -114,57 +111,170 @@ def lone_process_group():
     dist.destroy_process_group()
 
 
-def test_restore_refuses_a_committed_checkpoint_holding_a_pickled_object(store, tmp_path, lone_process_group):
-    from safetensors.torch import save_file
-
-    model = torch.nn.Linear(2, 2)
-    optimizer = torch.optim.AdamW(model.parameters())
-    folder = tmp_path / "evil"
-    folder.mkdir()
-    save_file(model.state_dict(), folder / MODEL_FILE)
-    torch.save({"state": {}, "param_groups": [], "payload": NotATensor()}, folder / OPTIMIZER_FILE)
-    torch.save({"rank-0": rng_state()}, folder / RNG_FILE)
-    state = {"step": 3, "tokens_seen": 0, "loader": {"position": 0}, "world_size": 1, "model_config": {}, "config": {}}
-    (folder / STATE_FILE).write_text(json.dumps(state))
-    commit_checkpoint(store, 3, {name: folder / name for name in (MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, STATE_FILE)})
-
-    with pytest.raises(CheckpointError, match="refused to load"):
-        restore_checkpoint(store, model, optimizer, tmp_path / "staging")
+def components(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer, TrainProgress, dict]:
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5**step)
+    progress = TrainProgress(world_size=1)
+    states = {"model": ModelState(model), "optimizer": OptimizerState(model, optimizer), "scheduler": scheduler,
+              "progress": progress, "rng": RNGState(0)}
+    return model, optimizer, progress, states
 
 
-def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
+def train_one_step(model, optimizer, states, progress) -> None:
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    states["scheduler"].step()
+    progress.step += 1
+    progress.tokens_seen += 10
+
+
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_checkpointer_round_trips_every_component(store, tmp_path, lone_process_group, async_save):
+    model, optimizer, progress, states = components(0)
+    checkpointer = Checkpointer(RunLayout(store), states, keep=1, staging_dir=tmp_path / "staging", async_save=async_save)
+    for _ in range(2):
+        train_one_step(model, optimizer, states, progress)
+        checkpointer.save(progress.step)
+    checkpointer.close()
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    expected_draw = torch.rand(3)  # the RNG state saved at step 2 is the one before this draw
+
+    fresh, fresh_optimizer, fresh_progress, fresh_states = components(1)
+    restored = Checkpointer(RunLayout(store), fresh_states, keep=1, staging_dir=tmp_path / "staging2")
+    assert restored.load() == 2
+    assert (fresh_progress.step, fresh_progress.tokens_seen) == (2, 20)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in saved.items())
+    assert fresh_states["scheduler"].get_last_lr() == states["scheduler"].get_last_lr() == [0.1 * 0.25]
+    assert torch.equal(fresh_optimizer.state[fresh.weight]["exp_avg"], optimizer.state[model.weight]["exp_avg"])
+    assert torch.equal(torch.rand(3), expected_draw)
+    assert [c.step for c in complete_checkpoints(store)] == [2]  # keep=1 pruned step 1
+    assert read_values(store, complete_checkpoints(store)[0], "progress") == {"step": 2, "tokens_seen": 20, "world_size": 1}
+    assert not list((tmp_path / "staging").rglob("*.distcp"))  # staged files removed once uploaded
+
+
+def test_restore_skips_a_corrupt_newest_checkpoint(store, tmp_path, lone_process_group):
+    model, optimizer, progress, states = components(0)
+    checkpointer = Checkpointer(RunLayout(store), states, keep=None, staging_dir=tmp_path / "staging")
+    saved = {}
+    for step in (1, 2):
+        train_one_step(model, optimizer, states, progress)
+        checkpointer.save(step)
+        saved[step] = {k: v.clone() for k, v in model.state_dict().items()}
+    key = join_key(RunLayout.checkpoint(2), "__0_0.distcp")
+    data = bytearray(store.get_bytes(key))
+    data[-1] ^= 0xFF  # flip a bit, keep the size
+    store.put_bytes(key, bytes(data))
+
+    fresh, _, fresh_progress, fresh_states = components(1)
+    assert Checkpointer(RunLayout(store), fresh_states, keep=None, staging_dir=tmp_path / "s").load() == 1
+    assert fresh_progress.step == 1
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in saved[1].items())
+
+
+def test_metadata_with_a_pickled_object_is_refused(store, tmp_path, lone_process_group):
+    model, optimizer, progress, states = components(0)
+    Checkpointer(RunLayout(store), states, keep=None, staging_dir=tmp_path / "staging").save(1)
+    checkpoint = latest_checkpoint(store)
+    assert read_metadata(store, checkpoint).state_dict_metadata  # DCP's own classes load
+    evil = pickle.dumps(NotATensor())
+    store.put_bytes(checkpoint.key(METADATA_FILE), evil)
+    with pytest.raises(CheckpointError, match="refused to load.*builtins.print"):
+        read_metadata(store, checkpoint)
+
+
+def test_a_checkpoint_in_the_old_full_state_format_fails_saying_how_to_convert(store, tmp_path, lone_process_group):
+    store.put_bytes(join_key(RunLayout.checkpoint(3), LEGACY_MODEL_FILE), b"weights")
+    commit_checkpoint(store, 3, [ObjectInfo(key=LEGACY_MODEL_FILE, size=7, sha256="0" * 64)])
+    _, _, _, states = components(0)
+    with pytest.raises(CheckpointError, match="full-state format.*python -m model.convert_checkpoint"):
+        Checkpointer(RunLayout(store), states, keep=None, staging_dir=tmp_path).load()
+
+
+def test_rng_state_round_trips_through_weights_only_loading():
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
-    torch.save(rng_state(), tmp_path / "rng.pt")
+    buffer = io.BytesIO()
+    torch.save(rng_state(), buffer)
     expected = (random.random(), np.random.rand(), torch.rand(1))
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
-    set_rng_state(load_tensors(tmp_path / "rng.pt", "rng.pt"))
+    set_rng_state(load_value(buffer.getvalue(), "rng"))
     assert (random.random(), np.random.rand(), torch.rand(1)) == expected
 
 
 def test_no_checkpoint_means_a_fresh_start(store, tmp_path, lone_process_group):
-    model = torch.nn.Linear(2, 2)
-    assert restore_checkpoint(store, model, torch.optim.AdamW(model.parameters()), tmp_path) is None
+    _, _, progress, states = components(0)
+    assert Checkpointer(RunLayout(store), states, keep=None, staging_dir=tmp_path).load() is None
+    assert progress.step == 0
     assert not list(store.list())
 
 
-def test_restore_skips_a_corrupt_newest_checkpoint(store, tmp_path, lone_process_group):
-    torch.manual_seed(0)
-    model = torch.nn.Linear(2, 2)
-    optimizer = torch.optim.AdamW(model.parameters())
-    saved = {}
-    for step in (1, 2):
-        model(torch.ones(1, 2)).sum().backward()
-        optimizer.step()
-        saved[step] = {k: v.clone() for k, v in model.state_dict().items()}
-        state = TrainState(step, step * 10, {"position": step}, 1, {}, {})
-        save_checkpoint(store, model, optimizer, state, keep=None, staging_dir=tmp_path / "staging")
-    key = join_key(checkpoint_prefix(2), MODEL_FILE)
-    data = bytearray(store.get_bytes(key))
-    data[-1] ^= 0xFF  # flip a weight's bits, keep the size
-    store.put_bytes(key, bytes(data))
+def test_run_layout_owns_the_run_folder_keys(tmp_path):
+    layout = RunLayout.of(str(tmp_path), "run-1")
+    assert layout.uri == f"file://{tmp_path}/runs/run-1"
+    uri = layout.write_config('{"name": "run-1"}')
+    assert uri == f"file://{tmp_path}/runs/run-1/config.json" and layout.read_config() == '{"name": "run-1"}'
+    assert RunLayout.split_checkpoint_uri(layout.store.url(RunLayout.checkpoint(40))) == (layout.uri, 40)
+    assert RunLayout.split_checkpoint_uri(layout.uri) is None
 
-    fresh = torch.nn.Linear(2, 2)
-    restored = restore_checkpoint(store, fresh, torch.optim.AdamW(fresh.parameters()), tmp_path / "staging")
 
-    assert restored.step == 1 and restored.loader == {"position": 1}
-    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in saved[1].items())
+def test_run_layout_imports_without_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, storage.run_layout; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+
+def write_legacy_checkpoint(store, tmp_path: Path, step: int) -> tuple[dict, TrainConfig]:
+    """A checkpoint as the full-state format of earlier versions wrote it (2 ranks' RNG states)."""
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    from model.train import build_optimizer
+
+    config = train_config("legacy", "out", "m.json", tmp_path, vocab_size=300)
+    llama_config = config.llama_config()
+    torch.manual_seed(5)
+    model = Llama(llama_config)
+    optimizer = build_optimizer(model, config, torch.device("cpu"))
+    model(torch.randint(0, 300, (2, 8)), torch.randint(0, 300, (2, 8)))[1].backward()
+    optimizer.step()
+    folder = tmp_path / "legacy"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        full = StateDictOptions(full_state_dict=True)
+        torch.save(get_optimizer_state_dict(model, optimizer, options=full), folder / "optimizer.pt")
+    finally:
+        dist.destroy_process_group()
+    torch.save({"rank-0": rng_state(), "rank-1": rng_state()}, folder / "rng.pt")
+    state = {"step": step, "tokens_seen": step * 512, "loader": {"position": 64, "seed": 7, "seq_len": 32},
+             "world_size": 2, "model_config": llama_config.model_dump(), "config": config.model_dump(mode="json")}
+    (folder / "train_state.json").write_text(json.dumps(state))
+    prefix = RunLayout.checkpoint(step)
+    for path in folder.iterdir():
+        store.put_file(join_key(prefix, path.name), path)
+    commit_checkpoint(store, step, [ObjectInfo.of_file(p.name, p) for p in folder.iterdir()])
+    RunLayout(store).write_config(config.to_json())
+    return {k: v.clone() for k, v in model.state_dict().items()}, config
+
+
+def test_convert_rewrites_a_full_state_checkpoint_as_a_sharded_one(store, tmp_path):
+    from model.convert_checkpoint import main as convert_main
+
+    weights, _ = write_legacy_checkpoint(store, tmp_path, step=4)
+    assert convert_main([store.uri]) == 0
+
+    checkpoint = latest_checkpoint(store)
+    assert checkpoint.step == 4 and not checkpoint.is_legacy
+    assert {f.key for f in checkpoint.files} == {METADATA_FILE, "__0_0.distcp"}
+    assert not store.exists(checkpoint.key(LEGACY_MODEL_FILE))
+    assert read_values(store, checkpoint, "progress") == {"step": 4, "tokens_seen": 2048, "world_size": 2}
+    assert read_values(store, checkpoint, "loader") == {"position": 64, "seed": 7, "seq_len": 32}
+    assert read_values(store, checkpoint, "scheduler")["last_epoch"] == 4
+    model, config = load_model(store.uri)
+    assert config.name == "legacy"
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())

@@ -3,8 +3,10 @@
 One module fixture runs the jobs once (each launch costs seconds of start-up); the tests
 then check what they left on the store:
 - straight: 4 steps on 2 ranks;
-- segmented: 2 steps on 2 ranks (max_steps_this_run), crash leftovers planted, 2 more;
-- resized: 2 steps on 1 rank (DDP), then 2 more on 2 ranks (FSDP2, as on GPUs).
+- segmented: 2 steps on 2 ranks (max_steps_this_run, async checkpoints), crash leftovers
+  planted, 2 more;
+- resized: 2 steps on 1 rank (DDP), then 2 more on 2 ranks (FSDP2, as on GPUs): 1 -> 2;
+- shrunk: straight's step-2 checkpoint (2 ranks) resumed on 1 rank: 2 -> 1.
 """
 
 from __future__ import annotations
@@ -21,14 +23,17 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from model.checkpoint import checkpoint_prefix, complete_checkpoints, load_model
+from model.checkpoint import complete_checkpoints, load_model, read_metadata
 from model.data import read_manifest
 from model.export import export_hf
 from model.hf import load_hf
 from model.metrics import METRICS_FILE
-from model.train import learning_rate
+from model.config import LlamaConfig
+from model.llama import Llama
+from model.train import learning_rate, materialize
 from model.train_config import LRSchedule, TrainConfig
 from storage.manifest import sha256_bytes, write_record
+from storage.run_layout import RunLayout
 from storage.store import join_key, open_object, open_store
 from tests.model.runs import STEPS, metrics, short_documents_build, train_config, train_state
 
@@ -36,12 +41,12 @@ LAUNCH_TIMEOUT_S = 300
 
 
 def run_training(config: TrainConfig, nproc: int, tmp_path: Path) -> str:
-    """`python -m model.train` (1 process) or torchrun with `nproc`; returns its output."""
-    path = tmp_path / f"{config.name}-{uuid.uuid4().hex[:6]}.json"
-    path.write_text(config.to_json())
+    """`python -m model.train` (1 process) or torchrun with `nproc` on the config written to the
+    run folder, as the launcher does; returns its output."""
+    path = RunLayout.of(config.output, config.name).write_config(config.to_json())
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
     result = subprocess.run(
-        [sys.executable, *launcher, "-m", "model.train", str(path)],
+        [sys.executable, *launcher, "-m", "model.train", path],
         capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S,
     )
     output = result.stdout + result.stderr
@@ -74,13 +79,14 @@ def dataset(s3_bucket_uri, sentencepiece_model) -> str:
 
 @pytest.fixture(scope="module")
 def runs(dataset, s3_bucket_uri, tmp_path_factory) -> dict[str, str]:
-    """Run the three jobs; returns the run URIs by name."""
+    """Run the jobs; returns the run URIs by name."""
     tmp = tmp_path_factory.mktemp("train")
     output = f"{s3_bucket_uri}/out-{uuid.uuid4().hex[:8]}"
     straight = train_config("straight", output, dataset, tmp)
     run_training(straight, 2, tmp)
 
-    segmented = train_config("segmented", output, dataset, tmp, max_steps_this_run=STEPS // 2, keep_checkpoints=1)
+    segmented = train_config("segmented", output, dataset, tmp, max_steps_this_run=STEPS // 2, keep_checkpoints=1,
+                             async_checkpoint=True)
     run_training(segmented, 2, tmp)
     plant_crash_leftovers(segmented.run_uri, STEPS // 2)
     run_training(segmented, 2, tmp)
@@ -89,13 +95,24 @@ def runs(dataset, s3_bucket_uri, tmp_path_factory) -> dict[str, str]:
     run_training(resized, 1, tmp)
     # The GPU layout on CPUs: FSDP2 shards load the 1-rank DDP checkpoint.
     run_training(resized.model_copy(update={"data_parallel": "fsdp"}), 2, tmp)
-    return {"straight": straight.run_uri, "segmented": segmented.run_uri, "resized": resized.run_uri}
+
+    shrunk = train_config("shrunk", output, dataset, tmp)
+    copy_checkpoint(straight.run_uri, shrunk.run_uri, STEPS // 2)
+    run_training(shrunk, 1, tmp)
+    return {"straight": straight.run_uri, "segmented": segmented.run_uri, "resized": resized.run_uri,
+            "shrunk": shrunk.run_uri}
+
+
+def copy_checkpoint(from_run: str, to_run: str, step: int) -> None:
+    source, dest = open_store(from_run), open_store(to_run)
+    for key in source.list(RunLayout.checkpoint(step) + "/"):
+        dest.put_bytes(key, source.get_bytes(key))
 
 
 def plant_crash_leftovers(run_uri: str, step: int) -> None:
     """What a job killed after step+1 but mid-save leaves: a checkpoint without COMMIT, a metrics line."""
     store = open_store(run_uri)
-    store.put_bytes(join_key(checkpoint_prefix(step + 1), "model.safetensors"), b"half written")
+    store.put_bytes(join_key(RunLayout.checkpoint(step + 1), "__0_0.distcp"), b"half written")
     lines = store.get_text(METRICS_FILE)
     store.put_text(METRICS_FILE, lines + '{"step": %d, "loss": 99.0}\n' % (step + 1))
 
@@ -116,7 +133,7 @@ def test_uncommitted_checkpoint_is_ignored_and_keep_last_k_prunes(runs):
     # was committed, keep_checkpoints=1 removed both.
     store = open_store(runs["segmented"])
     assert [c.step for c in complete_checkpoints(store)] == [STEPS]
-    assert not list(store.list(checkpoint_prefix(STEPS // 2 + 1) + "/"))
+    assert not list(store.list(RunLayout.checkpoint(STEPS // 2 + 1) + "/"))
     assert [c.step for c in complete_checkpoints(open_store(runs["straight"]))] == [4, 2]
 
 
@@ -129,6 +146,74 @@ def test_resume_on_more_ranks_and_fsdp_continues_the_same_token_sequence(runs):
     assert [r["loss"] for r in metrics(runs["resized"])] == pytest.approx(
         [r["loss"] for r in metrics(runs["straight"])], rel=1e-5
     )
+
+
+def test_resume_on_fewer_ranks_continues_within_float_tolerance(runs):
+    assert train_state(runs["shrunk"])["loader"] == train_state(runs["straight"])["loader"]
+    assert [r["step"] for r in metrics(runs["shrunk"])] == [3, 4]
+    assert [r["loss"] for r in metrics(runs["shrunk"])] == pytest.approx(
+        [r["loss"] for r in metrics(runs["straight"])][2:], rel=1e-5
+    )
+
+
+def test_fsdp_ranks_write_their_own_shards(runs):
+    store = open_store(runs["resized"])
+    newest = complete_checkpoints(store)[0]  # written by 2 FSDP2 ranks
+    metadata = read_metadata(store, newest)
+    matrices = [fqn for fqn, meta in metadata.state_dict_metadata.items()
+                if fqn.startswith("model.") and len(getattr(meta, "size", ())) == 2]
+    assert matrices
+    files_by_tensor = {fqn: set() for fqn in matrices}
+    for index, info in metadata.storage_data.items():
+        if index.fqn in files_by_tensor:
+            files_by_tensor[index.fqn].add(info.relative_path)
+    assert all(files == {"__0_0.distcp", "__1_0.distcp"} for files in files_by_tensor.values()), files_by_tensor
+    assert {f.key for f in newest.files} == {".metadata", "__0_0.distcp", "__1_0.distcp"}
+
+
+@pytest.mark.parametrize("activation_checkpointing", [False, True])
+def test_meta_device_construction_gives_the_eager_initial_weights(activation_checkpointing):
+    config = LlamaConfig.preset("tiny", n_layers=2, vocab_size=300)
+    torch.manual_seed(11)
+    eager = Llama(config, activation_checkpointing=activation_checkpointing)
+    with torch.device("meta"):
+        lazy = Llama(config, activation_checkpointing=activation_checkpointing)
+    torch.manual_seed(0)  # the global generator is not what materialize draws from
+    materialize(lazy, torch.device("cpu"), seed=11)
+    for name, tensor in eager.state_dict().items():
+        assert torch.equal(tensor, lazy.state_dict()[name]), name
+    assert torch.equal(eager.rope_cos, lazy.rope_cos)
+
+
+def _materialize_sharded(rank: int, world_size: int, init_file: str, out: str) -> None:
+    """One rank of test_meta_device_construction_shards...: FSDP2 on meta, then materialize."""
+    import torch.distributed as dist
+
+    from model.train import Cluster, build_model
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        with torch.device("meta"):
+            model = Llama(LlamaConfig.preset("tiny", n_layers=2, vocab_size=301))  # 301: uneven shards
+        build_model(model, Cluster(rank, world_size, torch.device("cpu")), fsdp=True, bf16=False, compile=False, seed=11)
+        local_bytes = sum(p.to_local().numel() for p in model.parameters())
+        full = {name: p.full_tensor() for name, p in model.named_parameters()}
+        if rank == 0:
+            torch.save({"full": full, "local": local_bytes}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_meta_device_construction_shards_then_initializes_each_shard_as_the_eager_model(tmp_path):
+    torch.multiprocessing.spawn(
+        _materialize_sharded, args=(2, str(tmp_path / "init"), str(tmp_path / "out.pt")), nprocs=2, join=True
+    )
+    result = torch.load(tmp_path / "out.pt", weights_only=True)
+    torch.manual_seed(11)
+    eager = Llama(LlamaConfig.preset("tiny", n_layers=2, vocab_size=301))
+    assert result["local"] < eager.num_params()  # rank 0 held only its shards
+    for name, tensor in eager.named_parameters():
+        assert torch.equal(tensor.detach(), result["full"][name]), name
 
 
 def test_metrics_tensorboard_and_plot_reach_the_store(runs):
@@ -146,7 +231,7 @@ def test_export_hf_writes_the_checkpoint_and_the_builds_tokenizer(runs, dataset,
     out = export_hf(runs["straight"], tmp_path / "hf")
     assert (out / "tokenizer.model").read_bytes() == sentencepiece_model
     exported = load_hf(out)
-    trained, config = load_model(f"{runs['straight']}/{checkpoint_prefix(STEPS)}")
+    trained, config = load_model(f"{runs['straight']}/{RunLayout.checkpoint(STEPS)}")
     assert config.name == "straight"
     for name, tensor in trained.state_dict().items():
         assert torch.equal(tensor, exported.state_dict()[name]), name

@@ -15,6 +15,7 @@ from prefect.states import Failed
 
 from model.checkpoint import complete_checkpoints
 from model.train_config import TorchrunLauncher
+from storage.run_layout import RunLayout
 from storage.store import open_object, open_store
 from tasks.stage import is_transient
 from tasks.train import TrainingInputError, launch_ray, launch_torchrun, latest_step, prepare_config, process_tree
@@ -46,7 +47,7 @@ def test_ray_train_runs_two_cpu_workers_and_a_failed_worker_resumes_from_the_sto
 
     saboteur = threading.Thread(target=kill_a_worker_after_the_first_checkpoint)
     saboteur.start()
-    launch_ray(config)
+    launch_ray(config, RunLayout.of(config.output, config.name).write_config(config.to_json()))
     saboteur.join()
 
     assert killed, "no Ray Train worker was found to kill"

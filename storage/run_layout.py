@@ -1,0 +1,105 @@
+"""The layout of a training run's folder: the one owner of every key in it.
+
+    <output>/runs/<name>/
+        config.json                 the run config: written once per launch by the launcher,
+                                    read from here by every training process
+        lease.json                  who trains the run now (storage/lease.py)
+        metrics.jsonl               one JSON object per optimizer step (model/metrics.py)
+        progress.json               rank 0's latest step, put every ~10 s: what the Prefect task reports
+        tensorboard/                TensorBoard event files
+        plots/loss.png              the loss curve
+        checkpoints/step-NNNNNNN/   one checkpoint (model/checkpoint.py), its COMMIT marker last
+        hf/                         `export-hf`'s default output
+        eval/step-NNNNNNN.json      lm-eval's results for a checkpoint (tasks/evaluate.py)
+        eval.jsonl                  one line per evaluation
+        plots/eval.png              each evaluation metric against tokens seen
+
+Plain keys and a store, no torch: the CLI, flows and tasks read a run without paying for it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from storage.store import Store, join_key, open_store
+
+RUNS = "runs"
+CONFIG_FILE = "config.json"
+LEASE_FILE = "lease.json"
+METRICS_FILE = "metrics.jsonl"
+PROGRESS_FILE = "progress.json"
+TENSORBOARD_DIR = "tensorboard"
+LOSS_PLOT = "plots/loss.png"
+CHECKPOINTS = "checkpoints"
+HF_DIR = "hf"
+EVAL_DIR = "eval"
+EVAL_LOG = "eval.jsonl"
+EVAL_PLOT = "plots/eval.png"
+COMMIT = "COMMIT"
+_STEP_FOLDER = re.compile(r"^step-(\d+)$")
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """A run folder on a store; `store` is rooted at the run folder itself."""
+
+    store: Store
+
+    @classmethod
+    def of(cls, output: str, name: str) -> RunLayout:
+        """The run `name` under the store `output` (a path or a store URI): <output>/runs/<name>."""
+        return cls(open_store(output).child(join_key(RUNS, name)))
+
+    @classmethod
+    def at(cls, run_uri: str) -> RunLayout:
+        return cls(open_store(run_uri))
+
+    @property
+    def uri(self) -> str:
+        return self.store.uri
+
+    @property
+    def config_uri(self) -> str:
+        return self.store.url(CONFIG_FILE)
+
+    def write_config(self, config_json: str) -> str:
+        """Write the run config (once per launch, by the launcher); returns its URI for the workers."""
+        self.store.put_text(CONFIG_FILE, config_json)
+        return self.config_uri
+
+    def read_config(self) -> str:
+        """The run config's JSON text; raises ObjectNotFound if the run was never started."""
+        return self.store.get_text(CONFIG_FILE)
+
+    @staticmethod
+    def checkpoint(step: int) -> str:
+        """The folder key of the checkpoint at `step`."""
+        return join_key(CHECKPOINTS, f"step-{step:07d}")
+
+    @staticmethod
+    def evaluation(step: int) -> str:
+        """The key of the evaluation results of the checkpoint at `step`."""
+        return join_key(EVAL_DIR, f"step-{step:07d}.json")
+
+    @staticmethod
+    def commit_marker(folder: str) -> str:
+        return join_key(folder, COMMIT)
+
+    def checkpoint_folders(self) -> dict[int, str]:
+        """Step -> folder key of every checkpoint folder, complete or not (one paginated listing)."""
+        folders = {}
+        for key in self.store.list(CHECKPOINTS + "/"):
+            folder = key.split("/")[1]
+            if match := _STEP_FOLDER.match(folder):
+                folders[int(match.group(1))] = join_key(CHECKPOINTS, folder)
+        return folders
+
+    @staticmethod
+    def split_checkpoint_uri(uri: str) -> tuple[str, int] | None:
+        """(run URI, step) of a checkpoint folder URI <run>/checkpoints/step-NNNNNNN, else None."""
+        run_uri, _, folder = uri.rstrip("/").rpartition(f"/{CHECKPOINTS}/")
+        match = _STEP_FOLDER.match(folder)
+        if not run_uri or not match:
+            return None
+        return run_uri, int(match.group(1))
