@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import subprocess
@@ -28,11 +27,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from deployments.settings import configure_prefect
+from storage.processes import STOP_GRACE_S, become_subreaper, die_with_parent, stop_descendants
 
 STARTUP_TIMEOUT_S = 180.0  # a first start on a fresh database takes ~30 s on a small machine
-STOP_GRACE_S = 15.0
-_PR_SET_PDEATHSIG = 1
-_PR_SET_CHILD_SUBREAPER = 36
 
 
 class ServeError(RuntimeError):
@@ -50,53 +47,6 @@ def healthy(api_url: str, timeout_s: float = 2.0) -> bool:
 
 def ui_url(api_url: str) -> str:
     return api_url.rstrip("/").removesuffix("/api")
-
-
-def _prctl(option: int, value: int) -> None:
-    if sys.platform == "linux":
-        ctypes.CDLL(None, use_errno=True).prctl(option, value)
-
-
-def _die_with_parent() -> None:
-    """In the server's process before exec: SIGTERM it if serve dies, even by SIGKILL."""
-    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def _reap() -> None:
-    """Collect the exit status of every child that has ended (adopted orphans included)."""
-    with contextlib.suppress(ChildProcessError):
-        while os.waitpid(-1, os.WNOHANG)[0]:
-            pass
-
-
-def stop_processes(pids: list[int], grace_s: float = STOP_GRACE_S) -> None:
-    """SIGTERM `pids`, then SIGKILL those still running after `grace_s`."""
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        _reap()
-        if not any(Path(f"/proc/{pid}").exists() for pid in pids):
-            return
-        time.sleep(0.2)
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    _reap()
-
-
-def stop_descendants(spare: int | None = None) -> None:
-    """Stop this process's children (but `spare`), then whatever of their trees is left."""
-    from tasks.train import parent_pid, process_tree
-
-    def others() -> list[int]:
-        spared = {spare, *process_tree(spare)} if spare else set()
-        return [pid for pid in process_tree(os.getpid()) if pid not in spared]
-
-    children = [pid for pid in others() if parent_pid(pid) == os.getpid()]
-    stop_processes(children)  # a flow run ends its own work and reports its end
-    stop_processes(others(), grace_s=5.0)  # leftovers: orphans re-parented to this subreaper
 
 
 class PrefectServer:
@@ -127,7 +77,7 @@ class PrefectServer:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # a terminal's Ctrl-C reaches serve, which stops the server last
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,  # SIGTERM if this process dies, even by SIGKILL
             )
         deadline = time.monotonic() + timeout_s
         while not healthy(self.api_url):
@@ -244,7 +194,7 @@ def serve_main(
     automation that trains on every finished build-dataset deployment run.
     """
     configure_prefect(data_dir)
-    _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+    become_subreaper()
     handlers = {signal.SIGINT: signal.getsignal(signal.SIGINT), signal.SIGTERM: signal.getsignal(signal.SIGTERM)}
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # until the runner installs its own
     signal.signal(signal.SIGINT, _sigint_as_sigterm)

@@ -17,17 +17,13 @@ the same config) resumes from the newest checkpoint.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import signal
 import subprocess
 import sys
 import threading
 import uuid
-from collections import defaultdict
 from collections.abc import Callable
-from pathlib import Path
 from typing import IO
 
 from prefect import get_run_logger
@@ -43,6 +39,7 @@ from model.data import DataError, DataSource, load_manifests
 from model.metrics import LOSS_PLOT, METRICS_FILE, read_metrics
 from model.train_config import TrainConfig
 from storage.lease import acquire_lease
+from storage.processes import stop_process_tree
 from storage.store import ObjectNotFound, join_key, open_store
 from tasks.fanout import ensure_ray
 from tasks.reporting import artifact_key
@@ -51,8 +48,6 @@ from tasks.stage import stage_task
 CONFIG_FILE = "config.json"
 LEASE_FILE = "lease.json"
 POLL_S = 2.0
-# How long torchrun gets to stop its workers after SIGTERM before everything is killed.
-STOP_GRACE_S = 15.0
 
 
 class TrainingFailed(RuntimeError):
@@ -87,49 +82,6 @@ def run_config(output: str, run: str) -> TrainConfig:
 # --- torchrun ---------------------------------------------------------------------------------------
 
 
-def parent_pid(pid: int) -> int | None:
-    """The parent of `pid` (from /proc), None once it has exited."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[1])  # the name in parentheses may hold spaces
-
-
-def process_tree(root: int) -> list[int]:
-    """The pids of every descendant of `root` (from /proc), children before grandchildren."""
-    children: dict[int, list[int]] = defaultdict(list)
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and (parent := parent_pid(int(entry))) is not None:
-            children[parent].append(int(entry))
-    tree, todo = [], [root]
-    while todo:
-        kids = children[todo.pop(0)]
-        tree.extend(kids)
-        todo.extend(kids)
-    return tree
-
-
-def stop_process_tree(process: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
-    """SIGTERM the launcher's process group, then SIGKILL whatever of its tree is still alive.
-
-    torchrun starts each worker in a session of its own, so the group signal reaches torchrun
-    only (it then stops its workers); the tree is listed first because workers whose agent died
-    are re-parented and could no longer be found from it.
-    """
-    tree = set(process_tree(process.pid))
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        tree.update(process_tree(process.pid))
-    for pid in [process.pid, *tree]:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    process.wait()
-
-
 def _forward_lines(stream: IO[str], on_line: Callable[[str], None]) -> None:
     for line in stream:
         on_line(line.rstrip("\n"))
@@ -138,11 +90,9 @@ def _forward_lines(stream: IO[str], on_line: Callable[[str], None]) -> None:
 # `python -m torch.distributed.run ARGS` that the kernel kills if its launcher dies, even by SIGKILL
 # (PR_SET_PDEATHSIG survives exec; the training workers do the same towards torchrun).
 _TORCHRUN_BOUND_TO_PARENT = """\
-import ctypes, os, runpy, signal, sys
-parent = os.getppid()
-ctypes.CDLL(None).prctl(1, signal.SIGKILL)
-if os.getppid() != parent:
-    sys.exit("torchrun: the launcher exited before training started")
+import runpy, signal, sys
+from storage.processes import die_with_parent
+die_with_parent(signal.SIGKILL)
 sys.argv[0] = "torchrun"
 runpy.run_module("torch.distributed.run", run_name="__main__", alter_sys=True)
 """

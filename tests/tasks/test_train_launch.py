@@ -13,7 +13,8 @@ import pytest
 
 from model.checkpoint import complete_checkpoints
 from storage.store import open_store
-from tasks.train import process_tree, launch_ray, latest_step, prepare_config
+from storage.processes import process_tree
+from tasks.train import launch_ray, latest_step, prepare_config
 from tests.model.runs import (
     START_TIMEOUT_S, metrics, short_documents_build, train_config, train_state, training_processes, wait_until,
 )
