@@ -43,8 +43,10 @@ def generate(export: Path, prompt: str = PROMPT, new_tokens: int = NEW_TOKENS) -
     return tokenizer.decode(output[0], skip_special_tokens=True)
 
 
-def run_demo(data_dir: Path = Path("data"), steps: int = DEMO_STEPS) -> DemoResult:
-    """Run the demo end to end under `data_dir`; prints a summary and returns where everything is."""
+def run_demo(data_dir: Path = Path("data"), steps: int = DEMO_STEPS, run_flow=None) -> DemoResult:
+    """Run the demo end to end under `data_dir`; prints a summary and returns where everything is.
+
+    `run_flow(flow, *args)` calls the flow (default: a plain call; the CLI passes its session's)."""
     from deployments.settings import configure_prefect
 
     configure_prefect(data_dir)  # before Prefect is imported: its database under data_dir/prefect
@@ -61,7 +63,7 @@ def run_demo(data_dir: Path = Path("data"), steps: int = DEMO_STEPS) -> DemoResu
     corpus = make_sample_corpus(data_dir / "raw")
     build = BuildConfig.from_yaml(corpus["config"]).model_copy(update={"output": str(data_dir)})
     train = sample_training(data_dir).model_copy(update={"max_steps_this_run": steps})
-    run_uri = pretrain(build, train)  # build (a rerun finishes in seconds), then the first segment
+    run_uri = (run_flow or _call)(pretrain, build, train)  # build (a rerun finishes in seconds), then the first segment
 
     records = read_metrics(open_store(run_uri).get_text(METRICS_FILE))
     export = export_hf(run_uri, data_dir / "runs" / train.name / "hf")
@@ -78,6 +80,10 @@ def run_demo(data_dir: Path = Path("data"), steps: int = DEMO_STEPS) -> DemoResu
     )
     print_summary(result)
     return result
+
+
+def _call(flow, *args):
+    return flow(*args)
 
 
 def print_summary(result: DemoResult) -> None:
