@@ -11,8 +11,8 @@
   resumes from the newest checkpoint on the store (never from Ray's own checkpoints).
 
 Either way the task streams progress into a Prefect progress artifact, ends with a table
-artifact of the final metrics and a link to the loss curve, and a retry (or the next run of
-the same config) resumes from the newest checkpoint.
+artifact of the final metrics and the loss curve shown inline (tasks/train_report.py), and a
+retry (or the next run of the same config) resumes from the newest checkpoint.
 """
 
 from __future__ import annotations
@@ -28,13 +28,14 @@ from typing import IO
 
 from prefect import get_run_logger
 from prefect.artifacts import (
-    create_link_artifact,
+    create_markdown_artifact,
     create_progress_artifact,
     create_table_artifact,
     update_progress_artifact,
 )
 from prefect.runtime import flow_run
 
+from model.checkpoint import latest_checkpoint
 from model.data import DataError, DataSource, load_manifests
 from model.metrics import LOSS_PLOT, METRICS_FILE, read_metrics
 from model.train_config import TrainConfig
@@ -44,6 +45,7 @@ from storage.store import ObjectNotFound, join_key, open_store
 from tasks.fanout import ensure_ray
 from tasks.reporting import artifact_key
 from tasks.stage import stage_task
+from tasks.train_report import SegmentStatus, loss_curve_markdown, metrics_rows
 
 CONFIG_FILE = "config.json"
 LEASE_FILE = "lease.json"
@@ -207,40 +209,49 @@ def launch_ray(config: TrainConfig, on_poll: Callable[[], None] | None = None) -
 # --- the Prefect task -------------------------------------------------------------------------------
 
 
-def latest_step(config: TrainConfig) -> int:
-    """The last step in rank 0's local metrics.jsonl (0 before the first)."""
+def latest_record(config: TrainConfig) -> dict | None:
+    """The last record in rank 0's local metrics.jsonl (None before the first)."""
     try:
         with open(config.local_dir / METRICS_FILE, "rb") as f:
             tail_start = max(0, f.seek(0, os.SEEK_END) - 4096)
             f.seek(tail_start)
             tail = f.read().decode("utf-8", "replace")
     except FileNotFoundError:
-        return 0
+        return None
     records = read_metrics(tail.split("\n", 1)[-1] if tail_start else tail)  # skip a cut first line
-    return records[-1]["step"] if records else 0
+    return records[-1] if records else None
+
+
+def latest_step(config: TrainConfig) -> int:
+    """The last step in rank 0's local metrics.jsonl (0 before the first)."""
+    record = latest_record(config)
+    return record["step"] if record else 0
 
 
 def progress_reporter(config: TrainConfig) -> Callable[[], None]:
-    """A callback that moves the run's progress artifact to the latest step."""
+    """A callback that moves this segment's progress artifact to the latest step (tasks/train_report.py)."""
+    newest = latest_checkpoint(open_store(config.run_uri))
+    segment = SegmentStatus.of(newest.step if newest else 0, config.max_steps, config.max_steps_this_run)
     artifact_id = create_progress_artifact(
-        0.0, key=artifact_key(config.name, "train-progress"), description=f"{config.name}: optimizer steps"
+        0.0, key=artifact_key(config.name, "train-progress"), description=f"{config.name}: {segment.describe(None)}"
     )
     last = -1
 
     def update() -> None:
         nonlocal last
-        step = latest_step(config)
+        record = latest_record(config)
+        step = record["step"] if record else segment.start_step
         if step != last:
             last = step
             update_progress_artifact(
-                artifact_id, 100.0 * step / config.max_steps, description=f"{config.name}: step {step}/{config.max_steps}"
+                artifact_id, segment.percent(step), description=f"{config.name}: {segment.describe(record)}"
             )
 
     return update
 
 
 def report_final(config: TrainConfig) -> dict:
-    """Table artifact of the last step's metrics and a link to the loss curve; returns that record."""
+    """Table artifact of the last step's metrics and the loss curve (inline); returns that record."""
     run_store = open_store(config.run_uri)
     try:
         records = read_metrics(run_store.get_text(METRICS_FILE))
@@ -248,13 +259,12 @@ def report_final(config: TrainConfig) -> dict:
         records = []
     final = records[-1] if records else {}
     create_table_artifact(
-        [{"metric": name, "value": value} for name, value in final.items()],
+        metrics_rows(final),
         key=artifact_key(config.name, "train-metrics"),
         description=f"{config.name}: metrics of the last step ({config.run_uri})",
     )
-    create_link_artifact(
-        run_store.url(LOSS_PLOT),
-        link_text=f"{config.name} loss curve",
+    create_markdown_artifact(
+        loss_curve_markdown(run_store, LOSS_PLOT, f"{config.name}: loss curve"),
         key=artifact_key(config.name, "loss-curve"),
         description="Training loss against optimizer step",
     )
