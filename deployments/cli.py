@@ -210,10 +210,16 @@ def submit_build(
     ctx: typer.Context,
     config: Annotated[Path, typer.Argument(help="Build config (YAML)", dir_okay=False)],
     output: Annotated[Optional[str], typer.Option(help="Store URI overriding the config's output")] = None,
+    train_run: Annotated[
+        Optional[str], typer.Option(help="The training run the automation trains on this build (default: derived)")
+    ] = None,
     wait: Annotated[bool, typer.Option(help="Wait for the run to finish")] = False,
     api_url: ApiUrl = None,
 ) -> None:
-    """Start a build-dataset deployment run on the served server; prints its UI link."""
+    """Start a build-dataset deployment run on the served server; prints its UI link.
+
+    When it completes, the train-on-build automation trains TRAIN_RUN on it (by default the
+    deployment's run if it is new or trains on this build, else a run named after the build)."""
     from tasks.config import BuildConfig
 
     build = read_config(config, BuildConfig, {"output": absolute(output)} if output else None)
@@ -221,7 +227,7 @@ def submit_build(
     from deployments.serve import running_server
 
     with running_server(data_dir(ctx), api_url):
-        run = submit(BUILD, {"config": build.model_dump(mode="json")}, wait=wait)
+        run = submit(BUILD, {"config": build.model_dump(mode="json"), "train_run": train_run or ""}, wait=wait)
         typer.echo(f"{run.state.name}: {flow_run_url(run)}")
 
 

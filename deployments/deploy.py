@@ -75,7 +75,7 @@ def build_to_train_trigger(enabled: bool = True) -> DeploymentEventTrigger:
             {"prefect.resource.role": "deployment", "prefect.resource.name": deployment_name},
         ],
         # A lone Jinja expression keeps its type: the build's config arrives as an object.
-        parameters={"build": "{{ flow_run.parameters.config }}"},
+        parameters={"build": "{{ flow_run.parameters.config }}", "train_run": "{{ flow_run.parameters.train_run or '' }}"},
     )
 
 

@@ -47,3 +47,45 @@ def test_the_ui_shows_the_finished_build_its_stages_and_its_summary_artifact(ser
             page.screenshot(path=tmp_path / "summary-artifact.png")
         finally:
             browser.close()
+
+
+async def _artifacts(client, keys):
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+
+
+def test_a_training_run_shows_its_loss_curve_and_live_status(served, finished_build, tmp_path):
+    from tests.deployments.conftest import RUN, RUN_TIMEOUT_S
+
+    keys = [artifact_key(RUN, "loss-curve"), artifact_key(RUN, "train-progress")]
+    # The build's automation trains RUN's first segment (the deployment tests may have trained more).
+
+    def both() -> dict | None:
+        newest = {a.key: a for a in sorted(served.call(_artifacts, keys), key=lambda a: a.created)}
+        return newest if len(newest) == 2 else None
+
+    by_key = served.wait_for(both, RUN_TIMEOUT_S, "the training run's artifacts")
+    progress = by_key[artifact_key(RUN, "train-progress")]
+    assert progress.data == 100.0 and progress.description.endswith("segment done")  # of this segment's steps
+    ui = served.api_url.removesuffix("/api")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox", "--disable-dev-shm-usage"]
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(TIMEOUT_MS)
+            expect.set_options(timeout=TIMEOUT_MS)
+
+            page.goto(f"{ui}/artifacts/artifact/{by_key[artifact_key(RUN, 'loss-curve')].id}")
+            image = page.get_by_role("img", name="loss curve")
+            expect(image).to_be_visible()
+            assert image.evaluate("img => img.complete && img.naturalWidth") > 0  # decoded, not a broken link
+            page.screenshot(path=tmp_path / "loss-curve.png")
+
+            page.goto(f"{ui}/artifacts/artifact/{progress.id}")
+            expect(page.get_by_text(re.compile(r"step \d+/100000 · segment \d+→\d+ · loss \d"))).to_be_visible()
+            page.screenshot(path=tmp_path / "train-progress.png")
+        finally:
+            browser.close()
