@@ -185,3 +185,14 @@ def test_a_failure_exits_1_with_its_cause_and_submit_needs_a_server(build_yaml, 
         "error: no Prefect server answers at http://127.0.0.1:9/api: start `tinyllama serve` first (or pass --api-url)"
     )
     assert cli("--version").stdout.startswith("tinyllama ")
+
+
+def test_a_store_that_refuses_access_fails_at_once_naming_it(build_yaml, s3_bucket_uri, prefect_server, tmp_path):
+    missing = "s3://no-such-bucket-tinyllama/out"
+    done = cli("--data", str(tmp_path / "data"), "build-dataset", str(build_yaml), "--output", missing,
+               env=without_prefect(PREFECT_API_URL=prefect_server))
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        f"error: cannot read {missing}/datasets/sample/"
+    ) and "the bucket 'no-such-bucket-tinyllama' does not exist" in done.stderr
+    assert "Retry 1/" not in done.stdout + done.stderr  # a retry would fail the same way
