@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 import sys
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-from deployments.errors import Interrupted
+from deployments.errors import Interrupted, debug_enabled
 from deployments.serve import server_for_command
 from storage.processes import become_subreaper, guard_process_tree, stop_descendants
 
@@ -56,6 +57,8 @@ def flow_session(data_dir: Path, api_url: str | None = None) -> Iterator[FlowSes
     session = FlowSession()
     try:
         with server_for_command(data_dir, api_url) as server_api:
+            if not debug_enabled():
+                _console_without_tracebacks()
             try:
                 yield session
             except BaseException as error:
@@ -74,6 +77,29 @@ def flow_session(data_dir: Path, api_url: str | None = None) -> Iterator[FlowSes
         stop_descendants(grace_s=CLEANUP_GRACE_S)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, previous)
+
+
+class _WithoutTraceback(logging.Formatter):
+    """A console formatter that leaves out tracebacks: the CLI ends with one line saying what
+    failed; the run's logs in the UI (and --debug) keep them."""
+
+    def __init__(self, inner: logging.Formatter | None):
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        bare = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None, "stack_info": None})
+        return self.inner.format(bare)
+
+
+def _console_without_tracebacks() -> None:
+    import prefect.main  # noqa: F401  (sets up Prefect's logging, console handler included)
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    loggers = [logging.getLogger(), *(logging.getLogger(name) for name in list(logging.root.manager.loggerDict))]
+    for handler in {h for logger in loggers for h in getattr(logger, "handlers", [])}:
+        if isinstance(handler, PrefectConsoleHandler) and not isinstance(handler.formatter, _WithoutTraceback):
+            handler.setFormatter(_WithoutTraceback(handler.formatter))
 
 
 def _is_interrupt(error: BaseException) -> bool:
