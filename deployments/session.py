@@ -26,6 +26,7 @@ from uuid import UUID
 
 from deployments.errors import Interrupted, debug_enabled
 from deployments.serve import server_for_command
+from deployments.terminal import progress_bars
 from storage.processes import become_subreaper, guard_process_tree, stop_descendants
 
 CLEANUP_GRACE_S = 5.0
@@ -40,12 +41,15 @@ class FlowSession:
         self.flow_runs: list[UUID] = []  # the runs of the flows this command called
 
     def run(self, flow, *args: Any, **kwargs: Any) -> Any:
-        """Call `flow` here, remembering its run so that an interrupt can cancel it."""
+        """Call `flow` here, remembering its run (for the progress bars, and so that an interrupt can
+        cancel it)."""
 
-        def remember_to_cancel(_flow, flow_run, _state) -> None:
-            self.flow_runs.append(flow_run.id)
+        def remember_flow_run(_flow, flow_run, _state) -> None:
+            if flow_run.id not in self.flow_runs:
+                self.flow_runs.append(flow_run.id)
 
-        return flow.with_options(on_crashed=[*flow.on_crashed_hooks, remember_to_cancel])(*args, **kwargs)
+        with progress_bars(self.flow_runs):
+            return flow.with_options(on_running=[*flow.on_running_hooks, remember_flow_run])(*args, **kwargs)
 
 
 @contextlib.contextmanager
@@ -138,6 +142,8 @@ def _cancel_runs(flow_runs: list[UUID]) -> int:
         todo = list(flow_runs)
         while todo:
             flow_run_id = todo.pop()
+            if _finished(client.read_flow_run(flow_run_id).state):
+                continue  # an earlier flow of the command that had ended
             client.set_flow_run_state(flow_run_id, Cancelled(message=message), force=True)
             cancelled += 1
             task_runs = client.read_task_runs(
