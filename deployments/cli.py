@@ -223,12 +223,12 @@ def submit_build(
     from tasks.config import BuildConfig
 
     build = read_config(config, BuildConfig, {"output": absolute(output)} if output else None)
-    from deployments.deploy import BUILD, flow_run_url, submit
+    from deployments.deploy import BUILD, submit
     from deployments.serve import running_server
 
     with running_server(data_dir(ctx), api_url):
         run = submit(BUILD, {"config": build.model_dump(mode="json"), "train_run": train_run or ""}, wait=wait)
-        typer.echo(f"{run.state.name}: {flow_run_url(run)}")
+        report_submitted(run, wait)
 
 
 @app.command("train-epoch", epilog="Example: tinyllama train-epoch sample-tiny --steps 50 --wait")
@@ -241,12 +241,21 @@ def train_epoch(
     api_url: ApiUrl = None,
 ) -> None:
     """Start one train-epoch deployment run: continue RUN by STEPS optimizer steps."""
-    from deployments.deploy import TRAIN_EPOCH, flow_run_url, submit
+    from deployments.deploy import TRAIN_EPOCH, submit
     from deployments.serve import running_server
 
     with running_server(data_dir(ctx), api_url):
         flow_run = submit(TRAIN_EPOCH, {"run": run, "output": absolute(output), "steps": steps}, wait=wait)
-        typer.echo(f"{flow_run.state.name}: {flow_run_url(flow_run)}")
+        report_submitted(flow_run, wait)
+
+
+def report_submitted(flow_run, waited: bool) -> None:
+    """The run's state and UI link; a run waited for that did not complete fails the command."""
+    from deployments.deploy import flow_run_url
+
+    typer.echo(f"{flow_run.state.name}: {flow_run_url(flow_run)}")
+    if waited and not flow_run.state.is_completed():
+        raise RuntimeError(f"the run ended {flow_run.state.name}: {flow_run.state.message or 'see its page'}")
 
 
 def flow_session(ctx: typer.Context, api_url: str | None):

@@ -153,7 +153,7 @@ def test_a_build_submitted_with_a_run_name_trains_that_run_and_a_mismatch_is_ski
          "--train-run", "cli-run", "--api-url", served.api_url, "--wait"],
         capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
     )
-    assert done.returncode == 0 and done.stdout.startswith("Completed: http"), done.stdout + done.stderr
+    assert done.returncode == 0 and done.stdout.startswith("Completed: http"), done.stdout + done.stderr + served.log_tail()
     (triggered,) = served.wait_for(lambda: served.call(_runs_with, TRAIN_ON_BUILD, "cli-run"), 120, "the triggered run")
     assert_completed(served.wait_for(lambda: finished(served, triggered.id), RUN_TIMEOUT_S, "training"), served)
     new_build = served.build
