@@ -6,7 +6,8 @@
   SQLite) unless PREFECT_SERVER_DATABASE_CONNECTION_URL names another (PostgreSQL:
   postgresql+asyncpg://user:password@host:5432/db), analytics off, log in PREFECT_HOME/server.log.
 - Register the deployments (deployments/deploy.py) and serve them: each flow run is a
-  subprocess of this process.
+  subprocess of this process. The server's address is recorded in <data>/prefect/serve.json
+  meanwhile, so the CLI's other commands record their runs there too (`server_for_command`).
 - Ctrl-C or SIGTERM stops, in this order: the runner; the flow runs still going (SIGTERM, so
   that they report their end to the server); anything they left behind (this process is a
   child subreaper, so orphaned grandchildren such as a run's Ray workers are re-parented to
