@@ -139,10 +139,6 @@ def test_an_existing_run_continues_only_on_its_own_datasets(tmp_path):
         check_same_data(settings.with_build(str(tmp_path / "b/manifest.json")))
 
 
-async def _runs_with(client, name, train_run) -> list[FlowRun]:
-    return [run for run in await _runs_of(client, name) if run.parameters.get("train_run") == train_run]
-
-
 def test_a_build_submitted_with_a_run_name_trains_that_run_and_a_mismatch_is_skipped(served, finished_build):
     import subprocess
     import sys
@@ -154,7 +150,11 @@ def test_a_build_submitted_with_a_run_name_trains_that_run_and_a_mismatch_is_ski
         capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
     )
     assert done.returncode == 0 and done.stdout.startswith("Completed: http"), done.stdout + done.stderr + served.log_tail()
-    (triggered,) = served.wait_for(lambda: served.call(_runs_with, TRAIN_ON_BUILD, "cli-run"), 120, "the triggered run")
+    def triggered_by_it() -> list[FlowRun]:
+        return [run for run in served.call(_runs_of, TRAIN_ON_BUILD) if run.parameters["build"]["name"] == "sample"]
+
+    (triggered,) = served.wait_for(triggered_by_it, RUN_TIMEOUT_S, "the run triggered by the submitted build")
+    assert triggered.parameters["train_run"] == "cli-run"
     assert_completed(served.wait_for(lambda: finished(served, triggered.id), RUN_TIMEOUT_S, "training"), served)
     new_build = served.build
     assert [d.manifest for d in run_config(str(served.data), "cli-run").data] == [manifest_uri(new_build)]
