@@ -57,8 +57,10 @@ def demo_task(data_dir: Path) -> Path:
     return folder
 
 
-def run_demo(data_dir: Path = Path("data"), steps: int = DEMO_STEPS) -> DemoResult:
-    """Run the demo end to end under `data_dir`; prints a summary and returns where everything is."""
+def run_demo(data_dir: Path = Path("data"), steps: int = DEMO_STEPS, run_flow=None) -> DemoResult:
+    """Run the demo end to end under `data_dir`; prints a summary and returns where everything is.
+
+    `run_flow(flow, *args)` calls the flow (default: a plain call; the CLI passes its session's)."""
     from deployments.settings import configure_prefect
 
     configure_prefect(data_dir)  # before Prefect is imported: its database under data_dir/prefect
@@ -76,7 +78,7 @@ def run_demo(data_dir: Path = Path("data"), steps: int = DEMO_STEPS) -> DemoResu
     corpus = make_sample_corpus(data_dir / "raw")
     build = BuildConfig.from_yaml(corpus["config"]).model_copy(update={"output": str(data_dir)})
     train = sample_training(data_dir).model_copy(update={"max_steps_this_run": steps})
-    run_uri = pretrain(build, train)  # build (a rerun finishes in seconds), then the first segment
+    run_uri = (run_flow or _call)(pretrain, build, train)  # build (a rerun finishes in seconds), then the first segment
 
     run = RunLayout.at(run_uri)
     records = read_metrics(run.store.get_text(METRICS_FILE))
@@ -95,6 +97,10 @@ def run_demo(data_dir: Path = Path("data"), steps: int = DEMO_STEPS) -> DemoResu
     )
     print_summary(result)
     return result
+
+
+def _call(flow, *args):
+    return flow(*args)
 
 
 def print_summary(result: DemoResult) -> None:

@@ -76,8 +76,9 @@ def build_to_train_trigger(enabled: bool = True) -> DeploymentEventTrigger:
             {"prefect.resource.role": "flow", "prefect.resource.name": flow_name},
             {"prefect.resource.role": "deployment", "prefect.resource.name": deployment_name},
         ],
-        # A lone Jinja expression keeps its type: the build's config arrives as an object.
-        parameters={"build": "{{ flow_run.parameters.config }}"},
+        # A lone Jinja expression keeps its type (Prefect renders it `| tojson`, hence the
+        # parentheses): the build's config arrives as an object, train_run as a string.
+        parameters={"build": "{{ flow_run.parameters.config }}", "train_run": "{{ (flow_run.parameters.train_run or '') }}"},
     )
 
 

@@ -6,7 +6,8 @@
   SQLite) unless PREFECT_SERVER_DATABASE_CONNECTION_URL names another (PostgreSQL:
   postgresql+asyncpg://user:password@host:5432/db), analytics off, log in PREFECT_HOME/server.log.
 - Register the deployments (deployments/deploy.py) and serve them: each flow run is a
-  subprocess of this process.
+  subprocess of this process. The server's address is recorded in <data>/prefect/serve.json
+  meanwhile, so the CLI's other commands record their runs there too (`server_for_command`).
 - Ctrl-C or SIGTERM stops, in this order: the runner; the flow runs still going (SIGTERM, so
   that they report their end to the server); anything they left behind (this process is a
   child subreaper, so orphaned grandchildren such as a run's Ray workers are re-parented to
@@ -16,9 +17,10 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -28,11 +30,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from deployments.settings import configure_prefect
+from storage.processes import become_subreaper, die_with_parent, stop_descendants, stop_process_tree
 
-STARTUP_TIMEOUT_S = 180.0  # a first start on a fresh database takes ~30 s on a small machine
-STOP_GRACE_S = 15.0
-_PR_SET_PDEATHSIG = 1
-_PR_SET_CHILD_SUBREAPER = 36
+STARTUP_TIMEOUT_S = 180.0
+DEFAULT_API_URL = "http://127.0.0.1:4200/api"
+SERVED_FILE = "prefect/serve.json"  # under the data folder: the API URL of the server `tinyllama serve` uses  # a first start on a fresh database takes ~30 s on a small machine
 
 
 class ServeError(RuntimeError):
@@ -52,58 +54,11 @@ def ui_url(api_url: str) -> str:
     return api_url.rstrip("/").removesuffix("/api")
 
 
-def _prctl(option: int, value: int) -> None:
-    if sys.platform == "linux":
-        ctypes.CDLL(None, use_errno=True).prctl(option, value)
-
-
-def _die_with_parent() -> None:
-    """In the server's process before exec: SIGTERM it if serve dies, even by SIGKILL."""
-    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def _reap() -> None:
-    """Collect the exit status of every child that has ended (adopted orphans included)."""
-    with contextlib.suppress(ChildProcessError):
-        while os.waitpid(-1, os.WNOHANG)[0]:
-            pass
-
-
-def stop_processes(pids: list[int], grace_s: float = STOP_GRACE_S) -> None:
-    """SIGTERM `pids`, then SIGKILL those still running after `grace_s`."""
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        _reap()
-        if not any(Path(f"/proc/{pid}").exists() for pid in pids):
-            return
-        time.sleep(0.2)
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    _reap()
-
-
-def stop_descendants(spare: int | None = None) -> None:
-    """Stop this process's children (but `spare`), then whatever of their trees is left."""
-    from tasks.train import parent_pid, process_tree
-
-    def others() -> list[int]:
-        spared = {spare, *process_tree(spare)} if spare else set()
-        return [pid for pid in process_tree(os.getpid()) if pid not in spared]
-
-    children = [pid for pid in others() if parent_pid(pid) == os.getpid()]
-    stop_processes(children)  # a flow run ends its own work and reports its end
-    stop_processes(others(), grace_s=5.0)  # leftovers: orphans re-parented to this subreaper
-
-
 class PrefectServer:
     """`prefect server start` on host:port as a child process, with its output in `log_path`."""
 
-    def __init__(self, host: str, port: int, log_path: Path):
-        self.host, self.port, self.log_path = host, port, log_path
+    def __init__(self, host: str, port: int, log_path: Path, ui: bool = True):
+        self.host, self.port, self.log_path, self.ui = host, port, log_path, ui
         self.api_url = f"http://{host}:{port}/api"
         self.process: subprocess.Popen | None = None
 
@@ -116,6 +71,7 @@ class PrefectServer:
             # The UI asks the API at these (the --host/--port flags alone leave it at the default 4200).
             "PREFECT_SERVER_API_HOST": self.host,
             "PREFECT_SERVER_API_PORT": str(self.port),
+            "PREFECT_UI_ENABLED": "true" if self.ui else "false",
         }
         env.pop("PREFECT_API_URL", None)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -127,7 +83,7 @@ class PrefectServer:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # a terminal's Ctrl-C reaches serve, which stops the server last
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,  # SIGTERM if this process dies, even by SIGKILL
             )
         deadline = time.monotonic() + timeout_s
         while not healthy(self.api_url):
@@ -146,14 +102,7 @@ class PrefectServer:
         process, self.process = self.process, None
         if process is None or process.poll() is not None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_process_tree(process)
 
     def log_tail(self, lines: int = 30) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -191,16 +140,83 @@ def prefect_api(host: str = "127.0.0.1", port: int = 4200) -> Iterator[tuple[str
 
 
 @contextlib.contextmanager
-def running_server(host: str = "127.0.0.1", port: int = 4200) -> Iterator[str]:
-    """The API of the server `tinyllama serve` uses (PREFECT_API_URL's, else host:port), for
-    commands that submit runs to it; a clear error if none answers."""
+def running_server(data_dir: Path, api_url: str | None = None) -> Iterator[str]:
+    """The API of the server `tinyllama serve` uses (`api_url` or PREFECT_API_URL, else the one
+    recorded under `data_dir`), for commands that submit runs to it; a clear error if none answers."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    api_url = os.environ.get("PREFECT_API_URL") or f"http://{host}:{port}/api"
+    api_url = api_url or os.environ.get("PREFECT_API_URL") or served_api_url(data_dir) or DEFAULT_API_URL
     if not healthy(api_url):
-        raise ServeError(f"no Prefect server answers at {api_url}: start `tinyllama serve` first")
-    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        raise ServeError(f"no Prefect server answers at {api_url}: start `tinyllama serve` first (or pass --api-url)")
+    with _environment("PREFECT_API_URL", api_url), temporary_settings(updates={PREFECT_API_URL: api_url}):
         yield api_url
+
+
+@contextlib.contextmanager
+def server_for_command(data_dir: Path, api_url: str | None = None) -> Iterator[str]:
+    """The Prefect server a CLI command records its runs on, so that they show in the UI the user
+    has open: `api_url` (--api-url or PREFECT_API_URL; it must answer), else the one `tinyllama
+    serve` runs for `data_dir` (its address recorded there), else a temporary one on a free port,
+    without the UI, stopped when the command ends. Temporary or not, a terminal's Ctrl-C does not
+    reach the server (a session of its own): the command reports its runs' end before it exits."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+
+    with contextlib.ExitStack() as stack:
+        api_url = api_url or os.environ.get("PREFECT_API_URL")
+        if api_url:
+            if not healthy(api_url):
+                raise ServeError(f"no Prefect server answers at {api_url} (--api-url / PREFECT_API_URL)")
+        elif not (api_url := served_api_url(data_dir)):
+            server = PrefectServer("127.0.0.1", _free_port(), Path(PREFECT_HOME.value()) / "temporary-server.log", ui=False)
+            print(
+                f"starting a temporary Prefect server (`tinyllama serve` keeps one, with the UI; log: {server.log_path})",
+                file=sys.stderr, flush=True,
+            )
+            stack.callback(server.stop)
+            server.start()
+            api_url = server.api_url
+        stack.callback(_drain_prefect_workers)  # before the server stops: else they wait for it at exit
+        stack.enter_context(_environment("PREFECT_API_URL", api_url))
+        stack.enter_context(temporary_settings(updates={PREFECT_API_URL: api_url}))
+        yield api_url
+
+
+def _drain_prefect_workers(timeout_s: float = 30) -> None:
+    """Send the events and logs this process still holds to the server."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (EventsWorker, APILogWorker):
+        worker.drain_all(timeout=timeout_s)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def served_api_url(data_dir: Path) -> str | None:
+    """The API URL that `tinyllama serve` recorded under `data_dir`, if its server answers."""
+    try:
+        api_url = json.loads((Path(data_dir) / SERVED_FILE).read_text())["api_url"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return api_url if healthy(api_url) else None
+
+
+@contextlib.contextmanager
+def _recorded_address(data_dir: Path, api_url: str) -> Iterator[None]:
+    """Record `api_url` under `data_dir` while serve runs, for the CLI's other commands to find."""
+    record = Path(data_dir) / SERVED_FILE
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"api_url": api_url, "pid": os.getpid()}))
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(record.read_text()).get("pid") == os.getpid():
+                record.unlink()
 
 
 @contextlib.contextmanager
@@ -244,12 +260,12 @@ def serve_main(
     automation that trains on every finished build-dataset deployment run.
     """
     configure_prefect(data_dir)
-    _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+    become_subreaper()
     handlers = {signal.SIGINT: signal.getsignal(signal.SIGINT), signal.SIGTERM: signal.getsignal(signal.SIGTERM)}
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # until the runner installs its own
     signal.signal(signal.SIGINT, _sigint_as_sigterm)
     try:
-        with prefect_api(host, port) as (api_url, server):
+        with prefect_api(host, port) as (api_url, server), _recorded_address(data_dir, api_url):
             try:
                 _serve(data_dir, build_config, train_config, epoch_schedule_active, train_after_build, api_url)
             finally:

@@ -19,8 +19,14 @@ from tasks.tokenizer import tokenizer
 
 
 @flow(name="build-dataset", flow_run_name="build-{config.name}")
-def build_dataset(config: BuildConfig) -> str:
-    """Build a tokenized dataset; returns the manifest's URI."""
+def build_dataset(config: BuildConfig, train_run: str = "") -> str:
+    """Build a tokenized dataset; returns the manifest's URI.
+
+    Args:
+        config: The build.
+        train_run: The training run that the build->train automation trains on this build
+            (default: see the train-on-build flow); the build itself does not use it.
+    """
     build = plan(config)
     ingest(build)
     if config.dedup.exact:

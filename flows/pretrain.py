@@ -8,11 +8,12 @@ continues only on the datasets it started with.
 
 from __future__ import annotations
 
-from prefect import flow
+from prefect import flow, get_run_logger
+from prefect.states import Completed, State
 from pydantic import Field
 
 from flows.build_dataset import build_dataset
-from flows.train import train as train_run
+from flows.train import train as train_run_flow
 from model.data import DataSource
 from model.train_config import TrainConfig
 from storage import build_layout
@@ -63,21 +64,38 @@ def pretrain(build: BuildConfig, train: TrainSettings) -> str:
         train: The training run; its data is the new build (plus any datasets listed).
     """
     check_same_data(train.with_build(manifest_uri(build)))  # before the build's work, not after
-    return train_run(train.with_build(build_dataset(build)))
+    return train_run_flow(train.with_build(build_dataset(build)))
+
+
+def own_run_name(build: BuildConfig, train: TrainSettings) -> str:
+    """The run a build trains on by default: the settings' run if it is new or already trains on
+    this build, else one named after the build (so every new build trains on a run of its own)."""
+    try:
+        check_same_data(train.with_build(manifest_uri(build)))
+    except ValueError:
+        return f"{build.name}-{build.resolved_build_id}"
+    return train.name
 
 
 @flow(name="train-on-build", flow_run_name="train-on-{build.name}")
-def train_on_build(build: BuildConfig, train: TrainSettings) -> str:
-    """Train on a finished build; returns the run's URI.
+def train_on_build(build: BuildConfig, train: TrainSettings, train_run: str = "") -> str | State:
+    """Train on a finished build; returns the run's URI (or a Completed "skipped" state).
 
     Args:
         build: The config of a finished build (the automation passes the build-dataset run's config).
-        train: The training run; its data is that build (plus any datasets listed).
+        train: The training settings; its data is that build (plus any datasets listed).
+        train_run: The run to train (default: own_run_name). A run that trains on other datasets
+            is skipped with a message, not failed.
     """
     manifest = manifest_uri(build)
     store, key = open_object(manifest)
     if not store.exists(key):
         raise ValueError(f"build {build.name!r} has no manifest at {manifest}: it has not finished")
-    config = train.with_build(manifest)
-    check_same_data(config)
-    return train_run(config)
+    name = train_run or own_run_name(build, train)
+    config = train.model_copy(update={"name": name}).with_build(manifest)
+    try:
+        check_same_data(config)
+    except ValueError as mismatch:
+        get_run_logger().warning("skipped: %s", mismatch)
+        return Completed(message=f"skipped: {mismatch}")
+    return train_run_flow(config)

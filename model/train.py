@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import logging
 import math
 import os
@@ -52,6 +51,7 @@ from model.flops import flops_per_token, mfu, peak_bf16_flops
 from model.llama import Llama, RMSNorm
 from model.metrics import MetricsLog
 from model.train_config import LRSchedule, TrainConfig
+from storage.processes import die_with_parent
 from storage.run_layout import RunLayout
 
 log = logging.getLogger("model.train")  # not __name__: that is __main__ under -m
@@ -405,10 +405,7 @@ def _die_with_torchrun() -> None:
     """Exit if torchrun's agent dies (even by SIGKILL): a worker must never outlive its launcher."""
     if sys.platform != "linux" or "TORCHELASTIC_RUN_ID" not in os.environ:
         return
-    parent = os.getppid()
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the agent died before prctl took effect
-        os._exit(1)
+    die_with_parent(signal.SIGKILL)
 
 
 def main(argv: list[str] | None = None) -> int:

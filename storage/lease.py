@@ -33,13 +33,13 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 from botocore.client import BaseClient
 from botocore.exceptions import ClientError
 from pydantic import BaseModel, ConfigDict
 
 from storage.manifest import record_bytes, sha256_bytes
+from storage.processes import process_alive, process_start
 from storage.s3 import S3Store
 from storage.store import LocalStore, ObjectNotFound, Store, StoreError, check_key
 
@@ -87,42 +87,11 @@ def _iso(moment: datetime) -> str:
     return moment.isoformat(timespec="seconds")
 
 
-def _stat_fields(pid: int) -> list[str] | None:
-    """/proc/PID/stat from field 3 (state) on, None where there is no such file."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()  # the name in parentheses may hold spaces
-
-
-def _process_start(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat (start time in ticks since boot), None where there is no /proc."""
-    fields = _stat_fields(pid)
-    return None if fields is None else int(fields[19])
-
-
-def _process_alive(pid: int, started: int | None) -> bool:
-    """Whether `pid` is a running process (not a zombie) and, if known, the same one that took the lease."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # exists, owned by another user
-    fields = _stat_fields(pid)
-    if fields is None:
-        return True  # no /proc: trust kill(0)
-    if fields[0] in ("Z", "X"):
-        return False
-    return started is None or int(fields[19]) == started
-
-
 def is_stale(record: LeaseRecord) -> bool:
     """Expired, or taken on this host by a process that is gone."""
     if _now() >= record.expires:
         return True
-    return record.host == socket.gethostname() and not _process_alive(record.pid, record.pid_started)
+    return record.host == socket.gethostname() and not process_alive(record.pid, record.pid_started)
 
 
 # --- compare-and-swap on one object ----------------------------------------------------------------
@@ -365,7 +334,7 @@ def acquire_lease(store: Store, key: str, owner: str, ttl_s: float = DEFAULT_TTL
             owner=owner,
             host=socket.gethostname(),
             pid=os.getpid(),
-            pid_started=_process_start(os.getpid()),
+            pid_started=process_start(os.getpid()),
             started=now,
             heartbeat=now,
             expires=now + timedelta(seconds=ttl_s),

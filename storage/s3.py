@@ -48,6 +48,7 @@ from storage.store import (
     ListedObject,
     ObjectNotFound,
     Store,
+    StoreAccessError,
     StoreError,
     atomic_output,
     check_key,
@@ -210,24 +211,25 @@ class S3Store(Store):
             code = str(error.get("Code", ""))
             status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             if code == "NoSuchBucket":
-                raise StoreError(f"cannot {action} {uri}: the bucket {self.bucket!r} does not exist") from err
+                raise StoreAccessError(f"cannot {action} {uri}: the bucket {self.bucket!r} does not exist") from err
             if code in _NOT_FOUND_CODES or status == 404:
                 raise ObjectNotFound(f"no such object: {uri}") from err
             if code in _ACCESS_DENIED_CODES or status == 403:
-                raise StoreError(
+                raise StoreAccessError(
                     f"access denied: cannot {action} {uri} ({code or status}); check the AWS credentials "
                     "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE) and the bucket's permissions"
                 ) from err
             message = error.get("Message", "")
             raise StoreError(f"cannot {action} {uri}: {code} (HTTP {status}) {message}".rstrip()) from err
         except (NoCredentialsError, PartialCredentialsError) as err:
-            raise StoreError(
+            raise StoreAccessError(
                 f"cannot {action} {uri}: no usable AWS credentials ({err}); set AWS_ACCESS_KEY_ID and "
                 "AWS_SECRET_ACCESS_KEY or AWS_PROFILE"
             ) from err
         except (BotocoreConnectionError, HTTPClientError, RetriesExceededError) as err:
             raise StoreError(
-                f"cannot {action} {uri}: S3 endpoint {_public_endpoint(client)} unreachable or failing: {err}"
+                f"cannot {action} {uri}: S3 endpoint {_public_endpoint(client)} unreachable or failing "
+                f"(check AWS_ENDPOINT_URL): {err}"
             ) from err
         except BotoCoreError as err:
             raise StoreError(f"cannot {action} {uri}: {err}") from err

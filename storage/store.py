@@ -28,6 +28,11 @@ class StoreError(Exception):
     """A store operation failed; the message names the object's URI."""
 
 
+class StoreAccessError(StoreError):
+    """The store refused in a way a retry does not change: access denied, no usable credentials,
+    no such bucket. The message says what to fix."""
+
+
 class ObjectNotFound(StoreError, FileNotFoundError):
     """The key does not exist in the store."""
 

@@ -16,6 +16,7 @@ from prefect.cache_policies import NO_CACHE
 
 from storage.lease import LeaseHeld
 from storage.manifest import ShardResult, StageSummary
+from storage.store import StoreAccessError
 
 STAGE_RETRIES = 2
 RETRY_DELAY_S = 5
@@ -46,9 +47,10 @@ Run = Callable[[Stage], StageSummary]
 
 def is_transient(_task, _task_run, state) -> bool:
     """Retry crashes, lost workers and store outages; not bad input or bad config (ValueError),
-    which fails the same way every time, nor a training run that another job holds."""
+    nor a store that refuses access (StoreAccessError), which fail the same way every time, nor a
+    training run that another job holds."""
     error = state.result(raise_on_failure=False)
-    return not isinstance(error, (ValueError, LeaseHeld))
+    return not isinstance(error, (ValueError, LeaseHeld, StoreAccessError))
 
 
 def stage_task(name: str, retries: int = STAGE_RETRIES):

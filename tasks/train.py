@@ -13,50 +13,47 @@
   resumes from the newest checkpoint on the store (never from Ray's own checkpoints).
 
 Either way the task streams progress (read from the run folder's progress.json, which rank 0
-keeps current wherever it runs) into a Prefect progress artifact, ends with a table
-artifact of the final metrics and a link to the loss curve, and a retry (or the next run of
-the same config) resumes from the newest checkpoint.
+keeps current wherever it runs) into a Prefect progress artifact, ends with a table artifact of
+the final metrics and the loss curve shown inline (tasks/train_report.py), and a retry (or the
+next run of the same config) resumes from the newest checkpoint.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
 import uuid
-from collections import defaultdict
 from collections.abc import Callable
-from pathlib import Path
 from typing import IO
 
 from prefect import get_run_logger
 from prefect.artifacts import (
-    create_link_artifact,
+    create_markdown_artifact,
     create_progress_artifact,
     create_table_artifact,
     update_progress_artifact,
 )
 from prefect.runtime import flow_run
 
+from model.checkpoint import latest_checkpoint
 from model.data import DataError, load_manifests
 from model.metrics import read_metrics, read_progress
 from model.train import DETERMINISTIC_FAILURE, deterministic_failure_line
 from model.train_config import DataSource, TorchrunLauncher, TrainConfig
 from storage.lease import acquire_lease
+from storage.processes import stop_process_tree
 from storage.run_layout import CONFIG_FILE, LEASE_FILE, LOSS_PLOT, METRICS_FILE, RunLayout
 from storage.store import ObjectNotFound, open_store
 from tasks.fanout import ensure_ray
 from tasks.reporting import artifact_key
 from tasks.stage import stage_task
+from tasks.train_report import SegmentStatus, loss_curve_markdown, metrics_rows
 
 POLL_S = 2.0
-# How long torchrun gets to stop its workers after SIGTERM before everything is killed.
-STOP_GRACE_S = 15.0
 
 
 class TrainingFailed(RuntimeError):
@@ -103,49 +100,6 @@ def run_config(output: str, run: str) -> TrainConfig:
 # --- torchrun ---------------------------------------------------------------------------------------
 
 
-def parent_pid(pid: int) -> int | None:
-    """The parent of `pid` (from /proc), None once it has exited."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[1])  # the name in parentheses may hold spaces
-
-
-def process_tree(root: int) -> list[int]:
-    """The pids of every descendant of `root` (from /proc), children before grandchildren."""
-    children: dict[int, list[int]] = defaultdict(list)
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and (parent := parent_pid(int(entry))) is not None:
-            children[parent].append(int(entry))
-    tree, todo = [], [root]
-    while todo:
-        kids = children[todo.pop(0)]
-        tree.extend(kids)
-        todo.extend(kids)
-    return tree
-
-
-def stop_process_tree(process: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
-    """SIGTERM the launcher's process group, then SIGKILL whatever of its tree is still alive.
-
-    torchrun starts each worker in a session of its own, so the group signal reaches torchrun
-    only (it then stops its workers); the tree is listed first because workers whose agent died
-    are re-parented and could no longer be found from it.
-    """
-    tree = set(process_tree(process.pid))
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        tree.update(process_tree(process.pid))
-    for pid in [process.pid, *tree]:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    process.wait()
-
-
 # The workers' own log timestamp: Prefect (or any on_line logger) stamps each line again.
 _LEADING_TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[,.]\d+ ")
 
@@ -161,11 +115,9 @@ def _forward_lines(stream: IO[str], on_line: Callable[[str], None], failures: li
 # `python -m torch.distributed.run ARGS` that the kernel kills if its launcher dies, even by SIGKILL
 # (PR_SET_PDEATHSIG survives exec; the training workers do the same towards torchrun).
 _TORCHRUN_BOUND_TO_PARENT = """\
-import ctypes, os, runpy, signal, sys
-parent = os.getppid()
-ctypes.CDLL(None).prctl(1, signal.SIGKILL)
-if os.getppid() != parent:
-    sys.exit("torchrun: the launcher exited before training started")
+import runpy, signal, sys
+from storage.processes import die_with_parent
+die_with_parent(signal.SIGKILL)
 sys.argv[0] = "torchrun"
 runpy.run_module("torch.distributed.run", run_name="__main__", alter_sys=True)
 """
@@ -304,34 +256,41 @@ def launch_ray(config: TrainConfig, config_uri: str, on_poll: Callable[[], None]
 # --- the Prefect task -------------------------------------------------------------------------------
 
 
-def latest_step(config: TrainConfig) -> int:
-    """The last step rank 0 reported to the run folder on the store (0 before the first),
+def latest_record(config: TrainConfig) -> dict | None:
+    """The last step's record rank 0 put on the run folder (None before the first step),
     whichever launcher runs the job and wherever rank 0 is."""
-    progress = read_progress(open_store(config.run_uri))
-    return progress["step"] if progress else 0
+    return read_progress(open_store(config.run_uri))
+
+
+def latest_step(config: TrainConfig) -> int:
+    record = latest_record(config)
+    return record["step"] if record else 0
 
 
 def progress_reporter(config: TrainConfig) -> Callable[[], None]:
-    """A callback that moves the run's progress artifact to the latest step."""
+    """A callback that moves this segment's progress artifact to the latest step (tasks/train_report.py)."""
+    newest = latest_checkpoint(open_store(config.run_uri))
+    segment = SegmentStatus.of(newest.step if newest else 0, config.max_steps, config.max_steps_this_run)
     artifact_id = create_progress_artifact(
-        0.0, key=artifact_key(config.name, "train-progress"), description=f"{config.name}: optimizer steps"
+        0.0, key=artifact_key(config.name, "train-progress"), description=f"{config.name}: {segment.describe(None)}"
     )
     last = -1
 
     def update() -> None:
         nonlocal last
-        step = latest_step(config)
+        record = latest_record(config)
+        step = record["step"] if record else segment.start_step
         if step != last:
             last = step
             update_progress_artifact(
-                artifact_id, 100.0 * step / config.max_steps, description=f"{config.name}: step {step}/{config.max_steps}"
+                artifact_id, segment.percent(step), description=f"{config.name}: {segment.describe(record)}"
             )
 
     return update
 
 
 def report_final(config: TrainConfig) -> dict:
-    """Table artifact of the last step's metrics and a link to the loss curve; returns that record."""
+    """Table artifact of the last step's metrics and the loss curve (inline); returns that record."""
     run_store = open_store(config.run_uri)
     try:
         records = read_metrics(run_store.get_text(METRICS_FILE))
@@ -339,13 +298,12 @@ def report_final(config: TrainConfig) -> dict:
         records = []
     final = records[-1] if records else {}
     create_table_artifact(
-        [{"metric": name, "value": value} for name, value in final.items()],
+        metrics_rows(final),
         key=artifact_key(config.name, "train-metrics"),
         description=f"{config.name}: metrics of the last step ({config.run_uri})",
     )
-    create_link_artifact(
-        run_store.url(LOSS_PLOT),
-        link_text=f"{config.name} loss curve",
+    create_markdown_artifact(
+        loss_curve_markdown(run_store, LOSS_PLOT, f"{config.name}: loss curve"),
         key=artifact_key(config.name, "loss-curve"),
         description="Training loss against optimizer step",
     )

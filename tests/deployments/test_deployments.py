@@ -137,3 +137,30 @@ def test_an_existing_run_continues_only_on_its_own_datasets(tmp_path):
     check_same_data(settings.with_build(str(tmp_path / "a/manifest.json")))
     with pytest.raises(ValueError, match="give this training its own run name"):
         check_same_data(settings.with_build(str(tmp_path / "b/manifest.json")))
+
+
+def test_a_build_submitted_with_a_run_name_trains_that_run_and_a_mismatch_is_skipped(served, finished_build):
+    import subprocess
+    import sys
+
+    build_yaml = served.data.parent / "build.yaml"  # the corpus under another build name: a new build
+    done = subprocess.run(
+        [sys.executable, "-m", "deployments.cli", "--data", str(served.data), "submit-build", str(build_yaml),
+         "--train-run", "cli-run", "--api-url", served.api_url, "--wait"],
+        capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
+    )
+    assert done.returncode == 0 and done.stdout.startswith("Completed: http"), done.stdout + done.stderr + served.log_tail()
+    def triggered_by_it() -> list[FlowRun]:
+        return [run for run in served.call(_runs_of, TRAIN_ON_BUILD) if run.parameters["build"]["name"] == "sample"]
+
+    (triggered,) = served.wait_for(triggered_by_it, RUN_TIMEOUT_S, "the run triggered by the submitted build")
+    assert triggered.parameters["train_run"] == "cli-run"
+    assert_completed(served.wait_for(lambda: finished(served, triggered.id), RUN_TIMEOUT_S, "training"), served)
+    new_build = served.build
+    assert [d.manifest for d in run_config(str(served.data), "cli-run").data] == [manifest_uri(new_build)]
+
+    # The same build named onto a run that trains on another build: a clear skip, not a failure.
+    with served.api():
+        skipped = submit(TRAIN_ON_BUILD, {"build": new_build.model_dump(mode="json"), "train_run": RUN}, wait=True)
+    assert_completed(skipped, served)
+    assert skipped.state.message.startswith("skipped: run ") and "give this training its own run name" in skipped.state.message

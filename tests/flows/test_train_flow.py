@@ -68,8 +68,9 @@ def test_train_flow_trains_checkpoints_and_reports(prefect_server, bucket_prefix
     found = artifacts(["flow-run-train-progress", "flow-run-train-metrics", "flow-run-loss-curve"])
     assert found["flow-run-train-progress"].data == 100.0
     table = {row["metric"]: row["value"] for row in json.loads(found["flow-run-train-metrics"].data)}
-    assert table["step"] == STEPS and table["loss"] == records[-1]["loss"]
+    assert table["step"] == f"{STEPS:,}" and table["loss"] == f"{records[-1]['loss']:.4g}"
     assert run_uri + "/plots/loss.png" in found["flow-run-loss-curve"].data
+    assert "](data:image/png;base64,iVBOR" in found["flow-run-loss-curve"].data  # the PNG itself, inline
 
     # The Prefect log: a line per log_every (10) steps and per checkpoint, not per step; no
     # torchrun banner, no second timestamp inside the line.

@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from tasks.config import BuildConfig
-from tasks.train import process_tree
+from storage.processes import process_tree
 from tests.fixtures.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]

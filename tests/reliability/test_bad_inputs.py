@@ -17,7 +17,7 @@ from flows.build_dataset import build_dataset
 from storage.store import open_store
 from tasks.config import BuildConfig
 from tasks.ingest import IngestError
-from tasks.train import process_tree
+from storage.processes import process_tree
 from tests.builds import load_manifest
 from tests.reliability.hostile import MAX_RECORD_BYTES, write_hostile_corpus
 

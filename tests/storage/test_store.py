@@ -26,6 +26,7 @@ from storage.store import (
     LocalStore,
     ObjectNotFound,
     Store,
+    StoreAccessError,
     StoreError,
     open_object,
     open_store,
@@ -278,7 +279,7 @@ def test_wrong_credentials_give_a_clear_error_without_the_secret(s3_bucket_uri, 
     monkeypatch.setenv(variable, wrong_value)
     store = open_store(f"{s3_bucket_uri}/creds")
     for operation in [lambda: store.get_bytes("obj"), lambda: store.put_bytes("obj", b"x"), lambda: store.size("obj")]:
-        with pytest.raises(StoreError) as caught:
+        with pytest.raises(StoreAccessError) as caught:  # not retried: a retry would fail the same way
             operation()
         message = str(caught.value)
         assert message.startswith("access denied: cannot ")
@@ -291,7 +292,7 @@ def test_wrong_credentials_give_a_clear_error_without_the_secret(s3_bucket_uri, 
 
 def test_missing_credentials_and_bucket(s3_bucket_uri, monkeypatch, tmp_path):
     store = open_store("s3://no-such-bucket-tinyllama/p")
-    with pytest.raises(StoreError, match="the bucket 'no-such-bucket-tinyllama' does not exist") as caught:
+    with pytest.raises(StoreAccessError, match="the bucket 'no-such-bucket-tinyllama' does not exist") as caught:
         store.get_bytes("k")
     assert "s3://no-such-bucket-tinyllama/p/k" in str(caught.value)
 
@@ -300,7 +301,7 @@ def test_missing_credentials_and_bucket(s3_bucket_uri, monkeypatch, tmp_path):
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    with pytest.raises(StoreError, match="no usable AWS credentials") as caught:
+    with pytest.raises(StoreAccessError, match="no usable AWS credentials") as caught:
         open_store(s3_bucket_uri).get_bytes("k")
     assert f"{s3_bucket_uri}/k" in str(caught.value)
 
@@ -314,7 +315,7 @@ def test_unreachable_endpoint_fails_fast_naming_endpoint_and_uri(s3_bucket_uri, 
         with pytest.raises(StoreError) as caught:
             operation()
         assert time.monotonic() - started < 30
-        assert f"127.0.0.1:{closed_port}" in str(caught.value)
+        assert f"127.0.0.1:{closed_port}" in str(caught.value) and "AWS_ENDPOINT_URL" in str(caught.value)
         assert f"{s3_bucket_uri}/offline" in str(caught.value)
 
 

@@ -15,10 +15,11 @@ from prefect.states import Failed
 
 from model.checkpoint import complete_checkpoints
 from model.train_config import TorchrunLauncher
+from storage.processes import process_tree
 from storage.run_layout import RunLayout
 from storage.store import open_object, open_store
 from tasks.stage import is_transient
-from tasks.train import TrainingInputError, launch_ray, launch_torchrun, latest_step, prepare_config, process_tree
+from tasks.train import TrainingInputError, launch_ray, launch_torchrun, latest_step, prepare_config
 from tests.fixtures.ports import free_port
 from tests.model.runs import (
     START_TIMEOUT_S, STEPS, metrics, short_documents_build, train_config, train_state, training_processes, wait_until,

@@ -1,0 +1,167 @@
+"""How a CLI command runs flows in its own process, and how it ends.
+
+    with flow_session(data_dir, api_url) as session:
+        manifest_uri = session.run(build_dataset, config)
+
+- Its runs are recorded on the server the user runs, else on a temporary one
+  (deployments/serve.py `server_for_command`).
+- Nothing outlives it: the command is a child subreaper (orphaned grandchildren, such as Ray's
+  agents, are re-parented to it and stopped at the end) and a guardian process stops its whole
+  tree if it dies, even by SIGKILL (storage/processes.py).
+- Ctrl-C or SIGTERM stops the work (the flow's tasks, Ray, training processes), marks its
+  Prefect runs Cancelled (the flow run, its task runs and subflow runs), and exits 130 with a
+  one-line message. Whatever was half-written is redone by the next run (receipts, COMMIT markers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+from deployments.errors import Interrupted, debug_enabled
+from deployments.serve import server_for_command
+from deployments.terminal import progress_bars
+from storage.processes import become_subreaper, guard_process_tree, stop_descendants
+
+CLEANUP_GRACE_S = 5.0
+
+
+def _raise_keyboard_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+class FlowSession:
+    def __init__(self) -> None:
+        self.flow_runs: list[UUID] = []  # the runs of the flows this command called
+
+    def run(self, flow, *args: Any, **kwargs: Any) -> Any:
+        """Call `flow` here, remembering its run (for the progress bars, and so that an interrupt can
+        cancel it)."""
+
+        def remember_flow_run(_flow, flow_run, _state) -> None:
+            if flow_run.id not in self.flow_runs:
+                self.flow_runs.append(flow_run.id)
+
+        with progress_bars(self.flow_runs):
+            return flow.with_options(on_running=[*flow.on_running_hooks, remember_flow_run])(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def flow_session(data_dir: Path, api_url: str | None = None) -> Iterator[FlowSession]:
+    """See the module docstring; raises Interrupted after an interrupt has been cleaned up."""
+    become_subreaper()
+    guard_process_tree()
+    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # Prefect's own handler inside flow runs
+    session = FlowSession()
+    try:
+        with server_for_command(data_dir, api_url) as server_api:
+            if not debug_enabled():
+                _console_without_tracebacks()
+            try:
+                yield session
+            except BaseException as error:
+                if not _is_interrupt(error):
+                    raise
+                for signum in (signal.SIGINT, signal.SIGTERM):  # the clean-up is short: let it finish
+                    signal.signal(signum, signal.SIG_IGN)
+                _stop_work()
+                cancelled = _cancel_runs(session.flow_runs)
+                raise Interrupted(f"interrupted: the work stopped; {cancelled} Prefect run(s) marked Cancelled "
+                                  f"on {server_api} (a rerun redoes only what was not finished)") from None
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
+        _stop_work()
+        stop_descendants(grace_s=CLEANUP_GRACE_S)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _WithoutTraceback(logging.Formatter):
+    """A console formatter that leaves out tracebacks: the CLI ends with one line saying what
+    failed; the run's logs in the UI (and --debug) keep them."""
+
+    def __init__(self, inner: logging.Formatter | None):
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        bare = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None, "stack_info": None})
+        return self.inner.format(bare)
+
+
+def _console_without_tracebacks() -> None:
+    import prefect.main  # noqa: F401  (sets up Prefect's logging, console handler included)
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    loggers = [logging.getLogger(), *(logging.getLogger(name) for name in list(logging.root.manager.loggerDict))]
+    for handler in {h for logger in loggers for h in getattr(logger, "handlers", [])}:
+        if isinstance(handler, PrefectConsoleHandler) and not isinstance(handler.formatter, _WithoutTraceback):
+            handler.setFormatter(_WithoutTraceback(handler.formatter))
+
+
+def _is_interrupt(error: BaseException) -> bool:
+    from prefect.exceptions import TerminationSignal
+
+    return isinstance(error, (KeyboardInterrupt, TerminationSignal)) or (
+        type(error).__name__ == "Abort" and isinstance(error.__cause__, KeyboardInterrupt)
+    )
+
+
+def _stop_work() -> None:
+    """Stop Ray (its workers run the stage's shards) if this process started it; training processes
+    were stopped by their launcher on the way out."""
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+
+
+def _cancel_runs(flow_runs: list[UUID]) -> int:
+    """Mark the interrupted flow runs Cancelled, with their unfinished task runs and subflow runs."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterParentTaskRunId,
+        TaskRunFilter,
+        TaskRunFilterFlowRunId,
+    )
+    from prefect.states import Cancelled
+
+    message = "Cancelled by an interrupt of the command line (Ctrl-C or SIGTERM)"
+    cancelled = 0
+    with get_client(sync_client=True) as client:
+        todo = list(flow_runs)
+        while todo:
+            flow_run_id = todo.pop()
+            if _finished(client.read_flow_run(flow_run_id).state):
+                continue  # an earlier flow of the command that had ended
+            client.set_flow_run_state(flow_run_id, Cancelled(message=message), force=True)
+            cancelled += 1
+            task_runs = client.read_task_runs(
+                task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[flow_run_id]))
+            )
+            for task_run in task_runs:
+                if not _finished(task_run.state):
+                    client.set_task_run_state(task_run.id, Cancelled(message=message), force=True)
+                    cancelled += 1
+            if task_runs:
+                subflows = client.read_flow_runs(
+                    flow_run_filter=FlowRunFilter(
+                        parent_task_run_id=FlowRunFilterParentTaskRunId(any_=[t.id for t in task_runs])
+                    )
+                )
+                todo.extend(run.id for run in subflows if not _finished(run.state) and run.id not in flow_runs)
+    return cancelled
+
+
+def _finished(state) -> bool:
+    return state is not None and (state.is_completed() or state.is_failed() or state.is_cancelled())

@@ -1,0 +1,198 @@
+"""The `tinyllama` command line as a user runs it: subprocesses on a small sample corpus.
+
+One build of the corpus is shared: the reference of the interrupted build, and the check that a
+command uses the server it is pointed at (or the one `tinyllama serve` recorded) and starts none.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from storage.processes import process_alive, process_start, process_tree
+from tasks.sample_corpus import make_sample_corpus
+from tests.builds import build_objects
+
+TEMPORARY_SERVER_LINE = "starting a temporary Prefect server"
+INTERRUPT_DEADLINE_S = 15
+ORPHAN_DEADLINE_S = 10
+
+
+def cli(*args: str, env: dict | None = None, **options) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "deployments.cli", *args], capture_output=True, text=True, env=env or os.environ,
+        timeout=600, **options,
+    )
+
+
+def start_cli(*args: str, env: dict, log: Path) -> subprocess.Popen:
+    """The CLI in a session of its own, like a command in a terminal (whose Ctrl-C signals the group)."""
+    with open(log, "w") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "deployments.cli", *args], env=env, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def without_prefect(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL" and k != "RAY_ADDRESS"}
+    return {**env, **extra}
+
+
+def wait_for(predicate, timeout_s: float, process: subprocess.Popen | None = None) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        assert process is None or process.poll() is None, "the command ended before the moment it was waited for"
+        time.sleep(0.2)
+    return predicate()
+
+
+@pytest.fixture(scope="module")
+def build_yaml(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cli")
+    corpus = make_sample_corpus(root / "raw", target_bytes=96 << 10, seed=5)
+    config = yaml.safe_load(Path(corpus["config"]).read_text())
+    config.update(tokenizer={"train": {"vocab_size": 512}}, dedup={"exact": True, "near": False})
+    path = root / "build.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(build_yaml, prefect_server, tmp_path_factory) -> str:
+    """A completed build, run against the server recorded as `tinyllama serve`'s under the data folder."""
+    root = tmp_path_factory.mktemp("reference")
+    (root / "data" / "prefect").mkdir(parents=True)
+    (root / "data" / "prefect" / "serve.json").write_text(json.dumps({"api_url": prefect_server, "pid": 1}))
+    done = cli("--data", str(root / "data"), "build-dataset", str(build_yaml), "--output", str(root / "out"),
+               env=without_prefect())
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert TEMPORARY_SERVER_LINE not in done.stderr
+    assert done.stdout.strip().splitlines()[-1].endswith("manifest.json")
+    return str(root / "out")
+
+
+def flow_runs_of(api_url: str, output: str) -> list:
+    """The build-dataset flow runs (on `api_url`) that built into `output`."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_flow_runs()
+
+    os.environ["PREFECT_API_URL"] = api_url
+    return [run for run in asyncio.run(read()) if run.parameters.get("config", {}).get("output") == output]
+
+
+@pytest.mark.slow
+def test_a_command_uses_the_given_server_and_ctrl_c_cancels_its_runs(build_yaml, reference, prefect_server, tmp_path):
+    out = str(tmp_path / "out")
+    env = without_prefect(PREFECT_API_URL=prefect_server)
+    process = start_cli("--data", str(tmp_path / "data"), "build-dataset", str(build_yaml), "--output", out,
+                        env=env, log=tmp_path / "cli.log")
+    receipts = tmp_path / "out" / "datasets" / "sample"
+    assert wait_for(lambda: any(receipts.glob("*/receipts/ingest/*")), 300, process), (tmp_path / "cli.log").read_text()
+    os.killpg(process.pid, signal.SIGINT)  # Ctrl-C in the terminal
+    interrupted = time.monotonic()
+    process.wait(timeout=60)
+    took = time.monotonic() - interrupted
+    log = (tmp_path / "cli.log").read_text()
+    assert process.returncode == 130, log
+    assert took < INTERRUPT_DEADLINE_S, log
+    assert log.strip().splitlines()[-1].startswith("interrupted: the work stopped"), log
+    assert TEMPORARY_SERVER_LINE not in log  # PREFECT_API_URL's server recorded the run
+    assert not any(receipts.glob("*/manifest.json"))
+    assert [run.state.name for run in flow_runs_of(prefect_server, out)] == ["Cancelled"]
+
+    rerun = cli("--data", str(tmp_path / "data"), "build-dataset", str(build_yaml), "--output", out, env=env)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert build_objects(out, receipts=False) == build_objects(reference, receipts=False)
+    assert sorted(run.state.name for run in flow_runs_of(prefect_server, out)) == ["Cancelled", "Completed"]
+
+
+@pytest.mark.slow
+def test_a_sigkilled_command_leaves_no_process_behind(build_yaml, tmp_path):
+    """No server to use: the command starts a temporary Prefect server, and Ray; SIGKILL (which
+    runs no clean-up) must still take them down."""
+    process = start_cli("--data", str(tmp_path / "data"), "build-dataset", str(build_yaml), "--output",
+                        str(tmp_path / "out"), env=without_prefect(), log=tmp_path / "cli.log")
+    try:
+        ray_started = lambda: "Started a local Ray instance" in (tmp_path / "cli.log").read_text()  # noqa: E731
+        assert wait_for(ray_started, 300, process), (tmp_path / "cli.log").read_text()
+        time.sleep(2)  # Ray's agents start after the driver's message; the guardian lists them twice a second
+        tree = {pid: process_start(pid) for pid in process_tree(process.pid)}
+        commands = " ".join(Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace") for pid in tree)
+        assert "prefect" in commands and "raylet" in commands, commands
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        alive = lambda: [pid for pid, started in tree.items() if process_alive(pid, started)]  # noqa: E731
+        assert wait_for(lambda: not alive(), ORPHAN_DEADLINE_S), [
+            Path(f"/proc/{pid}/cmdline").read_bytes()[:100] for pid in alive()
+        ]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def test_bad_input_gives_one_line_naming_the_file_and_exit_code_2(build_yaml, tmp_path):
+    config = yaml.safe_load(build_yaml.read_text())
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(yaml.safe_dump({**config, "sources": [{**config["sources"][0], "text_feild": "x"}]}))
+    not_yaml = tmp_path / "broken.yaml"
+    not_yaml.write_text("name: [unclosed\n")
+    bad_value = tmp_path / "bad-value.yaml"
+    bad_value.write_text(yaml.safe_dump({**config, "shard_tokens": -1}))
+    cases = {
+        typo: f"error: {typo}: sources.0.text_feild: unknown key (did you mean 'text_field'?)",
+        not_yaml: f"error: {not_yaml}: not valid YAML (line 2, column 1)",
+        tmp_path / "missing.yaml": f"error: {tmp_path / 'missing.yaml'}: No such file or directory",
+        bad_value: f"error: {bad_value}: shard_tokens: Input should be greater than 0",
+    }
+    for path, message in cases.items():
+        # -X importtime lists every module imported: the config is checked before Prefect is loaded.
+        done = subprocess.run(
+            [sys.executable, "-X", "importtime", "-m", "deployments.cli", "build-dataset", str(path)],
+            capture_output=True, text=True, env=without_prefect(),
+        )
+        errors = [line for line in done.stderr.splitlines() if not line.startswith("import time:")]
+        assert done.returncode == 2, done.stderr
+        assert len(errors) == 1 and errors[0].startswith(message), errors
+        assert "prefect" not in done.stderr and "Traceback" not in done.stderr
+
+    debug = cli("--debug", "build-dataset", str(typo), env=without_prefect())
+    assert debug.returncode == 2 and "Traceback" in debug.stderr
+    assert cli("build-dataset", env=without_prefect()).returncode == 2  # a usage error: click's message
+
+
+def test_a_failure_exits_1_with_its_cause_and_submit_needs_a_server(build_yaml, tmp_path):
+    done = cli("--data", str(tmp_path / "data"), "submit-build", str(build_yaml), "--api-url", "http://127.0.0.1:9/api",
+               env=without_prefect())
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        "error: no Prefect server answers at http://127.0.0.1:9/api: start `tinyllama serve` first (or pass --api-url)"
+    )
+    assert cli("--version").stdout.startswith("tinyllama ")
+
+
+def test_a_store_that_refuses_access_fails_at_once_naming_it(build_yaml, s3_bucket_uri, prefect_server, tmp_path):
+    missing = "s3://no-such-bucket-tinyllama/out"
+    done = cli("--data", str(tmp_path / "data"), "build-dataset", str(build_yaml), "--output", missing,
+               env=without_prefect(PREFECT_API_URL=prefect_server))
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        f"error: cannot read {missing}/datasets/sample/"
+    ) and "the bucket 'no-such-bucket-tinyllama' does not exist" in done.stderr
+    assert "Retry 1/" not in done.stdout + done.stderr  # a retry would fail the same way

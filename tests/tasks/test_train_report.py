@@ -1,0 +1,41 @@
+"""What a training run shows in the Prefect UI: the segment status, rounded metrics, the inline loss curve."""
+
+from __future__ import annotations
+
+import base64
+
+from tasks.train_report import SegmentStatus, duration, loss_curve_markdown, metrics_rows
+
+
+def test_a_segment_runs_from_0_to_100_percent_of_its_own_steps():
+    segment = SegmentStatus.of(start_step=1950, max_steps=2000, max_steps_this_run=100)
+    assert (segment.start_step, segment.stop_step) == (1950, 2000)  # the run's end comes first
+    segment = SegmentStatus.of(start_step=1000, max_steps=2000, max_steps_this_run=50)
+    assert [segment.percent(step) for step in (1000, 1025, 1050)] == [0.0, 50.0, 100.0]
+    record = {"step": 1025, "loss": 5.43219, "tokens_per_s": 8213.7, "mfu": 0.3104}
+    text = segment.describe(record)
+    assert text.startswith("step 1025/2000 · segment 1000→1050 · loss 5.432 · 8.2k tokens/s · MFU 31.0% · ETA ")
+    assert "MFU" not in segment.describe({**record, "mfu": None})  # unknown on CPU: left out
+    assert segment.describe({**record, "step": 1050}).endswith("segment done")
+
+
+def test_final_metrics_are_rounded_and_times_readable():
+    rows = metrics_rows({"step": 12000, "loss": 0.000994459753267812, "mfu": None, "step_time_s": 65.2,
+                         "time": 1764547200.5, "lr": 4e-4})
+    assert rows == [
+        {"metric": "step", "value": "12,000"},
+        {"metric": "loss", "value": "0.0009945"},
+        {"metric": "step_time_s", "value": "1m05s"},
+        {"metric": "time", "value": "2025-12-01 00:00:00 UTC"},
+        {"metric": "lr", "value": "0.0004"},
+    ]
+    assert [duration(s) for s in (3.25, 42, 7300)] == ["3.2s", "42s", "2h01m"]
+
+
+def test_the_loss_curve_is_embedded_as_a_data_uri(store):
+    assert "No loss plot yet" in loss_curve_markdown(store, "plots/loss.png", "r: loss curve")
+    png = b"\x89PNG\r\n\x1a\n" + bytes(range(40))
+    store.put_bytes("plots/loss.png", png)
+    text = loss_curve_markdown(store, "plots/loss.png", "r: loss curve")
+    assert f"![loss curve](data:image/png;base64,{base64.b64encode(png).decode()})" in text
+    assert store.url("plots/loss.png") in text
