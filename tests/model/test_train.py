@@ -62,6 +62,7 @@ def sentencepiece_model() -> bytes:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(" ".join(rng.choice(words) for _ in range(8)) for _ in range(500)),
         model_writer=model, vocab_size=320, model_type="bpe", byte_fallback=True, minloglevel=2,
+        normalization_rule_name="identity", remove_extra_whitespaces=False,  # as the build trains them
     )
     return model.getvalue()
 
