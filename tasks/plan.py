@@ -6,7 +6,6 @@ boundaries depend only on the inputs and the config, never on the number of work
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import re
 from functools import cached_property
@@ -53,6 +52,44 @@ def ordinal_of(document: int) -> int:
     return document >> 32
 
 
+def glob_regex(pattern: str) -> re.Pattern[str]:
+    """A '/'-separated glob as a regex over keys, by POSIX glob and pathlib rules.
+
+    `*`, `?` and `[...]` match within one path segment, never across '/'; `**` as a whole
+    segment matches any number of folders (a last `**` also the file); a segment starting with
+    '.' (a hidden file or folder) matches only where the pattern's segment starts with '.'.
+    """
+    segments = pattern.split("/")
+    regex = []
+    for position, segment in enumerate(segments):
+        last = position == len(segments) - 1
+        if segment == "**":
+            regex.append(r"(?:(?!\.)[^/]+/)*" + (r"(?!\.)[^/]+" if last else ""))
+            continue
+        regex.append(("" if segment.startswith(".") else r"(?!\.)") + _segment_regex(segment) + ("" if last else "/"))
+    return re.compile("".join(regex))
+
+
+def _segment_regex(segment: str) -> str:
+    out, i = [], 0
+    while i < len(segment):
+        char = segment[i]
+        i += 1
+        if char == "*":
+            out.append("[^/]*")
+        elif char == "?":
+            out.append("[^/]")
+        elif char == "[" and (end := segment.find("]", i + 1 + (segment[i : i + 1] == "!"))) != -1:
+            # a class: '!' first negates it, a ']' right after '[' or '[!' is a member
+            body, i = segment[i:end], end + 1
+            negate = body.startswith("!")
+            body = re.sub(r"([\\^\[])", r"\\\1", body[1:] if negate else body)
+            out.append(f"[^/{body}]" if negate else f"(?!/)[{body}]")
+        else:
+            out.append(re.escape(char))
+    return "".join(out)
+
+
 def list_source(source: SourceConfig) -> list[tuple[str, int]]:
     """(uri, size) of every input file of a source, sorted by URI."""
     if _GLOB.search(source.uri) is None:
@@ -64,7 +101,8 @@ def list_source(source: SourceConfig) -> list[tuple[str, int]]:
     static, _, _ = _GLOB.split(source.uri, 1)[0].rpartition("/")
     store = open_store(static or ".")
     pattern = source.uri[len(static) + 1 :] if static else source.uri
-    found = [(store.url(key), store.size(key)) for key in store.list() if fnmatch.fnmatchcase(key, pattern)]
+    regex = glob_regex(pattern)
+    found = [(store.url(key), store.size(key)) for key in store.list() if regex.fullmatch(key)]
     if not found:
         raise PlanError(f"source {source.name!r}: no input matches {source.uri}")
     return sorted(found)
