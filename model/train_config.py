@@ -211,7 +211,7 @@ class TrainConfig(Section):
     @property
     def run_uri(self) -> str:
         """<output>/runs/<name>, as an absolute store URI."""
-        return open_store(self.output).url(join_key("runs", self.name))
+        return open_store(self.output).child(join_key("runs", self.name)).uri
 
     @property
     def local_dir(self) -> Path:

@@ -134,7 +134,7 @@ class Store(ABC):
         return None
 
     def child(self, prefix: str) -> Store:
-        """A store rooted at `prefix` inside this one."""
+        """A store rooted at `prefix` inside this one (InvalidKey if `prefix` would leave this root)."""
         return open_store(self.url(prefix.removesuffix("/")))
 
     def get_text(self, key: str) -> str:
@@ -163,6 +163,10 @@ class LocalStore(Store):
         if not self._inside(path):  # e.g. through a symlink
             raise InvalidKey(f"key {key!r} resolves outside the store root {self.uri}")
         return path
+
+    def child(self, prefix: str) -> LocalStore:
+        """The folder `prefix` as a store; one that resolves outside this root (a symlink) is refused."""
+        return LocalStore(self._path(prefix.removesuffix("/")))
 
     def _missing(self, key: str) -> ObjectNotFound:
         return ObjectNotFound(f"no such object: {self.url(key)}")

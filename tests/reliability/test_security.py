@@ -17,10 +17,24 @@ import pytest
 from pydantic import ValidationError
 
 from flows.build_dataset import build_dataset
+from model.train_config import TrainConfig
 from storage.store import InvalidKey, open_store
+from tasks.train import run_config
 from tests.builds import sample_config
 
 pytestmark = pytest.mark.usefixtures("prefect_server", "ray_local")
+
+# A small valid training config; each test sets name, output and data.
+TRAIN_FIELDS = {
+    "model": "tiny",
+    "seq_len": 64,
+    "global_batch_tokens": 512,
+    "micro_batch": 8,
+    "lr": {"max": 1e-3, "min": 1e-4, "warmup_steps": 1},
+    "max_steps": 4,
+    "checkpoint_every": 2,
+    "launcher": {"kind": "torchrun", "nproc": 1},
+}
 
 
 def prefect_api_text(api_url: str, flow_run_id: str, build_name: str) -> str:
@@ -77,6 +91,25 @@ def test_a_config_name_cannot_escape_the_store_root(corpus, tmp_path, field):
     with pytest.raises((InvalidKey, ValidationError), match=r"\.\."):
         build_dataset(sample_config(corpus, str(output), **{field: ".."}))
     assert not (tmp_path / "root").exists() or not any(p.name == "plan.json" for p in (tmp_path / "root").rglob("*"))
+
+
+def test_builds_and_runs_refuse_a_symlink_out_of_the_output_root(corpus, tmp_path):
+    outside, output = tmp_path / "outside", tmp_path / "out"
+    outside.mkdir()
+    (output / "datasets").mkdir(parents=True)
+    (output / "runs").mkdir()
+    (output / "datasets" / "sample").symlink_to(outside, target_is_directory=True)
+    (output / "runs" / "escape").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(InvalidKey, match="outside the store root"):
+        build_dataset(sample_config(corpus, str(output)))
+    run = TrainConfig.model_validate(
+        {**TRAIN_FIELDS, "name": "escape", "output": str(output), "data": [{"manifest": str(tmp_path / "m.json")}]}
+    )
+    with pytest.raises(InvalidKey, match="outside the store root"):
+        run.run_uri
+    with pytest.raises(InvalidKey, match="outside the store root"):
+        run_config(str(output), "escape")
+    assert list(outside.iterdir()) == []
 
 
 def test_a_source_name_with_a_path_is_rejected(corpus, tmp_path):

@@ -177,6 +177,26 @@ def test_local_symlink_out_of_the_root_is_rejected(tmp_path):
     assert sorted(p.name for p in outside.iterdir()) == ["secret.txt"]
 
 
+def test_a_child_store_through_a_symlink_out_of_the_root_is_refused(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    root = tmp_path / "root"
+    (root / "datasets").mkdir(parents=True)
+    (root / "datasets" / "sample").symlink_to(outside, target_is_directory=True)
+    (root / "datasets" / "inner").mkdir()
+    (root / "datasets" / "alias").symlink_to(root / "datasets" / "inner", target_is_directory=True)
+    store = LocalStore(root)
+
+    for prefix in ["datasets/sample", "datasets/sample/build/", "datasets/sample/a/b"]:
+        with pytest.raises(InvalidKey, match="outside the store root"):
+            store.child(prefix)
+    with pytest.raises(InvalidKey):
+        store.child("..")
+    store.child("datasets/alias").put_bytes("x.txt", b"ok")  # a symlink that stays inside is fine
+    assert (root / "datasets" / "inner" / "x.txt").read_bytes() == b"ok"
+    assert list(outside.iterdir()) == []
+
+
 def test_missing_key_names_the_uri(store: Store, tmp_path):
     url = store.url("no/such.bin")
     for operation in [
