@@ -41,13 +41,14 @@ from pydantic import (
 
 from model.config import LlamaConfig
 from model.data import DataSource
-from storage.store import join_key, open_object, open_store
+from storage.store import check_name, check_uri_has_no_credentials, join_key, open_object, open_store
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Errors never echo the input: a rejected value might be a secret.
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
 
 class LRSchedule(Section):
@@ -102,7 +103,7 @@ Launcher = Annotated[TorchrunLauncher | RayLauncher, Field(discriminator="kind")
 
 class TrainConfig(Section):
     # `model` and `model_overrides` are config keys here, not pydantic's namespace.
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), hide_input_in_errors=True)
 
     name: str = Field(description="Run name: the run lives in <output>/runs/<name>/")
     output: str = Field(description="Store URI or path that holds runs/")
@@ -136,7 +137,13 @@ class TrainConfig(Section):
     def _name_is_a_key_segment(cls, name: str) -> str:
         if not NAME_PATTERN.match(name):
             raise ValueError(f"run name {name!r} must be letters, digits, '.', '_' or '-' (it becomes a folder name)")
-        return name
+        return check_name(name)
+
+    @model_validator(mode="after")
+    def _no_credentials_in_uris(self) -> TrainConfig:
+        for uri in [self.output, *(d.manifest for d in self.data), *([self.val.manifest] if self.val else [])]:
+            check_uri_has_no_credentials(uri)
+        return self
 
     @field_validator("model")
     @classmethod

@@ -74,6 +74,28 @@ def test_the_secret_key_appears_in_no_log_artifact_object_or_api_response(
     assert secret not in prefect_api_text(prefect_server, str(state.state_details.flow_run_id), config.name)
 
 
+def test_a_uri_holding_credentials_is_refused_by_config_validation(corpus, s3_endpoint, s3_bucket_uri, tmp_path):
+    """Refused while the config is read, so no flow run (and no Prefect database row) ever holds it."""
+    secret, bucket = s3_endpoint.secret_key, s3_bucket_uri.removeprefix("s3://")
+    signed = f"X-Amz-Credential={s3_endpoint.access_key}%2F20260101&X-Amz-Signature={secret}"
+    for uri in [f"s3://{s3_endpoint.access_key}:{secret}@{bucket}/out", f"{s3_bucket_uri}/out/m.model?{signed}"]:
+        sources = [s.model_dump(mode="json") for s in sample_config(corpus, str(tmp_path)).sources]
+        sources[0]["uri"] = uri
+        build_fields = [{"output": uri}, {"tokenizer": {"model": uri}}, {"sources": sources}]
+        train_fields = [{"output": uri}, {"data": [{"manifest": uri}]}]
+        attempts = [lambda f=f: sample_config(corpus, **{"output": str(tmp_path), **f}) for f in build_fields] + [
+            lambda f=f: TrainConfig.model_validate(
+                {**TRAIN_FIELDS, "name": "r", "output": str(tmp_path), "data": [{"manifest": "m.json"}], **f}
+            )
+            for f in train_fields
+        ]
+        for attempt in attempts:
+            with pytest.raises(ValidationError) as refused:
+                attempt()
+            text = "".join(traceback.format_exception(refused.value))
+            assert "AWS environment" in text and secret not in text and s3_endpoint.access_key not in text
+
+
 def test_a_build_with_wrong_credentials_fails_without_echoing_them(corpus, s3_bucket_uri, monkeypatch, caplog):
     wrong = "planted-" + uuid.uuid4().hex
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", wrong)
@@ -83,6 +105,13 @@ def test_a_build_with_wrong_credentials_fails_without_echoing_them(corpus, s3_bu
     text = "".join(traceback.format_exception(failure.value))
     assert "denied" in text  # the error names where it was writing
     assert wrong not in text and wrong not in caplog.text
+
+
+@pytest.mark.parametrize("name", [".", "..", "a/b"])
+@pytest.mark.parametrize("field", ["name", "build_id"])
+def test_a_folder_name_of_dots_or_with_a_slash_fails_config_validation(corpus, tmp_path, field, name):
+    with pytest.raises(ValidationError, match=field):
+        sample_config(corpus, str(tmp_path), **{field: name})
 
 
 @pytest.mark.parametrize("field", ["name", "build_id"])
