@@ -46,6 +46,7 @@ from s3transfer.exceptions import RetriesExceededError
 
 from storage.store import (
     CREDENTIALS_IN_URI,
+    ObjectInfo,
     ObjectNotFound,
     Store,
     StoreError,
@@ -274,15 +275,25 @@ class S3Store(Store):
         return io.BufferedReader(_BodyReader(body, uri, self), buffer_size=READ_BUFFER_BYTES)
 
     def list(self, prefix: str = "") -> Iterator[str]:
+        return (info.key for info in self.list_info(prefix))
+
+    def list_info(self, prefix: str = "") -> Iterator[ObjectInfo]:
         check_prefix(prefix)
         root = f"{self.prefix}/" if self.prefix else ""
-        keys: list[str] = []
+        found: list[ObjectInfo] = []
         with self._errors("list", f"{self.uri}/{prefix}") as client:
             pages = client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=root + prefix)
             for page in pages:
-                keys.extend(item["Key"][len(root) :] for item in page.get("Contents", ()))
+                found.extend(
+                    ObjectInfo(item["Key"][len(root) :], int(item["Size"]), {"etag": item["ETag"].strip('"')})
+                    for item in page.get("Contents", ())
+                )
         # Folder markers ("a/") are not objects; servers differ in listing order, so sort here.
-        return iter(sorted(key for key in keys if not key.endswith("/")))
+        return iter(sorted((info for info in found if not info.key.endswith("/")), key=lambda info: info.key))
+
+    def info(self, key: str) -> ObjectInfo:
+        head = self._head(key)
+        return ObjectInfo(key, int(head["ContentLength"]), {"etag": head["ETag"].strip('"')})
 
     def _head(self, key: str) -> dict:
         with self._errors("read", self.url(key)) as client:

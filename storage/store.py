@@ -18,6 +18,7 @@ import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -111,6 +112,15 @@ def atomic_output(path: Path) -> Iterator[Path]:
         raise
 
 
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What a listing tells about an object at no extra request: its size and a version stamp."""
+
+    key: str
+    size: int
+    version: dict[str, str]  # S3: {"etag"}; a local file: {"mtime_ns", "inode"}
+
+
 class Store(ABC):
     """The operations every object store offers. Keys are '/'-separated, relative to the root."""
 
@@ -140,6 +150,14 @@ class Store(ABC):
     @abstractmethod
     def list(self, prefix: str = "") -> Iterator[str]:
         """Keys under `prefix` (a key prefix, not only a folder), in sorted order."""
+
+    @abstractmethod
+    def list_info(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Like `list`, with each object's size and version, from the listing itself (by the page on S3)."""
+
+    @abstractmethod
+    def info(self, key: str) -> ObjectInfo:
+        """One object's size and version (ObjectNotFound if it is missing)."""
 
     @abstractmethod
     def exists(self, key: str) -> bool: ...
@@ -242,6 +260,23 @@ class LocalStore(Store):
         )
         base = prefix.rpartition("/")[0]
         return iter(sorted(k for k in (join_key(base, k) for k in keys) if k.startswith(prefix)))
+
+    def list_info(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        for key in self.list(prefix):
+            try:
+                yield self._info(key, self._path(key).stat())
+            except FileNotFoundError:  # removed since the listing
+                continue
+
+    def info(self, key: str) -> ObjectInfo:
+        path = self._path(key)
+        if not path.is_file():
+            raise self._missing(key)
+        return self._info(key, path.stat())
+
+    @staticmethod
+    def _info(key: str, stat: os.stat_result) -> ObjectInfo:
+        return ObjectInfo(key, stat.st_size, {"mtime_ns": str(stat.st_mtime_ns), "inode": str(stat.st_ino)})
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()

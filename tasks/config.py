@@ -35,6 +35,11 @@ class SourceConfig(Config):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]+$", description="Short name, used in keys and accounting")
     uri: StoreUri = Field(description="A file, a glob, or (format hf) a dataset folder; local or s3://")
     format: Format
+    pin_content: bool = Field(
+        False,
+        description="Pin each input by its sha256 rather than its listing's version (ETag; mtime and inode): "
+        "a copy or a touch keeps the build valid; costs one more read of every input at plan and ingest",
+    )
     text_field: str = "text"
     meta_fields: list[str] = Field(default_factory=list, description="Fields kept as metadata ('a.b' for nested)")
     exclude: dict[str, list[str]] = Field(

@@ -36,7 +36,7 @@ from storage.manifest import Receipt, upload
 from storage.store import LocalStore, Store, open_object, open_store
 from tasks.config import Filters, Format, SourceConfig
 from tasks.fanout import run_shards
-from tasks.plan import Build, PlannedFile, document_id
+from tasks.plan import Build, PlannedFile, check_unchanged, document_id
 from tasks.reporting import progress, stage_table
 from tasks.stage import stage_task
 
@@ -70,9 +70,14 @@ def quarantine_key(file: PlannedFile) -> str:
 
 
 def ingest_file(file: PlannedFile, source: SourceConfig, filters: Filters, quarantine: bool, out: Store) -> Receipt:
-    """Ingest one planned file into `out` (the build folder) and return its receipt."""
+    """Ingest one planned file into `out` (the build folder) and return its receipt.
+
+    An input that is no longer the one planned (InputChanged) is refused before anything is
+    written for it; it is checked again, cheaply, after it was read and before the upload.
+    """
     if file.source != source.name:
         raise ValueError(f"planned file of source {file.source!r} given the config of source {source.name!r}")
+    check_unchanged(file)
     to_document = _DocumentMapper(source, filters)
     docs_in = kept = excluded = too_short = bytes_in = nul_stripped = 0
     with tempfile.TemporaryDirectory(prefix="ingest-") as tmp:
@@ -108,6 +113,7 @@ def ingest_file(file: PlannedFile, source: SourceConfig, filters: Filters, quara
             "nul_stripped": nul_stripped,
         }
         assert docs_in == kept + counts["filtered"] + bad.count, counts
+        check_unchanged(file, hash_content=False)
         outputs = [upload(out, docs_key(file), docs_path)]
         if bad.count:
             outputs.append(upload(out, quarantine_key(file), bad_path))

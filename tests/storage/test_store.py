@@ -197,6 +197,20 @@ def test_a_child_store_through_a_symlink_out_of_the_root_is_refused(tmp_path):
     assert list(outside.iterdir()) == []
 
 
+def test_a_listing_gives_each_objects_size_and_version(store: Store):
+    store.put_bytes("a/one.bin", b"1")
+    store.put_bytes("a/two.bin", b"22")
+    listed = list(store.list_info("a/"))
+    assert [(i.key, i.size) for i in listed] == [("a/one.bin", 1), ("a/two.bin", 2)]
+    assert listed == [store.info("a/one.bin"), store.info("a/two.bin")]
+    before = store.info("a/two.bin").version
+    assert before and all(before.values())
+    store.put_bytes("a/two.bin", b"33")  # same size, new content: a new version
+    assert store.info("a/two.bin").version != before
+    with pytest.raises(ObjectNotFound):
+        store.info("a/none.bin")
+
+
 def test_missing_key_names_the_uri(store: Store, tmp_path):
     url = store.url("no/such.bin")
     for operation in [
