@@ -46,7 +46,7 @@ from s3transfer.exceptions import RetriesExceededError
 
 from storage.store import (
     CREDENTIALS_IN_URI,
-    ObjectInfo,
+    ListedObject,
     ObjectNotFound,
     Store,
     StoreError,
@@ -277,23 +277,23 @@ class S3Store(Store):
     def list(self, prefix: str = "") -> Iterator[str]:
         return (info.key for info in self.list_info(prefix))
 
-    def list_info(self, prefix: str = "") -> Iterator[ObjectInfo]:
+    def list_info(self, prefix: str = "") -> Iterator[ListedObject]:
         check_prefix(prefix)
         root = f"{self.prefix}/" if self.prefix else ""
-        found: list[ObjectInfo] = []
+        found: list[ListedObject] = []
         with self._errors("list", f"{self.uri}/{prefix}") as client:
             pages = client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=root + prefix)
             for page in pages:
                 found.extend(
-                    ObjectInfo(item["Key"][len(root) :], int(item["Size"]), {"etag": item["ETag"].strip('"')})
+                    ListedObject(item["Key"][len(root) :], int(item["Size"]), {"etag": item["ETag"].strip('"')})
                     for item in page.get("Contents", ())
                 )
         # Folder markers ("a/") are not objects; servers differ in listing order, so sort here.
         return iter(sorted((info for info in found if not info.key.endswith("/")), key=lambda info: info.key))
 
-    def info(self, key: str) -> ObjectInfo:
+    def info(self, key: str) -> ListedObject:
         head = self._head(key)
-        return ObjectInfo(key, int(head["ContentLength"]), {"etag": head["ETag"].strip('"')})
+        return ListedObject(key, int(head["ContentLength"]), {"etag": head["ETag"].strip('"')})
 
     def _head(self, key: str) -> dict:
         with self._errors("read", self.url(key)) as client:

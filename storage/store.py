@@ -113,7 +113,7 @@ def atomic_output(path: Path) -> Iterator[Path]:
 
 
 @dataclass(frozen=True)
-class ObjectInfo:
+class ListedObject:
     """What a listing tells about an object at no extra request: its size and a version stamp."""
 
     key: str
@@ -152,11 +152,11 @@ class Store(ABC):
         """Keys under `prefix` (a key prefix, not only a folder), in sorted order."""
 
     @abstractmethod
-    def list_info(self, prefix: str = "") -> Iterator[ObjectInfo]:
+    def list_info(self, prefix: str = "") -> Iterator[ListedObject]:
         """Like `list`, with each object's size and version, from the listing itself (by the page on S3)."""
 
     @abstractmethod
-    def info(self, key: str) -> ObjectInfo:
+    def info(self, key: str) -> ListedObject:
         """One object's size and version (ObjectNotFound if it is missing)."""
 
     @abstractmethod
@@ -261,22 +261,22 @@ class LocalStore(Store):
         base = prefix.rpartition("/")[0]
         return iter(sorted(k for k in (join_key(base, k) for k in keys) if k.startswith(prefix)))
 
-    def list_info(self, prefix: str = "") -> Iterator[ObjectInfo]:
+    def list_info(self, prefix: str = "") -> Iterator[ListedObject]:
         for key in self.list(prefix):
             try:
                 yield self._info(key, self._path(key).stat())
             except FileNotFoundError:  # removed since the listing
                 continue
 
-    def info(self, key: str) -> ObjectInfo:
+    def info(self, key: str) -> ListedObject:
         path = self._path(key)
         if not path.is_file():
             raise self._missing(key)
         return self._info(key, path.stat())
 
     @staticmethod
-    def _info(key: str, stat: os.stat_result) -> ObjectInfo:
-        return ObjectInfo(key, stat.st_size, {"mtime_ns": str(stat.st_mtime_ns), "inode": str(stat.st_ino)})
+    def _info(key: str, stat: os.stat_result) -> ListedObject:
+        return ListedObject(key, stat.st_size, {"mtime_ns": str(stat.st_mtime_ns), "inode": str(stat.st_ino)})
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()

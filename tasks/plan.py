@@ -15,7 +15,7 @@ from functools import cached_property
 from pydantic import BaseModel, ConfigDict, Field
 
 from storage.manifest import canonical_json
-from storage.store import COPY_BUFFER_BYTES, ObjectInfo, ObjectNotFound, Store, join_key, open_object, open_store
+from storage.store import COPY_BUFFER_BYTES, ListedObject, ObjectNotFound, Store, join_key, open_object, open_store
 from tasks.config import BuildConfig, Format, SourceConfig
 from tasks.reporting import plan_table
 from tasks.stage import stage_task
@@ -104,7 +104,7 @@ def _segment_regex(segment: str) -> str:
     return "".join(out)
 
 
-def list_source(source: SourceConfig) -> list[tuple[str, ObjectInfo]]:
+def list_source(source: SourceConfig) -> list[tuple[str, ListedObject]]:
     """(uri, size and version) of every input file of a source, sorted by URI, from listings alone."""
     if _GLOB.search(source.uri) is None:
         store, key = open_object(source.uri)
