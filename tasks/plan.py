@@ -123,6 +123,7 @@ def list_source(source: SourceConfig) -> list[tuple[str, ListedObject]]:
 
 
 def content_sha256(uri: str) -> str:
+    """The sha256 of an input file's bytes, streamed (for sources that pin content)."""
     store, key = open_object(uri)
     digest = hashlib.sha256()
     with store.open_read(key) as f:
