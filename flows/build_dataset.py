@@ -10,7 +10,7 @@ from prefect import flow
 
 from tasks.config import BuildConfig
 from tasks.exact_dedup import exact_dedup
-from tasks.ingest_stage import ingest
+from tasks.ingest import ingest
 from tasks.near_dedup import near_dedup
 from tasks.plan import plan
 from tasks.publish import write_manifest

@@ -41,19 +41,20 @@ from pydantic import (
 
 from model.config import LlamaConfig
 from storage.run_layout import RunLayout
-from storage.store import open_object
+from storage.store import check_name, check_uri_has_no_credentials, open_object
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Errors never echo the input: a rejected value might be a secret.
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
 
 class DataSource(Section):
     """One entry of the run config's data mixture."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     manifest: str = Field(min_length=1, description="URI of a manifest.json: a path, file:// or s3://")
     weight: float = Field(1.0, gt=0, allow_inf_nan=False, description="Mixture weight, normalized over sources")
@@ -137,7 +138,7 @@ Launcher = Annotated[TorchrunLauncher | RayLauncher, Field(discriminator="kind")
 
 class TrainConfig(Section):
     # `model` and `model_overrides` are config keys here, not pydantic's namespace.
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), hide_input_in_errors=True)
 
     name: str = Field(description="Run name: the run lives in <output>/runs/<name>/")
     output: str = Field(description="Store URI or path that holds runs/")
@@ -180,7 +181,13 @@ class TrainConfig(Section):
     def _name_is_a_key_segment(cls, name: str) -> str:
         if not NAME_PATTERN.match(name):
             raise ValueError(f"run name {name!r} must be letters, digits, '.', '_' or '-' (it becomes a folder name)")
-        return name
+        return check_name(name)
+
+    @model_validator(mode="after")
+    def _no_credentials_in_uris(self) -> TrainConfig:
+        for uri in [self.output, *(d.manifest for d in self.data), *([self.val.manifest] if self.val else [])]:
+            check_uri_has_no_credentials(uri)
+        return self
 
     @field_validator("model")
     @classmethod

@@ -45,6 +45,7 @@ from botocore.response import StreamingBody
 from s3transfer.exceptions import RetriesExceededError
 
 from storage.store import (
+    CREDENTIALS_IN_URI,
     ListedObject,
     ObjectNotFound,
     Store,
@@ -175,8 +176,7 @@ class S3Store(Store):
 
     def __init__(self, bucket: str, prefix: str = "", transfer: TransferConfig = DEFAULT_TRANSFER):
         if "@" in bucket or ":" in bucket:
-            # Never echo it: this looks like key:secret@bucket.
-            raise StoreError("s3:// URIs must not hold credentials; use the AWS environment or a profile")
+            raise StoreError(CREDENTIALS_IN_URI)  # never echo it: this looks like key:secret@bucket
         if not _BUCKET_NAME.fullmatch(bucket):
             raise StoreError(f"invalid S3 bucket name {bucket!r} in s3://{bucket}/{prefix}")
         prefix = prefix.strip("/")

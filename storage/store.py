@@ -12,6 +12,7 @@ atomic: a reader sees the whole object or none of it.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 from abc import ABC, abstractmethod
@@ -54,6 +55,31 @@ def check_key(key: str) -> str:
     if any(part in ("", ".", "..") for part in key.split("/")):
         raise InvalidKey(f"key must not contain '.', '..' or empty segments: {key!r}")
     return key
+
+
+def check_name(name: str) -> str:
+    """Return a name that becomes one key segment (a build, run or source folder), or raise InvalidKey."""
+    if "/" in name:
+        raise InvalidKey(f"name {name!r} must not contain '/' (it becomes one folder name)")
+    return check_key(name)
+
+
+# Query parameters that carry credentials: presigned URLs (SigV4, SigV2) and the obvious names.
+_CREDENTIAL_PARAMETER = re.compile(
+    r"[?&](x-amz-[a-z-]+|awsaccesskeyid|signature|[a-z_-]*(secret|token|password|credential)[a-z_-]*)=", re.I
+)
+CREDENTIALS_IN_URI = (
+    "store URIs must not hold credentials (user:password@ or a signed query string); use the AWS "
+    "environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) or a profile (AWS_PROFILE)"
+)
+
+
+def check_uri_has_no_credentials(uri: str) -> str:
+    """Return the URI, or raise ValueError (never echoing it) if it holds credentials."""
+    scheme, sep, rest = uri.partition("://")
+    if sep and ("@" in rest.partition("/")[0] or _CREDENTIAL_PARAMETER.search(rest)):
+        raise ValueError(CREDENTIALS_IN_URI)
+    return uri
 
 
 def check_prefix(prefix: str) -> str:
@@ -157,7 +183,7 @@ class Store(ABC):
         return None
 
     def child(self, prefix: str) -> Store:
-        """A store rooted at `prefix` inside this one."""
+        """A store rooted at `prefix` inside this one (InvalidKey if `prefix` would leave this root)."""
         return open_store(self.url(prefix.removesuffix("/")))
 
     def get_text(self, key: str) -> str:
@@ -186,6 +212,10 @@ class LocalStore(Store):
         if not self._inside(path):  # e.g. through a symlink
             raise InvalidKey(f"key {key!r} resolves outside the store root {self.uri}")
         return path
+
+    def child(self, prefix: str) -> LocalStore:
+        """The folder `prefix` as a store; one that resolves outside this root (a symlink) is refused."""
+        return LocalStore(self._path(prefix.removesuffix("/")))
 
     def _missing(self, key: str) -> ObjectNotFound:
         return ObjectNotFound(f"no such object: {self.url(key)}")

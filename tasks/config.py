@@ -6,15 +6,24 @@ import hashlib
 import json
 from enum import Enum
 from pathlib import Path
+from typing import Annotated
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from storage.store import check_name, check_uri_has_no_credentials
+
+# A URI or path to read or write; credentials in it would be stored with the flow run's parameters.
+StoreUri = Annotated[str, AfterValidator(check_uri_has_no_credentials)]
+# A name that becomes one folder of the output store.
+FolderName = Annotated[str, AfterValidator(check_name)]
 
 from storage.manifest import DocumentConvention
 
 
 class Config(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Errors never echo the input: a rejected value might be a secret.
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
 
 class Format(str, Enum):
@@ -26,8 +35,13 @@ class Format(str, Enum):
 
 class SourceConfig(Config):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]+$", description="Short name, used in keys and accounting")
-    uri: str = Field(description="A file, a glob, or (format hf) a dataset folder; local or s3://")
+    uri: StoreUri = Field(description="A file, a glob, or (format hf) a dataset folder; local or s3://")
     format: Format
+    pin_content: bool = Field(
+        False,
+        description="Pin each input by its sha256 rather than its listing's version (ETag; mtime and inode): "
+        "a copy or a touch keeps the build valid; costs one more read of every input at plan and ingest",
+    )
     text_field: str = "text"
     meta_fields: list[str] = Field(default_factory=list, description="Fields kept as metadata ('a.b' for nested)")
     exclude: dict[str, list[str]] = Field(
@@ -87,7 +101,7 @@ class TokenizerTrain(Config):
 
 
 class TokenizerConfig(Config):
-    model: str | None = Field(None, description="Path or URI of a SentencePiece .model")
+    model: StoreUri | None = Field(None, description="Path or URI of a SentencePiece .model")
     train: TokenizerTrain | None = None
 
     @model_validator(mode="after")
@@ -98,8 +112,8 @@ class TokenizerConfig(Config):
 
 
 class BuildConfig(Config):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    output: str = Field("./data", description="Store URI: a folder or s3://bucket/prefix")
+    name: FolderName = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    output: StoreUri = Field("./data", description="Store URI: a folder or s3://bucket/prefix")
     sources: list[SourceConfig] = Field(min_length=1)
     tokenizer: TokenizerConfig = Field(default_factory=lambda: TokenizerConfig(train=TokenizerTrain()))
     filters: Filters = Field(default_factory=Filters)
@@ -109,7 +123,7 @@ class BuildConfig(Config):
     shard_tokens: int = Field(4 << 20, gt=0, description="Target tokens per token shard")
     bos: bool = Field(True, description="Start every document with BOS, as Llama 2 and TinyLlama do (EOS ends each)")
     seed: int = 42
-    build_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", description="Default: the config hash")
+    build_id: FolderName | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", description="Default: the config hash")
     parallelism: int | None = Field(
         None, ge=1, description="At most this many shards at once (default: twice Ray's CPUs); never changes outputs"
     )

@@ -6,15 +6,16 @@ boundaries depend only on the inputs and the config, never on the number of work
 
 from __future__ import annotations
 
-import fnmatch
+import hashlib
 import json
 import re
+from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from storage.manifest import canonical_json
-from storage.store import ObjectNotFound, Store, join_key, open_object, open_store
+from storage.store import COPY_BUFFER_BYTES, ListedObject, ObjectNotFound, Store, join_key, open_object, open_store
 from tasks.config import BuildConfig, Format, SourceConfig
 from tasks.reporting import plan_table
 from tasks.stage import stage_task
@@ -24,8 +25,16 @@ HF_ROWS_PER_UNIT = 100_000
 _GLOB = re.compile(r"[*?\[]")
 
 
+HASH_THREADS = 16  # inputs hashed at once when a source pins content (I/O bound)
+REBUILD_HINT = "to build from the inputs as they are now, start a new build (set build_id)"
+
+
 class PlanError(ValueError):
     """The inputs cannot be planned: nothing matches, or they changed since the plan was frozen."""
+
+
+class InputChanged(PlanError):
+    """An input is no longer the one the plan pinned; the message names it and what changed."""
 
 
 class PlannedFile(BaseModel):
@@ -38,6 +47,10 @@ class PlannedFile(BaseModel):
     size: int  # bytes, as listed at plan time
     ordinal: int  # position in plan order; document ids are (ordinal << 32) | record index
     rows: tuple[int, int] | None = None  # [start, end) rows, for format hf
+    # The version of the input the plan was made from: the listing's version stamp (S3 ETag;
+    # local mtime_ns and inode), or its sha256 when the source pins content, or an HF
+    # dataset's fingerprint. Ingest refuses an input that no longer matches.
+    identity: dict[str, str] = Field(default_factory=dict)
 
     @property
     def shard(self) -> str:
@@ -53,24 +66,81 @@ def ordinal_of(document: int) -> int:
     return document >> 32
 
 
-def list_source(source: SourceConfig) -> list[tuple[str, int]]:
-    """(uri, size) of every input file of a source, sorted by URI."""
+def glob_regex(pattern: str) -> re.Pattern[str]:
+    """A '/'-separated glob as a regex over keys, by POSIX glob and pathlib rules.
+
+    `*`, `?` and `[...]` match within one path segment, never across '/'; `**` as a whole
+    segment matches any number of folders (a last `**` also the file); a segment starting with
+    '.' (a hidden file or folder) matches only where the pattern's segment starts with '.'.
+    """
+    segments = pattern.split("/")
+    regex = []
+    for position, segment in enumerate(segments):
+        last = position == len(segments) - 1
+        if segment == "**":
+            regex.append(r"(?:(?!\.)[^/]+/)*" + (r"(?!\.)[^/]+" if last else ""))
+            continue
+        regex.append(("" if segment.startswith(".") else r"(?!\.)") + _segment_regex(segment) + ("" if last else "/"))
+    return re.compile("".join(regex))
+
+
+def _segment_regex(segment: str) -> str:
+    out, i = [], 0
+    while i < len(segment):
+        char = segment[i]
+        i += 1
+        if char == "*":
+            out.append("[^/]*")
+        elif char == "?":
+            out.append("[^/]")
+        elif char == "[" and (end := segment.find("]", i + 1 + (segment[i : i + 1] == "!"))) != -1:
+            # a class: '!' first negates it, a ']' right after '[' or '[!' is a member
+            body, i = segment[i:end], end + 1
+            negate = body.startswith("!")
+            body = re.sub(r"([\\^\[])", r"\\\1", body[1:] if negate else body)
+            out.append(f"[^/{body}]" if negate else f"(?!/)[{body}]")
+        else:
+            out.append(re.escape(char))
+    return "".join(out)
+
+
+def list_source(source: SourceConfig) -> list[tuple[str, ListedObject]]:
+    """(uri, size and version) of every input file of a source, sorted by URI, from listings alone."""
     if _GLOB.search(source.uri) is None:
         store, key = open_object(source.uri)
         try:
-            return [(store.url(key), store.size(key))]
+            return [(store.url(key), store.info(key))]
         except ObjectNotFound:
             raise PlanError(f"source {source.name!r}: input {source.uri} does not exist") from None
     static, _, _ = _GLOB.split(source.uri, 1)[0].rpartition("/")
     store = open_store(static or ".")
     pattern = source.uri[len(static) + 1 :] if static else source.uri
-    found = [(store.url(key), store.size(key)) for key in store.list() if fnmatch.fnmatchcase(key, pattern)]
+    regex = glob_regex(pattern)
+    found = [(store.url(info.key), info) for info in store.list_info() if regex.fullmatch(info.key)]
     if not found:
         raise PlanError(f"source {source.name!r}: no input matches {source.uri}")
-    return sorted(found)
+    return sorted(found, key=lambda pair: pair[0])
 
 
-def _hf_units(source: SourceConfig) -> list[tuple[str, int, tuple[int, int]]]:
+def content_sha256(uri: str) -> str:
+    """The sha256 of an input file's bytes, streamed (for sources that pin content)."""
+    store, key = open_object(uri)
+    digest = hashlib.sha256()
+    with store.open_read(key) as f:
+        while chunk := f.read(COPY_BUFFER_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _hf_fingerprint(folder: str) -> str:
+    """The fingerprint `Dataset.save_to_disk` wrote; a dataset saved again with other rows has another."""
+    try:
+        return str(json.loads(open_store(folder).get_bytes("state.json"))["_fingerprint"])
+    except (ObjectNotFound, ValueError, KeyError, TypeError) as error:
+        raise PlanError(f"{folder}: not a dataset folder written by Dataset.save_to_disk: {error}") from None
+
+
+def _hf_units(source: SourceConfig) -> list[tuple[str, int, tuple[int, int], dict[str, str]]]:
     from datasets import load_from_disk
 
     try:
@@ -79,22 +149,55 @@ def _hf_units(source: SourceConfig) -> list[tuple[str, int, tuple[int, int]]]:
         raise PlanError(f"source {source.name!r}: no Hugging Face dataset at {source.uri}: {error}") from None
     n = dataset.num_rows
     size = dataset.data.nbytes
+    identity = {"fingerprint": _hf_fingerprint(source.uri)}
     return [
-        (source.uri, size * (min(n, s + HF_ROWS_PER_UNIT) - s) // max(n, 1), (s, min(n, s + HF_ROWS_PER_UNIT)))
+        (source.uri, size * (min(n, s + HF_ROWS_PER_UNIT) - s) // max(n, 1), (s, min(n, s + HF_ROWS_PER_UNIT)), identity)
         for s in range(0, n, HF_ROWS_PER_UNIT)
     ]
+
+
+def _file_units(source: SourceConfig) -> list[tuple[str, int, None, dict[str, str]]]:
+    listed = list_source(source)
+    if not source.pin_content:
+        return [(uri, info.size, None, info.version) for uri, info in listed]
+    with ThreadPoolExecutor(HASH_THREADS) as pool:
+        digests = list(pool.map(content_sha256, [uri for uri, _ in listed]))
+    return [(uri, info.size, None, {"sha256": digest}) for (uri, info), digest in zip(listed, digests)]
 
 
 def make_plan(config: BuildConfig) -> list[PlannedFile]:
     files: list[PlannedFile] = []
     for source in config.sources:
-        if source.format is Format.hf:
-            units = _hf_units(source)
-        else:
-            units = [(uri, size, None) for uri, size in list_source(source)]
-        for uri, size, rows in units:
-            files.append(PlannedFile(source=source.name, uri=uri, size=size, ordinal=len(files), rows=rows))
+        units = _hf_units(source) if source.format is Format.hf else _file_units(source)
+        for uri, size, rows, identity in units:
+            files.append(
+                PlannedFile(source=source.name, uri=uri, size=size, ordinal=len(files), rows=rows, identity=identity)
+            )
     return files
+
+
+def check_unchanged(file: PlannedFile, hash_content: bool = True) -> None:
+    """Raise InputChanged unless the input is still the one the plan pinned (size and identity).
+
+    One metadata request (a HEAD on S3); with `hash_content` and a pinned sha256, one more read.
+    """
+    if file.rows is not None:
+        if "fingerprint" not in file.identity:
+            return
+        now = {"fingerprint": _hf_fingerprint(file.uri)}
+    else:
+        store, key = open_object(file.uri)
+        try:
+            info = store.info(key)
+        except ObjectNotFound:
+            raise InputChanged(f"input {file.uri} was removed since the plan; {REBUILD_HINT}") from None
+        now = {"size": str(info.size), **info.version}
+        if hash_content and "sha256" in file.identity:
+            now["sha256"] = content_sha256(file.uri)
+    pinned = {**({"size": str(file.size)} if file.rows is None else {}), **file.identity}
+    changed = [f"{name} {value} -> {now.get(name)}" for name, value in pinned.items() if name in now and now[name] != value]
+    if changed:
+        raise InputChanged(f"input {file.uri} changed since the plan ({', '.join(changed)}); {REBUILD_HINT}")
 
 
 def check_tokenizer_input(config: BuildConfig) -> None:
@@ -115,11 +218,25 @@ def freeze_plan(config: BuildConfig, store: Store) -> list[PlannedFile]:
         store.put_bytes(PLAN_KEY, body)
         return files
     if frozen != body:
-        raise PlanError(
-            f"the inputs changed since this build was planned ({store.url(PLAN_KEY)}); "
-            "start a new build (set build_id) instead of resuming this one"
-        )
+        difference = _plan_difference(json.loads(frozen), files)
+        raise PlanError(f"{difference} since this build was planned ({store.url(PLAN_KEY)}); {REBUILD_HINT}")
     return files
+
+
+def _plan_difference(frozen: dict, files: list[PlannedFile]) -> str:
+    """What differs between a frozen plan and the inputs now, naming the first changed input."""
+    before = {f["uri"]: f for f in frozen["files"]}
+    for file in files:
+        was = before.pop(file.uri, None)
+        if was is None:
+            return f"the input {file.uri} is new"
+        now = file.model_dump(mode="json")
+        if was != now:
+            fields = [f"{k} {was.get(k)} -> {now[k]}" for k in ("size", "identity") if was.get(k) != now[k]]
+            return f"the input {file.uri} changed ({', '.join(fields) or 'its place in the plan'})"
+    if before:
+        return f"the input {next(iter(before))} is gone"
+    return "the config changed"
 
 
 def read_plan(store: Store) -> list[PlannedFile]:

@@ -12,7 +12,7 @@ from flows.build_dataset import build_dataset
 from storage import build_layout as layout
 from storage.store import open_store
 from tasks.exact_dedup import exact_dedup
-from tasks.ingest_stage import ingest
+from tasks.ingest import ingest
 from tasks.partitioning import EXACT_ROW_BYTES, partitions
 from tasks.plan import plan
 from tests.builds import RequestCounter, tiny_config, tiny_corpus

@@ -39,8 +39,8 @@ def cluster_env(ray_address: str | None) -> dict[str, str]:
 
 
 class RayCluster:
-    """A head node and worker nodes, one CPU each, sharing one short temp dir (socket paths
-    must stay under 108 bytes)."""
+    """A head node and worker nodes (one CPU each unless told), sharing one short temp dir
+    (socket paths must stay under 108 bytes)."""
 
     def __init__(self):
         self.temp_dir = tempfile.mkdtemp(prefix="rc-", dir="/tmp")
@@ -54,13 +54,13 @@ class RayCluster:
     def env(self) -> dict[str, str]:
         return cluster_env(None)
 
-    def start_node(self, head: bool = False) -> subprocess.Popen:
+    def start_node(self, head: bool = False, cpus: int = 1) -> subprocess.Popen:
         where = ["--head", f"--port={self.port}", "--include-dashboard=false"] if head else [f"--address={self.address}"]
         ports = [f"--{name}={free_port()}" for name in (
             "node-manager-port", "object-manager-port", "dashboard-agent-listen-port",
             "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port",
         )]
-        command = [RAY, "start", "--block", *where, "--node-ip-address=127.0.0.1", "--num-cpus=1",
+        command = [RAY, "start", "--block", *where, "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}",
                    f"--object-store-memory={OBJECT_STORE_BYTES}", f"--temp-dir={self.temp_dir}",
                    "--disable-usage-stats", *ports]
         node = subprocess.Popen(command, cwd=REPO, env=self.env(), start_new_session=True,
@@ -71,11 +71,14 @@ class RayCluster:
 
     def alive_nodes(self) -> int:
         script = "import ray; ray.init(address=%r, log_to_driver=False); print(sum(n['Alive'] for n in ray.nodes()))"
-        out = subprocess.run([sys.executable, "-c", script % self.address], env=self.env(), cwd=REPO,
-                             capture_output=True, text=True, timeout=60)
+        try:
+            out = subprocess.run([sys.executable, "-c", script % self.address], env=self.env(), cwd=REPO,
+                                 capture_output=True, text=True, timeout=60)
+        except subprocess.TimeoutExpired:  # a busy machine: the caller asks again until its deadline
+            return -1
         return int(out.stdout.split()[-1]) if out.returncode == 0 and out.stdout.split() else -1
 
-    def wait_for_nodes(self, count: int, timeout: float = 90) -> None:
+    def wait_for_nodes(self, count: int, timeout: float = 240) -> None:
         deadline = time.monotonic() + timeout
         while (alive := self.alive_nodes()) != count:
             if time.monotonic() > deadline:
@@ -100,7 +103,8 @@ class RayCluster:
 
 def ray_workers(node_pid: int) -> list[int]:
     """PIDs of a node's Ray workers that run a task (`ray::_work_and_commit`); Ray workers are
-    descendants of the node's raylet."""
+    descendants of the node's raylet. (Not any `ray::` process: the node's agents are
+    `ray::DashboardAgent` and `ray::RuntimeEnvAgent`, and the raylet dies with them.)"""
     found = []
     for pid in process_tree(node_pid):
         try:

@@ -17,10 +17,24 @@ import pytest
 from pydantic import ValidationError
 
 from flows.build_dataset import build_dataset
+from model.train_config import TrainConfig
 from storage.store import InvalidKey, open_store
+from tasks.train import run_config
 from tests.builds import sample_config
 
 pytestmark = pytest.mark.usefixtures("prefect_server", "ray_local")
+
+# A small valid training config; each test sets name, output and data.
+TRAIN_FIELDS = {
+    "model": "tiny",
+    "seq_len": 64,
+    "global_batch_tokens": 512,
+    "micro_batch": 8,
+    "lr": {"max": 1e-3, "min": 1e-4, "warmup_steps": 1},
+    "max_steps": 4,
+    "checkpoint_every": 2,
+    "launcher": {"kind": "torchrun", "nproc": 1},
+}
 
 
 def prefect_api_text(api_url: str, flow_run_id: str, build_name: str) -> str:
@@ -60,6 +74,28 @@ def test_the_secret_key_appears_in_no_log_artifact_object_or_api_response(
     assert secret not in prefect_api_text(prefect_server, str(state.state_details.flow_run_id), config.name)
 
 
+def test_a_uri_holding_credentials_is_refused_by_config_validation(corpus, s3_endpoint, s3_bucket_uri, tmp_path):
+    """Refused while the config is read, so no flow run (and no Prefect database row) ever holds it."""
+    secret, bucket = s3_endpoint.secret_key, s3_bucket_uri.removeprefix("s3://")
+    signed = f"X-Amz-Credential={s3_endpoint.access_key}%2F20260101&X-Amz-Signature={secret}"
+    for uri in [f"s3://{s3_endpoint.access_key}:{secret}@{bucket}/out", f"{s3_bucket_uri}/out/m.model?{signed}"]:
+        sources = [s.model_dump(mode="json") for s in sample_config(corpus, str(tmp_path)).sources]
+        sources[0]["uri"] = uri
+        build_fields = [{"output": uri}, {"tokenizer": {"model": uri}}, {"sources": sources}]
+        train_fields = [{"output": uri}, {"data": [{"manifest": uri}]}]
+        attempts = [lambda f=f: sample_config(corpus, **{"output": str(tmp_path), **f}) for f in build_fields] + [
+            lambda f=f: TrainConfig.model_validate(
+                {**TRAIN_FIELDS, "name": "r", "output": str(tmp_path), "data": [{"manifest": "m.json"}], **f}
+            )
+            for f in train_fields
+        ]
+        for attempt in attempts:
+            with pytest.raises(ValidationError) as refused:
+                attempt()
+            text = "".join(traceback.format_exception(refused.value))
+            assert "AWS environment" in text and secret not in text and s3_endpoint.access_key not in text
+
+
 def test_a_build_with_wrong_credentials_fails_without_echoing_them(corpus, s3_bucket_uri, monkeypatch, caplog):
     wrong = "planted-" + uuid.uuid4().hex
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", wrong)
@@ -71,12 +107,38 @@ def test_a_build_with_wrong_credentials_fails_without_echoing_them(corpus, s3_bu
     assert wrong not in text and wrong not in caplog.text
 
 
+@pytest.mark.parametrize("name", [".", "..", "a/b"])
+@pytest.mark.parametrize("field", ["name", "build_id"])
+def test_a_folder_name_of_dots_or_with_a_slash_fails_config_validation(corpus, tmp_path, field, name):
+    with pytest.raises(ValidationError, match=field):
+        sample_config(corpus, str(tmp_path), **{field: name})
+
+
 @pytest.mark.parametrize("field", ["name", "build_id"])
 def test_a_config_name_cannot_escape_the_store_root(corpus, tmp_path, field):
     output = tmp_path / "root" / "out"
     with pytest.raises((InvalidKey, ValidationError), match=r"\.\."):
         build_dataset(sample_config(corpus, str(output), **{field: ".."}))
     assert not (tmp_path / "root").exists() or not any(p.name == "plan.json" for p in (tmp_path / "root").rglob("*"))
+
+
+def test_builds_and_runs_refuse_a_symlink_out_of_the_output_root(corpus, tmp_path):
+    outside, output = tmp_path / "outside", tmp_path / "out"
+    outside.mkdir()
+    (output / "datasets").mkdir(parents=True)
+    (output / "runs").mkdir()
+    (output / "datasets" / "sample").symlink_to(outside, target_is_directory=True)
+    (output / "runs" / "escape").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(InvalidKey, match="outside the store root"):
+        build_dataset(sample_config(corpus, str(output)))
+    run = TrainConfig.model_validate(
+        {**TRAIN_FIELDS, "name": "escape", "output": str(output), "data": [{"manifest": str(tmp_path / "m.json")}]}
+    )
+    with pytest.raises(InvalidKey, match="outside the store root"):
+        run.run_uri
+    with pytest.raises(InvalidKey, match="outside the store root"):
+        run_config(str(output), "escape")
+    assert list(outside.iterdir()) == []
 
 
 def test_a_source_name_with_a_path_is_rejected(corpus, tmp_path):

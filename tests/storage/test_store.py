@@ -178,6 +178,40 @@ def test_local_symlink_out_of_the_root_is_rejected(tmp_path):
     assert sorted(p.name for p in outside.iterdir()) == ["secret.txt"]
 
 
+def test_a_child_store_through_a_symlink_out_of_the_root_is_refused(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    root = tmp_path / "root"
+    (root / "datasets").mkdir(parents=True)
+    (root / "datasets" / "sample").symlink_to(outside, target_is_directory=True)
+    (root / "datasets" / "inner").mkdir()
+    (root / "datasets" / "alias").symlink_to(root / "datasets" / "inner", target_is_directory=True)
+    store = LocalStore(root)
+
+    for prefix in ["datasets/sample", "datasets/sample/build/", "datasets/sample/a/b"]:
+        with pytest.raises(InvalidKey, match="outside the store root"):
+            store.child(prefix)
+    with pytest.raises(InvalidKey):
+        store.child("..")
+    store.child("datasets/alias").put_bytes("x.txt", b"ok")  # a symlink that stays inside is fine
+    assert (root / "datasets" / "inner" / "x.txt").read_bytes() == b"ok"
+    assert list(outside.iterdir()) == []
+
+
+def test_a_listing_gives_each_objects_size_and_version(store: Store):
+    store.put_bytes("a/one.bin", b"1")
+    store.put_bytes("a/two.bin", b"22")
+    listed = list(store.list_info("a/"))
+    assert [(i.key, i.size) for i in listed] == [("a/one.bin", 1), ("a/two.bin", 2)]
+    assert listed == [store.info("a/one.bin"), store.info("a/two.bin")]
+    before = store.info("a/two.bin").version
+    assert before and all(before.values())
+    store.put_bytes("a/two.bin", b"33")  # same size, new content: a new version
+    assert store.info("a/two.bin").version != before
+    with pytest.raises(ObjectNotFound):
+        store.info("a/none.bin")
+
+
 def test_missing_key_names_the_uri(store: Store, tmp_path):
     url = store.url("no/such.bin")
     for operation in [

@@ -1,10 +1,10 @@
-"""Stage 2 wired into the stage contract: one planned file per shard, `ingest_file` as the work."""
+"""The ingest stage as a Prefect task: one planned file per shard, `ingest_file` as its work."""
 
 from __future__ import annotations
 
 from storage import build_layout as layout
 from tasks.fanout import run_stage
-from tasks.ingest import ingest_file
+from tasks.ingest.shard import ingest_file
 from tasks.plan import Build, PlannedFile
 from tasks.reporting import stage_totals
 from tasks.stage import Stage, stage_task

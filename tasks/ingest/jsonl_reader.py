@@ -1,0 +1,101 @@
+"""Formats jsonl and jsonl.zst: one JSON object per line, split in bounded chunks.
+
+A line longer than `max_record_bytes` is a bad record (its first KiB kept), skipped chunk by
+chunk so it is never held whole; a `.zst` stream that ends inside a frame or is corrupt ends
+with one last bad record saying where.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import BinaryIO
+
+import orjson
+
+from storage.store import open_object
+from tasks.ingest.reader import RAW_SAMPLE, Bad, Reader, Record
+from tasks.ingest.zstd_frames import CorruptStream, ZstdStream
+
+READ_CHUNK = 1 << 20  # bytes of (decompressed) input read at a time
+
+
+class JsonlReader(Reader):
+    compressed = False
+
+    def records(self) -> Iterator[Record]:
+        store, key = open_object(self.file.uri)
+        with store.open_read(key) as raw:
+            stream = ZstdStream(raw) if self.compressed else raw
+            for number, line, problem in _lines(stream, self.filters.max_record_bytes):
+                if problem is not None:
+                    yield number - 1, ("line", number), Bad(problem), line
+                    continue
+                try:
+                    record = orjson.loads(line)
+                except orjson.JSONDecodeError as error:
+                    if not line.strip():
+                        continue  # a blank line is not a record
+                    record = Bad(f"invalid JSON: {error}")
+                yield number - 1, ("line", number), record, line
+
+
+class JsonlZstReader(JsonlReader):
+    compressed = True
+
+
+def _too_long(size: int, max_bytes: int) -> str:
+    return f"line of {size} bytes exceeds max_record_bytes={max_bytes}"
+
+
+def _lines(stream: BinaryIO, max_bytes: int) -> Iterator[tuple[int, bytes, str | None]]:
+    """Split a byte stream into lines, holding at most max_bytes of any one line.
+
+    Yields (1-based line number, line, problem). A line longer than max_bytes comes back as
+    its first KiB with the problem named, its rest skipped chunk by chunk. A damaged stream
+    ends with one last bad line: whatever of the current line was read, and the damage.
+    """
+    number = 0
+    pending: list[bytes] = []  # the start of a line that continues in the next chunk
+    pending_size = 0
+    overlong_head: bytes | None = None  # set while skipping a line found to be too long
+    while True:
+        try:
+            chunk = stream.read(READ_CHUNK)
+        except CorruptStream as error:
+            head = overlong_head if overlong_head is not None else b"".join(pending)[:RAW_SAMPLE]
+            yield number + 1, head, str(error)
+            return
+        if not chunk:
+            break
+        pieces = chunk.split(b"\n")
+        tail = pieces.pop()
+        if pieces and (pending or overlong_head is not None):
+            # the first piece ends the line carried over from earlier chunks
+            size = pending_size + len(pieces[0])
+            if overlong_head is None and size <= max_bytes:
+                pieces[0] = b"".join(pending) + pieces[0]
+            else:
+                number += 1
+                head = overlong_head if overlong_head is not None else (b"".join(pending) + pieces[0])[:RAW_SAMPLE]
+                yield number, head, _too_long(size, max_bytes)
+                del pieces[0]
+            pending, pending_size, overlong_head = [], 0, None
+        for line in pieces:
+            number += 1
+            if len(line) > max_bytes:
+                yield number, line[:RAW_SAMPLE], _too_long(len(line), max_bytes)
+            else:
+                yield number, line, None
+        if tail:
+            pending_size += len(tail)
+            if overlong_head is not None:
+                continue
+            if pending_size > max_bytes:
+                overlong_head = (b"".join(pending) + tail[:RAW_SAMPLE])[:RAW_SAMPLE]
+                pending = []
+            else:
+                pending.append(tail)
+    if overlong_head is not None:
+        yield number + 1, overlong_head, _too_long(pending_size, max_bytes)
+    elif pending:
+        yield number + 1, b"".join(pending), None

@@ -1,0 +1,91 @@
+"""One planned input file to its docs shard (and quarantine), with its typed per-source counts."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from storage import build_layout as layout
+from storage.manifest import ShardResult, SourceAccounting, upload
+from storage.store import Store
+from tasks.config import Filters, Format, SourceConfig
+from tasks.ingest.docs_writer import DocsWriter
+from tasks.ingest.documents import EXCLUDED, TOO_SHORT, DocumentMapper, Malformed, row_sample
+from tasks.ingest.hf_reader import HfReader
+from tasks.ingest.jsonl_reader import JsonlReader, JsonlZstReader
+from tasks.ingest.parquet_reader import ParquetReader
+from tasks.ingest.quarantine import Quarantine
+from tasks.ingest.reader import Bad, Reader
+from tasks.plan import PlannedFile, check_unchanged, document_id
+
+READERS: dict[Format, type[Reader]] = {
+    Format.jsonl: JsonlReader,
+    Format.jsonl_zst: JsonlZstReader,
+    Format.parquet: ParquetReader,
+    Format.hf: HfReader,
+}
+
+
+def docs_key(file: PlannedFile) -> str:
+    """The document shard of a planned file, relative to the build folder."""
+    return layout.docs(file.source, file.shard)
+
+
+def quarantine_key(file: PlannedFile) -> str:
+    """The malformed records of a planned file, relative to the build folder."""
+    return layout.quarantine(file.source, file.shard)
+
+
+def ingest_file(file: PlannedFile, source: SourceConfig, filters: Filters, quarantine: bool, out: Store) -> ShardResult:
+    """Ingest one planned file into `out` (the build folder) and return what it wrote and counted.
+
+    An input that is no longer the one planned (InputChanged) is refused before anything is
+    written for it; it is checked again, cheaply, after it was read and before the upload.
+    """
+    if file.source != source.name:
+        raise ValueError(f"planned file of source {file.source!r} given the config of source {source.name!r}")
+    check_unchanged(file)
+    to_document = DocumentMapper(source, filters)
+    docs_in = kept = excluded = too_short = bytes_in = nul_stripped = 0
+    with tempfile.TemporaryDirectory(prefix="ingest-") as tmp:
+        docs_path, bad_path = Path(tmp) / "docs.parquet", Path(tmp) / "quarantine.jsonl"
+        reader = READERS[source.format](file, source, filters, Path(tmp))
+        with DocsWriter(docs_path, source.name) as docs, Quarantine(bad_path if quarantine else None, file.uri) as bad:
+            for index, location, record, raw in reader.records():
+                docs_in += 1
+                if type(record) is Bad:
+                    bad.add(location, record.reason, raw)
+                    continue
+                try:
+                    document = to_document(record)
+                except Malformed as error:
+                    bad.add(location, str(error), raw if raw is not None else row_sample(record))
+                    continue
+                if document is EXCLUDED:
+                    excluded += 1
+                elif document is TOO_SHORT:
+                    too_short += 1
+                else:
+                    text, meta, size, had_nul = document
+                    docs.add(document_id(file.ordinal, index), text, meta, size)
+                    kept += 1
+                    bytes_in += size
+                    nul_stripped += had_nul
+        counts = {
+            "docs_in": docs_in,
+            "kept": kept,
+            "filtered": excluded + too_short,
+            "malformed": bad.count,
+            "bytes_in": bytes_in,
+            "excluded": excluded,
+            "nul_stripped": nul_stripped,
+        }
+        assert docs_in == kept + counts["filtered"] + bad.count, counts
+        check_unchanged(file, hash_content=False)
+        outputs = [upload(out, docs_key(file), docs_path)]
+        if bad.count:
+            outputs.append(upload(out, quarantine_key(file), bad_path))
+    accounting = SourceAccounting(
+        docs_in=docs_in, kept=kept, filtered=counts["filtered"], malformed=bad.count, bytes_in=bytes_in
+    )
+    return ShardResult(outputs=outputs, counts=counts, sources={file.source: accounting})
