@@ -7,6 +7,7 @@ import hashlib
 from collections.abc import Sequence
 from functools import partial
 
+from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
@@ -197,7 +198,7 @@ def near_sample_rows(build: Build) -> list[list]:
     return [[r["id"], r["kept_id"], round(r["jaccard"], 2), r["text"][:SNIPPET_CHARS], r["kept_text"][:SNIPPET_CHARS]] for r in sample]
 
 
-def summary_markdown(build: Build, manifest: DatasetManifest, uri: str, train_run: str, seconds: dict[str, float]) -> str:
+def summary_markdown(build: Build, manifest: DatasetManifest, uri: str, train_run: str, steps: list[list]) -> str:
     """The build's one summary: what it made, where, its steps in pipeline order, per-source
     accounting, the training it feeds and the pages to look at."""
     config = build.config
@@ -222,7 +223,7 @@ def summary_markdown(build: Build, manifest: DatasetManifest, uri: str, train_ru
         "## Steps\n",
         _table(
             ["step", "stages", "shards", "documents in", "documents out", "work s", "wall s", "notes"],
-            step_rows(build, manifest, seconds),
+            steps,
         ),
         "## Sources\n",
         _table(
@@ -243,8 +244,28 @@ def summary_markdown(build: Build, manifest: DatasetManifest, uri: str, train_ru
     return "\n".join(parts)
 
 
+def step_line(row: list) -> str:
+    """A step's row of the summary as one log line."""
+    step, _, shards, docs_in, docs_out, work, wall, note = row
+    parts = [f"{shards:,} shards"]
+    if docs_in != "":
+        parts.append(f"{docs_in:,} -> {docs_out:,} documents")
+    if work != "":
+        parts.append(f"{work:,.1f} s of work")
+    parts.append(f"{wall:,.1f} s wall")
+    return f"{step}: {', '.join(parts)}" + (f" ({note})" if note else "")
+
+
 def publish_summary(build: Build, manifest_uri: str, train_run: str = "") -> None:
-    """The build run's summary artifact (written last, so the Artifacts tab lists it first)."""
+    """The build run's summary artifact, at the flow run's level (the Artifacts tab shows it above
+    the steps' progress bars), and its steps in the run's log."""
     manifest = read_record(build.store, layout.MANIFEST, DatasetManifest)
-    markdown = summary_markdown(build, manifest, manifest_uri, train_run, step_seconds())
-    create_markdown_artifact(markdown, key=artifact_key(build.config.name, "summary"), description=f"build {build.id}: steps, sources, training, pages")
+    steps = step_rows(build, manifest, step_seconds())
+    logger = get_run_logger()
+    for row in steps:
+        logger.info(step_line(row))
+    create_markdown_artifact(
+        summary_markdown(build, manifest, manifest_uri, train_run, steps),
+        key=artifact_key(build.config.name, "summary"),
+        description=f"build {build.id}: steps, sources, training, pages",
+    )

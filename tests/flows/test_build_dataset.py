@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import sentencepiece as spm
 import yaml
+from prefect.artifacts import Artifact
 
 from flows.build_dataset import build_dataset
 from storage.manifest import DatasetManifest
@@ -122,7 +123,6 @@ def test_the_build_run_shows_a_progress_bar_per_step_and_one_summary(built):
     """The Artifacts tab of a build run: one progress artifact per pipeline step (however many
     stages the step runs) and the summary, every one in the run; the summary lists the steps in
     pipeline order with their counts, and the manifest."""
-    from prefect.artifacts import Artifact
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
@@ -150,9 +150,10 @@ def test_rerun_of_a_finished_build_changes_nothing(built):
     config, manifest_uri = built
     before = build_objects(config.output)
     started = time.perf_counter()
-    assert build_dataset(config) == manifest_uri
+    assert build_dataset(config, train_run="sample-run") == manifest_uri
     assert time.perf_counter() - started < 30
     assert build_objects(config.output) == before
+    assert "trains run `sample-run` on it" in Artifact.get("sample-summary").data  # a summary per run, naming its training
 
 
 def flip_one_byte(store, key: str) -> bytes:
