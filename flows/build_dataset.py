@@ -13,7 +13,7 @@ from tasks.exact_dedup import exact_dedup
 from tasks.ingest import ingest
 from tasks.near_dedup import near_dedup
 from tasks.plan import plan
-from tasks.publish import write_manifest
+from tasks.publish import publish_summary, write_manifest
 from tasks.tokenize import tokenize
 from tasks.tokenizer import tokenizer
 
@@ -25,7 +25,7 @@ def build_dataset(config: BuildConfig, train_run: str = "") -> str:
     Args:
         config: The build.
         train_run: The training run that the build->train automation trains on this build
-            (default: see the train-on-build flow); the build itself does not use it.
+            (default: see the train-on-build flow); the build's summary names it.
     """
     build = plan(config)
     ingest(build)
@@ -35,4 +35,6 @@ def build_dataset(config: BuildConfig, train_run: str = "") -> str:
         near_dedup(build)
     tokenizer_info = tokenizer(build)
     tokenize(build, tokenizer_info)
-    return write_manifest(build, tokenizer_info)
+    manifest_uri = write_manifest(build, tokenizer_info)
+    publish_summary(build, manifest_uri, train_run)
+    return manifest_uri

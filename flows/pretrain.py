@@ -64,7 +64,7 @@ def pretrain(build: BuildConfig, train: TrainSettings) -> str:
         train: The training run; its data is the new build (plus any datasets listed).
     """
     check_same_data(train.with_build(manifest_uri(build)))  # before the build's work, not after
-    return train_run_flow(train.with_build(build_dataset(build)))
+    return train_run_flow(train.with_build(build_dataset(build, train_run=train.name)))
 
 
 def own_run_name(build: BuildConfig, train: TrainSettings) -> str:

@@ -108,7 +108,7 @@ class Receipt(ShardResult):
     stage: str
     shard: str
     versions: dict[str, dict[str, str]] = Field(default_factory=dict)  # output key -> ListedObject.version
-    seconds: float = 0.0  # wall time of the shard's work, for the stage's table artifact
+    seconds: float = 0.0  # wall time of the shard's work, for the build's summary (work seconds)
 
 
 class StageSummary(Record):

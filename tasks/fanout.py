@@ -31,7 +31,7 @@ from ray.exceptions import RayTaskError
 from storage import build_layout as layout
 from storage.manifest import Receipt, ShardResult, StageSummary, read_record, write_record
 from storage.store import ObjectNotFound, ListedObject, Store, StoreError
-from tasks.reporting import progress, stage_table
+from tasks.reporting import progress
 from tasks.stage import Item, Stage
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ def run_stage(
     inline: bool = False,
 ) -> StageSummary:
     """Run every shard of `stage` that is not done; returns the stage's summary (receipts in
-    item order). With `build_name`, Prefect gets a progress artifact and a table artifact.
+    item order). With `build_name`, its step's progress artifact in Prefect follows it.
     `inline` runs the work in this process, one item after another (tests, benchmarks).
 
     A worker that dies is retried by Ray; an exception from `work` (bad input, say) is raised
@@ -147,8 +147,6 @@ def run_stage(
         versions = {r.shard: listed[layout.receipt(stage.name, r.shard)] for r in ordered}
         summary = StageSummary(stage=stage.name, receipts=ordered, receipt_versions=versions)
         write_record(store, layout.summary(stage.name), summary)
-    if build_name:
-        stage_table(stage.name, build_name, ordered)
     return summary
 
 

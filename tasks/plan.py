@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from storage.manifest import canonical_json
 from storage.store import COPY_BUFFER_BYTES, ListedObject, ObjectNotFound, Store, join_key, open_object, open_store
 from tasks.config import BuildConfig, Format, SourceConfig
-from tasks.reporting import plan_table
 from tasks.stage import stage_task
 
 PLAN_KEY = "plan.json"
@@ -276,7 +275,5 @@ class Build(BaseModel):
 @stage_task("plan")
 def plan(config: BuildConfig) -> Build:
     build = Build(config=config)
-    files = freeze_plan(config, build.store)
-    sizes = {s.name: sum(f.size for f in files if f.source == s.name) for s in config.sources}
-    plan_table(config.name, files, sizes)
+    freeze_plan(config, build.store)
     return build

@@ -4,9 +4,12 @@ the tokenizer's fingerprint, the config, and per-source accounting that must rec
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from functools import partial
 
+from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
 
 from storage import build_layout as layout
 from storage.manifest import (
@@ -17,13 +20,15 @@ from storage.manifest import (
     StageSummary,
     TokenizerInfo,
     canonical_json,
+    read_record,
     record_bytes,
 )
 from storage.shards import token_dtype
 from storage.store import ObjectNotFound, Store
 from tasks.fanout import read_summary, run_stage
+from tasks.parquet_io import read_table
 from tasks.plan import Build
-from tasks.reporting import artifact_key
+from tasks.reporting import artifact_key, stage_totals, step_seconds
 from tasks.stage import Stage, stage_task
 
 HASH_CHUNK_BYTES = 8 << 20
@@ -115,23 +120,152 @@ def write_manifest(build: Build, tokenizer: TokenizerInfo) -> str:
         unchanged = False
     if not unchanged:  # a finished build's rerun rewrites nothing
         store.put_bytes(layout.MANIFEST, body)
-    uri = store.url(layout.MANIFEST)
-    create_markdown_artifact(summary_markdown(manifest, uri), key=artifact_key(config.name, "summary"))
-    return uri
+    return store.url(layout.MANIFEST)
 
 
-def summary_markdown(manifest: DatasetManifest, uri: str) -> str:
-    rows = "\n".join(
-        f"| {name} | {a.docs_in} | {a.kept} | {a.filtered} | {a.exact_dup} | {a.near_dup} | {a.malformed} | {a.tokens} |"
-        for name, a in manifest.sources.items()
+# The build's steps in pipeline order (its Prefect tasks), each with the stages it runs: a stage
+# belongs to the step whose prefix its name starts with (near dedup runs a dozen stages).
+PIPELINE = (
+    ("plan", ()),
+    ("ingest", ("ingest",)),
+    ("exact-dedup", ("exact",)),
+    ("near-dedup", ("near",)),
+    ("tokenizer", ("tokenizer",)),
+    ("tokenize", ("tokenize",)),
+    ("manifest", ("verify-tokens",)),
+)
+NEAR_SAMPLE_ROWS = 5  # near duplicates shown in the summary (all of them are in the sample's parquet)
+SNIPPET_CHARS = 60
+
+
+def _of_step(stage: str, prefixes: tuple[str, ...]) -> bool:
+    return any(stage == p or stage.startswith(p + "-") for p in prefixes)
+
+
+def _cell(value) -> str:
+    """A markdown table cell: counts with thousands separators, text on one line without pipes."""
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:,.1f}"
+    return " ".join(str(value).split()).replace("|", "\\|")
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    aligned = ["---" if i == 0 else "---:" for i in range(len(header))]
+    lines = [header, aligned, *[[_cell(v) for v in row] for row in rows]]
+    return "\n".join("| " + " | ".join(line) + " |" for line in lines) + "\n"
+
+
+def step_rows(build: Build, manifest: DatasetManifest, seconds: dict[str, float]) -> list[list]:
+    """One row per pipeline step that ran: stages, shards, documents in and out, work and wall seconds."""
+    store = build.store
+    ran = sorted(key.removeprefix(layout.SUMMARIES).removesuffix(".json") for key in store.list(layout.SUMMARIES))
+    accounting = sum(manifest.sources.values(), SourceAccounting())
+    documents = accounting.docs_in
+    out_of = {  # documents left after each step, from the manifest's reconciled accounting
+        "ingest": documents - accounting.filtered - accounting.malformed,
+        "exact-dedup": -accounting.exact_dup,
+        "near-dedup": -accounting.near_dup,
+        "tokenize": 0,
+    }
+    rows = [["plan", "", len(build.plan), "", "", "", seconds.get("plan", 0.0), f"{len(build.plan):,} input units"]]
+    kept = 0
+    for step, prefixes in PIPELINE[1:]:
+        stages = [s for s in ran if _of_step(s, prefixes)]
+        if not stages:
+            continue
+        receipts = [r for s in stages if (summary := read_summary(store, s)) for r in summary.receipts]
+        totals = stage_totals(receipts)
+        docs_in = documents if step == "ingest" else kept
+        if step in out_of:
+            kept = out_of[step] if step == "ingest" else kept + out_of[step]
+        note = {
+            "tokenizer": f"vocab {manifest.tokenizer.vocab_size:,}",
+            "tokenize": f"{manifest.total_tokens:,} tokens",
+            "manifest": f"{len(manifest.shards):,} token shards verified",
+        }.get(step, "")
+        counted = step in out_of
+        rows.append(
+            [step, len(stages), totals["shards"], docs_in if counted else "", kept if counted else "",
+             totals["work_seconds"], seconds.get(step, 0.0), note]
+        )
+    return rows
+
+
+def near_sample_rows(build: Build) -> list[list]:
+    sample = read_table(build.store, layout.NEAR_SAMPLE).slice(0, NEAR_SAMPLE_ROWS).to_pylist()
+    return [[r["id"], r["kept_id"], round(r["jaccard"], 2), r["text"][:SNIPPET_CHARS], r["kept_text"][:SNIPPET_CHARS]] for r in sample]
+
+
+def summary_markdown(build: Build, manifest: DatasetManifest, uri: str, train_run: str, steps: list[list]) -> str:
+    """The build's one summary: what it made, where, its steps in pipeline order, per-source
+    accounting, the training it feeds and the pages to look at."""
+    config = build.config
+    training = (
+        f"the build→train automation (`train-on-build`) trains run `{train_run}` on it"
+        if train_run
+        else "the build→train automation (`train-on-build`) trains on it the run of its settings, "
+        f"or `{config.name}-{build.id}` when that run trains on other datasets"
     )
-    return (
-        f"# Build `{manifest.name}/{manifest.build_id}`\n\n"
+    pages = []
+    if flow_run.ui_url:
+        pages.append(f"[this build run]({flow_run.ui_url})")
+        pages.append(f"[every run]({flow_run.ui_url.split('/flow-runs/')[0]}/runs)")
+    parts = [
+        f"# Build `{manifest.name}/{manifest.build_id}`\n",
         f"Manifest: `{uri}`  \n"
-        f"{len(manifest.shards)} token shards, {manifest.total_documents} documents, "
-        f"{manifest.total_tokens} tokens ({manifest.dtype}), tokenizer `{manifest.tokenizer.sha256[:12]}` "
-        f"(vocab {manifest.tokenizer.vocab_size}).\n\n"
-        "| source | docs in | kept | filtered | exact dup | near dup | malformed | tokens |\n"
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
-        f"{rows}\n"
+        f"{len(manifest.shards):,} token shards, {manifest.total_documents:,} documents, "
+        f"{manifest.total_tokens:,} tokens ({manifest.dtype}), tokenizer `{manifest.tokenizer.sha256[:12]}` "
+        f"(vocab {manifest.tokenizer.vocab_size:,}).  \n"
+        f"Training: {training}; `tinyllama train-epoch <run>` trains it further.  \n"
+        + (f"Pages: {' · '.join(pages)}\n" if pages else ""),
+        "## Steps\n",
+        _table(
+            ["step", "stages", "shards", "documents in", "documents out", "work s", "wall s", "notes"],
+            steps,
+        ),
+        "## Sources\n",
+        _table(
+            ["source", "files", "bytes in", "docs in", "kept", "filtered", "exact dup", "near dup", "malformed", "tokens"],
+            [
+                [n, sum(f.source == n for f in build.plan), sum(f.size for f in build.plan if f.source == n),
+                 a.docs_in, a.kept, a.filtered, a.exact_dup, a.near_dup, a.malformed, a.tokens]
+                for n, a in manifest.sources.items()
+            ],
+        ),
+    ]
+    if config.dedup.near:
+        sample = near_sample_rows(build)
+        parts += [
+            f"## Near duplicates (first {NEAR_SAMPLE_ROWS}; the sample is `{build.store.url(layout.NEAR_SAMPLE)}`)\n",
+            _table(["removed", "kept", "jaccard", "removed text", "kept text"], sample) if sample else "none removed\n",
+        ]
+    return "\n".join(parts)
+
+
+def step_line(row: list) -> str:
+    """A step's row of the summary as one log line."""
+    step, _, shards, docs_in, docs_out, work, wall, note = row
+    parts = [f"{shards:,} shards"]
+    if docs_in != "":
+        parts.append(f"{docs_in:,} -> {docs_out:,} documents")
+    if work != "":
+        parts.append(f"{work:,.1f} s of work")
+    parts.append(f"{wall:,.1f} s wall")
+    return f"{step}: {', '.join(parts)}" + (f" ({note})" if note else "")
+
+
+def publish_summary(build: Build, manifest_uri: str, train_run: str = "") -> None:
+    """The build run's summary artifact, at the flow run's level (the Artifacts tab shows it above
+    the steps' progress bars), and its steps in the run's log."""
+    manifest = read_record(build.store, layout.MANIFEST, DatasetManifest)
+    steps = step_rows(build, manifest, step_seconds())
+    logger = get_run_logger()
+    for row in steps:
+        logger.info(step_line(row))
+    create_markdown_artifact(
+        summary_markdown(build, manifest, manifest_uri, train_run, steps),
+        key=artifact_key(build.config.name, "summary"),
+        description=f"build {build.id}: steps, sources, training, pages",
     )

@@ -2,7 +2,7 @@
 
 A stage is datatrove's `run(data, rank, world_size)` made typed: a name, its work items, each
 item's shard name, and `work(item) -> ShardResult`. `tasks.fanout.run_stage` runs it (Ray,
-receipts, progress, the table artifact); a stage knows none of that.
+receipts, progress); a stage knows none of that.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from storage.lease import LeaseHeld
 from storage.manifest import ShardResult, StageSummary
 from storage.store import StoreAccessError
+from tasks.reporting import record_run_time
 
 STAGE_RETRIES = 2
 RETRY_DELAY_S = 5
@@ -61,4 +62,5 @@ def stage_task(name: str, retries: int = STAGE_RETRIES):
         retry_delay_seconds=RETRY_DELAY_S,
         retry_condition_fn=is_transient,
         cache_policy=NO_CACHE,
+        on_completion=[record_run_time],
     )

@@ -4,18 +4,13 @@ from __future__ import annotations
 
 from functools import partial
 
-from prefect.artifacts import create_table_artifact
-
 from storage import build_layout as layout
 from tasks.fanout import read_summary, run_stage
 from tasks.near_dedup.steps import STAGE, DocsShard, bands_rows, run_near_dedup
-from tasks.parquet_io import read_table
 from tasks.partitioning import NEAR_BAND_ROW_BYTES, NEAR_EDGE_BYTES, batch_bytes, ingested_documents, partitions
 from tasks.plan import Build
-from tasks.reporting import artifact_key, stage_totals
+from tasks.reporting import stage_totals
 from tasks.stage import stage_task
-
-SAMPLE_ARTIFACT_ROWS = 20
 
 
 @stage_task("near-dedup")
@@ -37,11 +32,4 @@ def near_dedup(build: Build) -> dict[str, int | float]:
     ]
     run = partial(run_stage, store, build_name=config.name, max_in_flight=config.parallelism)
     run_near_dedup(store, shards, cfg, run, batch_bytes(budget))
-    sample = read_table(store, layout.NEAR_SAMPLE).slice(0, SAMPLE_ARTIFACT_ROWS).to_pylist()
-    create_table_artifact(
-        sample or [{"removed": "none"}],
-        key=artifact_key(config.name, "near-dup-sample"),
-        description=f"near duplicates removed, with the document kept (first {SAMPLE_ARTIFACT_ROWS}; "
-        f"all in {store.url(layout.NEAR_SAMPLE)})",
-    )
     return stage_totals(read_summary(store, STAGE).receipts)

@@ -1,12 +1,13 @@
 """The Prefect UI served by `serve_main`, in a real browser: Debian's chromium, headless, driven by Playwright.
 
 CI installs the browser with `apt-get install -y chromium`; Playwright's own browser download
-is not used.
+is not used. The screenshots go to the test's tmp folder, or to $TINYLLAMA_SCREENSHOTS when set.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,13 @@ from tasks.reporting import artifact_key
 
 CHROMIUM = Path("/usr/bin/chromium")
 TIMEOUT_MS = 60_000
+BUILD_STEPS = ("plan", "ingest", "exact-dedup", "tokenizer", "tokenize", "manifest")  # near dedup is off here
+
+
+def screenshots(tmp_path: Path) -> Path:
+    folder = Path(os.environ.get("TINYLLAMA_SCREENSHOTS") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 @contextlib.contextmanager
@@ -36,24 +44,32 @@ def browser_page() -> Iterator[Page]:
             browser.close()
 
 
-def test_the_ui_shows_the_finished_build_its_stages_and_its_summary_artifact(served, finished_build, tmp_path):
+def test_the_ui_shows_the_finished_build_its_progress_bars_and_its_summary(served, finished_build, tmp_path):
     config, run = finished_build
     ui = served.api_url.removesuffix("/api")
+    shots = screenshots(tmp_path)
     with browser_page() as page:
         page.goto(f"{ui}/runs")  # the list of flow runs
         page.get_by_role("link", name=run.name, exact=True).click()
         expect(page).to_have_url(re.compile(f"/runs/flow-run/{run.id}"))
         expect(page.get_by_text("Completed").first).to_be_visible()
-        page.screenshot(path=tmp_path / "flow-run.png")
+        page.screenshot(path=shots / "build-run.png")
 
-        # Every stage left a table artifact; the manifest stage a markdown summary.
+        # A progress bar per step that runs stages, and the summary (every card names its artifact).
         page.get_by_text("Artifacts", exact=True).click()
-        for stage in ("plan", "ingest", "exact-dedup", "tokenize"):
-            expect(page.get_by_text(artifact_key(config.name, stage), exact=True)).to_be_visible()
+        for step in BUILD_STEPS[1:]:
+            expect(page.get_by_text(artifact_key(config.name, step, "progress"), exact=True)).to_be_visible()
+        expect(page.get_by_text("None", exact=True)).to_have_count(0)  # the Flow run group holds the summary
+        page.screenshot(path=shots / "build-artifacts.png", full_page=True)
         page.get_by_text(artifact_key(config.name, "summary"), exact=True).click()
         expect(page.get_by_text(manifest_uri(config))).to_be_visible()
+        steps = page.get_by_role("table").first  # the steps, in pipeline order
+        expect(steps.get_by_role("row")).to_have_count(1 + len(BUILD_STEPS))
+        for i, step in enumerate(BUILD_STEPS, start=1):
+            expect(steps.get_by_role("row").nth(i).get_by_role("cell").first).to_have_text(step)
         expect(page.get_by_role("cell", name="slimpajama")).to_be_visible()
-        page.screenshot(path=tmp_path / "summary-artifact.png")
+        expect(page.get_by_role("link", name="this build run")).to_have_attribute("href", re.compile(str(run.id)))
+        page.screenshot(path=shots / "build-summary.png", full_page=True)
 
 
 async def _artifacts(client, keys):
@@ -76,13 +92,19 @@ def test_a_training_run_shows_its_loss_curve_and_live_status(served, finished_bu
     progress = by_key[artifact_key(RUN, "train-progress")]
     assert progress.data == 100.0 and progress.description.endswith("segment done")  # of this segment's steps
     ui = served.api_url.removesuffix("/api")
+    shots = screenshots(tmp_path)
     with browser_page() as page:
         page.goto(f"{ui}/artifacts/artifact/{by_key[artifact_key(RUN, 'loss-curve')].id}")
         image = page.get_by_role("img", name="loss curve")
         expect(image).to_be_visible()
         assert image.evaluate("img => img.complete && img.naturalWidth") > 0  # decoded, not a broken link
-        page.screenshot(path=tmp_path / "loss-curve.png")
+        page.screenshot(path=shots / "loss-curve.png", full_page=True)
 
         page.goto(f"{ui}/artifacts/artifact/{progress.id}")
         expect(page.get_by_text(re.compile(r"step \d+/100000 · segment \d+→\d+ · loss \d"))).to_be_visible()
-        page.screenshot(path=tmp_path / "train-progress.png")
+        page.screenshot(path=shots / "train-progress.png")
+
+        page.goto(f"{ui}/runs/flow-run/{progress.flow_run_id}")  # the training run: both cards, with the metrics
+        page.get_by_text("Artifacts", exact=True).click()
+        expect(page.get_by_text(artifact_key(RUN, "loss-curve"), exact=True)).to_be_visible()
+        page.screenshot(path=shots / "train-run-artifacts.png", full_page=True)

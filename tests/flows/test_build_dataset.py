@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import sentencepiece as spm
 import yaml
+from prefect.artifacts import Artifact
 
 from flows.build_dataset import build_dataset
 from storage.manifest import DatasetManifest
@@ -118,21 +119,41 @@ def test_shards_load_in_megatron_core(built, tmp_path):
     assert int(dataset.sequence_lengths.sum()) == shard.tokens
 
 
-def test_stages_report_artifacts(built):
-    from prefect.artifacts import Artifact
+def test_the_build_run_shows_a_progress_bar_per_step_and_one_summary(built):
+    """The Artifacts tab of a build run: one progress artifact per pipeline step (however many
+    stages the step runs) and the summary, every one in the run; the summary lists the steps in
+    pipeline order with their counts, and the manifest."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-    for key in ("sample-plan", "sample-ingest", "sample-exact-dedup", "sample-tokenize", "sample-summary"):
-        assert Artifact.get(key) is not None, key
-    assert "| slimpajama |" in Artifact.get("sample-summary").data
+    _, manifest_uri = built
+    summary = Artifact.get("sample-summary")
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[summary.flow_run_id]))
+        )
+    steps = ["ingest", "exact-dedup", "near-dedup", "tokenizer", "tokenize", "manifest"]
+    assert sorted(a.key for a in artifacts) == sorted(["sample-summary", *(f"sample-{s}-progress" for s in steps)])
+    assert all(a.data == 100.0 for a in artifacts if a.type == "progress")
+    markdown = summary.data
+    assert f"Manifest: `{manifest_uri}`" in markdown and "| slimpajama |" in markdown
+    rows = [markdown.index(f"| {step} |") for step in ["plan", *steps]]
+    assert rows == sorted(rows)  # pipeline order
+    manifest = load_manifest(manifest_uri)
+    tokenize_row = markdown[rows[-2] :].splitlines()[0]
+    assert f"| {manifest.total_documents:,} |" in tokenize_row  # documents out of the last step that drops any
+    ingest_row = markdown[rows[1] :].splitlines()[0].split("|")
+    assert float(ingest_row[7]) > 0  # wall seconds, as Prefect timed the task
 
 
 def test_rerun_of_a_finished_build_changes_nothing(built):
     config, manifest_uri = built
     before = build_objects(config.output)
     started = time.perf_counter()
-    assert build_dataset(config) == manifest_uri
+    assert build_dataset(config, train_run="sample-run") == manifest_uri
     assert time.perf_counter() - started < 30
     assert build_objects(config.output) == before
+    assert "trains run `sample-run` on it" in Artifact.get("sample-summary").data  # a summary per run, naming its training
 
 
 def flip_one_byte(store, key: str) -> bytes:
