@@ -6,7 +6,7 @@ from prefect import flow
 
 from model.train_config import TrainConfig
 from tasks.evaluate import evaluate_segment
-from tasks.train import train_task
+from tasks.train import report_final, train_task
 
 
 @flow(name="train", flow_run_name="train-{config.name}")
@@ -14,6 +14,7 @@ def train(config: TrainConfig) -> str:
     """Train until max_steps (or for max_steps_this_run more steps), then evaluate the checkpoint it
     ended with when the config names evaluation tasks; returns the run's URI."""
     run_uri = train_task(config)
+    report_final(config)  # the final metrics and the loss curve, on the flow run's page
     if config.eval is not None:
         evaluate_segment(run_uri, config.eval)
     return run_uri

@@ -290,7 +290,8 @@ def progress_reporter(config: TrainConfig) -> Callable[[], None]:
 
 
 def report_final(config: TrainConfig) -> dict:
-    """Table artifact of the last step's metrics and the loss curve (inline); returns that record."""
+    """Table artifact of the last step's metrics and the loss curve (inline); returns that record.
+    Called by the flow, so the cards sit in the flow run's own group in the UI."""
     run_store = open_store(config.run_uri)
     try:
         records = read_metrics(run_store.get_text(METRICS_FILE))
@@ -336,6 +337,5 @@ def train_task(config: TrainConfig) -> str:
         else:
             launch_ray(config, config_uri, on_poll=on_poll)
         report_progress()
-    final = report_final(config)
-    logger.info("run %s at step %s, loss %s", config.run_uri, final.get("step"), final.get("loss"))
+    logger.info("run %s at step %d", config.run_uri, latest_step(config))
     return config.run_uri
