@@ -20,6 +20,7 @@ next run of the same config) resumes from the newest checkpoint.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import re
@@ -162,7 +163,12 @@ def launch_torchrun(
         start_new_session=True,
     )
     failures: list[str] = []
-    reader = threading.Thread(target=_forward_lines, args=(process.stdout, on_line, failures), daemon=True)
+    # The reader logs in the caller's context: Prefect's settings (which server) and run live in
+    # contextvars, which a new thread would not see.
+    context = contextvars.copy_context()
+    reader = threading.Thread(
+        target=context.run, args=(_forward_lines, process.stdout, on_line, failures), daemon=True
+    )
     reader.start()
     try:
         while True:
