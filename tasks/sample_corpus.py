@@ -24,6 +24,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import inspect
+import io
 import json
 import os
 import random
@@ -205,13 +206,22 @@ def _text(record: dict) -> str:
     return record["text"] if "text" in record else record["content"]
 
 
+def _write_if_changed(path: Path, data: bytes) -> None:
+    """Keep a file that already holds `data`: a build pins its inputs' identity (mtime, inode),
+    so making the same corpus again must not look like new inputs to a build planned from it."""
+    if not (path.exists() and path.read_bytes() == data):
+        path.write_bytes(data)
+
+
 def _write_jsonl_zst(path: Path, records: list[dict]) -> None:
     data = b"".join(orjson.dumps(record) + b"\n" for record in records)
-    path.write_bytes(zstandard.ZstdCompressor(level=3).compress(data))
+    _write_if_changed(path, zstandard.ZstdCompressor(level=3).compress(data))
 
 
 def _write_parquet(path: Path, records: list[dict]) -> None:
-    pq.write_table(pa.Table.from_pylist(records), path, compression="zstd")
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(records), buffer, compression="zstd")
+    _write_if_changed(path, buffer.getvalue())
 
 
 def _is_new(text: str, seen: set[bytes]) -> bool:

@@ -142,3 +142,16 @@ def test_the_corpus_is_a_function_of_the_seed(corpus, tmp_path):
     assert again["duplicates"] == corpus["duplicates"] and content(again) == content(corpus)
     assert other["duplicates"] != corpus["duplicates"]
     assert (Path(other["root"]) / files[0]).read_bytes() != content(corpus)[0]
+
+
+def test_making_the_same_corpus_again_keeps_its_files_so_a_planned_build_reruns(tmp_path):
+    first = make_sample_corpus(tmp_path, target_bytes=TARGET, seed=7)
+    config = BuildConfig.from_yaml(first["config"]).model_copy(update={"output": str(tmp_path / "out")})
+    planned = make_plan(config)
+    paths = [Path(first["root"]) / f for info in first["sources"].values() for f in info["files"]]
+    before = [(p.stat().st_ino, p.stat().st_mtime_ns) for p in paths]
+
+    make_sample_corpus(tmp_path, target_bytes=TARGET, seed=7)
+
+    assert [(p.stat().st_ino, p.stat().st_mtime_ns) for p in paths] == before
+    assert [f.identity for f in make_plan(config)] == [f.identity for f in planned]
