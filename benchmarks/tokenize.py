@@ -50,7 +50,8 @@ def main() -> None:
     from tasks.removals import deduplicated_ids
     from tasks.sample_corpus import make_sample_corpus
     from tasks.stage import Stage
-    from tasks.tokenize import shard_of, tokenize_shard
+    from tasks.plan import shard_of
+    from tasks.tokenize import tokenize_shard
 
     corpus = make_sample_corpus(work / "raw", target_bytes=args.bytes)
     config = BuildConfig.model_validate({**yaml.safe_load(Path(corpus["config"]).read_text()), "output": str(work / "out")})

@@ -56,6 +56,11 @@ class PlannedFile(BaseModel):
         return f"{self.ordinal:06d}"
 
 
+def shard_of(file: PlannedFile) -> str:
+    """A per-file stage's shard name (Stage.shard_of for ingest and tokenize)."""
+    return file.shard
+
+
 def document_id(ordinal: int, record: int) -> int:
     """Ids sort in plan order: file ordinal first, then the record's position in its file."""
     return (ordinal << 32) | record

@@ -21,7 +21,7 @@ from storage.shards import ShardWriter, token_dtype
 from storage.store import Store
 from tasks.fanout import run_stage
 from tasks.parquet_io import read_table
-from tasks.plan import Build, PlannedFile
+from tasks.plan import Build, PlannedFile, shard_of
 from tasks.removals import deduplicated_ids
 from tasks.reporting import stage_totals
 from tasks.stage import Stage, stage_task
@@ -82,10 +82,6 @@ def tokenize_shard(
         sources={file.source: SourceAccounting(kept=documents, tokens=tokens)},
         token_shards=shards,
     )
-
-
-def shard_of(file: PlannedFile) -> str:
-    return file.shard
 
 
 @stage_task("tokenize")

@@ -5,13 +5,9 @@ from __future__ import annotations
 from storage import build_layout as layout
 from tasks.fanout import run_stage
 from tasks.ingest.shard import ingest_file
-from tasks.plan import Build, PlannedFile
+from tasks.plan import Build, shard_of
 from tasks.reporting import stage_totals
 from tasks.stage import Stage, stage_task
-
-
-def shard_of(file: PlannedFile) -> str:
-    return file.shard
 
 
 @stage_task("ingest")
