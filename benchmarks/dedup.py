@@ -52,7 +52,7 @@ import xxhash
 
 from storage.manifest import ShardResult
 from storage.store import LocalStore, Store
-from tasks.config import MinHashConfig
+from tasks.config import TASK_MEMORY_BYTES, MinHashConfig
 from tasks.fanout import run_stage
 from tasks.near_dedup.minhash import MinHasher, normalize
 from tasks.near_dedup.steps import DocsShard, bands_rows, near_duplicate_ids, run_near_dedup
@@ -66,7 +66,6 @@ DATATROVE = "datatrove MinhashDedupSignature, word 5-grams x 112"
 DATASKETCH = "datasketch MinHash, char 13-grams x 128"
 UNSIGNED = np.iinfo(np.uint64).max  # a signature row datatrove did not compute
 DOCS_PER_SHARD = 10_000
-TASK_MEMORY_BYTES = 1 << 30  # the build's default budget: partitions and batches are sized to it
 
 
 # -- corpora ------------------------------------------------------------------------------
@@ -348,7 +347,7 @@ def sized(cfg: MinHashConfig, documents: int, budget: int = TASK_MEMORY_BYTES) -
 def measure_near_dedup(store: Store, shards: list[DocsShard], cfg: MinHashConfig, budget: int = TASK_MEMORY_BYTES) -> StageRun:
     """The whole near-dedup stage on Ray, every task's peak RSS recorded in its receipt."""
     run = StageRun(store)
-    run.seconds, _ = timed(lambda: run_near_dedup(store, shards, cfg, run, batch_bytes(budget)))
+    run.seconds, _ = timed(lambda: run_near_dedup(store, shards, cfg, run, batch_bytes(budget), budget))
     return run
 
 

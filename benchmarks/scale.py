@@ -299,7 +299,7 @@ def dedup_one(docs: int, cpus: int, budget: int) -> None:
     cfg = sized(MinHashConfig(), docs, budget)
     near = StageRun(store)
     excluded = [dataclasses.replace(s, exclude=layout.exact_removed(s.shard)) for s in shards]
-    run_near_dedup(store, excluded, cfg, near, batch_bytes(budget))
+    run_near_dedup(store, excluded, cfg, near, batch_bytes(budget), budget)
     steps = {}
     for label, run in (("exact", exact), ("near", near)):
         steps[label] = {

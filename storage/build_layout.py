@@ -8,10 +8,10 @@ quarantine/<source>/<shard>.jsonl             malformed records with file, line/
 dedup/exact/hashes/b<batch>/p<P>.parquet      content hashes of a batch of docs shards, by hash range
 dedup/exact/removed/<shard>/p<P>.parquet      ids exact dedup removed (id, kept_id)
 dedup/near/bands/b<batch>/p<P>.parquet        band hashes of a batch of docs shards, by band-hash range
-dedup/near/buckets/p<P>.parquet               LSH buckets of one range (with verification)
-dedup/near/candidates/b<batch>/p<P>.parquet   a batch's candidates needed by range P
-dedup/near/shingles/p<P>/b<batch>.parquet     32-bit hashed shingles of those candidates
-dedup/near/edges/q<Q>/p<P>.parquet            similar pairs, by vertex partition Q
+dedup/near/buckets/p<P>-g<G>.parquet         LSH buckets of one range, in verify groups G (with verification)
+dedup/near/candidates/b<batch>/p<P>-g<G>.parquet   a batch's candidates needed by verify group P-G
+dedup/near/shingles/p<P>-g<G>/b<batch>.parquet     32-bit hashed shingles of those candidates
+dedup/near/edges/q<Q>/<range>.parquet         similar pairs by vertex partition Q, from range p<P> (or group p<P>-g<G>)
 dedup/near/components/rNNN/{large,small}/q<to>/q<from>.parquet   connected-components rounds
 dedup/near/removed/<shard>/q<Q>.parquet       ids near dedup removed (id, kept_id)
 dedup/near/sample.parquet                     the first removed documents beside the ones kept
@@ -85,6 +85,11 @@ def vertex_partition_name(partition: int) -> str:
     return f"q{partition:04d}"
 
 
+def verify_group_name(partition: int, group: int) -> str:
+    """One verify task's share of a band-hash range: whole buckets, sized from their candidates."""
+    return f"{partition_name(partition)}-g{group:04d}"
+
+
 # -- exact dedup --------------------------------------------------------------------------
 
 EXACT_HASHES = join_key(EXACT, "hashes") + "/"
@@ -114,20 +119,35 @@ def near_bands(batch: int, partition: int) -> str:
     return join_key(NEAR_BANDS, batch_name(batch), f"{partition_name(partition)}.parquet")
 
 
-def near_buckets(partition: int) -> str:
-    return join_key(NEAR_BUCKETS, f"{partition_name(partition)}.parquet")
+def near_buckets(group: str) -> str:
+    return join_key(NEAR_BUCKETS, f"{group}.parquet")
 
 
-def near_candidates(shard: str) -> str:
-    return join_key(NEAR_CANDIDATES, shard) + "/"
+def near_candidates(batch: str) -> str:
+    """The folder of one batch's candidates, one file per verify group that needs them."""
+    return join_key(NEAR_CANDIDATES, batch) + "/"
 
 
-def near_shingles(partition_folder: str) -> str:
-    return join_key(NEAR_SHINGLES, partition_folder) + "/"
+def near_candidates_file(batch: str, group: str) -> str:
+    return join_key(near_candidates(batch), f"{group}.parquet")
 
 
-def near_edges(vertex_partition: int, partition: int) -> str:
-    return join_key(NEAR_EDGES, vertex_partition_name(vertex_partition), f"{partition_name(partition)}.parquet")
+def near_group_of(candidates_file: str) -> str:
+    """The verify group a candidates file is for."""
+    return candidates_file.rsplit("/", 1)[1].removesuffix(".parquet")
+
+
+def near_shingles(group: str) -> str:
+    return join_key(NEAR_SHINGLES, group) + "/"
+
+
+def near_shingles_file(group: str, batch: str) -> str:
+    return join_key(near_shingles(group), f"{batch}.parquet")
+
+
+def near_edges(vertex_partition: int, source: str) -> str:
+    """Edges found by one bucket range (partition_name) or verify group, for vertex partition Q."""
+    return join_key(NEAR_EDGES, vertex_partition_name(vertex_partition), f"{source}.parquet")
 
 
 def near_components(round_: int, step: str) -> str:

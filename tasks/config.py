@@ -20,6 +20,8 @@ FolderName = Annotated[str, AfterValidator(check_name)]
 
 from storage.manifest import DocumentConvention
 
+TASK_MEMORY_BYTES = 1 << 30  # the default of what one dedup task may hold
+
 
 class Config(BaseModel):
     # Errors never echo the input: a rejected value might be a secret.
@@ -128,7 +130,7 @@ class BuildConfig(Config):
         None, ge=1, description="At most this many shards at once (default: twice Ray's CPUs); never changes outputs"
     )
     task_memory_bytes: int = Field(
-        1 << 30, ge=1 << 16, description="What one dedup task may hold: partition counts and batches are sized to it"
+        TASK_MEMORY_BYTES, ge=1 << 16, description="What one dedup task may hold: partition counts and batches are sized to it"
     )
 
     @model_validator(mode="after")

@@ -16,6 +16,8 @@ from storage.manifest import StageSummary
 EXACT_ROW_BYTES = 96  # one (id, 16-byte hash) row in a hash-range task
 NEAR_BAND_ROW_BYTES = 64  # one (band hash, id) row in a bucket task: bands rows per document
 NEAR_EDGE_BYTES = 256  # one document's edges in a components task (both directions, two rounds' copies)
+VERIFY_SHINGLE_BYTES = 8  # one 32-bit shingle of a candidate in a verify task: the parquet read's copy, the list
+VERIFY_MEMBER_BYTES = 64  # one bucket membership in a verify task: (bucket, id) rows, id lookup, offsets
 BATCH_FRACTION = 8  # a map task reads docs parquet of budget / 8: texts inflate ~3-4x as strings
 HEADROOM = 1.25  # hash ranges are filled unevenly: plan for the fullest, not the average
 
@@ -25,6 +27,12 @@ def partitions(documents: int, bytes_per_document: int, budget: int, explicit: i
     if explicit is not None:
         return explicit
     return max(1, math.ceil(HEADROOM * documents * bytes_per_document / budget))
+
+
+def verify_member_bytes(shingles_per_document: float) -> int:
+    """What a verify task holds per bucket membership: the candidate's shingles and its rows.
+    Counting memberships, not distinct candidates, plans for a candidate in several buckets."""
+    return math.ceil(VERIFY_MEMBER_BYTES + VERIFY_SHINGLE_BYTES * shingles_per_document)
 
 
 def batch_bytes(budget: int) -> int:

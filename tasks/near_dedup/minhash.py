@@ -184,13 +184,20 @@ class MinHasher:
 
     def signatures(self, texts: Sequence[str]) -> np.ndarray:
         """(documents, num_perm) uint32 MinHash signatures."""
+        return self.signatures_and_sizes(texts)[0]
+
+    def signatures_and_sizes(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The signatures, and each text's shingle count (repeats included: an upper bound of
+        its distinct shingles, which is what verification holds per candidate)."""
         signatures = np.full((len(texts), self.num_perm), np.iinfo(np.uint32).max, dtype=np.uint32)
+        sizes = np.zeros(len(texts), dtype=np.int64)
         width = max(1, _BLOCK_VALUES // self.num_perm)
         # permutations x shingles: each permutation's values are contiguous, so the minima
         # are contiguous reductions (several times faster than reducing along columns)
         block = np.empty((self.num_perm, width), dtype=np.uint32)
         a, b = self._a[:, None], self._b[:, None]
         for hashes, owners in self._shingle_batches(texts):
+            sizes += np.bincount(owners, minlength=len(texts))
             keys = (hashes >> np.uint64(32)).astype(np.uint32)
             for column in range(0, len(keys), width):
                 x, owner = keys[column : column + width], owners[column : column + width]
@@ -202,7 +209,7 @@ class MinHasher:
                 docs = owner[segment]
                 minima = values.min(axis=1)[None, :] if len(segment) == 1 else np.minimum.reduceat(values, segment, axis=1).T
                 signatures[docs] = np.minimum(signatures[docs], minima)
-        return signatures
+        return signatures, sizes
 
     def band_hashes(self, signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
         """(documents, bands) uint64: a hash of each band's rows, keyed by the band's index,

@@ -11,13 +11,16 @@ batches x partitions files, not shards x partitions.
 
   near-signatures  per batch: band hashes of each document exact dedup kept, split into P
                    band-hash ranges                   bands/b<batch>/p<P>.parquet
-  near-buckets     per range: documents sharing a bucket; with verification, the buckets and
-                   each batch's candidates            buckets/p<P>.parquet, candidates/b<batch>/p<P>.parquet
+  near-buckets     per range: documents sharing a bucket; with verification, the buckets in
+                   verify groups G (whole buckets, as many groups as keep one group's
+                   candidates' shingles inside the budget) and each batch's candidates per group
+                                                      buckets/p<P>-g<G>.parquet, candidates/b<batch>/p<P>-g<G>.parquet
                    without: star edges                edges/q<Q>/p<P>.parquet
   near-shingles    per batch (verify): the candidates' shingles, hashed to 32 bits (4 bytes a
                    shingle; collisions are ~1e-6 of a 3,000-shingle document), sent to each
-                   range that needs them              shingles/p<P>/b<batch>.parquet
-  near-verify      per range (verify): edges whose true Jaccard reaches the threshold
+                   group that needs them              shingles/p<P>-g<G>/b<batch>.parquet
+  near-verify      per group (verify): edges whose true Jaccard reaches the threshold
+                                                      edges/q<Q>/p<P>-g<G>.parquet
   near-components-rNNN-{large,small}
                    per vertex partition: one round of large-star and small-star, until a round
                    changes nothing                    components/rNNN/{large,small}/q<to>/q<from>.parquet
@@ -40,14 +43,14 @@ import numpy as np
 import pyarrow as pa
 
 from storage import build_layout as layout
-from storage.build_layout import batch_name, partition_name, vertex_partition_name
-from storage.manifest import ObjectInfo, ShardResult, SourceAccounting
+from storage.build_layout import batch_name, partition_name, verify_group_name, vertex_partition_name
+from storage.manifest import ObjectInfo, ShardResult, SourceAccounting, StageSummary
 from storage.store import Store
-from tasks.config import MinHashConfig
+from tasks.config import TASK_MEMORY_BYTES, MinHashConfig
 from tasks.near_dedup import components, lsh
 from tasks.near_dedup.minhash import MinHasher, jaccard
 from tasks.parquet_io import read_table, write_table
-from tasks.partitioning import batches
+from tasks.partitioning import batches, partitions, verify_member_bytes
 from tasks.plan import PlannedFile, ordinal_of
 from tasks.stage import Run, Stage
 
@@ -209,7 +212,7 @@ def compute_signatures(store: Store, cfg: MinHashConfig, batch: DocsBatch) -> Sh
     range: one file per range for the whole batch."""
     bands, rows = bands_rows(cfg)
     minhash = hasher(cfg)
-    hashes, owners, documents = [], [], 0
+    hashes, owners, documents, shingles = [], [], 0, 0
     for shard in batch.shards:
         ids, texts = _read_docs(store, shard)
         excluded = _ids(store, list(store.list(shard.exclude))) if shard.exclude else np.empty(0, np.int64)
@@ -218,8 +221,9 @@ def compute_signatures(store: Store, cfg: MinHashConfig, batch: DocsBatch) -> Sh
         band_hashes = np.empty((len(keep), bands), dtype=np.uint64)
         for start in range(0, len(keep), SIGN_BATCH):
             chunk = keep[start : start + SIGN_BATCH]
-            signatures = minhash.signatures(texts.take(pa.array(chunk)).to_pylist())
+            signatures, sizes = minhash.signatures_and_sizes(texts.take(pa.array(chunk)).to_pylist())
             band_hashes[start : start + len(chunk)] = minhash.band_hashes(signatures, bands, rows)
+            shingles += int(sizes.sum())
         hashes.append(band_hashes.reshape(-1))
         owners.append(np.repeat(ids[keep], bands))
     hashes, owners = np.concatenate(hashes), np.concatenate(owners)
@@ -231,32 +235,47 @@ def compute_signatures(store: Store, cfg: MinHashConfig, batch: DocsBatch) -> Sh
         table = pa.table([hashes[selected], owners[selected]], schema=BANDS_SCHEMA)
         outputs.append(write_table(store, layout.near_bands(batch.index, p), table))
     signed = len(owners) // bands
-    counts = {"documents": documents, "excluded": documents - signed, "signed": signed}
+    counts = {"documents": documents, "excluded": documents - signed, "signed": signed, "shingles": shingles}
     return ShardResult(outputs=outputs, counts=counts)
 
 
-def find_buckets(store: Store, batches: Sequence[DocsBatch], cfg: MinHashConfig, partition: int) -> ShardResult:
-    """Documents that share a band bucket within one hash range."""
+def find_buckets(
+    store: Store, batches: Sequence[DocsBatch], cfg: MinHashConfig, member_bytes: int, budget: int, partition: int
+) -> ShardResult:
+    """Documents that share a band bucket within one hash range; with verification, the
+    buckets split into groups of whole buckets that each hold at most `budget` when verified
+    (`member_bytes` per bucket membership)."""
     table = _read_all(store, [layout.near_bands(b.index, partition) for b in batches], BANDS_SCHEMA)
     members, starts = lsh.group_buckets(table.column("hash").to_numpy(), table.column("id").to_numpy())
     members, starts = lsh.distinct_buckets(members, starts)
     counts = {"buckets": len(starts), "members": len(members)}
     if not cfg.verify:
         first, second = lsh.star_edges(members, starts)
-        outputs = _write_edges(store, cfg, partition, first, second)
+        outputs = _write_edges(store, cfg, partition_name(partition), first, second)
         counts["edges"] = len(first)
         return ShardResult(outputs=outputs, counts=counts)
-    bucket = np.repeat(np.arange(len(starts), dtype=np.int64), lsh.bucket_sizes(starts, len(members)))
-    outputs = [write_table(store, layout.near_buckets(partition), pa.table([bucket, members], schema=BUCKETS_SCHEMA))]
-    for batch, ids in _by_batch(np.unique(members), batches):
-        key = layout.near_candidates(batch.name) + f"{partition_name(partition)}.parquet"
-        outputs.append(write_table(store, key, pa.table([ids], schema=IDS_SCHEMA)))
+    sizes = lsh.bucket_sizes(starts, len(members))
+    groups = partitions(len(members), member_bytes, budget)
+    # consecutive buckets (in band-hash order, so unrelated) with about equal memberships
+    group_of_bucket = (np.cumsum(sizes) - sizes) * groups // max(len(members), 1)
+    group_of_member = np.repeat(group_of_bucket, sizes)
+    bucket = np.repeat(np.arange(len(starts), dtype=np.int64), sizes)
+    outputs = []
+    for g in range(groups):
+        group = verify_group_name(partition, g)
+        rows = group_of_member == g
+        table = pa.table([bucket[rows], members[rows]], schema=BUCKETS_SCHEMA)
+        outputs.append(write_table(store, layout.near_buckets(group), table))
+        for batch, ids in _by_batch(np.unique(members[rows]), batches):
+            key = layout.near_candidates_file(batch.name, group)
+            outputs.append(write_table(store, key, pa.table([ids], schema=IDS_SCHEMA)))
+    counts["verify_groups"] = groups
     return ShardResult(outputs=outputs, counts=counts)
 
 
-def _write_edges(store: Store, cfg: MinHashConfig, partition: int, first: np.ndarray, second: np.ndarray) -> list[ObjectInfo]:
+def _write_edges(store: Store, cfg: MinHashConfig, source: str, first: np.ndarray, second: np.ndarray) -> list[ObjectInfo]:
     """Edges in both directions, by the vertex partition of their first endpoint."""
-    keys = [layout.near_edges(q, partition) for q in range(cfg.component_partitions)]
+    keys = [layout.near_edges(q, source) for q in range(cfg.component_partitions)]
     return _write_pairs(store, keys, *_both_directions(first, second))
 
 
@@ -266,10 +285,21 @@ def compact_shingles(sets: list[np.ndarray]) -> list[np.ndarray]:
     return [np.unique((s >> np.uint64(32)).astype(np.uint32)) for s in sets]
 
 
+def _candidate_shingles(cfg: MinHashConfig, texts: pa.Array) -> list[np.ndarray]:
+    """Compact shingle sets of some texts, SIGN_BATCH at a time: the 64-bit sets of a whole
+    docs shard would be 8 bytes per character at once."""
+    minhash, sets = hasher(cfg), []
+    for start in range(0, len(texts), SIGN_BATCH):
+        sets.extend(compact_shingles(minhash.shingle_sets(texts.slice(start, SIGN_BATCH).to_pylist())))
+    return sets
+
+
 def collect_shingles(store: Store, cfg: MinHashConfig, batch: DocsBatch) -> ShardResult:
-    """Hashed shingles of a batch's candidate documents, one file per range that needs them."""
-    wanted_by_key = {key: _ids(store, [key]) for key in store.list(layout.near_candidates(batch.name))}
-    wanted = _union(list(wanted_by_key.values()))
+    """Hashed shingles of a batch's candidate documents, one file per verify group that needs them."""
+    wanted_by_group = {
+        layout.near_group_of(key): _ids(store, [key]) for key in store.list(layout.near_candidates(batch.name))
+    }
+    wanted = _union(list(wanted_by_group.values()))
     outputs = []
     if len(wanted):
         found_ids, found_sets = [], []
@@ -282,43 +312,48 @@ def collect_shingles(store: Store, cfg: MinHashConfig, batch: DocsBatch) -> Shar
                 raise ValueError(f"{store.url(shard.key)}: candidate document {missing} is not in the docs shard")
             order = np.argsort(ids)
             found_ids.append(ids[order])
-            found_sets.extend(compact_shingles(hasher(cfg).shingle_sets(texts.take(pa.array(order)).to_pylist())))
+            found_sets.extend(_candidate_shingles(cfg, texts.take(pa.array(order))))
         ids = np.concatenate(found_ids)
         offsets = np.cumsum([0] + [len(s) for s in found_sets]).astype(np.int32)
         all_sets = pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(found_sets), pa.uint32()))
-        for key, key_ids in wanted_by_key.items():
-            rows = pa.array(np.searchsorted(ids, key_ids))
-            folder = key.rsplit("/", 1)[1].removesuffix(".parquet")
+        del found_sets
+        for group, group_ids in wanted_by_group.items():
+            rows = pa.array(np.searchsorted(ids, group_ids))
             table = pa.table([pa.array(ids).take(rows), all_sets.take(rows)], schema=SHINGLES_SCHEMA)
-            outputs.append(write_table(store, layout.near_shingles(folder) + f"{batch.name}.parquet", table))
+            outputs.append(write_table(store, layout.near_shingles_file(group, batch.name), table))
     return ShardResult(outputs=outputs, counts={"candidates": len(wanted)})
 
 
-def verify_buckets(store: Store, cfg: MinHashConfig, partition: int) -> ShardResult:
-    """Edges between members of one range's buckets whose true Jaccard reaches the threshold."""
-    buckets = read_table(store, layout.near_buckets(partition))
+def verify_buckets(store: Store, cfg: MinHashConfig, group: str) -> ShardResult:
+    """Edges between members of one verify group's buckets whose true Jaccard reaches the threshold."""
+    buckets = read_table(store, layout.near_buckets(group))
     members = buckets.column("id").to_numpy()
     bucket = buckets.column("bucket").to_numpy()
+    del buckets
     starts, _ = components.runs(bucket)
-    table = _read_all(store, list(store.list(layout.near_shingles(partition_name(partition)))), SHINGLES_SCHEMA)
-    shingles = table.column("shingles").combine_chunks()
+    table = _read_all(store, list(store.list(layout.near_shingles(group))), SHINGLES_SCHEMA)
+    ids = table.column("id").to_numpy()
+    order = np.argsort(ids)
+    ids = ids[order]
+    shingles = table.column("shingles").take(pa.array(order)).combine_chunks()
+    del table
     values = shingles.values.to_numpy()
     offsets = shingles.offsets.to_numpy()
-    row_of = dict(zip(table.column("id").to_numpy().tolist(), range(table.num_rows)))
 
     def similarity(a: int, b: int) -> float:
-        ra, rb = row_of[a], row_of[b]
+        ra, rb = np.searchsorted(ids, (a, b))
         return jaccard(values[offsets[ra] : offsets[ra + 1]], values[offsets[rb] : offsets[rb + 1]])
 
     first, second, comparisons = lsh.verified_edges(members, starts, similarity, cfg.threshold, cfg.verify_anchors)
-    outputs = _write_edges(store, cfg, partition, first, second)
+    outputs = _write_edges(store, cfg, group, first, second)
     return ShardResult(outputs=outputs, counts={"comparisons": comparisons, "edges": len(first)})
 
 
-def large_star_step(store: Store, cfg: MinHashConfig, round_: int, partition: int) -> ShardResult:
+def large_star_step(store: Store, cfg: MinHashConfig, edge_sources: Sequence[str], round_: int, partition: int) -> ShardResult:
+    """One round's large-star; round 0 reads the edges every bucket range or verify group found."""
     partitions = range(cfg.component_partitions)
     if round_ == 0:
-        inputs = [layout.near_edges(partition, p) for p in range(cfg.bucket_partitions)]
+        inputs = [layout.near_edges(partition, source) for source in edge_sources]
     else:
         inputs = [layout.near_star(round_ - 1, "small", partition, q) for q in partitions]
     vertex, neighbor = _pairs(store, inputs)
@@ -416,28 +451,50 @@ def _sample_name(_rows: int) -> str:
     return "sample"
 
 
+def _group_name(group: str) -> str:
+    return group
+
+
+def _verify_groups(buckets: StageSummary) -> list[str]:
+    """Every verify group the bucket ranges split into, in range order."""
+    groups = {r.shard: r.counts["verify_groups"] for r in buckets.receipts}
+    return [verify_group_name(p, g) for p in range(len(groups)) for g in range(groups[partition_name(p)])]
+
+
 def run_near_dedup(
-    store: Store, shards: Sequence[DocsShard], cfg: MinHashConfig, run: Run, batch_bytes: int
+    store: Store, shards: Sequence[DocsShard], cfg: MinHashConfig, run: Run, batch_bytes: int,
+    budget: int = TASK_MEMORY_BYTES,
 ) -> dict[str, int]:
     """Run every step over the docs shards; returns near_dup counts per source. `cfg` has its
-    partition counts resolved (tasks.partitioning)."""
+    partition counts resolved (tasks.partitioning); verify groups are sized to `budget` from
+    the shingles the signatures step counted."""
     shards = list(shards)
     batches = docs_batches(shards, batch_bytes)
     partitions = list(range(cfg.bucket_partitions))
     vertex_partitions = list(range(cfg.component_partitions))
-    run(Stage("near-signatures", batches, _batch_name, partial(compute_signatures, store, cfg), (layout.NEAR_BANDS,)))
+    signed = run(Stage("near-signatures", batches, _batch_name, partial(compute_signatures, store, cfg), (layout.NEAR_BANDS,)))
+    documents = sum(r.counts["signed"] for r in signed.receipts)
+    member_bytes = verify_member_bytes(sum(r.counts["shingles"] for r in signed.receipts) / max(documents, 1))
     bucket_outputs = (layout.NEAR_BUCKETS, layout.NEAR_CANDIDATES) if cfg.verify else (layout.NEAR_EDGES,)
-    run(Stage("near-buckets", partitions, partition_name, partial(find_buckets, store, batches, cfg), bucket_outputs))
+    buckets = run(
+        Stage(
+            "near-buckets", partitions, partition_name, partial(find_buckets, store, batches, cfg, member_bytes, budget),
+            bucket_outputs,
+        )
+    )
+    edge_sources = [partition_name(p) for p in partitions]
     if cfg.verify:
+        edge_sources = _verify_groups(buckets)
         run(Stage("near-shingles", batches, _batch_name, partial(collect_shingles, store, cfg), (layout.NEAR_SHINGLES,)))
-        run(Stage("near-verify", partitions, partition_name, partial(verify_buckets, store, cfg), (layout.NEAR_EDGES,)))
+        run(Stage("near-verify", edge_sources, _group_name, partial(verify_buckets, store, cfg), (layout.NEAR_EDGES,)))
     for round_ in range(MAX_ROUNDS):
         changed = 0
-        for step, work in (("large", large_star_step), ("small", small_star_step)):
+        large, small = partial(large_star_step, store, cfg, edge_sources), partial(small_star_step, store, cfg)
+        for step, work in (("large", large), ("small", small)):
             summary = run(
                 Stage(
                     f"near-components-r{round_:03d}-{step}", vertex_partitions, vertex_partition_name,
-                    partial(work, store, cfg, round_), (layout.near_components(round_, step),),
+                    partial(work, round_), (layout.near_components(round_, step),),
                 )
             )
             changed += sum(r.counts["changed"] for r in summary.receipts)

@@ -33,6 +33,7 @@ from tasks.near_dedup.steps import (
     run_near_dedup,
 )
 from tasks.parquet_io import read_table, write_table
+from tasks.partitioning import verify_member_bytes
 from tasks.plan import PlannedFile, document_id
 
 # 16 bands x 8 rows: LSH recall 0.994 at J=0.85 (SlimPajama's 9 x 13 gives 0.69 there: its
@@ -451,6 +452,33 @@ def test_batches_of_shards_write_one_file_per_partition_and_find_the_same(tmp_pa
         assert len(list(store.list("dedup/near/shingles/"))) <= len(batches) * CONFIG.bucket_partitions
         found.append(corpus.removed(store))
     assert len(docs_batches(corpus.docs_shards(), ONE_SHARD_BATCHES)) == 4
+    assert found[0] == found[1] and found[0]
+
+
+def test_verify_groups_are_sized_from_the_candidates_shingles_and_find_the_same(tmp_path):
+    """A budget smaller than a range's candidates splits its buckets into verify groups; each
+    group's planned bytes (memberships x shingle bytes) stay inside the budget, each group holds
+    whole buckets, and the removed documents do not change."""
+    found, groups = [], {}
+    for name, budget in (("roomy", 1 << 30), ("tight", 1 << 18)):
+        store = LocalStore(tmp_path / name)
+        corpus = Corpus(store, seed=12)
+        run_near_dedup(store, corpus.docs_shards(), CONFIG, inline_run(store), ONE_SHARD_BATCHES, budget)
+        signed = [read_record(store, k, Receipt) for k in store.list(layout.receipts("near-signatures"))]
+        per_document = sum(r.counts["shingles"] for r in signed) / sum(r.counts["signed"] for r in signed)
+        member_bytes = verify_member_bytes(per_document)
+        bucket_files = list(store.list(layout.NEAR_BUCKETS))
+        groups[name] = len(bucket_files)
+        seen_buckets = set()
+        for key in bucket_files:
+            table = read_table(store, key)
+            assert table.num_rows * member_bytes <= budget
+            buckets = {(key.rsplit("/", 1)[1][:5], b) for b in table.column("bucket").to_pylist()}
+            assert not buckets & seen_buckets  # a bucket is verified in one group only
+            seen_buckets |= buckets
+        assert len(list(store.list(layout.receipts("near-verify")))) == groups[name]
+        found.append(corpus.removed(store))
+    assert groups["roomy"] == CONFIG.bucket_partitions < groups["tight"]
     assert found[0] == found[1] and found[0]
 
 
