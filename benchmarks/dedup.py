@@ -50,13 +50,15 @@ import numpy as np
 import pyarrow as pa
 import xxhash
 
+from storage import build_layout as layout
 from storage.manifest import ShardResult
 from storage.store import LocalStore, Store
 from tasks.config import TASK_MEMORY_BYTES, MinHashConfig
 from tasks.fanout import run_stage
 from tasks.near_dedup.minhash import MinHasher, normalize
-from tasks.near_dedup.steps import DocsShard, bands_rows, near_duplicate_ids, run_near_dedup
+from tasks.near_dedup.steps import DocsShard, bands_rows, run_near_dedup
 from tasks.parquet_io import write_table
+from tasks.removals import removed_pairs
 from tasks.partitioning import NEAR_BAND_ROW_BYTES, NEAR_EDGE_BYTES, batch_bytes, partitions
 from tasks.plan import PlannedFile, document_id, ordinal_of
 from tasks.stage import Stage
@@ -418,7 +420,7 @@ def sample_benchmarks(count: int) -> None:
             store = LocalStore(Path(tmp) / label.replace(" ", "_").replace(",", ""))
             shards = write_shards(store, texts)
             stage_runs[label] = measure_near_dedup(store, shards, cfg)
-            results[label] = {position_of(int(d)) for s in shards for d in near_duplicate_ids(store, s.file)}
+            results[label] = {position_of(int(d)) for s in shards for d in removed_pairs(store, layout.near_removed, s.file)[0]}
     print("\n| method | removed | precision | recall |\n| --- | ---: | ---: | ---: |")
     for name, removed in results.items():
         precision, recall = precision_recall(removed, truth)

@@ -298,7 +298,7 @@ def dedup_one(docs: int, cpus: int, budget: int) -> None:
     run_exact_dedup(store, plan, sizes, ranges, budget, exact)
     cfg = sized(MinHashConfig(), docs, budget)
     near = StageRun(store)
-    excluded = [dataclasses.replace(s, exclude=layout.exact_removed(s.shard)) for s in shards]
+    excluded = [dataclasses.replace(s, exclude=True) for s in shards]
     run_near_dedup(store, excluded, cfg, near, batch_bytes(budget), budget)
     steps = {}
     for label, run in (("exact", exact), ("near", near)):

@@ -6,14 +6,14 @@ plan.json                                     the frozen inputs (stage plan)
 docs/<source>/<shard>.parquet                 documents: id, source, text, meta (ingest)
 quarantine/<source>/<shard>.jsonl             malformed records with file, line/row, reason (ingest)
 dedup/exact/hashes/b<batch>/p<P>.parquet      content hashes of a batch of docs shards, by hash range
-dedup/exact/removed/<shard>/p<P>.parquet      ids exact dedup removed (id, kept_id)
+dedup/exact/removed/k<block>/p<P>.parquet     ids exact dedup removed (id, kept_id), per block of 64 plan files
 dedup/near/bands/b<batch>/p<P>.parquet        band hashes of a batch of docs shards, by band-hash range
 dedup/near/buckets/p<P>-g<G>.parquet         LSH buckets of one range, in verify groups G (with verification)
 dedup/near/candidates/b<batch>/p<P>-g<G>.parquet   a batch's candidates needed by verify group P-G
 dedup/near/shingles/p<P>-g<G>/b<batch>.parquet     32-bit hashed shingles of those candidates
 dedup/near/edges/q<Q>/<range>.parquet         similar pairs by vertex partition Q, from range p<P> (or group p<P>-g<G>)
 dedup/near/components/rNNN/{large,small}/q<to>/q<from>.parquet   connected-components rounds
-dedup/near/removed/<shard>/q<Q>.parquet       ids near dedup removed (id, kept_id)
+dedup/near/removed/k<block>/q<Q>.parquet      ids near dedup removed (id, kept_id), per block of 64 plan files
 dedup/near/sample.parquet                     the first removed documents beside the ones kept
 tokenizer/sample/<shard>.txt                  the tokenizer's training sample, per sampled docs shard
 tokenizer/tokenizer.model, tokenizer.json     the SentencePiece model and its fingerprint
@@ -85,6 +85,22 @@ def vertex_partition_name(partition: int) -> str:
     return f"q{partition:04d}"
 
 
+# Removed ids are kept per block of consecutive plan files, not per docs shard: a range task
+# finds removed documents in nearly every shard, and a file per shard and range would be
+# shards x ranges files (millions at SlimPajama's size). A reader of one shard reads its
+# block's files: 16 bytes per removed document of 64 shards.
+REMOVED_BLOCK_FILES = 64
+
+
+def removed_block(ordinal):
+    """The block of a plan file's ordinal (or of an array of them)."""
+    return ordinal // REMOVED_BLOCK_FILES
+
+
+def removed_block_name(block: int) -> str:
+    return f"k{block:06d}"
+
+
 def verify_group_name(partition: int, group: int) -> str:
     """One verify task's share of a band-hash range: whole buckets, sized from their candidates."""
     return f"{partition_name(partition)}-g{group:04d}"
@@ -100,9 +116,9 @@ def exact_hashes(batch: int, partition: int) -> str:
     return join_key(EXACT_HASHES, batch_name(batch), f"{partition_name(partition)}.parquet")
 
 
-def exact_removed(shard: str) -> str:
-    """The folder of one docs shard's exact-duplicate ids (one file per hash range)."""
-    return join_key(EXACT_REMOVED, shard) + "/"
+def exact_removed(block: int) -> str:
+    """The folder of one block's exact-duplicate ids (one file per hash range)."""
+    return join_key(EXACT_REMOVED, removed_block_name(block)) + "/"
 
 
 # -- near dedup ---------------------------------------------------------------------------
@@ -160,6 +176,6 @@ def near_star(round_: int, step: str, to_partition: int, from_partition: int) ->
     )
 
 
-def near_removed(shard: str) -> str:
-    """The folder of one docs shard's near-duplicate ids (one file per vertex partition)."""
-    return join_key(NEAR_REMOVED, shard) + "/"
+def near_removed(block: int) -> str:
+    """The folder of one block's near-duplicate ids (one file per vertex partition)."""
+    return join_key(NEAR_REMOVED, removed_block_name(block)) + "/"

@@ -4,8 +4,8 @@ Each batch of consecutive docs shards hashes its texts (xxh3-128) into hash rang
 per range for the whole batch (one Ray task per batch); each hash range then finds repeated
 hashes across all batches (one Ray task per range) and keeps the first occurrence in plan
 order, i.e. the smallest document id. The number of ranges is sized from the documents so
-one range task stays inside `task_memory_bytes`. Removed ids are written per docs shard, so
-the tokenize stage reads only its own.
+one range task stays inside `task_memory_bytes`. Removed ids are written per block of plan
+files (tasks.removals), so a range writes blocks files, not one per docs shard.
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ from tasks.fanout import read_summary, run_stage
 from tasks.parquet_io import read_table, write_table
 from tasks.partitioning import EXACT_ROW_BYTES, batch_bytes, batches, ingested_documents, partitions
 from tasks.plan import Build, PlannedFile, ordinal_of
+from tasks.removals import write_removed
 from tasks.reporting import stage_totals
 from tasks.stage import Run, Stage, stage_task
 
 HASH_SCHEMA = pa.schema([("id", pa.int64()), ("hash", pa.binary(16))])
-REMOVED_SCHEMA = pa.schema([("id", pa.int64()), ("kept_id", pa.int64())])
 
 
 def text_digests(texts: pa.Array) -> np.ndarray:
@@ -74,25 +74,13 @@ def find_duplicates(store: Store, plan: list[PlannedFile], batch_count: int, par
     first[1:] = (digests[1:] != digests[:-1]).any(axis=1)
     group_first = np.maximum.accumulate(np.where(first, np.arange(len(ids)), 0))
     removed, kept = ids[~first], ids[group_first[~first]]
-    shards = ordinal_of(removed)
-    outputs, per_source = [], Counter()
-    for ordinal in np.unique(shards):
-        rows = shards == ordinal
-        file = plan[int(ordinal)]
-        per_source[file.source] += int(rows.sum())
-        table = pa.table({"id": removed[rows], "kept_id": kept[rows]}, schema=REMOVED_SCHEMA)
-        key = layout.exact_removed(file.shard) + f"{partition_name(partition)}.parquet"
-        outputs.append(write_table(store, key, table))
+    outputs = write_removed(store, layout.exact_removed, partition_name(partition), removed, kept)
+    ordinals, counts = np.unique(ordinal_of(removed), return_counts=True)
+    per_source = Counter()
+    for ordinal, count in zip(ordinals.tolist(), counts.tolist()):
+        per_source[plan[ordinal].source] += count
     sources = {source: SourceAccounting(exact_dup=n) for source, n in sorted(per_source.items())}
     return ShardResult(outputs=outputs, counts={"exact_dup": len(removed)}, sources=sources)
-
-
-def exact_duplicate_ids(store: Store, file: PlannedFile) -> np.ndarray:
-    """Ids of one docs shard that exact dedup removed (empty when the stage did not run)."""
-    keys = list(store.list(layout.exact_removed(file.shard)))
-    if not keys:
-        return np.empty(0, dtype=np.int64)
-    return np.concatenate([read_table(store, k, columns=["id"]).column("id").to_numpy() for k in keys])
 
 
 def run_exact_dedup(

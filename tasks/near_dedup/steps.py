@@ -25,7 +25,7 @@ batches x partitions files, not shards x partitions.
                    per vertex partition: one round of large-star and small-star, until a round
                    changes nothing                    components/rNNN/{large,small}/q<to>/q<from>.parquet
   near-dedup       per vertex partition: every non-center member, removed for the smallest id
-                   of its component                   removed/<shard>/q<Q>.parquet (id, kept_id)
+                   of its component                   removed/k<block>/q<Q>.parquet (id, kept_id)
   near-sample      the first removed documents in plan order beside the ones kept: sample.parquet
 
 All keys are under `dedup/near/` (storage.build_layout). The near-dedup receipts carry each
@@ -47,6 +47,7 @@ from storage.build_layout import batch_name, partition_name, verify_group_name, 
 from storage.manifest import ObjectInfo, ShardResult, SourceAccounting, StageSummary
 from storage.store import Store
 from tasks.config import TASK_MEMORY_BYTES, MinHashConfig
+from tasks import removals
 from tasks.near_dedup import components, lsh
 from tasks.near_dedup.minhash import MinHasher, jaccard
 from tasks.parquet_io import read_table, write_table
@@ -65,7 +66,6 @@ BUCKETS_SCHEMA = pa.schema([("bucket", pa.int64()), ("id", pa.int64())])
 IDS_SCHEMA = pa.schema([("id", pa.int64())])
 SHINGLES_SCHEMA = pa.schema([("id", pa.int64()), ("shingles", pa.list_(pa.uint32()))])
 EDGES_SCHEMA = pa.schema([("vertex", pa.int64()), ("neighbor", pa.int64())])
-REMOVED_SCHEMA = pa.schema([("id", pa.int64()), ("kept_id", pa.int64())])
 SAMPLE_SCHEMA = pa.schema(
     [
         ("id", pa.int64()),
@@ -85,7 +85,7 @@ class DocsShard:
 
     file: PlannedFile  # its ids are document_id(file.ordinal, record)
     key: str  # the docs parquet (columns id, text, ...), relative to the build store
-    exclude: str | None = None  # a prefix of parquet files with an `id` column: documents to skip
+    exclude: bool = False  # skip the documents exact dedup removed
     size: int = 0  # bytes of the docs parquet, for batching
 
     @property
@@ -215,7 +215,7 @@ def compute_signatures(store: Store, cfg: MinHashConfig, batch: DocsBatch) -> Sh
     hashes, owners, documents, shingles = [], [], 0, 0
     for shard in batch.shards:
         ids, texts = _read_docs(store, shard)
-        excluded = _ids(store, list(store.list(shard.exclude))) if shard.exclude else np.empty(0, np.int64)
+        excluded = removals.removed_pairs(store, layout.exact_removed, shard.file)[0] if shard.exclude else np.empty(0, np.int64)
         keep = np.flatnonzero(~np.isin(ids, excluded))
         documents += len(ids)
         band_hashes = np.empty((len(keep), bands), dtype=np.uint64)
@@ -381,30 +381,14 @@ def write_removed(
     vertex, neighbor = _pairs(store, keys)
     leaf = vertex > neighbor
     removed, kept = vertex[leaf], neighbor[leaf]
-    order = np.argsort(removed)
-    removed, kept = removed[order], kept[order]
+    outputs = removals.write_removed(store, layout.near_removed, vertex_partition_name(partition), removed, kept)
     by_ordinal = _shard_of_ordinal(shards)
-    outputs, per_source = [], Counter()
-    for ordinal, ids in _by_ordinal(removed):
-        shard = by_ordinal[ordinal]
-        rows = np.searchsorted(removed, ids)
-        key = layout.near_removed(shard.shard) + f"{vertex_partition_name(partition)}.parquet"
-        outputs.append(write_table(store, key, pa.table([ids, kept[rows]], schema=REMOVED_SCHEMA)))
-        per_source[shard.file.source] += len(ids)
+    ordinals, counts = np.unique(ordinal_of(removed), return_counts=True)
+    per_source = Counter()
+    for ordinal, count in zip(ordinals.tolist(), counts.tolist()):
+        per_source[by_ordinal[ordinal].file.source] += count
     sources = {source: SourceAccounting(near_dup=n) for source, n in sorted(per_source.items())}
     return ShardResult(outputs=outputs, counts={"near_dup": len(removed)}, sources=sources)
-
-
-def _removed_pairs(store: Store, shard: str) -> tuple[np.ndarray, np.ndarray]:
-    table = _read_all(store, list(store.list(layout.near_removed(shard))), REMOVED_SCHEMA)
-    ids, kept = table.column("id").to_numpy(), table.column("kept_id").to_numpy()
-    order = np.argsort(ids)
-    return ids[order], kept[order]
-
-
-def near_duplicate_ids(store: Store, file: PlannedFile) -> np.ndarray:
-    """Sorted ids of one docs shard that near dedup removed (empty when it did not run)."""
-    return _ids(store, list(store.list(layout.near_removed(file.shard))))
 
 
 def write_sample(store: Store, shards: Sequence[DocsShard], cfg: MinHashConfig, rows: int = SAMPLE_ROWS) -> ShardResult:
@@ -412,7 +396,7 @@ def write_sample(store: Store, shards: Sequence[DocsShard], cfg: MinHashConfig, 
     by_ordinal = _shard_of_ordinal(shards)
     removed, kept = [], []
     for shard in sorted(shards, key=lambda s: s.file.ordinal):
-        ids, kept_ids = _removed_pairs(store, shard.shard)
+        ids, kept_ids = removals.removed_pairs(store, layout.near_removed, shard.file)
         removed.append(ids[: rows - sum(map(len, removed))])
         kept.append(kept_ids[: len(removed[-1])])
         if sum(map(len, removed)) >= rows:

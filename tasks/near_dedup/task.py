@@ -27,7 +27,7 @@ def near_dedup(build: Build) -> dict[str, int | float]:
     )
     exact = config.dedup.exact
     shards = [
-        DocsShard(f, layout.docs(f.source, f.shard), layout.exact_removed(f.shard) if exact else None, sizes[f.shard])
+        DocsShard(f, layout.docs(f.source, f.shard), exact, sizes[f.shard])
         for f in build.plan
     ]
     run = partial(run_stage, store, build_name=config.name, max_in_flight=config.parallelism)

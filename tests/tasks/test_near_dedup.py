@@ -29,11 +29,11 @@ from tasks.near_dedup.steps import (
     DocsShard,
     bands_rows,
     docs_batches,
-    near_duplicate_ids,
     run_near_dedup,
 )
 from tasks.parquet_io import read_table, write_table
 from tasks.partitioning import verify_member_bytes
+from tasks.removals import REMOVED_SCHEMA, removed_pairs
 from tasks.plan import PlannedFile, document_id
 
 # 16 bands x 8 rows: LSH recall 0.994 at J=0.85 (SlimPajama's 9 x 13 gives 0.69 there: its
@@ -153,19 +153,18 @@ class Corpus:
             self.exact_removed.update(sorted(docs)[1:])
         for file, _ in self.shards:
             ids = sorted(d for d in self.exact_removed if d >> 32 == file.ordinal)
-            write_table(store, f"dedup/exact/removed/{file.shard}/p0000.parquet", pa.table({"id": pa.array(ids, pa.int64())}))
+            write_table(store, layout.exact_removed(layout.removed_block(file.ordinal)) + f"{file.shard}.parquet", pa.table([ids, ids], schema=REMOVED_SCHEMA))
         self.groups = [[self.id_of[(g, i)] for i in range(len(group))] for g, group in enumerate(groups)]
 
     def docs_shards(self) -> list[DocsShard]:
-        return [DocsShard(file, key, f"dedup/exact/removed/{file.shard}/", size=1) for file, key in self.shards]
+        return [DocsShard(file, key, exclude=True, size=1) for file, key in self.shards]
 
     def removed(self, store: Store) -> dict[int, int]:
         """id -> kept_id over every docs shard."""
         result = {}
         for file, _ in self.shards:
-            for key in store.list(f"dedup/near/removed/{file.shard}/"):
-                table = read_table(store, key)
-                result.update(zip(table.column("id").to_pylist(), table.column("kept_id").to_pylist()))
+            ids, kept = removed_pairs(store, layout.near_removed, file)
+            result.update(zip(ids.tolist(), kept.tolist()))
         return result
 
 
@@ -404,7 +403,7 @@ def test_near_dedup_finds_planted_duplicates(store):
     receipts = [read_record(store, key, Receipt) for key in store.list(f"receipts/{STAGE}/")]
     assert sum(r.counts["near_dup"] for r in receipts) == len(removed)
     for file, _ in corpus.shards:
-        assert near_duplicate_ids(store, file).tolist() == sorted(d for d in removed if d >> 32 == file.ordinal)
+        assert removed_pairs(store, layout.near_removed, file)[0].tolist() == sorted(d for d in removed if d >> 32 == file.ordinal)
 
     sample = read_table(store, layout.NEAR_SAMPLE).to_pylist()
     assert [row["id"] for row in sample] == sorted(removed)[: len(sample)] and len(sample) == min(100, len(removed))
