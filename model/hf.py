@@ -5,13 +5,18 @@ LlamaForCausalLM (and what vLLM, llama.cpp's converter and lm-evaluation-harness
 model.safetensors, config.json, generation_config.json and, given a SentencePiece model, the
 tokenizer files for AutoTokenizer. `load_hf` reads such a directory (single or sharded
 safetensors, or pytorch_model.bin loaded with weights_only=True), e.g. released TinyLlama
-weights to continue pretraining from. Parameter names are identical on both sides.
+weights to continue pretraining from (a run's `init_from`, refused by `check_init_from` unless
+the architecture, the tokenizer and the document convention are the run's). Parameter names
+are identical on both sides.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import tempfile
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 import sentencepiece as spm
@@ -22,9 +27,11 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pro
 
 from model.config import LlamaConfig
 from model.llama import Llama
-from storage.manifest import DocumentConvention
+from storage.manifest import DocumentConvention, TokenizerInfo, sha256_file
+from storage.store import LocalStore, StoreError, open_store
 
 WEIGHTS_FILE = "model.safetensors"
+HF_CONFIG, TOKENIZER_CONFIG, TOKENIZER_MODEL = "config.json", "tokenizer_config.json", "tokenizer.model"
 # Weight files in the order they are looked for; an index names the shards of a sharded checkpoint.
 WEIGHT_LAYOUTS = (
     ("model.safetensors.index.json", "model.safetensors"),
@@ -111,7 +118,7 @@ def save_hf(
     `bos` is the training data's document convention (documents start with BOS)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").unlink(missing_ok=True)  # written last, so its presence marks a complete export
+    (out / HF_CONFIG).unlink(missing_ok=True)  # written last, so its presence marks a complete export
     config = model.config
     dtype = dtype or model.lm_head.weight.dtype
     if dtype not in DTYPE_NAMES:
@@ -122,7 +129,7 @@ def save_hf(
     save_file(tensors, out / WEIGHTS_FILE, metadata={"format": "pt"})  # transformers requires format=pt
     generation = {"bos_token_id": config.bos_id, "eos_token_id": config.eos_id, "max_length": config.max_seq_len}
     _write_json(out / "generation_config.json", generation)
-    _write_json(out / "config.json", hf_config(config, dtype))
+    _write_json(out / HF_CONFIG, hf_config(config, dtype))
     return out
 
 
@@ -136,7 +143,7 @@ def save_tokenizer(tokenizer_model: str | Path, out_dir: Path, config: LlamaConf
             raise ValueError(f"{tokenizer_model}: {name} id {sp_id} differs from the model's {model_id}")
     if sp.vocab_size() > config.vocab_size:
         raise ValueError(f"{tokenizer_model}: {sp.vocab_size()} pieces exceed the model's vocab {config.vocab_size}")
-    shutil.copyfile(tokenizer_model, out_dir / "tokenizer.model")
+    shutil.copyfile(tokenizer_model, out_dir / TOKENIZER_MODEL)
     fast_tokenizer(sp, bos).save(str(out_dir / "tokenizer.json"))
     special = {
         "bos_token": sp.id_to_piece(sp.bos_id()),
@@ -162,7 +169,7 @@ def save_tokenizer(tokenizer_model: str | Path, out_dir: Path, config: LlamaConf
         "model_max_length": config.max_seq_len,
         "sp_model_kwargs": {},
     }
-    _write_json(out_dir / "tokenizer_config.json", tokenizer_config)
+    _write_json(out_dir / TOKENIZER_CONFIG, tokenizer_config)
     _write_json(out_dir / "special_tokens_map.json", special)
 
 
@@ -224,26 +231,31 @@ def fast_tokenizer(sp: spm.SentencePieceProcessor, bos: bool) -> Tokenizer:
     return tokenizer
 
 
+def weight_files(names: Collection[str], read_text: Callable[[str], str]) -> list[str]:
+    """The files that hold a Hugging Face folder's weights, given the names of its files: an index
+    and the shards it names, or the one weights file (layouts looked for in WEIGHT_LAYOUTS order)."""
+    for index_name, single_name in WEIGHT_LAYOUTS:
+        if index_name in names:
+            return [index_name, *sorted(set(json.loads(read_text(index_name))["weight_map"].values()))]
+        if single_name in names:
+            return [single_name]
+    expected = ", ".join(name for layout in WEIGHT_LAYOUTS for name in layout)
+    raise FileNotFoundError(f"no weights found (looked for {expected})")
+
+
 def read_hf_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of a Hugging Face checkpoint directory, on the CPU, in their stored dtype."""
     root = Path(path)
-    for index_name, single_name in WEIGHT_LAYOUTS:
-        if (root / index_name).exists():
-            weight_map = json.loads((root / index_name).read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
-            break
-        if (root / single_name).exists():
-            files = [single_name]
-            break
-    else:
-        expected = ", ".join(name for layout in WEIGHT_LAYOUTS for name in layout)
-        raise FileNotFoundError(f"{root}: no weights found (looked for {expected})")
+    try:
+        files = weight_files({p.name for p in root.iterdir()}, lambda name: (root / name).read_text())
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{root}: {e}") from None
     state: dict[str, torch.Tensor] = {}
     for name in files:
         file = root / name
         if name.endswith(".safetensors"):
             state.update(load_file(file, device="cpu"))
-        else:
+        elif name.endswith(".bin"):
             state.update(torch.load(file, map_location="cpu", weights_only=True))
     return state
 
@@ -251,9 +263,21 @@ def read_hf_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 def hf_documents(path: str | Path) -> DocumentConvention:
     """The document convention a Hugging Face directory's tokenizer encodes with: BOS first when its
     tokenizer_config adds one (Llama 2's and TinyLlama's releases do, and so does a missing config)."""
-    config_path = Path(path) / "tokenizer_config.json"
+    config_path = Path(path) / TOKENIZER_CONFIG
     config = json.loads(config_path.read_text()) if config_path.exists() else {}
     return DocumentConvention(bos=config.get("add_bos_token", True))
+
+
+def check_documents(path: str | Path, documents: DocumentConvention, source: str | None = None) -> None:
+    """Refuse weights whose tokenizer frames documents otherwise than the training data (continuing
+    TinyLlama, which saw BOS before every document, on BOS-less data); `source` names the folder."""
+    adds_bos = hf_documents(path).bos
+    if adds_bos != documents.bos:
+        raise ValueError(
+            f"{source or path}: its tokenizer {'adds' if adds_bos else 'does not add'} BOS before each text, "
+            f"but the training data's documents {'start' if documents.bos else 'do not start'} with BOS; "
+            "build the data with the same `bos` setting"
+        )
 
 
 def load_hf(
@@ -264,16 +288,12 @@ def load_hf(
 ) -> Llama:
     """A Llama with the weights of a Hugging Face LlamaForCausalLM directory, cast to `dtype`.
     Given the convention of the data it will train on, refuses weights whose tokenizer frames
-    documents otherwise (continuing TinyLlama, which saw BOS before every document, on BOS-less data)."""
+    documents otherwise (check_documents)."""
     root = Path(path)
-    if documents is not None and hf_documents(root).bos != documents.bos:
-        raise ValueError(
-            f"{root}: its tokenizer {'adds' if hf_documents(root).bos else 'does not add'} BOS before each text, "
-            f"but the training data's documents {'start' if documents.bos else 'do not start'} with BOS; "
-            "build the data with the same `bos` setting"
-        )
-    hf = json.loads((root / "config.json").read_text())
-    config = config_from_hf(hf, root / "config.json")
+    if documents is not None:
+        check_documents(root, documents)
+    hf = json.loads((root / HF_CONFIG).read_text())
+    config = config_from_hf(hf, root / HF_CONFIG)
     state = read_hf_state_dict(root)
     # Old exports carry RoPE frequencies as buffers; they follow from the config.
     state = {name: t for name, t in state.items() if not name.endswith("rotary_emb.inv_freq")}
@@ -293,6 +313,73 @@ def load_hf(
         raise ValueError(f"{root}: weights do not match config.json: {e}") from e
     model.reset_rope_cache()  # still on meta: it is not in the state dict
     return model.to(device=device, dtype=dtype)
+
+
+# What a continued run may choose otherwise than the weights it starts from: RoPE has no learned
+# positions, so the context length is the run's.
+CONTEXT_FIELDS = frozenset({"max_seq_len"})
+
+
+@contextlib.contextmanager
+def local_hf_folder(source: str, staging_dir: str | Path | None = None, weights: bool = True) -> Iterator[Path]:
+    """The Hugging Face folder `source` (a path or store URI) as a local folder: a local one as it is;
+    from another store its config and tokenizer files and, with `weights`, its weight files, downloaded
+    into a temporary folder in `staging_dir` that is removed afterwards."""
+    store = open_store(source)
+    if isinstance(store, LocalStore):
+        yield store.root
+        return
+    names = {key for key in store.list() if "/" not in key}
+    wanted = [name for name in (HF_CONFIG, TOKENIZER_CONFIG, TOKENIZER_MODEL) if name in names]
+    if weights:
+        wanted += weight_files(names, store.get_text)
+    with tempfile.TemporaryDirectory(prefix="hf-", dir=staging_dir) as tmp:
+        for name in wanted:
+            store.download(name, Path(tmp) / name)
+        yield Path(tmp)
+
+
+def check_init_from(
+    source: str, config: LlamaConfig, tokenizer: TokenizerInfo, documents: DocumentConvention
+) -> None:
+    """Refuse to start a run of architecture `config` on data of `tokenizer` and `documents` from the
+    Hugging Face folder `source` (a path or store URI) unless its config.json is that architecture
+    (the context length aside), its tokenizer.model is the data's tokenizer byte for byte (so every
+    id means the same piece), and its tokenizer frames documents as the data does. Reads no weights;
+    each error is one line that starts with "init_from SOURCE:"."""
+    where = f"init_from {source}"
+    try:
+        with local_hf_folder(source, weights=False) as folder:
+            if not (folder / HF_CONFIG).is_file():
+                raise ValueError(
+                    f"{where}: no {HF_CONFIG}, so not a Hugging Face model folder (download a Hub model "
+                    "first: huggingface-cli download REPO --local-dir DIR)"
+                )
+            try:
+                theirs = config_from_hf(json.loads((folder / HF_CONFIG).read_text()), f"{where}/{HF_CONFIG}")
+            except (KeyError, json.JSONDecodeError) as e:
+                raise ValueError(f"{where}/{HF_CONFIG}: not a Llama config ({type(e).__name__}: {e})") from None
+            differences = [
+                f"{name} {getattr(theirs, name)} (the run's: {getattr(config, name)})"
+                for name in LlamaConfig.model_fields
+                if name not in CONTEXT_FIELDS and getattr(theirs, name) != getattr(config, name)
+            ]
+            if differences:
+                raise ValueError(
+                    f"{where}: its architecture differs from the run's model: {', '.join(differences)}; "
+                    "set model, model_overrides or vocab_size to match"
+                )
+            if not (folder / TOKENIZER_MODEL).is_file():
+                raise ValueError(f"{where}: no {TOKENIZER_MODEL} to compare with the datasets' tokenizer")
+            if (theirs_sha256 := sha256_file(folder / TOKENIZER_MODEL)) != tokenizer.sha256:
+                raise ValueError(
+                    f"{where}: its {TOKENIZER_MODEL} (sha256 {theirs_sha256[:12]}) is not the datasets' tokenizer "
+                    f"({tokenizer.sha256[:12]}), so the same ids would mean other pieces; build the data with "
+                    f"tokenizer: {{model: <init_from>/{TOKENIZER_MODEL}}}"
+                )
+            check_documents(folder, documents, source=where)
+    except StoreError as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 def _write_json(path: Path, content: dict) -> None:

@@ -13,9 +13,10 @@ invocation stops, at `max_steps` or after `max_steps_this_run` steps.
 
 The model is built on the meta device, sharded, then materialized and initialized shard by
 shard (`materialize`): no rank ever holds the whole fp32 model, and the weights equal an eager
-`Llama(config)` after `torch.manual_seed(seed)`. What a resume needs is the components' own
-state (model, optimizer, lr scheduler, loader, progress counters, RNG), gathered at save time
-by one `Checkpointer`.
+`Llama(config)` after `torch.manual_seed(seed)`. A resume then loads its checkpoint; a new run
+with `init_from` the weights of that Hugging Face folder (`load_init_from`: only rank 0 holds
+them whole, on the CPU). What a resume needs is the components' own state (model, optimizer, lr
+scheduler, loader, progress counters, RNG), gathered at save time by one `Checkpointer`.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
@@ -46,8 +48,9 @@ from model.checkpoint import (
     DIST_TIMEOUT, RNG_KEY, Architecture, Checkpointer, ModelState, OptimizerState, RNGState,
 )
 from model.config import LlamaConfig
-from model.data import BlockLoader, DataError, DataSource
+from model.data import BlockLoader, DataError, DataSource, load_manifests
 from model.flops import flops_per_token, mfu, peak_bf16_flops
+from model.hf import check_init_from, load_hf, local_hf_folder
 from model.llama import Llama, RMSNorm
 from model.metrics import MetricsLog
 from model.train_config import LRSchedule, TrainConfig
@@ -163,6 +166,22 @@ def materialize(model: Llama, device: torch.device, seed: int) -> None:
     if missing := [name for name, p in model.named_parameters() if id(p) not in initialized]:
         raise RuntimeError(f"materialize: no initialization for {missing}")  # a new kind of parameter
     model.reset_rope_cache()
+
+
+def load_init_from(model: nn.Module, config: TrainConfig, cluster: Cluster, llama_config: LlamaConfig) -> None:
+    """Give a new run the weights of `config.init_from` (a Hugging Face folder, checked against the
+    run's model and data on every rank, so all fail alike): rank 0 reads them, then each rank
+    receives its part from rank 0, tensor by tensor (its shards under FSDP2)."""
+    manifests, tokenizer = load_manifests(config.data)
+    check_init_from(config.init_from, llama_config, tokenizer, manifests[0].documents)
+    state: dict[str, torch.Tensor] = {}
+    if cluster.is_main:
+        config.local_dir.mkdir(parents=True, exist_ok=True)
+        with local_hf_folder(config.init_from, staging_dir=config.local_dir) as folder:
+            state = load_hf(folder).state_dict()
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    if cluster.is_main:
+        log.info("new run: initial weights from %s", config.init_from)
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -340,7 +359,8 @@ def _train_loop(
         async_save=config.async_checkpoint,
     )
     try:
-        checkpointer.load()
+        if checkpointer.load() is None and config.init_from:
+            load_init_from(model, config, cluster, llama_config)
         _run_steps(config, cluster, model, optimizer, scheduler, loader, val_loader, progress, checkpointer,
                    accum=accum, flops=flops, bf16=bf16, layout=layout, num_params=raw_model.num_params())
     finally:

@@ -15,6 +15,11 @@
 Steps are optimizer steps throughout (the lr schedule too); a step consumes exactly
 `global_batch_tokens` target tokens, split into `micro_batch` x `seq_len` micro-batches per rank
 and `accum_steps(world_size)` accumulation steps.
+
+`init_from` starts a new run from a Hugging Face Llama folder's weights instead of a random
+initialization (continued pretraining); its architecture must be the run's, its tokenizer and
+document convention the datasets' (model.hf.check_init_from). A resume loads the run's own
+checkpoint and never reads `init_from` again.
 """
 
 from __future__ import annotations
@@ -144,6 +149,11 @@ class TrainConfig(Section):
     output: str = Field(description="Store URI or path that holds runs/")
     model: str = Field(description="Model preset name")
     model_overrides: dict[str, Any] = Field(default_factory=dict, description="LlamaConfig fields that replace the preset's")
+    init_from: str | None = Field(
+        None, min_length=1, description="Hugging Face Llama folder (a path or store URI) whose weights a new run "
+        "starts from; its architecture must be the run's (model, model_overrides, vocab_size), its tokenizer the "
+        "datasets'. A resume loads the run's checkpoint instead."
+    )
     vocab_size: PositiveInt | None = Field(None, description="Default: the datasets' tokenizer vocabulary")
     data: list[DataSource] = Field(min_length=1)
     val: Validation | None = None
@@ -185,7 +195,8 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _no_credentials_in_uris(self) -> TrainConfig:
-        for uri in [self.output, *(d.manifest for d in self.data), *([self.val.manifest] if self.val else [])]:
+        for uri in [self.output, *(d.manifest for d in self.data), *([self.val.manifest] if self.val else []),
+                    *([self.init_from] if self.init_from else [])]:
             check_uri_has_no_credentials(uri)
         return self
 
@@ -229,6 +240,8 @@ class TrainConfig(Section):
             source["manifest"] = _absolute(source["manifest"])
         if data["val"]:
             data["val"]["manifest"] = _absolute(data["val"]["manifest"])
+        if data["init_from"]:
+            data["init_from"] = _absolute(data["init_from"])
         if data["eval"] and data["eval"]["include_path"]:
             data["eval"]["include_path"] = _absolute(data["eval"]["include_path"])
         return TrainConfig.model_validate(data)

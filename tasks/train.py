@@ -42,6 +42,7 @@ from prefect.runtime import flow_run
 
 from model.checkpoint import latest_checkpoint
 from model.data import DataError, load_manifests
+from model.hf import check_init_from
 from model.metrics import read_metrics, read_progress
 from model.train import DETERMINISTIC_FAILURE, deterministic_failure_line
 from model.train_config import DataSource, TorchrunLauncher, TrainConfig
@@ -74,15 +75,19 @@ def input_error(lines: list[str]) -> TrainingInputError | None:
 
 
 def prepare_config(config: TrainConfig) -> TrainConfig:
-    """Absolute paths, and the vocabulary size of the datasets' shared tokenizer unless overridden."""
+    """Absolute paths, and the vocabulary size of the datasets' shared tokenizer unless overridden;
+    a new run's `init_from` checked against its model and data before any training process starts."""
     config = config.with_absolute_paths()
     sources = config.data + ([DataSource(manifest=config.val.manifest)] if config.val else [])
-    _, tokenizer = load_manifests(sources)
+    manifests, tokenizer = load_manifests(sources)
     if config.vocab_size is not None and config.vocab_size < tokenizer.vocab_size:
         raise DataError(
             f"vocab_size {config.vocab_size} is below the datasets' tokenizer vocabulary {tokenizer.vocab_size}"
         )
-    return TrainConfig.model_validate({**config.model_dump(), "vocab_size": config.vocab_size or tokenizer.vocab_size})
+    config = TrainConfig.model_validate({**config.model_dump(), "vocab_size": config.vocab_size or tokenizer.vocab_size})
+    if config.init_from and latest_checkpoint(open_store(config.run_uri)) is None:  # a resume never reads it
+        check_init_from(config.init_from, config.llama_config(), tokenizer, manifests[0].documents)
+    return config
 
 
 def run_config(output: str, run: str) -> TrainConfig:

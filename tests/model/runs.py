@@ -1,17 +1,29 @@
 """Helpers shared by the tests that train: a tiny run's config on a learnable synthetic build,
-what a run left on the store, and the training processes alive on this machine."""
+the training program launched as the launcher does, what a run left on the store, and the
+training processes alive on this machine."""
 
 from __future__ import annotations
 
+import io
 import os
+import random
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import sentencepiece as spm
+
 from model.checkpoint import complete_checkpoints, read_values
+from model.data import read_manifest
 from model.metrics import METRICS_FILE, read_metrics
 from model.train_config import TrainConfig
-from storage.store import open_store
+from storage.manifest import sha256_bytes, write_record
+from storage.run_layout import RunLayout
+from storage.store import open_object, open_store
 from tests.model.synthetic import write_synthetic_build
+
+LAUNCH_TIMEOUT_S = 300
 
 STEPS = 4  # max_steps of train_config's runs
 START_TIMEOUT_S = 240  # for a launched job's first step or checkpoint
@@ -45,6 +57,47 @@ def short_documents_build(store_uri: str, name: str = "toy") -> str:
     return write_synthetic_build(
         store_uri, name, {"web": [2] * 1500, "code": [24] * 60}, vocab_size=512, seed=0, shard_tokens=1024
     )
+
+
+def train_sentencepiece_model(vocab_size: int = 320) -> bytes:
+    """A BPE SentencePiece model (ids 0-2: unk, BOS, EOS), trained as the build trains them."""
+    rng = random.Random(0)
+    words = "the quick brown fox jumps over a lazy dog def return import class lambda 42".split()
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(" ".join(rng.choice(words) for _ in range(8)) for _ in range(500)),
+        model_writer=model, vocab_size=vocab_size, model_type="bpe", byte_fallback=True, minloglevel=2,
+        normalization_rule_name="identity", remove_extra_whitespaces=False,  # as the build trains them
+    )
+    return model.getvalue()
+
+
+def with_tokenizer(manifest_uri: str, model: bytes) -> str:
+    """Put a real SentencePiece `model` in place of a synthetic build's placeholder tokenizer (and
+    its fingerprint in the manifest); returns the manifest's URI."""
+    build_store, manifest = read_manifest(manifest_uri)
+    build_store.put_bytes(manifest.tokenizer.key, model)
+    tokenizer = manifest.tokenizer.model_copy(update={"sha256": sha256_bytes(model)})
+    write_record(*open_object(manifest_uri), manifest.model_copy(update={"tokenizer": tokenizer}))
+    return manifest_uri
+
+
+def launch_training(config: TrainConfig, nproc: int) -> subprocess.CompletedProcess:
+    """`python -m model.train` (1 process) or torchrun with `nproc` on the config written to the
+    run folder, as the launcher does."""
+    path = RunLayout.of(config.output, config.name).write_config(config.to_json())
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
+    return subprocess.run(
+        [sys.executable, *launcher, "-m", "model.train", path], capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S
+    )
+
+
+def run_training(config: TrainConfig, nproc: int) -> str:
+    """launch_training, which must succeed; returns its output."""
+    result = launch_training(config, nproc)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    return output
 
 
 def metrics(run_uri: str) -> list[dict]:

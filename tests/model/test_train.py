@@ -11,20 +11,13 @@ then check what they left on the store:
 
 from __future__ import annotations
 
-import io
 import math
-import random
-import subprocess
-import sys
 import uuid
-from pathlib import Path
 
 import pytest
-import sentencepiece as spm
 import torch
 
 from model.checkpoint import complete_checkpoints, load_model, read_metadata
-from model.data import read_manifest
 from model.export import export_hf
 from model.hf import load_hf
 from model.metrics import METRICS_FILE
@@ -32,50 +25,22 @@ from model.config import LlamaConfig
 from model.llama import Llama
 from model.train import learning_rate, materialize
 from model.train_config import LRSchedule, TrainConfig
-from storage.manifest import sha256_bytes, write_record
 from storage.run_layout import RunLayout
-from storage.store import join_key, open_object, open_store
-from tests.model.runs import STEPS, metrics, short_documents_build, train_config, train_state
-
-LAUNCH_TIMEOUT_S = 300
-
-
-def run_training(config: TrainConfig, nproc: int, tmp_path: Path) -> str:
-    """`python -m model.train` (1 process) or torchrun with `nproc` on the config written to the
-    run folder, as the launcher does; returns its output."""
-    path = RunLayout.of(config.output, config.name).write_config(config.to_json())
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
-    result = subprocess.run(
-        [sys.executable, *launcher, "-m", "model.train", path],
-        capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S,
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-4000:]
-    return output
+from storage.store import join_key, open_store
+from tests.model.runs import (
+    STEPS, metrics, run_training, short_documents_build, train_config, train_sentencepiece_model, train_state, with_tokenizer,
+)
 
 
 @pytest.fixture(scope="module")
 def sentencepiece_model() -> bytes:
-    rng = random.Random(0)
-    words = "the quick brown fox jumps over a lazy dog def return import class lambda 42".split()
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(" ".join(rng.choice(words) for _ in range(8)) for _ in range(500)),
-        model_writer=model, vocab_size=320, model_type="bpe", byte_fallback=True, minloglevel=2,
-        normalization_rule_name="identity", remove_extra_whitespaces=False,  # as the build trains them
-    )
-    return model.getvalue()
+    return train_sentencepiece_model()
 
 
 @pytest.fixture(scope="module")
 def dataset(s3_bucket_uri, sentencepiece_model) -> str:
     """A synthetic build on S3 whose tokenizer file is a real SentencePiece model (for export)."""
-    manifest_uri = short_documents_build(f"{s3_bucket_uri}/train-{uuid.uuid4().hex[:8]}")
-    build_store, manifest = read_manifest(manifest_uri)
-    build_store.put_bytes(manifest.tokenizer.key, sentencepiece_model)
-    tokenizer = manifest.tokenizer.model_copy(update={"sha256": sha256_bytes(sentencepiece_model)})
-    write_record(*open_object(manifest_uri), manifest.model_copy(update={"tokenizer": tokenizer}))
-    return manifest_uri
+    return with_tokenizer(short_documents_build(f"{s3_bucket_uri}/train-{uuid.uuid4().hex[:8]}"), sentencepiece_model)
 
 
 @pytest.fixture(scope="module")
@@ -84,22 +49,22 @@ def runs(dataset, s3_bucket_uri, tmp_path_factory) -> dict[str, str]:
     tmp = tmp_path_factory.mktemp("train")
     output = f"{s3_bucket_uri}/out-{uuid.uuid4().hex[:8]}"
     straight = train_config("straight", output, dataset, tmp)
-    run_training(straight, 2, tmp)
+    run_training(straight, 2)
 
     segmented = train_config("segmented", output, dataset, tmp, max_steps_this_run=STEPS // 2, keep_checkpoints=1,
                              async_checkpoint=True)
-    run_training(segmented, 2, tmp)
+    run_training(segmented, 2)
     plant_crash_leftovers(segmented.run_uri, STEPS // 2)
-    run_training(segmented, 2, tmp)
+    run_training(segmented, 2)
 
     resized = train_config("resized", output, dataset, tmp, max_steps_this_run=STEPS // 2)
-    run_training(resized, 1, tmp)
+    run_training(resized, 1)
     # The GPU layout on CPUs: FSDP2 shards load the 1-rank DDP checkpoint.
-    run_training(resized.model_copy(update={"data_parallel": "fsdp"}), 2, tmp)
+    run_training(resized.model_copy(update={"data_parallel": "fsdp"}), 2)
 
     shrunk = train_config("shrunk", output, dataset, tmp)
     copy_checkpoint(straight.run_uri, shrunk.run_uri, STEPS // 2)
-    run_training(shrunk, 1, tmp)
+    run_training(shrunk, 1)
     return {"straight": straight.run_uri, "segmented": segmented.run_uri, "resized": resized.run_uri,
             "shrunk": shrunk.run_uri}
 
