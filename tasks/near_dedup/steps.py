@@ -294,6 +294,12 @@ def _candidate_shingles(cfg: MinHashConfig, texts: pa.Array) -> list[np.ndarray]
     return sets
 
 
+def _list_array(sets: list[np.ndarray]) -> pa.ListArray:
+    offsets = np.cumsum([0] + [len(s) for s in sets]).astype(np.int32)
+    values = np.concatenate(sets) if sets else np.empty(0, np.uint32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.uint32()))
+
+
 def collect_shingles(store: Store, cfg: MinHashConfig, batch: DocsBatch) -> ShardResult:
     """Hashed shingles of a batch's candidate documents, one file per verify group that needs them."""
     wanted_by_group = {
@@ -302,6 +308,7 @@ def collect_shingles(store: Store, cfg: MinHashConfig, batch: DocsBatch) -> Shar
     wanted = _union(list(wanted_by_group.values()))
     outputs = []
     if len(wanted):
+        # one list array per docs shard, so the batch's shingles are held once, never copied whole
         found_ids, found_sets = [], []
         by_ordinal = {s.file.ordinal: s for s in batch.shards}
         for ordinal, shard_wanted in _by_ordinal(wanted):
@@ -312,16 +319,34 @@ def collect_shingles(store: Store, cfg: MinHashConfig, batch: DocsBatch) -> Shar
                 raise ValueError(f"{store.url(shard.key)}: candidate document {missing} is not in the docs shard")
             order = np.argsort(ids)
             found_ids.append(ids[order])
-            found_sets.extend(_candidate_shingles(cfg, texts.take(pa.array(order))))
+            found_sets.append(_list_array(_candidate_shingles(cfg, texts.take(pa.array(order)))))
         ids = np.concatenate(found_ids)
-        offsets = np.cumsum([0] + [len(s) for s in found_sets]).astype(np.int32)
-        all_sets = pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(found_sets), pa.uint32()))
-        del found_sets
+        all_sets = pa.chunked_array(found_sets, pa.list_(pa.uint32()))
         for group, group_ids in wanted_by_group.items():
             rows = pa.array(np.searchsorted(ids, group_ids))
             table = pa.table([pa.array(ids).take(rows), all_sets.take(rows)], schema=SHINGLES_SCHEMA)
             outputs.append(write_table(store, layout.near_shingles_file(group, batch.name), table))
     return ShardResult(outputs=outputs, counts={"candidates": len(wanted)})
+
+
+def _shingle_table(store: Store, group: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A verify group's candidates from every batch: (sorted ids, shingle values, each id's
+    offsets into them), built file by file so the shingles are held at most twice."""
+    ids, values, offsets, base = [], [], [], 0
+    for key in store.list(layout.near_shingles(group)):  # batch order: ids ascend across files
+        shingles = read_table(store, key).combine_chunks()
+        ids.append(shingles.column("id").to_numpy())
+        column = shingles.column("shingles").chunk(0)
+        values.append(column.values.to_numpy())
+        offsets.append(column.offsets.to_numpy()[:-1].astype(np.int64) + base)
+        base += len(values[-1])
+        del shingles, column
+    if not ids:
+        return np.empty(0, np.int64), np.empty(0, np.uint32), np.zeros(1, np.int64)
+    ids = np.concatenate(ids)
+    if np.any(ids[1:] <= ids[:-1]):
+        raise ValueError(f"{store.url(layout.near_shingles(group))}: candidate ids are not ascending across batches")
+    return ids, np.concatenate(values), np.append(np.concatenate(offsets), base)
 
 
 def verify_buckets(store: Store, cfg: MinHashConfig, group: str) -> ShardResult:
@@ -331,14 +356,7 @@ def verify_buckets(store: Store, cfg: MinHashConfig, group: str) -> ShardResult:
     bucket = buckets.column("bucket").to_numpy()
     del buckets
     starts, _ = components.runs(bucket)
-    table = _read_all(store, list(store.list(layout.near_shingles(group))), SHINGLES_SCHEMA)
-    ids = table.column("id").to_numpy()
-    order = np.argsort(ids)
-    ids = ids[order]
-    shingles = table.column("shingles").take(pa.array(order)).combine_chunks()
-    del table
-    values = shingles.values.to_numpy()
-    offsets = shingles.offsets.to_numpy()
+    ids, values, offsets = _shingle_table(store, group)
 
     def similarity(a: int, b: int) -> float:
         ra, rb = np.searchsorted(ids, (a, b))
