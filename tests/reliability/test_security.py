@@ -136,6 +136,39 @@ def test_a_build_with_wrong_credentials_fails_without_echoing_them(
         assert secret not in text and secret.encode() not in ray_logs
 
 
+def test_a_deployment_run_with_credentials_in_a_uri_is_refused_by_the_prefect_server(corpus, s3_endpoint, s3_bucket_uri, tmp_path):
+    """A run started from the UI or the API: the server checks its parameters against the flow's
+    schema (the URI fields' pattern) before storing them, so no flow run ever holds the secret."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    from flows.pretrain import pretrain
+
+    secret, bucket = s3_endpoint.secret_key, s3_bucket_uri.removeprefix("s3://")
+    in_authority = f"s3://{s3_endpoint.access_key}:{secret}@{bucket}/out"
+    signed = f"{s3_bucket_uri}/out/manifest.json?X-Amz-Credential=k&X-Amz-Signature={secret}"
+    build = sample_config(corpus, str(tmp_path)).model_dump(mode="json")
+    train = {**TRAIN_FIELDS, "name": "r", "output": str(tmp_path), "data": [{"manifest": f"{s3_bucket_uri}/m.json"}]}
+    cases = [  # a flow, parameters it accepts, and the same with credentials in a URI
+        (build_dataset, {"config": build}, [{"config": {**build, "output": in_authority}},
+                                             {"config": {**build, "tokenizer": {"model": signed}}}]),
+        (pretrain, {"build": build, "train": train}, [{"build": build, "train": {**train, "output": signed}},
+                                                       {"build": build, "train": {**train, "data": [{"manifest": in_authority}]}}]),
+    ]
+    with get_client(sync_client=True) as client:
+        for flow, accepted, refused_parameters in cases:
+            deployment_id = flow.to_deployment("credentials-check").apply()
+            client.delete_flow_run(client.create_flow_run_from_deployment(deployment_id, parameters=accepted).id)
+            for parameters in refused_parameters:
+                with pytest.raises(PrefectHTTPStatusError) as refused:
+                    client.create_flow_run_from_deployment(deployment_id, parameters=parameters)
+                # (the 409's detail quotes the value back to whoever sent it; nothing is stored)
+                assert refused.value.response.status_code == 409 and "does not match" in refused.value.response.text
+            by_deployment = DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
+            assert client.read_flow_runs(deployment_filter=by_deployment) == []
+
+
 @pytest.mark.parametrize("name", [".", "..", "a/b"])
 @pytest.mark.parametrize("field", ["name", "build_id"])
 def test_a_folder_name_of_dots_or_with_a_slash_fails_config_validation(corpus, tmp_path, field, name):
