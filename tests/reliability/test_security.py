@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from flows.build_dataset import build_dataset
 from model.train_config import TrainConfig
-from storage.store import InvalidKey, StoreAccessError, open_store
+from storage.store import NO_CREDENTIALS_PATTERN, InvalidKey, StoreAccessError, check_uri_has_no_credentials, open_store
 from tasks.train import run_config
 from tests.builds import sample_config
 
@@ -134,6 +134,20 @@ def test_a_build_with_wrong_credentials_fails_without_echoing_them(
     ray_logs = ray_log_bytes(tmp_path_factory)
     for secret in (wrong, real):
         assert secret not in text and secret.encode() not in ray_logs
+
+
+@pytest.mark.parametrize(
+    "uri",
+    ["s3://b/out", "./data", "/a/b@c", "s3://b/a@b", "a/b?secret=1", "s3://k:s@b/o", "S3://K@B", "file:///x?Password=1",
+     "s3://b/m?X-AMZ-SIGNATURE=1", "s3://b/m?a=1&my_Token=2", "s3://b/m?AWSAccessKeyId=k", "s3://b/m?version=2"],
+)
+def test_the_schema_pattern_refuses_exactly_what_config_validation_refuses(uri):
+    try:
+        check_uri_has_no_credentials(uri)
+        valid = True
+    except ValueError:
+        valid = False
+    assert (re.search(NO_CREDENTIALS_PATTERN, uri) is not None) == valid
 
 
 def test_a_deployment_run_with_credentials_in_a_uri_is_refused_by_the_prefect_server(corpus, s3_endpoint, s3_bucket_uri, tmp_path):
