@@ -94,7 +94,8 @@ def test_a_step_clips_the_gradient_norm_to_grad_clip_as_clip_grad_norm_does(tmp_
          contextlib.closing(BlockLoader(config.data, config.seq_len, config.seed, cache_dir=cache)) as batches:
         for _ in range(3):  # Adam's first step is nearly scale-free; later steps are not
             _, norm = train_step(model, optimizer, loader, config, config.accum_steps(1), NO_AUTOCAST, CPU)
-            assert norm == pytest.approx(reference_step(reference, reference_optimizer, batches.next_batch(config.micro_batch), grad_clip), rel=1e-5)
+            batch = batches.next_batch(config.micro_batch)
+            assert norm == pytest.approx(reference_step(reference, reference_optimizer, batch, grad_clip), rel=1e-5)
             assert norm > 10 * grad_clip  # the norm before clipping is returned
     assert all(n <= grad_clip * (1 + 1e-5) for n in norms_seen) and len(norms_seen) == 3
     for (name, p), expected in zip(model.named_parameters(), reference.parameters()):
