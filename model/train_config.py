@@ -46,9 +46,12 @@ from pydantic import (
 
 from model.config import LlamaConfig
 from storage.run_layout import RunLayout
-from storage.store import check_name, check_uri_has_no_credentials, open_object
+from storage.store import NO_CREDENTIALS_PATTERN, check_name, check_uri_has_no_credentials, open_object
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# The URI fields' schema: the Prefect server refuses credentials in a deployment run's parameters
+# (the model validator below refuses them wherever the config is read).
+NO_CREDENTIALS = {"pattern": NO_CREDENTIALS_PATTERN}
 
 
 class Section(BaseModel):
@@ -61,7 +64,9 @@ class DataSource(Section):
 
     model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
-    manifest: str = Field(min_length=1, description="URI of a manifest.json: a path, file:// or s3://")
+    manifest: str = Field(
+        min_length=1, description="URI of a manifest.json: a path, file:// or s3://", json_schema_extra=NO_CREDENTIALS
+    )
     weight: float = Field(1.0, gt=0, allow_inf_nan=False, description="Mixture weight, normalized over sources")
     source: str | None = Field(None, description="Only the shards of this source within the manifest")
 
@@ -86,7 +91,7 @@ class LRSchedule(Section):
 class Validation(Section):
     """Mean loss over the first `batches` micro-batches per rank of a held-out build, every `every` steps."""
 
-    manifest: str
+    manifest: str = Field(json_schema_extra=NO_CREDENTIALS)
     every: PositiveInt
     batches: PositiveInt = 8
 
@@ -146,7 +151,7 @@ class TrainConfig(Section):
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), hide_input_in_errors=True)
 
     name: str = Field(description="Run name: the run lives in <output>/runs/<name>/")
-    output: str = Field(description="Store URI or path that holds runs/")
+    output: str = Field(description="Store URI or path that holds runs/", json_schema_extra=NO_CREDENTIALS)
     model: str = Field(description="Model preset name")
     model_overrides: dict[str, Any] = Field(default_factory=dict, description="LlamaConfig fields that replace the preset's")
     init_from: str | None = Field(

@@ -64,10 +64,25 @@ def check_name(name: str) -> str:
     return check_key(name)
 
 
-# Query parameters that carry credentials: presigned URLs (SigV4, SigV2) and the obvious names.
-_CREDENTIAL_PARAMETER = re.compile(
-    r"[?&](x-amz-[a-z-]+|awsaccesskeyid|signature|[a-z_-]*(secret|token|password|credential)[a-z_-]*)=", re.I
-)
+# Query parameters that carry credentials: presigned URLs (SigV4, SigV2) and the obvious names
+# (lowercase; matched in either case).
+_CREDENTIAL_PARAMETER_RE = r"[?&](x-amz-[a-z-]+|awsaccesskeyid|signature|[a-z_-]*(secret|token|password|credential)[a-z_-]*)="
+_CREDENTIAL_PARAMETER = re.compile(_CREDENTIAL_PARAMETER_RE, re.I)
+
+
+def _either_case(pattern: str) -> str:
+    """A lowercase regex made to match either case without flags: JSON Schema patterns have none."""
+    parts = re.split(r"(\[[^]]*\])", pattern)  # character classes, and the text between them
+    return "".join(
+        part.replace("a-z", "a-zA-Z") if part.startswith("[") else re.sub("[a-z]", lambda m: f"[{m[0]}{m[0].upper()}]", part)
+        for part in parts
+    )
+
+
+# check_uri_has_no_credentials as a JSON Schema pattern (Python and ECMA alike) for the URI fields
+# of flow parameters: the Prefect server refuses a deployment run whose parameters fail it before
+# it stores them, where pydantic runs only once the flow starts.
+NO_CREDENTIALS_PATTERN = rf"^(?![\s\S]*?://[^/]*@)(?![\s\S]*?://[\s\S]*{_either_case(_CREDENTIAL_PARAMETER_RE)})"
 CREDENTIALS_IN_URI = (
     "store URIs must not hold credentials (user:password@ or a signed query string); use the AWS "
     "environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) or a profile (AWS_PROFILE)"

@@ -9,12 +9,15 @@ from pathlib import Path
 from typing import Annotated
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 
-from storage.store import check_name, check_uri_has_no_credentials
+from storage.store import NO_CREDENTIALS_PATTERN, check_name, check_uri_has_no_credentials
 
-# A URI or path to read or write; credentials in it would be stored with the flow run's parameters.
-StoreUri = Annotated[str, AfterValidator(check_uri_has_no_credentials)]
+# A URI or path to read or write; credentials in it would be stored with the flow run's parameters
+# (the schema's pattern has the Prefect server refuse them in a deployment run's parameters).
+StoreUri = Annotated[
+    str, AfterValidator(check_uri_has_no_credentials), WithJsonSchema({"type": "string", "pattern": NO_CREDENTIALS_PATTERN})
+]
 # A name that becomes one folder of the output store.
 FolderName = Annotated[str, AfterValidator(check_name)]
 

@@ -104,5 +104,5 @@ def exact_dedup(build: Build) -> dict[str, int | float]:
     documents, sizes = ingested_documents(read_summary(store, "ingest"))
     budget = config.task_memory_bytes
     ranges = partitions(documents, EXACT_ROW_BYTES, budget, config.dedup.exact_partitions)
-    run = partial(run_stage, store, build_name=config.name, max_in_flight=config.parallelism)
+    run = partial(run_stage, store, build_config=config, max_in_flight=config.parallelism)
     return stage_totals(run_exact_dedup(store, build.plan, sizes, ranges, budget, run).receipts)

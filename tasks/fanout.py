@@ -23,6 +23,7 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import ray
 from pydantic import ValidationError
@@ -33,6 +34,9 @@ from storage.manifest import Receipt, ShardResult, StageSummary, read_record, wr
 from storage.store import ObjectNotFound, ListedObject, Store, StoreError
 from tasks.reporting import progress
 from tasks.stage import Item, Stage
+
+if TYPE_CHECKING:
+    from tasks.config import BuildConfig
 
 log = logging.getLogger(__name__)
 READ_THREADS = 32  # receipts read at once when the summary does not have them
@@ -120,12 +124,12 @@ def _work_and_commit(store: Store, stage_name: str, prefixes: tuple[str, ...], w
 def run_stage(
     store: Store,
     stage: Stage[Item],
-    build_name: str | None = None,
+    build_config: BuildConfig | None = None,
     max_in_flight: int | None = None,
     inline: bool = False,
 ) -> StageSummary:
     """Run every shard of `stage` that is not done; returns the stage's summary (receipts in
-    item order). With `build_name`, its step's progress artifact in Prefect follows it.
+    item order). With the build's config, its step's progress artifact in Prefect follows it.
     `inline` runs the work in this process, one item after another (tests, benchmarks).
 
     A worker that dies is retried by Ray; an exception from `work` (bad input, say) is raised
@@ -133,7 +137,7 @@ def run_stage(
     """
     receipts, summary = finished_receipts(store, stage)
     total = len(stage.items)
-    on_progress = progress(stage.name, build_name) if build_name else None
+    on_progress = progress(stage.name, build_config) if build_config else None
     if on_progress:
         on_progress(len(receipts), total)
     todo = [item for item in stage.items if stage.shard_of(item) not in receipts]

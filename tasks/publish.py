@@ -28,7 +28,7 @@ from storage.store import ObjectNotFound, Store
 from tasks.fanout import read_summary, run_stage
 from tasks.parquet_io import read_table
 from tasks.plan import Build
-from tasks.reporting import artifact_key, stage_totals, step_seconds
+from tasks.reporting import build_artifact_key, stage_totals, step_seconds
 from tasks.stage import Stage, stage_task
 
 HASH_CHUNK_BYTES = 8 << 20
@@ -101,7 +101,7 @@ def write_manifest(build: Build, tokenizer: TokenizerInfo) -> str:
     store, config = build.store, build.config
     tokenized = completed(build, "tokenize")
     verify = Stage("verify-tokens", tokenized.receipts, verified_name, partial(verify_token_shards, store), ())
-    run_stage(store, verify, config.name, config.parallelism)
+    run_stage(store, verify, config, config.parallelism)
     manifest = DatasetManifest(
         name=config.name,
         build_id=build.id,
@@ -266,6 +266,6 @@ def publish_summary(build: Build, manifest_uri: str, train_run: str = "") -> Non
         logger.info(step_line(row))
     create_markdown_artifact(
         summary_markdown(build, manifest, manifest_uri, train_run, steps),
-        key=artifact_key(build.config.name, "summary"),
+        key=build_artifact_key(build.config, "summary"),
         description=f"build {build.id}: steps, sources, training, pages",
     )

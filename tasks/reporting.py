@@ -10,12 +10,16 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 from uuid import UUID
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.context import FlowRunContext, TaskRunContext
 
 from storage.manifest import Receipt
+
+if TYPE_CHECKING:
+    from tasks.config import BuildConfig
 
 _step_artifacts: dict[UUID, UUID] = {}  # task run -> its progress artifact, shared by the step's stages
 _run_seconds: dict[UUID, dict[str, float]] = {}  # flow run -> task name -> seconds it ran
@@ -27,7 +31,13 @@ def artifact_key(*parts: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
 
 
-def _step_artifact(step: str, build_name: str, description: str) -> UUID:
+def build_artifact_key(config: BuildConfig, *parts: str) -> str:
+    """A key of one build's artifacts, `build-<name>-<build id>-...`: each build has its own (a
+    rerun of the same build adds a version), so no build's card shadows another's."""
+    return artifact_key("build", config.name, config.resolved_build_id, *parts)
+
+
+def _step_artifact(step: str, config: BuildConfig, description: str) -> UUID:
     """The progress artifact of the Prefect task (pipeline step) running now: created by its first
     stage, moved by the later ones (near dedup runs a dozen stages in one step)."""
     context = TaskRunContext.get()
@@ -35,19 +45,19 @@ def _step_artifact(step: str, build_name: str, description: str) -> UUID:
     with _step_artifacts_lock:
         if owner in _step_artifacts:
             return _step_artifacts[owner]
-        artifact_id = create_progress_artifact(0.0, key=artifact_key(build_name, step, "progress"), description=description)
+        artifact_id = create_progress_artifact(0.0, key=build_artifact_key(config, step, "progress"), description=description)
         if owner is not None:
             _step_artifacts[owner] = artifact_id
         return artifact_id
 
 
-def progress(stage: str, build_name: str) -> Callable[[int, int], None]:
+def progress(stage: str, config: BuildConfig) -> Callable[[int, int], None]:
     """A callback that moves its step's progress artifact to this stage's shards done (at most
     every whole percent); the description names the stage."""
     context = TaskRunContext.get()
     step = context.task.name if context else stage
     label = stage if stage == step else f"{step} · {stage}"
-    artifact_id = _step_artifact(step, build_name, f"{label}: shards done")
+    artifact_id = _step_artifact(step, config, f"{label}: shards done")
     last = -1
 
     def update(done: int, total: int) -> None:

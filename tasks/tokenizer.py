@@ -162,11 +162,11 @@ def tokenizer(build: Build) -> TokenizerInfo:
         run_stage(
             store,
             Stage("tokenizer-sample", files, _sample_shard, lambda f: write_sample(store, f, rate, config.seed), (layout.TOKENIZER_SAMPLE,)),
-            config.name, config.parallelism,
+            config, config.parallelism,
         )
         sample_keys = [layout.tokenizer_sample(f.shard) for f in files]
     work = partial(make_tokenizer, store, config.tokenizer, sample_keys)
-    run_stage(store, Stage("tokenizer", ["tokenizer"], _only_shard, work, (layout.TOKENIZER_MODEL, layout.TOKENIZER_INFO)), config.name)
+    run_stage(store, Stage("tokenizer", ["tokenizer"], _only_shard, work, (layout.TOKENIZER_MODEL, layout.TOKENIZER_INFO)), config)
     info = read_valid(store, layout.TOKENIZER_INFO, TokenizerInfo)
     if info is None:
         raise TokenizerError(f"{store.url(layout.TOKENIZER_INFO)} vanished or was damaged while the build ran; rerun it")

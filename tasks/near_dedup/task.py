@@ -30,6 +30,6 @@ def near_dedup(build: Build) -> dict[str, int | float]:
         DocsShard(f, layout.docs(f.source, f.shard), exact, sizes[f.shard])
         for f in build.plan
     ]
-    run = partial(run_stage, store, build_name=config.name, max_in_flight=config.parallelism)
+    run = partial(run_stage, store, build_config=config, max_in_flight=config.parallelism)
     run_near_dedup(store, shards, cfg, run, batch_bytes(budget), budget)
     return stage_totals(read_summary(store, STAGE).receipts)

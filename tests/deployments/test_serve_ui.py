@@ -15,7 +15,7 @@ from pathlib import Path
 from playwright.sync_api import Page, expect, sync_playwright
 
 from flows.pretrain import manifest_uri
-from tasks.reporting import artifact_key
+from tasks.reporting import artifact_key, build_artifact_key
 
 CHROMIUM = Path("/usr/bin/chromium")
 TIMEOUT_MS = 60_000
@@ -58,10 +58,10 @@ def test_the_ui_shows_the_finished_build_its_progress_bars_and_its_summary(serve
         # A progress bar per step that runs stages, and the summary (every card names its artifact).
         page.get_by_text("Artifacts", exact=True).click()
         for step in BUILD_STEPS[1:]:
-            expect(page.get_by_text(artifact_key(config.name, step, "progress"), exact=True)).to_be_visible()
+            expect(page.get_by_text(build_artifact_key(config, step, "progress"), exact=True)).to_be_visible()
         expect(page.get_by_text("None", exact=True)).to_have_count(0)  # the Flow run group holds the summary
         page.screenshot(path=shots / "build-artifacts.png", full_page=True)
-        page.get_by_text(artifact_key(config.name, "summary"), exact=True).click()
+        page.get_by_text(build_artifact_key(config, "summary"), exact=True).click()
         expect(page.get_by_text(manifest_uri(config))).to_be_visible()
         steps = page.get_by_role("table").first  # the steps, in pipeline order
         expect(steps.get_by_role("row")).to_have_count(1 + len(BUILD_STEPS))

@@ -25,6 +25,7 @@ from storage.store import open_object, open_store
 from tasks.config import BuildConfig
 from tasks.ingest import IngestError
 from tasks.plan import PlanError, ordinal_of
+from tasks.reporting import build_artifact_key
 from tasks.sample_corpus import make_sample_corpus
 from tests.builds import assert_reconciles, build_objects, load_manifest, sample_config
 
@@ -121,29 +122,35 @@ def test_shards_load_in_megatron_core(built, tmp_path):
 
 def test_the_build_run_shows_a_progress_bar_per_step_and_one_summary(built):
     """The Artifacts tab of a build run: one progress artifact per pipeline step (however many
-    stages the step runs) and the summary, every one in the run; the summary lists the steps in
-    pipeline order with their counts, and the manifest."""
+    stages the step runs) and the summary, every one in the run and keyed by the build; the
+    summary lists the steps in pipeline order with their counts, and the manifest's accounting."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-    _, manifest_uri = built
-    summary = Artifact.get("sample-summary")
+    config, manifest_uri = built
+    key = build_artifact_key(config, "summary")
+    assert key == f"build-sample-{config.resolved_build_id}-summary"
+    summary = Artifact.get(key)
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[summary.flow_run_id]))
         )
     steps = ["ingest", "exact-dedup", "near-dedup", "tokenizer", "tokenize", "manifest"]
-    assert sorted(a.key for a in artifacts) == sorted(["sample-summary", *(f"sample-{s}-progress" for s in steps)])
+    assert sorted(a.key for a in artifacts) == sorted([key, *(build_artifact_key(config, s, "progress") for s in steps)])
     assert all(a.data == 100.0 for a in artifacts if a.type == "progress")
     markdown = summary.data
-    assert f"Manifest: `{manifest_uri}`" in markdown and "| slimpajama |" in markdown
+    manifest = load_manifest(manifest_uri)
+    assert markdown.startswith(f"# Build `sample/{config.resolved_build_id}`") and f"Manifest: `{manifest_uri}`" in markdown
     rows = [markdown.index(f"| {step} |") for step in ["plan", *steps]]
     assert rows == sorted(rows)  # pipeline order
-    manifest = load_manifest(manifest_uri)
     tokenize_row = markdown[rows[-2] :].splitlines()[0]
     assert f"| {manifest.total_documents:,} |" in tokenize_row  # documents out of the last step that drops any
     ingest_row = markdown[rows[1] :].splitlines()[0].split("|")
     assert float(ingest_row[7]) > 0  # wall seconds, as Prefect timed the task
+    for name, a in manifest.sources.items():  # the Sources table is the manifest's accounting
+        row = next(line for line in markdown.splitlines() if line.startswith(f"| {name} |"))
+        counts = [cell.strip() for cell in row.strip("| ").split("|")][3:]
+        assert counts == [f"{n:,}" for n in (a.docs_in, a.kept, a.filtered, a.exact_dup, a.near_dup, a.malformed, a.tokens)]
 
 
 def test_rerun_of_a_finished_build_changes_nothing(built):
@@ -153,7 +160,7 @@ def test_rerun_of_a_finished_build_changes_nothing(built):
     assert build_dataset(config, train_run="sample-run") == manifest_uri
     assert time.perf_counter() - started < 30
     assert build_objects(config.output) == before
-    assert "trains run `sample-run` on it" in Artifact.get("sample-summary").data  # a summary per run, naming its training
+    assert "trains run `sample-run` on it" in Artifact.get(build_artifact_key(config, "summary")).data  # a summary per run, naming its training
 
 
 def flip_one_byte(store, key: str) -> bytes:
