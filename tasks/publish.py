@@ -34,8 +34,9 @@ from tasks.stage import Stage, stage_task
 HASH_CHUNK_BYTES = 8 << 20
 
 
-class AccountingError(RuntimeError):
-    """Counts do not reconcile: a document was lost or counted twice somewhere."""
+class AccountingError(ValueError):
+    """Counts do not reconcile: a document was lost or counted twice somewhere. A ValueError:
+    a retry would find the same counts."""
 
 
 class TokenShardChanged(ValueError):
