@@ -225,12 +225,18 @@ def print_manifest(uri: str, shards: bool = False) -> None:
 
 
 @app.command(epilog="Example: tinyllama --data /tmp/demo demo")
-def demo(ctx: typer.Context, api_url: ApiUrl = None) -> None:
+def demo(
+    ctx: typer.Context,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="The same path on a smaller corpus for fewer steps (about a minute)")
+    ] = False,
+    api_url: ApiUrl = None,
+) -> None:
     """The whole pipeline on the embedded defaults: sample corpus, dataset, training, HF export, generation, evaluation."""
     with flow_session(ctx, api_url) as session:
-        from deployments.demo import run_demo
+        from deployments.demo import FULL, QUICK, run_demo
 
-        run_demo(data_dir(ctx), run_flow=session.run)
+        run_demo(data_dir(ctx), QUICK if quick else FULL, run_flow=session.run)
 
 
 @app.command(epilog="Example: tinyllama serve --port 4200 --epochs-on   (then open http://127.0.0.1:4200)")
