@@ -285,7 +285,7 @@ def submit_build(
 def train_epoch(
     ctx: typer.Context,
     run: Annotated[str, typer.Argument(help="Name of the training run to continue")],
-    output: Annotated[str, typer.Option(help="Store URI the run lives in")] = "data",
+    output: Annotated[Optional[str], typer.Option(help="Store URI the run lives in (default: --data)")] = None,
     steps: Annotated[int, typer.Option(help="Optimizer steps to advance the run by")] = 50,
     wait: Annotated[bool, typer.Option(help="Wait for the run to finish")] = False,
     api_url: ApiUrl = None,
@@ -295,7 +295,8 @@ def train_epoch(
     from deployments.serve import running_server
 
     with running_server(data_dir(ctx), api_url):
-        flow_run = submit(TRAIN_EPOCH, {"run": run, "output": absolute(output), "steps": steps}, wait=wait)
+        flow_run = submit(TRAIN_EPOCH, {"run": run, "output": absolute(output or str(data_dir(ctx))), "steps": steps},
+                          wait=wait)
         report_submitted(flow_run, wait)
 
 

@@ -40,6 +40,8 @@ CLI_RUN = "cli-run"  # trained by `tinyllama train`, continued by `tinyllama tra
 CLI_STEPS, EPOCH_STEPS = 3, 2
 STARTUP_TIMEOUT_S = 180
 
+pytestmark = pytest.mark.slow  # a chain: most of the cost is in the module's fixtures (serve, pretrain, train)
+
 
 def without_prefect(**extra: str) -> dict:
     """The environment of a command in a fresh terminal: none of the session's Prefect settings."""
@@ -301,12 +303,11 @@ def test_submit_build_and_train_epoch_find_serves_server_and_complete(cli_traine
     assert build_run.parameters == {"config": corpus.build.model_dump(mode="json"), "train_run": CLI_RUN}
     assert build_run.state.is_completed()
 
-    epoch = cli("--data", str(corpus.data), "train-epoch", CLI_RUN, "--output", str(corpus.data),
-                "--steps", str(EPOCH_STEPS), "--wait")
+    epoch = cli("--data", str(corpus.data), "train-epoch", CLI_RUN, "--steps", str(EPOCH_STEPS), "--wait")
     match = re.fullmatch(r"Completed: http://\S+/runs/flow-run/([0-9a-f-]+)", epoch.stdout.strip())
     assert match, epoch.stdout
     epoch_run = flow_run(UUID(match[1]))
-    assert epoch_run.parameters == {"run": CLI_RUN, "output": str(corpus.data), "steps": EPOCH_STEPS}
+    assert epoch_run.parameters == {"run": CLI_RUN, "output": str(corpus.data), "steps": EPOCH_STEPS}  # --data's store
     records = read_metrics(open_store(corpus.data).child(f"runs/{CLI_RUN}").get_text(METRICS_FILE))
     assert [r["step"] for r in records] == list(range(1, CLI_STEPS + EPOCH_STEPS + 1))  # continued, not restarted
 
@@ -316,3 +317,15 @@ def test_serve_stops_on_ctrl_c_and_leaves_the_server_it_attached_to_running(serv
     assert serve.process.wait(timeout=60) == 0, serve.output()[-3000:]
     assert not (corpus.data / SERVED_FILE).exists()
     assert healthy(prefect_server)
+
+
+def test_serve_with_a_prefect_api_url_that_does_not_answer_says_so(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "deployments.cli", "--data", str(tmp_path / "data"), "serve"],
+                          capture_output=True, text=True, env=without_prefect(PREFECT_API_URL="http://127.0.0.1:9/api"),
+                          timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stderr.strip() == (
+        "error: PREFECT_API_URL=http://127.0.0.1:9/api does not answer; start that server, or unset PREFECT_API_URL "
+        "to have `tinyllama serve` start one"
+    )
+    assert not (tmp_path / "data" / SERVED_FILE).exists()
