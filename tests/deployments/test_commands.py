@@ -116,7 +116,10 @@ class Serve:
 
 @pytest.fixture(scope="module")
 def serve(corpus, prefect_server) -> Iterator[Serve]:
-    """`tinyllama serve` with every flag, on the port of the session's server and its host's name."""
+    """`tinyllama serve` with every flag, on the port of the session's server and its host's name.
+
+    --epochs-on switches the hourly schedule on in the database only: the session's server is
+    Prefect's ephemeral one, which runs no scheduler service, so no epoch starts on its own."""
     port = urlsplit(prefect_server).port
     train_yaml = corpus.root / "train.yaml"
     train_yaml.write_text(yaml.safe_dump(tiny_training(corpus.data, corpus.root / "work")))
