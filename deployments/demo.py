@@ -6,8 +6,8 @@ one evaluation (flow `evaluate`, lm-evaluation-harness) on the 40-item multiple-
 The flows record their runs in Prefect's database under <data>/prefect, so `tinyllama serve`
 shows them afterwards (and its train-epoch deployment continues the same run).
 
-`tinyllama demo --quick` runs the same path on a smaller corpus for fewer steps (about a
-minute; what CI runs), under names of its own so that it never changes the default demo's data.
+`tinyllama demo --quick` runs the same path on a smaller corpus for fewer steps (one to two
+minutes; what CI runs), under names of its own so that it never changes the default demo's data.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from deployments.settings import SAMPLE_RUN
 
 PROMPT = "The history of"
 NEW_TOKENS = 24
@@ -33,7 +35,7 @@ class DemoSize:
 
 
 # The default: the run that serve's train-epoch deployment continues; training ~1.5-3 minutes on 2 cores.
-FULL = DemoSize(corpus="raw", build="sample", run="sample-tiny", corpus_bytes=4 << 20, steps=120)
+FULL = DemoSize(corpus="raw", build="sample", run=SAMPLE_RUN, corpus_bytes=4 << 20, steps=120)
 QUICK = DemoSize(corpus="raw-quick", build="sample-quick", run="sample-quick", corpus_bytes=256 << 10, steps=6)
 
 

@@ -14,7 +14,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,10 +31,11 @@ from model.metrics import METRICS_FILE, read_metrics
 from storage.store import open_object, open_store
 from tasks.config import BuildConfig
 from tasks.sample_corpus import make_sample_corpus
-from tests.deployments.conftest import RUN_TIMEOUT_S, SEGMENT, tiny_training
+from tests.deployments.conftest import SEGMENT, tiny_training
+from tests.deployments.test_cli import TEMPORARY_SERVER_LINE, start_cli, without_prefect
+from tests.deployments.test_cli import cli as run_cli
 
 CORPUS_BYTES, CORPUS_SEED = 96 << 10, 5
-TEMPORARY_SERVER_LINE = "starting a temporary Prefect server"
 CLI_RUN = "cli-run"  # trained by `tinyllama train`, continued by `tinyllama train-epoch`
 CLI_STEPS, EPOCH_STEPS = 3, 2
 STARTUP_TIMEOUT_S = 180
@@ -43,15 +43,9 @@ STARTUP_TIMEOUT_S = 180
 pytestmark = pytest.mark.slow  # a chain: most of the cost is in the module's fixtures (serve, pretrain, train)
 
 
-def without_prefect(**extra: str) -> dict:
-    """The environment of a command in a fresh terminal: none of the session's Prefect settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != "RAY_ADDRESS"}
-    return {**env, **extra}
-
-
-def cli(*args: str, timeout: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "deployments.cli", *args], capture_output=True, text=True,
-                          env=without_prefect(), timeout=timeout)
+def cli(*args: str) -> subprocess.CompletedProcess:
+    """The command, run to success in a fresh terminal's environment."""
+    done = run_cli(*args, env=without_prefect())
     assert done.returncode == 0, f"tinyllama {' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
     return done
 
@@ -124,14 +118,9 @@ def serve(corpus, prefect_server) -> Iterator[Serve]:
     train_yaml = corpus.root / "train.yaml"
     train_yaml.write_text(yaml.safe_dump(tiny_training(corpus.data, corpus.root / "work")))
     log = corpus.root / "serve.log"
-    with open(log, "w") as out:  # a session of its own, like a command in a terminal
-        process = subprocess.Popen(
-            [sys.executable, "-m", "deployments.cli", "--data", str(corpus.data), "serve", "--host", "localhost",
-             "--port", str(port), "--build-config", str(corpus.build_yaml), "--train-config", str(train_yaml),
-             "--epochs-on", "--no-train-after-build"],
-            env=without_prefect(PREFECT_RUNNER_POLL_FREQUENCY="1"), stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    process = start_cli("--data", str(corpus.data), "serve", "--host", "localhost", "--port", str(port),
+                        "--build-config", str(corpus.build_yaml), "--train-config", str(train_yaml), "--epochs-on",
+                        "--no-train-after-build", env=without_prefect(PREFECT_RUNNER_POLL_FREQUENCY="1"), log=log)
     served = Serve(process, log, f"http://localhost:{port}/api", train_yaml)
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -323,9 +312,7 @@ def test_serve_stops_on_ctrl_c_and_leaves_the_server_it_attached_to_running(serv
 
 
 def test_serve_with_a_prefect_api_url_that_does_not_answer_says_so(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "deployments.cli", "--data", str(tmp_path / "data"), "serve"],
-                          capture_output=True, text=True, env=without_prefect(PREFECT_API_URL="http://127.0.0.1:9/api"),
-                          timeout=120)
+    done = run_cli("--data", str(tmp_path / "data"), "serve", env=without_prefect(PREFECT_API_URL="http://127.0.0.1:9/api"))
     assert done.returncode == 1, done.stdout + done.stderr
     assert done.stderr.strip() == (
         "error: PREFECT_API_URL=http://127.0.0.1:9/api does not answer; start that server, or unset PREFECT_API_URL "

@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import re
 import sqlite3
-import subprocess
-import sys
 
 import pytest
 
@@ -19,16 +16,13 @@ from flows.pretrain import manifest_uri
 from model.metrics import METRICS_FILE, read_metrics
 from storage.store import open_object, open_store
 from tasks.config import BuildConfig
-
-DEMO_TIMEOUT_S = 600
+from tests.deployments.test_cli import cli, without_prefect
 
 
 @pytest.mark.slow
 def test_the_quick_demo_runs_the_whole_path_and_its_summary_says_what_it_made(tmp_path):
     data = tmp_path / "data"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != "RAY_ADDRESS"}
-    done = subprocess.run([sys.executable, "-m", "deployments.cli", "--data", "data", "demo", "--quick"], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=DEMO_TIMEOUT_S)
+    done = cli("--data", "data", "demo", "--quick", cwd=tmp_path, env=without_prefect())
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = done.stdout[done.stdout.index("Demo finished in"):]
     printed = dict(re.findall(r"^  (\w[\w ]*?)  +(\S.*)$", summary, re.MULTILINE))
