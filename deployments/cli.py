@@ -228,7 +228,7 @@ def print_manifest(uri: str, shards: bool = False) -> None:
 def demo(
     ctx: typer.Context,
     quick: Annotated[
-        bool, typer.Option("--quick", help="The same path on a smaller corpus for fewer steps (about a minute)")
+        bool, typer.Option("--quick", help="The same path on a smaller corpus for fewer steps (one to two minutes)")
     ] = False,
     api_url: ApiUrl = None,
 ) -> None:
