@@ -225,12 +225,18 @@ def print_manifest(uri: str, shards: bool = False) -> None:
 
 
 @app.command(epilog="Example: tinyllama --data /tmp/demo demo")
-def demo(ctx: typer.Context, api_url: ApiUrl = None) -> None:
+def demo(
+    ctx: typer.Context,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="The same path on a smaller corpus for fewer steps (one to two minutes)")
+    ] = False,
+    api_url: ApiUrl = None,
+) -> None:
     """The whole pipeline on the embedded defaults: sample corpus, dataset, training, HF export, generation, evaluation."""
     with flow_session(ctx, api_url) as session:
-        from deployments.demo import run_demo
+        from deployments.demo import FULL, QUICK, run_demo
 
-        run_demo(data_dir(ctx), run_flow=session.run)
+        run_demo(data_dir(ctx), QUICK if quick else FULL, run_flow=session.run)
 
 
 @app.command(epilog="Example: tinyllama serve --port 4200 --epochs-on   (then open http://127.0.0.1:4200)")
@@ -279,7 +285,7 @@ def submit_build(
 def train_epoch(
     ctx: typer.Context,
     run: Annotated[str, typer.Argument(help="Name of the training run to continue")],
-    output: Annotated[str, typer.Option(help="Store URI the run lives in")] = "data",
+    output: Annotated[Optional[str], typer.Option(help="Store URI the run lives in (default: --data)")] = None,
     steps: Annotated[int, typer.Option(help="Optimizer steps to advance the run by")] = 50,
     wait: Annotated[bool, typer.Option(help="Wait for the run to finish")] = False,
     api_url: ApiUrl = None,
@@ -289,7 +295,8 @@ def train_epoch(
     from deployments.serve import running_server
 
     with running_server(data_dir(ctx), api_url):
-        flow_run = submit(TRAIN_EPOCH, {"run": run, "output": absolute(output), "steps": steps}, wait=wait)
+        flow_run = submit(TRAIN_EPOCH, {"run": run, "output": absolute(output or str(data_dir(ctx))), "steps": steps},
+                          wait=wait)
         report_submitted(flow_run, wait)
 
 

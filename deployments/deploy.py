@@ -25,6 +25,8 @@ from prefect.events import DeploymentEventTrigger
 from prefect.schedules import Cron
 from prefect.settings import PREFECT_UI_URL
 
+from deployments.settings import SAMPLE_RUN
+
 if TYPE_CHECKING:  # the flows import the training stack: only the functions that declare runs load it
     from flows.pretrain import TrainSettings
     from tasks.config import BuildConfig
@@ -41,7 +43,7 @@ TAGS = ["tinyllama"]
 ONE_AT_A_TIME = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
 
 
-def sample_training(data_dir: Path, name: str = "sample-tiny") -> TrainSettings:
+def sample_training(data_dir: Path, name: str = SAMPLE_RUN) -> TrainSettings:
     """The defaults of the training deployments (and the demo's run): the `tiny` model on 2 CPU
     processes, 8192 tokens a step, 50 steps a segment."""
     from flows.pretrain import TrainSettings

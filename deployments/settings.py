@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+SAMPLE_RUN = "sample-tiny"  # the training run of the default demo and of the deployments' defaults
+
 # A first Prefect start on a fresh SQLite database takes ~30 s on small machines; Prefect's
 # default (20 s) gives up too soon.
 PREFECT_DEFAULTS = {

@@ -43,7 +43,9 @@ def start_cli(*args: str, env: dict, log: Path) -> subprocess.Popen:
 
 
 def without_prefect(**extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL" and k != "RAY_ADDRESS"}
+    """The environment of a command in a fresh terminal: none of the session's Prefect settings
+    (its PREFECT_HOME would put a command's Prefect database outside its --data folder)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != "RAY_ADDRESS"}
     return {**env, **extra}
 
 
