@@ -42,17 +42,18 @@ class RayCluster:
     """A head node and worker nodes (one CPU each unless told), sharing one short temp dir
     (socket paths must stay under 108 bytes)."""
 
-    def __init__(self):
+    def __init__(self, env: dict[str, str] | None = None):
         self.temp_dir = tempfile.mkdtemp(prefix="rc-", dir="/tmp")
         self.port = free_port()
         self.nodes: list[subprocess.Popen] = []
+        self.extra_env = env or {}  # for the nodes and so their workers
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     def env(self) -> dict[str, str]:
-        return cluster_env(None)
+        return {**cluster_env(None), **self.extra_env}
 
     def start_node(self, head: bool = False, cpus: int = 1) -> subprocess.Popen:
         where = ["--head", f"--port={self.port}", "--include-dashboard=false"] if head else [f"--address={self.address}"]
