@@ -71,13 +71,15 @@ class RayCluster:
         return node
 
     def alive_nodes(self) -> int:
-        script = "import ray; ray.init(address=%r, log_to_driver=False); print(sum(n['Alive'] for n in ray.nodes()))"
+        # A marked line: on a busy machine Ray writes notices of its own to stdout too.
+        script = "import ray; ray.init(address=%r, log_to_driver=False); print('alive nodes:', sum(n['Alive'] for n in ray.nodes()))"
         try:
             out = subprocess.run([sys.executable, "-c", script % self.address], env=self.env(), cwd=REPO,
                                  capture_output=True, text=True, timeout=60)
         except subprocess.TimeoutExpired:  # a busy machine: the caller asks again until its deadline
             return -1
-        return int(out.stdout.split()[-1]) if out.returncode == 0 and out.stdout.split() else -1
+        counts = [line.split(":")[1] for line in out.stdout.splitlines() if line.startswith("alive nodes:")]
+        return int(counts[-1]) if out.returncode == 0 and counts else -1
 
     def wait_for_nodes(self, count: int, timeout: float = 240) -> None:
         deadline = time.monotonic() + timeout
