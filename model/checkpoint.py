@@ -25,9 +25,11 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import pickle
 import random
 import shutil
+import threading
 import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -67,6 +69,22 @@ LEGACY_MODEL_FILE = "model.safetensors"  # the full-state format of earlier vers
 # Collectives (a checkpoint's barrier and gathers among them) fail after this long; a save must
 # finish within it, and one taking over half of it is logged as a warning.
 DIST_TIMEOUT = timedelta(minutes=30)
+
+
+# Test-only hook (tests/model/test_kills.py SIGKILLs training at known points of a save): with
+# TINYLLAMA_TEST_HOLD_SAVE="STEP:POINT:FOLDER", each rank's save of STEP creates FOLDER/POINT-rankR
+# and blocks there for good, POINT being "start" (nothing of the save written yet) or "commit"
+# (this rank's files on the store, COMMIT not yet written). Unset, it does nothing.
+HOLD_SAVE_ENV = "TINYLLAMA_TEST_HOLD_SAVE"
+
+
+def _hold_for_test(step: int, point: str, rank: int) -> None:
+    if not (spec := os.environ.get(HOLD_SAVE_ENV)):
+        return
+    hold_step, hold_point, folder = spec.split(":", 2)
+    if int(hold_step) == step and hold_point == point:
+        Path(folder, f"{point}-rank{rank}").touch()
+        threading.Event().wait()
 
 
 class CheckpointError(Exception):
@@ -390,6 +408,7 @@ class Checkpointer:
     def save(self, step: int) -> None:
         """Checkpoint the components at `step`: return once committed, or, with async_save, once a
         CPU copy is staged (a previous save still in flight is finished first)."""
+        _hold_for_test(step, "start", self.rank)
         self.wait()
         started = time.perf_counter()
         prefix = RunLayout.checkpoint(step)
@@ -440,6 +459,7 @@ class Checkpointer:
             infos.append(ObjectInfo.of_file(path.name, path))
             if self.staging_dir is not None:
                 path.unlink()
+        _hold_for_test(step, "commit", self.rank)
         reports: list[Any] = [None] * self.world_size if self.rank == 0 else None
         dist.gather_object(infos, reports, dst=0, group=self.group)
         if self.rank != 0:

@@ -31,7 +31,7 @@ import secrets
 import socket
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 
 from botocore.client import BaseClient
@@ -83,13 +83,16 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+Clock = Callable[[], datetime]  # the time leases are stamped and judged by (a test can pass its own)
+
+
 def _iso(moment: datetime) -> str:
     return moment.isoformat(timespec="seconds")
 
 
-def is_stale(record: LeaseRecord) -> bool:
+def is_stale(record: LeaseRecord, clock: Clock = _now) -> bool:
     """Expired, or taken on this host by a process that is gone."""
-    if _now() >= record.expires:
+    if clock() >= record.expires:
         return True
     return record.host == socket.gethostname() and not process_alive(record.pid, record.pid_started)
 
@@ -247,10 +250,11 @@ def read_lease(store: Store, key: str) -> LeaseRecord | None:
 class Lease:
     """A held lease; renewed by a daemon thread until release(). Use as a context manager."""
 
-    def __init__(self, target: _VersionedObject, record: LeaseRecord, version: str, ttl_s: float):
+    def __init__(self, target: _VersionedObject, record: LeaseRecord, version: str, ttl_s: float, clock: Clock = _now):
         self.uri = target.uri
         self.record = record
         self.ttl_s = ttl_s
+        self._clock = clock
         self._target = target
         self._version = version
         self._lost: str | None = None
@@ -278,7 +282,7 @@ class Lease:
         """Move the heartbeat and the expiry forward (the heartbeat thread does this every ttl/3)."""
         with self._lock:
             self.check()
-            now = _now()
+            now = self._clock()
             record = self.record.model_copy(
                 update={"heartbeat": now, "expires": now + timedelta(seconds=self.ttl_s)}
             )
@@ -297,7 +301,7 @@ class Lease:
             except LeaseLost:
                 return
             except StoreError as error:  # the store is unreachable: keep trying until the lease expires
-                if _now() >= self.record.expires:
+                if self._clock() >= self.record.expires:
                     self._lost = f"it expired while the store was unreachable ({error})"
                     log.error("lease %s lost: %s", self.uri, self._lost)
                     return
@@ -318,17 +322,18 @@ class Lease:
                 log.warning("lease %s was taken over before it was released; left as it is", self.uri)
 
 
-def acquire_lease(store: Store, key: str, owner: str, ttl_s: float = DEFAULT_TTL_S) -> Lease:
+def acquire_lease(store: Store, key: str, owner: str, ttl_s: float = DEFAULT_TTL_S, clock: Clock = _now) -> Lease:
     """Take the lease at `key` in `store`, or raise LeaseHeld naming its live holder.
 
     `owner` says in words who is asking (shown to anyone who is refused). A stale lease
-    (expired, or its process on this host gone) is taken over.
+    (expired, or its process on this host gone) is taken over. `clock` stamps and judges
+    expiry (UTC wall time; the heartbeat's pace, ttl_s/3, is always real time).
     """
     if ttl_s <= 0:
         raise ValueError(f"lease ttl must be positive, got {ttl_s}")
     target = _versioned(store, key)
     for _ in range(ACQUIRE_ATTEMPTS):
-        now = _now()
+        now = clock()
         record = LeaseRecord(
             holder=secrets.token_hex(16),
             owner=owner,
@@ -341,7 +346,7 @@ def acquire_lease(store: Store, key: str, owner: str, ttl_s: float = DEFAULT_TTL
         )
         data = record_bytes(record)
         try:
-            return Lease(target, record, target.create(data), ttl_s)
+            return Lease(target, record, target.create(data), ttl_s, clock)
         except _Conflict:
             pass
         current = target.read()
@@ -352,7 +357,7 @@ def acquire_lease(store: Store, key: str, owner: str, ttl_s: float = DEFAULT_TTL
             holder = LeaseRecord.model_validate_json(held)
         except ValueError as error:
             raise StoreError(f"{target.uri}: not a lease record ({error}); delete it if nothing else writes there") from None
-        if not is_stale(holder):
+        if not is_stale(holder, clock):
             raise LeaseHeld(
                 f"{target.uri} is held by {holder.describe()}; refusing to start a second writer. "
                 "If that holder is dead, its lease is taken over once it expires (at once from the same host)."
@@ -362,5 +367,5 @@ def acquire_lease(store: Store, key: str, owner: str, ttl_s: float = DEFAULT_TTL
         except _Conflict:  # another acquirer changed it first: look again
             continue
         log.warning("took over the stale lease %s from %s", target.uri, holder.describe())
-        return Lease(target, record, version, ttl_s)
+        return Lease(target, record, version, ttl_s, clock)
     raise LeaseHeld(f"{target.uri}: could not take the lease, other processes keep changing it")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
@@ -115,7 +116,30 @@ def commit(store: Store, stage_name: str, prefixes: tuple[str, ...], shard: str,
     return receipt
 
 
+# Test-only hook (tests/reliability/test_multinode.py SIGKILLs a worker inside each stage): with
+# TINYLLAMA_TEST_HOLD_WORK=FOLDER set and FOLDER present, every task appends "STAGE SHARD PID" to
+# FOLDER/attempts, and the first task of each stage also creates FOLDER/STAGE (holding "SHARD PID")
+# and blocks for good, until it is killed; Ray's retry finds FOLDER/STAGE and works. Else a no-op.
+HOLD_WORK_ENV = "TINYLLAMA_TEST_HOLD_WORK"
+
+
+def _hold_for_test(stage_name: str, shard: str) -> None:
+    folder = os.environ.get(HOLD_WORK_ENV)
+    if not folder or not os.path.isdir(folder):
+        return
+    with open(os.path.join(folder, "attempts"), "a") as attempts:
+        attempts.write(f"{stage_name} {shard} {os.getpid()}\n")
+    try:
+        held = os.open(os.path.join(folder, stage_name), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.write(held, f"{shard} {os.getpid()}".encode())
+    os.close(held)
+    threading.Event().wait()
+
+
 def _work_and_commit(store: Store, stage_name: str, prefixes: tuple[str, ...], work, shard: str, item) -> Receipt:
+    _hold_for_test(stage_name, shard)
     started = time.perf_counter()
     result = work(item)
     return commit(store, stage_name, prefixes, shard, result, time.perf_counter() - started)

@@ -42,17 +42,18 @@ class RayCluster:
     """A head node and worker nodes (one CPU each unless told), sharing one short temp dir
     (socket paths must stay under 108 bytes)."""
 
-    def __init__(self):
+    def __init__(self, env: dict[str, str] | None = None):
         self.temp_dir = tempfile.mkdtemp(prefix="rc-", dir="/tmp")
         self.port = free_port()
         self.nodes: list[subprocess.Popen] = []
+        self.extra_env = env or {}  # for the nodes and so their workers
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     def env(self) -> dict[str, str]:
-        return cluster_env(None)
+        return {**cluster_env(None), **self.extra_env}
 
     def start_node(self, head: bool = False, cpus: int = 1) -> subprocess.Popen:
         where = ["--head", f"--port={self.port}", "--include-dashboard=false"] if head else [f"--address={self.address}"]
@@ -70,13 +71,15 @@ class RayCluster:
         return node
 
     def alive_nodes(self) -> int:
-        script = "import ray; ray.init(address=%r, log_to_driver=False); print(sum(n['Alive'] for n in ray.nodes()))"
+        # A marked line: on a busy machine Ray writes notices of its own to stdout too.
+        script = "import ray; ray.init(address=%r, log_to_driver=False); print('alive nodes:', sum(n['Alive'] for n in ray.nodes()))"
         try:
             out = subprocess.run([sys.executable, "-c", script % self.address], env=self.env(), cwd=REPO,
                                  capture_output=True, text=True, timeout=60)
         except subprocess.TimeoutExpired:  # a busy machine: the caller asks again until its deadline
             return -1
-        return int(out.stdout.split()[-1]) if out.returncode == 0 and out.stdout.split() else -1
+        counts = [line.split(":")[1] for line in out.stdout.splitlines() if line.startswith("alive nodes:")]
+        return int(counts[-1]) if out.returncode == 0 and counts else -1
 
     def wait_for_nodes(self, count: int, timeout: float = 240) -> None:
         deadline = time.monotonic() + timeout

@@ -3,8 +3,8 @@ bytes as a single-process build, also when a worker or a whole node dies mid-sta
 
 from __future__ import annotations
 
-import contextlib
 import os
+import shutil
 import signal
 import threading
 import time
@@ -12,14 +12,18 @@ from pathlib import Path
 
 import pytest
 
+from tasks.fanout import HOLD_WORK_ENV
 from tests.reliability.cluster import RayCluster, finish_build, ray_workers, start_build, wait_for
 from tests.builds import assert_reconciles, build_objects, sample_config
 
 
 @pytest.fixture(scope="module")
-def cluster(s3_endpoint):
-    """Started after S3 so that its workers inherit the endpoint and credentials."""
-    cluster = RayCluster()
+def cluster(s3_endpoint, tmp_path_factory):
+    """Started after S3 so that its workers inherit the endpoint and credentials. Its workers
+    hold the first task of each stage (tasks/fanout.py's test-only hook) while `cluster.hold` exists."""
+    hold = tmp_path_factory.mktemp("hold") / "armed"
+    cluster = RayCluster(env={HOLD_WORK_ENV: str(hold)})
+    cluster.hold = hold
     try:
         cluster.head = cluster.start_node(head=True)
         cluster.second = cluster.start_node()
@@ -28,8 +32,9 @@ def cluster(s3_endpoint):
         cluster.stop()
 
 
-def receipts_of(output: Path) -> Path:
-    return next(output.glob("datasets/*/*"), output) / "receipts"
+def stages_of(output: Path) -> set[str]:
+    """The stages that committed receipts in a build's output."""
+    return {folder.name for folder in output.glob("datasets/*/*/receipts/*")}
 
 
 def test_two_node_build_is_byte_identical_to_a_single_process_build(cluster, corpus, reference, prefect_server, tmp_path):
@@ -40,30 +45,36 @@ def test_two_node_build_is_byte_identical_to_a_single_process_build(cluster, cor
 
 
 def test_a_worker_killed_in_each_stage_changes_nothing(cluster, corpus, reference, prefect_server, tmp_path):
+    # The first task of each stage holds in its worker until this test SIGKILLs that worker:
+    # every kill lands inside the stage it is meant for, and Ray must retry that very shard.
     output = tmp_path / "out"
     config = sample_config(corpus, str(output))
-    build = start_build(config, tmp_path, prefect_server, cluster.address)
-    killed: dict[str, int] = {}
+    cluster.hold.mkdir()
+    killed: dict[str, tuple[str, int]] = {}  # stage: (shard, pid)
+    try:
+        build = start_build(config, tmp_path, prefect_server, cluster.address)
 
-    def kill_one_worker_per_stage() -> None:
-        # When a stage's first receipt lands, its other shards are still running: SIGKILL one.
-        while build.poll() is None:
-            receipts = receipts_of(output)
-            for stage in sorted(receipts.iterdir()) if receipts.is_dir() else []:
-                if stage.name in killed or not any(stage.iterdir()):
-                    continue
-                busy = ray_workers(cluster.head.pid) + ray_workers(cluster.second.pid)
-                for pid in busy[:1]:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                        killed[stage.name] = pid
-            time.sleep(0.02)
+        def kill_each_held_task() -> None:
+            while build.poll() is None:
+                for held in cluster.hold.iterdir():
+                    if held.name == "attempts" or held.name in killed or not (text := held.read_text()):
+                        continue
+                    shard, pid = text.split()
+                    os.kill(int(pid), signal.SIGKILL)
+                    killed[held.name] = (shard, int(pid))
+                time.sleep(0.02)
 
-    killer = threading.Thread(target=kill_one_worker_per_stage, daemon=True)
-    killer.start()
-    manifest_uri = finish_build(build)
-    killer.join()
-    assert {"ingest", "tokenize"} <= set(killed), killed
+        killer = threading.Thread(target=kill_each_held_task, daemon=True)
+        killer.start()
+        manifest_uri = finish_build(build)
+        killer.join()
+        attempts = [line.split() for line in (cluster.hold / "attempts").read_text().splitlines()]
+    finally:
+        shutil.rmtree(cluster.hold, ignore_errors=True)
+    assert set(killed) == stages_of(output) and {"ingest", "tokenize"} <= set(killed), killed
+    for stage, (shard, pid) in killed.items():
+        runs = [int(p) for s, sh, p in attempts if (s, sh) == (stage, shard)]
+        assert runs[0] == pid and len(runs) >= 2 and pid not in runs[1:], (stage, shard, runs)  # retried elsewhere
     assert_reconciles(manifest_uri, corpus)
     assert build_objects(config.output, receipts=False) == reference
 

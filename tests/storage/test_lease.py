@@ -16,6 +16,7 @@ import pytest
 
 from storage.lease import LeaseHeld, LeaseLost, LeaseRecord, acquire_lease, read_lease
 from storage.manifest import canonical_json
+from tests.model.runs import wait_until
 
 KEY = "runs/r1/lease.json"
 
@@ -46,14 +47,32 @@ def test_acquire_refuse_release(store):
     acquire_lease(store, KEY, owner="job two").release()
 
 
+class SteppedClock:
+    """A clock that moves only when the test moves it."""
+
+    def __init__(self):
+        self.now = datetime.now(timezone.utc)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
 def test_heartbeat_keeps_a_live_lease_from_expiring(store):
-    with acquire_lease(store, KEY, owner="beating", ttl_s=0.9) as lease:
+    # Expiry is judged by a clock that stands still while the heartbeat (every 0.3 s of real
+    # time) renews, so a renewal a busy machine delays cannot let the lease lapse; without the
+    # heartbeat, the lease is expired as soon as the clock moves past its first expiry.
+    clock = SteppedClock()
+    with acquire_lease(store, KEY, owner="beating", ttl_s=0.9, clock=clock) as lease:
         first = lease.record
-        time.sleep(1.5)  # past the first expiry; renewed every 0.3 s
+        clock.advance(1.5)
+        wait_until(lambda: read_lease(store, KEY).heartbeat == clock.now, 60, "a renewal after the first expiry")
         held = read_lease(store, KEY)
-        assert held.holder == first.holder and held.expires > first.expires and held.heartbeat > first.heartbeat
+        assert held.holder == first.holder and held.expires > clock.now > first.expires
         with pytest.raises(LeaseHeld, match="beating"):
-            acquire_lease(store, KEY, owner="intruder", ttl_s=0.9)
+            acquire_lease(store, KEY, owner="intruder", ttl_s=0.9, clock=clock)
 
 
 def test_expired_lease_is_taken_over(store, caplog):
