@@ -218,7 +218,8 @@ def _fan_out(store, stage, todo, receipts, total, on_progress, max_in_flight) ->
         # Leaving early (the run cancelled, Ctrl-C, a failure here): stop the tasks in flight;
         # whatever they half wrote has no receipt, so a rerun redoes it.
         for ref in pending:
-            ray.cancel(ref, force=True)
+            with contextlib.suppress(Exception):  # a Ray going down: its tasks end with it
+                ray.cancel(ref, force=True)
         raise
     if failure is not None:
         # The work's own exception (an IngestError naming the file, say), with Ray's remote

@@ -5,6 +5,10 @@ run is a subprocess of it (its own local Ray, its own torchrun). The tests set a
 run to Cancelling the way `prefect flow-run cancel` does, then check that it ends Cancelled,
 that nothing it started is left (serve's process tree is empty again), and that a rerun
 finishes with the output of an undisturbed run.
+
+(A flow called in-process, as the CLI does, has no runner to stop it: Prefect cancels only
+deployment runs. The CLI's own Ctrl-C is tested in tests/deployments/test_cli.py and
+tests/flows/test_train_flow.py.)
 """
 
 from __future__ import annotations
@@ -35,14 +39,15 @@ from flows.pretrain import TrainSettings, manifest_uri
 from flows.train import train
 from model.checkpoint import latest_checkpoint, load_model
 from storage.processes import process_tree
+from storage.store import open_store
 from tasks.config import BuildConfig
 from tasks.sample_corpus import make_sample_corpus
-from storage.store import open_store
 from tests.builds import build_objects, sample_config
-from tests.model.runs import metrics, train_config
 from tests.deployments.conftest import stop
+from tests.model.runs import metrics, train_config
 
-pytestmark = pytest.mark.usefixtures("prefect_server", "ray_local")
+# Each test starts flow runs with a Ray or a torchrun of their own: minutes on 2 cores.
+pytestmark = [pytest.mark.usefixtures("prefect_server", "ray_local"), pytest.mark.slow]
 
 STARTUP_TIMEOUT_S = 240
 RUN_TIMEOUT_S = 300
@@ -81,13 +86,13 @@ class Served:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> dict:
-    return make_sample_corpus(tmp_path_factory.mktemp("raw"), target_bytes=384 << 10, seed=7)
+    return make_sample_corpus(tmp_path_factory.mktemp("raw"), target_bytes=128 << 10, seed=7)
 
 
 @pytest.fixture(scope="module")
 def reference_build(corpus, tmp_path_factory) -> BuildConfig:
     """An undisturbed build (called here, not served) to compare reruns with."""
-    config = sample_config(corpus, str(tmp_path_factory.mktemp("reference")))
+    config = sample_config(corpus, str(tmp_path_factory.mktemp("reference")), dedup={"exact": True, "near": False})
     build_dataset(config)
     return config
 
@@ -185,7 +190,7 @@ def test_cancelling_a_running_build_stops_its_ray_tasks_and_a_rerun_gives_the_sa
     assert served.wait_for(lambda: not served.tree(), 30, "the finished run's processes to end")
 
 
-STEPS = 6  # the training runs' length; the cancelled run is stopped after its first checkpoint
+MORE_STEPS = 2  # trained after the checkpoint the cancelled run resumes from
 RUN_PARAMETERS = {"max_steps": 100_000, "checkpoint_every": 2, "launcher": {"kind": "torchrun", "nproc": 2}}
 
 
@@ -193,10 +198,7 @@ def test_cancelling_a_running_training_stops_torchrun_and_its_ranks_and_a_rerun_
     served, reference_build, tmp_path
 ):
     manifest = manifest_uri(reference_build)
-    output = str(tmp_path / "out")
-    reference = train_config("reference", output, manifest, tmp_path, max_steps_this_run=STEPS, **RUN_PARAMETERS)
-    train(reference)  # undisturbed, called here
-    config = train_config("cancelled", output, manifest, tmp_path, **RUN_PARAMETERS)
+    config = train_config("cancelled", str(tmp_path / "out"), manifest, tmp_path, **RUN_PARAMETERS)
     settings = TrainSettings.model_validate({**config.model_dump(mode="json"), "data": []})
 
     def submit_training(settings: TrainSettings, wait: bool = False) -> FlowRun:
@@ -207,20 +209,20 @@ def test_cancelling_a_running_training_stops_torchrun_and_its_ranks_and_a_rerun_
     run_store = open_store(config.run_uri)
 
     def training() -> list[str]:  # torchrun and its 2 ranks, past the first checkpoint
-        checkpoint = latest_checkpoint(run_store)
         job = [line for line in served.tree().values() if "model.train" in line]
-        return job if checkpoint and len(job) == 3 else []
+        return job if len(job) == 3 and latest_checkpoint(run_store) else []
 
     served.wait_for(training, RUN_TIMEOUT_S, "training past its first checkpoint")
     cancel(run.id)
     assert_cancelled_and_gone(served, run.id)
 
-    resumed_from = latest_checkpoint(run_store).step
-    assert 0 < resumed_from < STEPS
-    rerun = submit_training(settings.model_copy(update={"max_steps_this_run": STEPS - resumed_from}), wait=True)
+    steps = latest_checkpoint(run_store).step + MORE_STEPS
+    rerun = submit_training(settings.model_copy(update={"max_steps_this_run": MORE_STEPS}), wait=True)
     assert rerun.state.type == StateType.COMPLETED, served.log_tail()
+    reference = train_config("reference", str(tmp_path / "out"), manifest, tmp_path, max_steps_this_run=steps, **RUN_PARAMETERS)
+    train(reference)  # undisturbed, called here
     finished, undisturbed = metrics(config.run_uri), metrics(reference.run_uri)
-    assert [r["step"] for r in finished] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in finished] == list(range(1, steps + 1))
     assert [(r["loss"], r["grad_norm"]) for r in finished] == [(r["loss"], r["grad_norm"]) for r in undisturbed]
     model, _ = load_model(config.run_uri)
     reference_model, _ = load_model(reference.run_uri)
