@@ -12,8 +12,10 @@ from uuid import UUID
 
 
 def cancel_runs(flow_runs: list[UUID], message: str) -> int:
-    """Mark the unfinished of `flow_runs` Cancelled, with their unfinished task runs and subflow
-    runs (a Crashed one included: it crashed because it was stopped); returns how many."""
+    """Mark `flow_runs` Cancelled unless they had ended (Completed or Failed), with their task runs
+    and subflow runs that had not (a Crashed one included: it crashed because it was stopped);
+    returns how many runs were marked. A run already Cancelled (a subflow's engine marks its own)
+    is looked into all the same."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         FlowRunFilter,
@@ -25,18 +27,20 @@ def cancel_runs(flow_runs: list[UUID], message: str) -> int:
 
     cancelled = 0
     with get_client(sync_client=True) as client:
-        todo = list(flow_runs)
+        todo, seen = list(flow_runs), set(flow_runs)
         while todo:
             flow_run_id = todo.pop()
-            if _finished(client.read_flow_run(flow_run_id).state):
+            state = client.read_flow_run(flow_run_id).state
+            if _ended(state):
                 continue  # an earlier flow of the command that had ended
-            client.set_flow_run_state(flow_run_id, Cancelled(message=message), force=True)
-            cancelled += 1
+            if not _cancelled(state):
+                client.set_flow_run_state(flow_run_id, Cancelled(message=message), force=True)
+                cancelled += 1
             task_runs = client.read_task_runs(
                 task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[flow_run_id]))
             )
             for task_run in task_runs:
-                if not _finished(task_run.state):
+                if not (_ended(task_run.state) or _cancelled(task_run.state)):
                     client.set_task_run_state(task_run.id, Cancelled(message=message), force=True)
                     cancelled += 1
             if task_runs:
@@ -45,7 +49,8 @@ def cancel_runs(flow_runs: list[UUID], message: str) -> int:
                         parent_task_run_id=FlowRunFilterParentTaskRunId(any_=[t.id for t in task_runs])
                     )
                 )
-                todo.extend(run.id for run in subflows if not _finished(run.state) and run.id not in flow_runs)
+                todo.extend(run.id for run in subflows if run.id not in seen)
+                seen.update(run.id for run in subflows)
     return cancelled
 
 
@@ -54,5 +59,9 @@ def cancel_task_and_subflow_runs(flow, flow_run, state) -> None:
     cancel_runs([flow_run.id], state.message or "Flow run was cancelled.")
 
 
-def _finished(state) -> bool:
-    return state is not None and (state.is_completed() or state.is_failed() or state.is_cancelled())
+def _ended(state) -> bool:
+    return state is not None and (state.is_completed() or state.is_failed())
+
+
+def _cancelled(state) -> bool:
+    return state is not None and state.is_cancelled()
