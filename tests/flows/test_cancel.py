@@ -3,8 +3,9 @@
 A real `serve_main` process serves the deployments on the session's Prefect server; each flow
 run is a subprocess of it (its own local Ray, its own torchrun). The tests set a running flow
 run to Cancelling the way `prefect flow-run cancel` does, then check that it ends Cancelled,
-that nothing it started is left (serve's process tree is empty again), and that a rerun
-finishes with the output of an undisturbed run.
+that nothing it started is left (serve's process tree is empty again), that its stopped task
+and subflow runs show Cancelled, and that a rerun (called here) gives the output of an
+undisturbed run: the same bytes, the same losses and weights.
 
 (A flow called in-process, as the CLI does, has no runner to stop it: Prefect cancels only
 deployment runs. The CLI's own Ctrl-C is tested in tests/deployments/test_cli.py and
