@@ -27,9 +27,11 @@ from uuid import UUID
 from deployments.errors import Interrupted, debug_enabled
 from deployments.serve import server_for_command
 from deployments.terminal import progress_bars
+from flows.cancellation import cancel_runs
 from storage.processes import become_subreaper, guard_process_tree, stop_descendants
 
 CLEANUP_GRACE_S = 5.0
+INTERRUPTED = "Cancelled by an interrupt of the command line (Ctrl-C or SIGTERM)"
 
 
 def _raise_keyboard_interrupt(signum, frame) -> None:
@@ -71,7 +73,7 @@ def flow_session(data_dir: Path, api_url: str | None = None) -> Iterator[FlowSes
                 for signum in (signal.SIGINT, signal.SIGTERM):  # the clean-up is short: let it finish
                     signal.signal(signum, signal.SIG_IGN)
                 _stop_work()
-                cancelled = _cancel_runs(session.flow_runs)
+                cancelled = cancel_runs(session.flow_runs, INTERRUPTED)
                 raise Interrupted(f"interrupted: the work stopped; {cancelled} Prefect run(s) marked Cancelled "
                                   f"on {server_api} (a rerun redoes only what was not finished)") from None
     finally:
@@ -123,45 +125,3 @@ def _stop_work() -> None:
         if ray.is_initialized():
             with contextlib.suppress(Exception):
                 ray.shutdown()
-
-
-def _cancel_runs(flow_runs: list[UUID]) -> int:
-    """Mark the interrupted flow runs Cancelled, with their unfinished task runs and subflow runs."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (
-        FlowRunFilter,
-        FlowRunFilterParentTaskRunId,
-        TaskRunFilter,
-        TaskRunFilterFlowRunId,
-    )
-    from prefect.states import Cancelled
-
-    message = "Cancelled by an interrupt of the command line (Ctrl-C or SIGTERM)"
-    cancelled = 0
-    with get_client(sync_client=True) as client:
-        todo = list(flow_runs)
-        while todo:
-            flow_run_id = todo.pop()
-            if _finished(client.read_flow_run(flow_run_id).state):
-                continue  # an earlier flow of the command that had ended
-            client.set_flow_run_state(flow_run_id, Cancelled(message=message), force=True)
-            cancelled += 1
-            task_runs = client.read_task_runs(
-                task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[flow_run_id]))
-            )
-            for task_run in task_runs:
-                if not _finished(task_run.state):
-                    client.set_task_run_state(task_run.id, Cancelled(message=message), force=True)
-                    cancelled += 1
-            if task_runs:
-                subflows = client.read_flow_runs(
-                    flow_run_filter=FlowRunFilter(
-                        parent_task_run_id=FlowRunFilterParentTaskRunId(any_=[t.id for t in task_runs])
-                    )
-                )
-                todo.extend(run.id for run in subflows if not _finished(run.state) and run.id not in flow_runs)
-    return cancelled
-
-
-def _finished(state) -> bool:
-    return state is not None and (state.is_completed() or state.is_failed() or state.is_cancelled())

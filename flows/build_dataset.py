@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from prefect import flow
 
+from flows.cancellation import cancel_task_and_subflow_runs
 from tasks.config import BuildConfig
 from tasks.exact_dedup import exact_dedup
 from tasks.ingest import ingest
@@ -18,7 +19,7 @@ from tasks.tokenize import tokenize
 from tasks.tokenizer import tokenizer
 
 
-@flow(name="build-dataset", flow_run_name="build-{config.name}")
+@flow(name="build-dataset", flow_run_name="build-{config.name}", on_cancellation=[cancel_task_and_subflow_runs])
 def build_dataset(config: BuildConfig, train_run: str = "") -> str:
     """Build a tokenized dataset; returns the manifest's URI.
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from prefect import flow
 
+from flows.cancellation import cancel_task_and_subflow_runs
 from tasks.evaluate import evaluate_task
 
 
-@flow(name="evaluate", flow_run_name="evaluate-{checkpoint}")
+@flow(name="evaluate", flow_run_name="evaluate-{checkpoint}", on_cancellation=[cancel_task_and_subflow_runs])
 def evaluate(
     checkpoint: str,
     tasks: list[str],

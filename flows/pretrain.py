@@ -13,6 +13,7 @@ from prefect.states import Completed, State
 from pydantic import Field
 
 from flows.build_dataset import build_dataset
+from flows.cancellation import cancel_task_and_subflow_runs
 from flows.train import train as train_run_flow
 from model.data import DataSource
 from model.train_config import TrainConfig
@@ -55,7 +56,7 @@ def check_same_data(config: TrainConfig) -> None:
         )
 
 
-@flow(name="pretrain", flow_run_name="pretrain-{build.name}")
+@flow(name="pretrain", flow_run_name="pretrain-{build.name}", on_cancellation=[cancel_task_and_subflow_runs])
 def pretrain(build: BuildConfig, train: TrainSettings) -> str:
     """Build a dataset, then train on it; returns the run's URI.
 
@@ -77,7 +78,7 @@ def own_run_name(build: BuildConfig, train: TrainSettings) -> str:
     return train.name
 
 
-@flow(name="train-on-build", flow_run_name="train-on-{build.name}")
+@flow(name="train-on-build", flow_run_name="train-on-{build.name}", on_cancellation=[cancel_task_and_subflow_runs])
 def train_on_build(build: BuildConfig, train: TrainSettings, train_run: str = "") -> str | State:
     """Train on a finished build; returns the run's URI (or a Completed "skipped" state).
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from prefect import flow
 
+from flows.cancellation import cancel_task_and_subflow_runs
 from model.train_config import TrainConfig
 from tasks.evaluate import evaluate_segment
 from tasks.train import report_final, train_task
 
 
-@flow(name="train", flow_run_name="train-{config.name}")
+@flow(name="train", flow_run_name="train-{config.name}", on_cancellation=[cancel_task_and_subflow_runs])
 def train(config: TrainConfig) -> str:
     """Train until max_steps (or for max_steps_this_run more steps), then evaluate the checkpoint it
     ended with when the config names evaluation tasks; returns the run's URI."""

@@ -19,10 +19,13 @@ rerun found everything as its summary said, then nothing is written).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -32,6 +35,7 @@ from ray.exceptions import RayTaskError
 
 from storage import build_layout as layout
 from storage.manifest import Receipt, ShardResult, StageSummary, read_record, write_record
+from storage.processes import guard_process_tree
 from storage.store import ObjectNotFound, ListedObject, Store, StoreError
 from tasks.reporting import progress
 from tasks.stage import Item, Stage
@@ -44,9 +48,35 @@ READ_THREADS = 32  # receipts read at once when the summary does not have them
 
 
 def ensure_ray() -> None:
-    """Start a local Ray, or join the cluster named by RAY_ADDRESS; once per process."""
+    """Start a local Ray, or join the cluster named by RAY_ADDRESS; once per process.
+
+    A local Ray dies with this process, however it ends (a guardian: Ray's own shutdown leaves
+    its agents and idle workers behind when a flow run is cancelled). ray.init replaces the
+    SIGTERM handler with one that exits: inside a flow run that handler is Prefect's, which
+    turns the runner's SIGTERM into a cancellation (else the run ends Crashed), so it is put back.
+    """
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
+        address = os.environ.get("RAY_ADDRESS")
+        sigterm = signal.getsignal(signal.SIGTERM)
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        if sigterm is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, sigterm)
+        if not address:
+            guard_process_tree()
+
+
+@contextlib.contextmanager
+def interrupts_unwrapped() -> Iterator[None]:
+    """Let an interrupt raised by a signal handler during a Ray call (Prefect's TerminationSignal
+    when the run is cancelled, KeyboardInterrupt) propagate as itself: raised inside Ray's C
+    code it can surface as CPython's SystemError("... returned a result with an exception set"),
+    which Prefect would take for a task failure and retry."""
+    try:
+        yield
+    except SystemError as error:
+        if isinstance(error.__cause__, BaseException) and not isinstance(error.__cause__, Exception):
+            raise error.__cause__ from None
+        raise
 
 
 def read_valid(store: Store, key: str, cls):
@@ -194,21 +224,30 @@ def _fan_out(store, stage, todo, receipts, total, on_progress, max_in_flight) ->
     queue = list(reversed(todo))
     pending: list = []
     failure: RayTaskError | None = None
-    while queue or pending:
-        while queue and failure is None and len(pending) < window:
-            item = queue.pop()
-            pending.append(remote.remote(store_ref, stage.name, stage.outputs, work_ref, stage.shard_of(item), item))
-        if not pending:
-            break
-        ready, pending = ray.wait(pending, num_returns=1)
-        try:
-            receipt = ray.get(ready[0])
-        except RayTaskError as error:
-            failure = failure or error
-            continue
-        receipts[receipt.shard] = receipt
-        if on_progress:
-            on_progress(len(receipts), total)
+    try:
+        with interrupts_unwrapped():
+            while queue or pending:
+                while queue and failure is None and len(pending) < window:
+                    item = queue.pop()
+                    pending.append(remote.remote(store_ref, stage.name, stage.outputs, work_ref, stage.shard_of(item), item))
+                if not pending:
+                    break
+                ready, pending = ray.wait(pending, num_returns=1)
+                try:
+                    receipt = ray.get(ready[0])
+                except RayTaskError as error:
+                    failure = failure or error
+                    continue
+                receipts[receipt.shard] = receipt
+                if on_progress:
+                    on_progress(len(receipts), total)
+    except BaseException:
+        # Leaving early (the run cancelled, Ctrl-C, a failure here): stop the tasks in flight;
+        # whatever they half wrote has no receipt, so a rerun redoes it.
+        for ref in pending:
+            with contextlib.suppress(Exception):  # a Ray going down: its tasks end with it
+                ray.cancel(ref, force=True)
+        raise
     if failure is not None:
         # The work's own exception (an IngestError naming the file, say), with Ray's remote
         # traceback chained to it.

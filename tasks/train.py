@@ -50,7 +50,7 @@ from storage.lease import acquire_lease
 from storage.processes import stop_process_tree
 from storage.run_layout import CONFIG_FILE, LEASE_FILE, LOSS_PLOT, METRICS_FILE, RunLayout
 from storage.store import ObjectNotFound, open_store
-from tasks.fanout import ensure_ray
+from tasks.fanout import ensure_ray, interrupts_unwrapped
 from tasks.reporting import artifact_key
 from tasks.stage import stage_task
 from tasks.train_report import SegmentStatus, loss_curve_markdown, metrics_rows
@@ -251,11 +251,12 @@ def launch_ray(config: TrainConfig, config_uri: str, on_poll: Callable[[], None]
     job = ray.remote(num_cpus=0, max_retries=0)(_fit).remote(config_uri)
     finished = False
     try:
-        while not ray.wait([job], timeout=POLL_S)[0]:
-            if on_poll is not None:
-                on_poll()
-        finished = True
-        ray.get(job)
+        with interrupts_unwrapped():
+            while not ray.wait([job], timeout=POLL_S)[0]:
+                if on_poll is not None:
+                    on_poll()
+            finished = True
+            ray.get(job)
     except RayTaskError as error:
         cause = str(error.cause or error)
         raise input_error(cause.splitlines()) or TrainingFailed(f"Ray Train run of {config.run_uri} failed: {cause}") from None

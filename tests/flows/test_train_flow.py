@@ -13,8 +13,10 @@ import uuid
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
-    ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterName, LogFilter, LogFilterFlowRunId,
+    ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterName, LogFilter, LogFilterFlowRunId, TaskRunFilter,
+    TaskRunFilterFlowRunId,
 )
+from prefect.client.schemas.objects import StateType
 
 from flows.train import train
 from model.checkpoint import complete_checkpoints
@@ -100,33 +102,35 @@ def test_datasets_with_different_tokenizers_are_refused(bucket_prefix, tmp_path)
         prepare_config(config)
 
 
-def test_cancelling_the_flow_leaves_no_training_process(prefect_server, bucket_prefix, tmp_path):
-    """Prefect cancels a flow run by SIGTERM to its process; the flow engine raises, the task stops the job."""
+def test_sigterm_to_tinyllama_train_stops_the_job_and_marks_its_runs_cancelled(prefect_server, bucket_prefix, tmp_path):
+    """SIGTERM (or Ctrl-C) to `tinyllama train`: the task stops torchrun and its workers, the command
+    marks its runs Cancelled and exits 130. (A bare process running the flow, without the CLI or
+    a runner, ends Crashed: to Prefect a SIGTERM nobody asked it for is a crash.)"""
     manifest = short_documents_build(f"{bucket_prefix}/data")
     config = train_config(
         "cancelled", f"{bucket_prefix}/out", manifest, tmp_path, max_steps=100_000, launcher={"kind": "torchrun", "nproc": 2}
     )
     config_path = tmp_path / "cancelled.yaml"
     config_path.write_text(config.to_json())
-    flow_process = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys; from flows.train import train; from model.train_config import TrainConfig; "
-         "train(TrainConfig.from_yaml(sys.argv[1]))", str(config_path)],
+    command = subprocess.Popen(
+        [sys.executable, "-m", "deployments.cli", "--data", str(tmp_path / "data"), "train", str(config_path)],
         env={**os.environ, "PREFECT_API_URL": prefect_server},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     try:
         wait_until(lambda: latest_step(config) >= 1, START_TIMEOUT_S, "the first training step")
         assert len(training_processes(config.run_uri + "/config.json")) == 3  # torchrun and 2 workers
-        flow_process.send_signal(signal.SIGTERM)
-        flow_process.wait(timeout=60)
+        command.send_signal(signal.SIGTERM)
+        assert command.wait(timeout=60) == 130
         wait_until(lambda: not training_processes(config.run_uri + "/config.json"), 30, "training to stop")
     finally:
-        if flow_process.poll() is None:
-            os.killpg(flow_process.pid, signal.SIGKILL)
+        if command.poll() is None:
+            os.killpg(command.pid, signal.SIGKILL)
     with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["train-cancelled"])))
-    assert len(runs) == 1 and runs[0].state.is_final() and not runs[0].state.is_completed()
+        (run,) = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["train-cancelled"])))
+        task_runs = client.read_task_runs(task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[run.id])))
+    assert run.state.type == StateType.CANCELLED, run.state
+    assert {t.name.split("-")[0]: t.state.type for t in task_runs} == {"train": StateType.CANCELLED}
 
 
 def test_a_run_held_by_another_job_is_refused(prefect_server, bucket_prefix, tmp_path):
