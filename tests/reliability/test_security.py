@@ -158,6 +158,7 @@ def test_a_deployment_run_with_credentials_in_a_uri_is_refused_by_the_prefect_se
     from prefect.exceptions import PrefectHTTPStatusError
 
     from flows.pretrain import pretrain
+    from flows.train_epoch import train_epoch
 
     secret, bucket = s3_endpoint.secret_key, s3_bucket_uri.removeprefix("s3://")
     in_authority = f"s3://{s3_endpoint.access_key}:{secret}@{bucket}/out"
@@ -169,6 +170,7 @@ def test_a_deployment_run_with_credentials_in_a_uri_is_refused_by_the_prefect_se
                                              {"config": {**build, "tokenizer": {"model": signed}}}]),
         (pretrain, {"build": build, "train": train}, [{"build": build, "train": {**train, "output": signed}},
                                                        {"build": build, "train": {**train, "data": [{"manifest": in_authority}]}}]),
+        (train_epoch, {"run": "r", "output": str(tmp_path)}, [{"run": "r", "output": in_authority}]),
     ]
     with get_client(sync_client=True) as client:
         for flow, accepted, refused_parameters in cases:
