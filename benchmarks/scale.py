@@ -99,7 +99,7 @@ def throughput(args) -> None:
             env = cluster_env(None) if cluster is not None else None
             out = subprocess.run(
                 [sys.executable, "-m", "benchmarks.scale", "--one", corpus["config"], str(cores), address or "-"],
-                env=env, capture_output=True, text=True, check=True,
+                env=env, stdout=subprocess.PIPE, text=True, check=True,  # the child's stderr shows, so a failure names its cause
             ).stdout
             result = {"setup": label, "cores": cores, **json.loads(out.strip().splitlines()[-1])}
             results.append(result)
@@ -173,7 +173,7 @@ def metadata(files: int, s3_uri: str | None) -> None:
             list(pool.map(lambda path: inputs.put_file(path.name, path), sorted(corpus.iterdir())))
         out = subprocess.run(
             [sys.executable, "-m", "benchmarks.scale", "--metadata-one", f"{root}/raw", f"{root}/out"],
-            capture_output=True, text=True, check=True,
+            stdout=subprocess.PIPE, text=True, check=True,  # the child's stderr shows, so a failure names its cause
         ).stdout
     finally:
         if server is not None:
@@ -252,7 +252,7 @@ def _counted(fn, name: str, stages: dict[str, list], counter):
 def dedup_scale(docs: int, cpus: int, budget: int) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks.scale", "--dedup-one", str(docs), "--cpus", str(cpus), "--budget", str(budget)],
-        capture_output=True, text=True, check=True,
+        stdout=subprocess.PIPE, text=True, check=True,  # the child's stderr shows, so a failure names its cause
     ).stdout
     result = json.loads(out.strip().splitlines()[-1])
     print(f"\ndedup at {docs:,} documents ({result['megabytes']:.0f} MB, {result['shards']} docs shards), {cpus} Ray workers, "
