@@ -31,11 +31,24 @@ from flows.cancellation import cancel_runs
 from storage.processes import become_subreaper, guard_process_tree, stop_descendants
 
 CLEANUP_GRACE_S = 5.0
+REINTERRUPT_S = 3.0  # an interrupt not yet seen by the clean-up is raised again this often
 INTERRUPTED = "Cancelled by an interrupt of the command line (Ctrl-C or SIGTERM)"
 
 
-def _raise_keyboard_interrupt(signum, frame) -> None:
+def _interrupt(signum, frame) -> None:
+    """Ctrl-C or SIGTERM: raise KeyboardInterrupt, and again every REINTERRUPT_S until the
+    clean-up takes over. Raised inside Ray's C code, an interrupt can be swallowed there
+    ("Exception ignored in ..."), and the command would carry on as if never interrupted."""
+    signal.signal(signal.SIGALRM, _interrupt)
+    signal.setitimer(signal.ITIMER_REAL, REINTERRUPT_S, REINTERRUPT_S)
     raise KeyboardInterrupt
+
+
+def _ignore_interrupts() -> None:
+    """For the clean-up, which is short: let it finish."""
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 class FlowSession:
@@ -59,7 +72,8 @@ def flow_session(data_dir: Path, api_url: str | None = None) -> Iterator[FlowSes
     """See the module docstring; raises Interrupted after an interrupt has been cleaned up."""
     become_subreaper()
     guard_process_tree()
-    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # Prefect's own handler inside flow runs
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # Prefect's own handler inside flow runs
+    signal.signal(signal.SIGINT, _interrupt)
     session = FlowSession()
     try:
         with server_for_command(data_dir, api_url) as server_api:
@@ -70,19 +84,18 @@ def flow_session(data_dir: Path, api_url: str | None = None) -> Iterator[FlowSes
             except BaseException as error:
                 if not _is_interrupt(error):
                     raise
-                for signum in (signal.SIGINT, signal.SIGTERM):  # the clean-up is short: let it finish
-                    signal.signal(signum, signal.SIG_IGN)
+                _ignore_interrupts()
                 _stop_work()
                 cancelled = cancel_runs(session.flow_runs, INTERRUPTED)
                 raise Interrupted(f"interrupted: the work stopped; {cancelled} Prefect run(s) marked Cancelled "
                                   f"on {server_api} (a rerun redoes only what was not finished)") from None
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, signal.SIG_IGN)
+        _ignore_interrupts()
         _stop_work()
         stop_descendants(grace_s=CLEANUP_GRACE_S)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
 
 
 class _WithoutTraceback(logging.Formatter):
