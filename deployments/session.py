@@ -36,12 +36,24 @@ INTERRUPTED = "Cancelled by an interrupt of the command line (Ctrl-C or SIGTERM)
 
 
 def _interrupt(signum, frame) -> None:
-    """Ctrl-C or SIGTERM: raise KeyboardInterrupt, and again every REINTERRUPT_S until the
-    clean-up takes over. Raised inside Ray's C code, an interrupt can be swallowed there
-    ("Exception ignored in ..."), and the command would carry on as if never interrupted."""
+    """Ctrl-C or SIGTERM: raise KeyboardInterrupt, and again every REINTERRUPT_S while none is
+    being handled, until the clean-up takes over. Raised inside Ray's C code, an interrupt can be
+    swallowed there ("Exception ignored in ..."), and the command would carry on as if never
+    interrupted; one being handled (a task stopping torchrun, say) is left to finish."""
     signal.signal(signal.SIGALRM, _interrupt)
     signal.setitimer(signal.ITIMER_REAL, REINTERRUPT_S, REINTERRUPT_S)
+    if signum == signal.SIGALRM and _handling_an_interrupt():
+        return
     raise KeyboardInterrupt
+
+
+def _handling_an_interrupt() -> bool:
+    error = sys.exc_info()[1]
+    while error is not None:
+        if _is_interrupt(error):
+            return True
+        error = error.__context__
+    return False
 
 
 def _ignore_interrupts() -> None:

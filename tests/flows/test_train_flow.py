@@ -108,9 +108,10 @@ def test_sigterm_to_tinyllama_train_stops_the_job_and_marks_its_runs_cancelled(p
     a runner, ends Crashed: to Prefect a SIGTERM nobody asked it for is a crash.)"""
     manifest = short_documents_build(f"{bucket_prefix}/data")
     config = train_config(
-        "cancelled", f"{bucket_prefix}/out", manifest, tmp_path, max_steps=100_000, launcher={"kind": "torchrun", "nproc": 2}
+        # a run name no other test of the session gives a run (its flow run is looked up by name)
+        "sigterm", f"{bucket_prefix}/out", manifest, tmp_path, max_steps=100_000, launcher={"kind": "torchrun", "nproc": 2}
     )
-    config_path = tmp_path / "cancelled.yaml"
+    config_path = tmp_path / "sigterm.yaml"
     config_path.write_text(config.to_json())
     command = subprocess.Popen(
         [sys.executable, "-m", "deployments.cli", "--data", str(tmp_path / "data"), "train", str(config_path)],
@@ -127,7 +128,7 @@ def test_sigterm_to_tinyllama_train_stops_the_job_and_marks_its_runs_cancelled(p
         if command.poll() is None:
             os.killpg(command.pid, signal.SIGKILL)
     with get_client(sync_client=True) as client:
-        (run,) = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["train-cancelled"])))
+        (run,) = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["train-sigterm"])))
         task_runs = client.read_task_runs(task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[run.id])))
     assert run.state.type == StateType.CANCELLED, run.state
     assert {t.name.split("-")[0]: t.state.type for t in task_runs} == {"train": StateType.CANCELLED}
