@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+from datetime import datetime, timezone
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,11 +36,16 @@ REINTERRUPT_S = 3.0  # an interrupt not yet seen by the clean-up is raised again
 INTERRUPTED = "Cancelled by an interrupt of the command line (Ctrl-C or SIGTERM)"
 
 
+_interrupted_at: list[datetime] = []  # when this command was first interrupted
+
+
 def _interrupt(signum, frame) -> None:
     """Ctrl-C or SIGTERM: raise KeyboardInterrupt, and again every REINTERRUPT_S while none is
     being handled, until the clean-up takes over. Raised inside Ray's C code, an interrupt can be
     swallowed there ("Exception ignored in ..."), and the command would carry on as if never
     interrupted; one being handled (a task stopping torchrun, say) is left to finish."""
+    if not _interrupted_at:
+        _interrupted_at.append(datetime.now(timezone.utc))
     signal.signal(signal.SIGALRM, _interrupt)
     signal.setitimer(signal.ITIMER_REAL, REINTERRUPT_S, REINTERRUPT_S)
     if signum == signal.SIGALRM and _handling_an_interrupt():
@@ -84,6 +90,7 @@ def flow_session(data_dir: Path, api_url: str | None = None) -> Iterator[FlowSes
     """See the module docstring; raises Interrupted after an interrupt has been cleaned up."""
     become_subreaper()
     guard_process_tree()
+    _interrupted_at.clear()
     previous = signal.signal(signal.SIGTERM, _interrupt)  # Prefect's own handler inside flow runs
     signal.signal(signal.SIGINT, _interrupt)
     session = FlowSession()
@@ -94,11 +101,13 @@ def flow_session(data_dir: Path, api_url: str | None = None) -> Iterator[FlowSes
             try:
                 yield session
             except BaseException as error:
-                if not _is_interrupt(error):
+                # after an interrupt, whatever the work raised is its consequence: Prefect's engine,
+                # interrupted between two tasks, can fail the flow with an error of its own
+                if not (_is_interrupt(error) or _interrupted_at):
                     raise
                 _ignore_interrupts()
                 _stop_work()
-                cancelled = cancel_runs(session.flow_runs, INTERRUPTED)
+                cancelled = cancel_runs(session.flow_runs, INTERRUPTED, failed_since=_interrupted_at[0] if _interrupted_at else None)
                 raise Interrupted(f"interrupted: the work stopped; {cancelled} Prefect run(s) marked Cancelled "
                                   f"on {server_api} (a rerun redoes only what was not finished)") from None
     finally:

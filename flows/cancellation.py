@@ -8,13 +8,15 @@ Cancelled), and an interrupt of a CLI command (deployments/session.py). Both end
 
 from __future__ import annotations
 
+from datetime import datetime
 from uuid import UUID
 
 
-def cancel_runs(flow_runs: list[UUID], message: str) -> int:
-    """Mark `flow_runs` Cancelled unless they had ended (Completed or Failed), with their task runs
-    and subflow runs that had not (a Crashed one included: it crashed because it was stopped);
-    returns how many runs were marked. A run already Cancelled (a subflow's engine marks its own)
+def cancel_runs(flow_runs: list[UUID], message: str, failed_since: datetime | None = None) -> int:
+    """Mark `flow_runs` Cancelled unless they had ended (Completed, or Failed before `failed_since`:
+    a run that failed after the interrupt failed because of it), with their task runs and subflow
+    runs that had not (a Crashed one included: it crashed because it was stopped); returns how
+    many runs were marked. A run already Cancelled (a subflow's engine marks its own)
     is looked into all the same."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
@@ -31,7 +33,7 @@ def cancel_runs(flow_runs: list[UUID], message: str) -> int:
         while todo:
             flow_run_id = todo.pop()
             state = client.read_flow_run(flow_run_id).state
-            if _ended(state):
+            if _ended(state) and not (failed_since and state.is_failed() and state.timestamp >= failed_since):
                 continue  # an earlier flow of the command that had ended
             if not _cancelled(state):
                 client.set_flow_run_state(flow_run_id, Cancelled(message=message), force=True)
