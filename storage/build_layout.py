@@ -5,14 +5,14 @@
 plan.json                                     the frozen inputs (stage plan)
 docs/<source>/<shard>.parquet                 documents: id, source, text, meta (ingest)
 quarantine/<source>/<shard>.jsonl             malformed records with file, line/row, reason (ingest)
-dedup/exact/hashes/b<batch>/p<P>.parquet      content hashes of a batch of docs shards, by hash range
+dedup/exact/hashes/b<batch>.parts             content hashes of a batch of docs shards, a partition per hash range
 dedup/exact/removed/k<block>/p<P>.parquet     ids exact dedup removed (id, kept_id), per block of 64 plan files
-dedup/near/bands/b<batch>/p<P>.parquet        band hashes of a batch of docs shards, by band-hash range
-dedup/near/buckets/p<P>-g<G>.parquet         LSH buckets of one range, in verify groups G (with verification)
-dedup/near/candidates/b<batch>/p<P>-g<G>.parquet   a batch's candidates needed by verify group P-G
-dedup/near/shingles/p<P>-g<G>/b<batch>.parquet     32-bit hashed shingles of those candidates
-dedup/near/edges/q<Q>/<range>.parquet         similar pairs by vertex partition Q, from range p<P> (or group p<P>-g<G>)
-dedup/near/components/rNNN/{large,small}/q<to>/q<from>.parquet   connected-components rounds
+dedup/near/bands/b<batch>.parts               band hashes of a batch of docs shards, a partition per band-hash range
+dedup/near/buckets/p<P>-g<G>.parquet          LSH buckets of one range, in verify groups G (with verification)
+dedup/near/candidates/p<P>.parts              a range's candidates (id, group), a partition per batch
+dedup/near/shingles/b<batch>.parts            32-bit hashed shingles of a batch's candidates, a partition per verify group
+dedup/near/edges/<range>.parts                similar pairs from range p<P> (or group p<P>-g<G>), a partition per vertex partition
+dedup/near/components/rNNN/{large,small}/q<from>.parts   connected-components rounds, a partition per vertex partition
 dedup/near/removed/k<block>/q<Q>.parquet      ids near dedup removed (id, kept_id), per block of 64 plan files
 dedup/near/sample.parquet                     the first removed documents beside the ones kept
 tokenizer/sample/<shard>.txt                  the tokenizer's training sample, per sampled docs shard
@@ -23,7 +23,10 @@ summaries/<stage>.json                        every receipt of a completed stage
 manifest.json                                 the build: shards, checksums, tokenizer, accounting
 ```
 
-Stages ask this module for keys; none imports another stage to find a file.
+A `.parts` object is one map task's output of a shuffle, one parquet table per partition
+behind an offsets header (tasks.parquet_io.write_partitions): a step writes one object per
+map task, not one per map task and partition. Stages ask this module for keys; none imports
+another stage to find a file.
 """
 
 from __future__ import annotations
@@ -112,8 +115,8 @@ EXACT_HASHES = join_key(EXACT, "hashes") + "/"
 EXACT_REMOVED = join_key(EXACT, "removed") + "/"
 
 
-def exact_hashes(batch: int, partition: int) -> str:
-    return join_key(EXACT_HASHES, batch_name(batch), f"{partition_name(partition)}.parquet")
+def exact_hashes(batch: int) -> str:
+    return join_key(EXACT_HASHES, f"{batch_name(batch)}.parts")
 
 
 def exact_removed(block: int) -> str:
@@ -131,49 +134,34 @@ NEAR_EDGES = join_key(NEAR, "edges") + "/"
 NEAR_REMOVED = join_key(NEAR, "removed") + "/"
 
 
-def near_bands(batch: int, partition: int) -> str:
-    return join_key(NEAR_BANDS, batch_name(batch), f"{partition_name(partition)}.parquet")
+def near_bands(batch: int) -> str:
+    return join_key(NEAR_BANDS, f"{batch_name(batch)}.parts")
 
 
 def near_buckets(group: str) -> str:
     return join_key(NEAR_BUCKETS, f"{group}.parquet")
 
 
-def near_candidates(batch: str) -> str:
-    """The folder of one batch's candidates, one file per verify group that needs them."""
-    return join_key(NEAR_CANDIDATES, batch) + "/"
+def near_candidates(partition: int) -> str:
+    return join_key(NEAR_CANDIDATES, f"{partition_name(partition)}.parts")
 
 
-def near_candidates_file(batch: str, group: str) -> str:
-    return join_key(near_candidates(batch), f"{group}.parquet")
+def near_shingles(batch: int) -> str:
+    return join_key(NEAR_SHINGLES, f"{batch_name(batch)}.parts")
 
 
-def near_group_of(candidates_file: str) -> str:
-    """The verify group a candidates file is for."""
-    return candidates_file.rsplit("/", 1)[1].removesuffix(".parquet")
-
-
-def near_shingles(group: str) -> str:
-    return join_key(NEAR_SHINGLES, group) + "/"
-
-
-def near_shingles_file(group: str, batch: str) -> str:
-    return join_key(near_shingles(group), f"{batch}.parquet")
-
-
-def near_edges(vertex_partition: int, source: str) -> str:
-    """Edges found by one bucket range (partition_name) or verify group, for vertex partition Q."""
-    return join_key(NEAR_EDGES, vertex_partition_name(vertex_partition), f"{source}.parquet")
+def near_edges(source: str) -> str:
+    """Edges found by one bucket range (partition_name) or verify group, by vertex partition."""
+    return join_key(NEAR_EDGES, f"{source}.parts")
 
 
 def near_components(round_: int, step: str) -> str:
     return join_key(NEAR, "components", f"r{round_:03d}", step) + "/"
 
 
-def near_star(round_: int, step: str, to_partition: int, from_partition: int) -> str:
-    return join_key(
-        near_components(round_, step), vertex_partition_name(to_partition), f"{vertex_partition_name(from_partition)}.parquet"
-    )
+def near_star(round_: int, step: str, from_partition: int) -> str:
+    """One vertex partition's output of a components round, by the vertex partition it is for."""
+    return join_key(near_components(round_, step), f"{vertex_partition_name(from_partition)}.parts")
 
 
 def near_removed(block: int) -> str:

@@ -1,9 +1,9 @@
 """Stage 3: exact deduplication.
 
-Each batch of consecutive docs shards hashes its texts (xxh3-128) into hash ranges, one file
-per range for the whole batch (one Ray task per batch); each hash range then finds repeated
-hashes across all batches (one Ray task per range) and keeps the first occurrence in plan
-order, i.e. the smallest document id. The number of ranges is sized from the documents so
+Each batch of consecutive docs shards hashes its texts (xxh3-128) into hash ranges, one object
+with a partition per range for the whole batch (one Ray task per batch); each hash range then
+reads its partition of every batch, finds repeated hashes (one Ray task per range) and keeps
+the first occurrence in plan order, i.e. the smallest document id. The number of ranges is sized from the documents so
 one range task stays inside `task_memory_bytes`. Removed ids are written per block of plan
 files (tasks.removals), so a range writes blocks files, not one per docs shard.
 """
@@ -23,7 +23,7 @@ from storage.build_layout import batch_name, partition_name
 from storage.manifest import ShardResult, SourceAccounting, StageSummary
 from storage.store import Store
 from tasks.fanout import read_summary, run_stage
-from tasks.parquet_io import read_table, write_table
+from tasks.parquet_io import read_partition_of_each, read_table, write_partitions
 from tasks.partitioning import EXACT_ROW_BYTES, batch_bytes, batches, ingested_documents, partitions
 from tasks.plan import Build, PlannedFile, ordinal_of
 from tasks.removals import write_removed
@@ -45,7 +45,7 @@ def text_digests(texts: pa.Array) -> np.ndarray:
 
 
 def hash_batch(store: Store, files: Sequence[PlannedFile], ranges: int, batch: int) -> ShardResult:
-    """The (id, hash) rows of a batch of docs shards, one file per hash range."""
+    """The (id, hash) rows of a batch of docs shards, a partition per hash range in one object."""
     ids, digests = [], []
     for file in files:
         docs = read_table(store, layout.docs(file.source, file.shard), columns=["id", "text"])
@@ -53,18 +53,18 @@ def hash_batch(store: Store, files: Sequence[PlannedFile], ranges: int, batch: i
         digests.append(text_digests(docs.column("text").combine_chunks()))
     ids, digests = np.concatenate(ids), np.concatenate(digests)
     range_of = digests[:, :8].copy().view("<u8").reshape(-1) % np.uint64(ranges)
-    outputs = []
+    tables = []
     for partition in range(ranges):
         rows = np.flatnonzero(range_of == partition)
         hashes = pa.FixedSizeBinaryArray.from_buffers(pa.binary(16), len(rows), [None, pa.py_buffer(digests[rows].tobytes())])
-        table = pa.table({"id": pa.array(ids[rows], pa.int64()), "hash": hashes}, schema=HASH_SCHEMA)
-        outputs.append(write_table(store, layout.exact_hashes(batch, partition), table))
+        tables.append(pa.table({"id": pa.array(ids[rows], pa.int64()), "hash": hashes}, schema=HASH_SCHEMA))
+    outputs = [write_partitions(store, layout.exact_hashes(batch), tables)]
     return ShardResult(outputs=outputs, counts={"documents": len(ids)})
 
 
 def find_duplicates(store: Store, plan: list[PlannedFile], batch_count: int, partition: int) -> ShardResult:
     """Within one hash range: every document whose hash was seen at a smaller id is removed."""
-    tables = [read_table(store, layout.exact_hashes(b, partition)) for b in range(batch_count)]
+    tables = read_partition_of_each(store, [layout.exact_hashes(b) for b in range(batch_count)], partition, HASH_SCHEMA)
     table = pa.concat_tables(tables).sort_by([("hash", "ascending"), ("id", "ascending")])
     ids = table.column("id").to_numpy()
     hashes = table.column("hash").combine_chunks()

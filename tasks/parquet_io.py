@@ -1,8 +1,18 @@
-"""Parquet tables on a store: read whole objects, write them atomically (zstd)."""
+"""Parquet tables on a store: read whole objects, write them atomically (zstd).
+
+A shuffle step writes one *partitioned* object per map task (`write_partitions`): a header of
+offsets, then one parquet table per partition, as Spark writes one shuffle file per map task
+with its index. A reduce task reads its partition of every map task's object with two range
+reads each (`read_partition_of_each`), so a step writes map-tasks objects, not
+map-tasks x partitions.
+"""
 
 from __future__ import annotations
 
+import struct
 import tempfile
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
@@ -10,6 +20,10 @@ import pyarrow.parquet as pq
 
 from storage.manifest import ObjectInfo, upload
 from storage.store import Store
+
+PARTITIONS_MAGIC = b"TLPARTS1"
+_ENTRY = struct.Struct("<QQ")  # (partition count, offset): each read checks the count
+READ_THREADS = 16  # range reads in flight in one reduce task
 
 
 def read_table(store: Store, key: str, columns: list[str] | None = None) -> pa.Table:
@@ -24,3 +38,42 @@ def write_table(store: Store, key: str, table: pa.Table) -> ObjectInfo:
         path = Path(tmp) / "table.parquet"
         pq.write_table(table, path, compression="zstd")
         return upload(store, key, path)
+
+
+def write_partitions(store: Store, key: str, tables: Sequence[pa.Table]) -> ObjectInfo:
+    """Tables as one object: magic, then count + 1 entries (partition count, absolute offset) as
+    little-endian uint64, then each non-empty table as parquet (zstd); an empty partition has
+    no bytes."""
+    header = len(PARTITIONS_MAGIC) + _ENTRY.size * (len(tables) + 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "partitions"
+        with open(path, "wb") as out:
+            out.seek(header)
+            offsets = [header]
+            for table in tables:
+                if table.num_rows:
+                    pq.write_table(table, out, compression="zstd")
+                offsets.append(out.tell())
+            out.seek(0)
+            out.write(PARTITIONS_MAGIC + b"".join(_ENTRY.pack(len(tables), offset) for offset in offsets))
+        return upload(store, key, path)
+
+
+def read_partition(store: Store, key: str, partition: int, schema: pa.Schema) -> pa.Table:
+    """One partition of an object `write_partitions` wrote: two range reads."""
+    span = store.get_range(key, len(PARTITIONS_MAGIC) + _ENTRY.size * partition, 2 * _ENTRY.size)
+    count, start, end_count, end = struct.unpack("<QQQQ", span) if len(span) == 2 * _ENTRY.size else (0, 0, 1, 0)
+    if not (partition < count == end_count and start <= end):
+        raise ValueError(f"{store.url(key)}: no partition {partition} (not a partitioned object, or fewer partitions)")
+    if start == end:
+        return schema.empty_table()
+    try:
+        return pq.read_table(pa.BufferReader(store.get_range(key, start, end - start)), schema=schema)
+    except pa.ArrowException as err:
+        raise ValueError(f"{store.url(key)}: partition {partition} is not a parquet table: {err}") from None
+
+
+def read_partition_of_each(store: Store, keys: Sequence[str], partition: int, schema: pa.Schema) -> list[pa.Table]:
+    """Partition `partition` of each of `keys`, in their order, READ_THREADS range reads at a time."""
+    with ThreadPoolExecutor(min(READ_THREADS, max(len(keys), 1))) as pool:
+        return list(pool.map(lambda key: read_partition(store, key, partition, schema), keys))

@@ -5,25 +5,27 @@ partition, that read and write parquet on the build store; `run` (tasks.fanout.r
 runs them with receipts, so a rerun redoes only unfinished tasks. No task holds all
 documents, all edges or all ids: P = `bucket_partitions` and Q = `component_partitions`
 (derived from the document count so a task stays inside the memory budget) bound what one
-task sees. A batch is a run of consecutive docs shards of about `batch_bytes`; a map task
-writes one file per partition per batch (map-side combining), so a step writes
-batches x partitions files, not shards x partitions.
+task sees. A batch is a run of consecutive docs shards of about `batch_bytes`. Every shuffle
+writes one `.parts` object per map task, a partition per reduce task, which reads its
+partition of each with range reads (tasks.parquet_io): a step writes as many objects as it
+has tasks, never tasks x partitions.
 
-  near-signatures  per batch: band hashes of each document exact dedup kept, split into P
-                   band-hash ranges                   bands/b<batch>/p<P>.parquet
+  near-signatures  per batch: band hashes of each document exact dedup kept, a partition
+                   per band-hash range P              bands/b<batch>.parts
   near-buckets     per range: documents sharing a bucket; with verification, the buckets in
                    verify groups G (whole buckets, as many groups as keep one group's
-                   candidates' shingles inside the budget) and each batch's candidates per group
-                                                      buckets/p<P>-g<G>.parquet, candidates/b<batch>/p<P>-g<G>.parquet
-                   without: star edges                edges/q<Q>/p<P>.parquet
+                   candidates' shingles inside the budget) and the candidates (id, group), a
+                   partition per batch                buckets/p<P>-g<G>.parquet, candidates/p<P>.parts
+                   without: star edges                edges/p<P>.parts
   near-shingles    per batch (verify): the candidates' shingles, hashed to 32 bits (4 bytes a
-                   shingle; collisions are ~1e-6 of a 3,000-shingle document), sent to each
-                   group that needs them              shingles/p<P>-g<G>/b<batch>.parquet
+                   shingle; collisions are ~1e-6 of a 3,000-shingle document), a partition per
+                   verify group                       shingles/b<batch>.parts
   near-verify      per group (verify): edges whose true Jaccard reaches the threshold
-                                                      edges/q<Q>/p<P>-g<G>.parquet
+                                                      edges/p<P>-g<G>.parts
   near-components-rNNN-{large,small}
                    per vertex partition: one round of large-star and small-star, until a round
-                   changes nothing                    components/rNNN/{large,small}/q<to>/q<from>.parquet
+                   changes nothing; edges and stars have a partition per vertex partition Q
+                                                      components/rNNN/{large,small}/q<from>.parts
   near-dedup       per vertex partition: every non-center member, removed for the smallest id
                    of its component                   removed/k<block>/q<Q>.parquet (id, kept_id)
   near-sample      the first removed documents in plan order beside the ones kept: sample.parquet
@@ -50,7 +52,7 @@ from tasks.config import TASK_MEMORY_BYTES, MinHashConfig
 from tasks import removals
 from tasks.near_dedup import components, lsh
 from tasks.near_dedup.minhash import MinHasher, jaccard
-from tasks.parquet_io import read_table, write_table
+from tasks.parquet_io import read_partition_of_each, read_table, write_partitions, write_table
 from tasks.partitioning import batches, partitions, verify_member_bytes
 from tasks.plan import PlannedFile, ordinal_of
 from tasks.stage import Run, Stage
@@ -63,7 +65,7 @@ MAX_ROUNDS = 64  # large-star/small-star needs O(log^2 n): far fewer in practice
 
 BANDS_SCHEMA = pa.schema([("hash", pa.uint64()), ("id", pa.int64())])
 BUCKETS_SCHEMA = pa.schema([("bucket", pa.int64()), ("id", pa.int64())])
-IDS_SCHEMA = pa.schema([("id", pa.int64())])
+CANDIDATES_SCHEMA = pa.schema([("id", pa.int64()), ("group", pa.int32())])  # group: its index in the range
 SHINGLES_SCHEMA = pa.schema([("id", pa.int64()), ("shingles", pa.list_(pa.uint32()))])
 EDGES_SCHEMA = pa.schema([("vertex", pa.int64()), ("neighbor", pa.int64())])
 SAMPLE_SCHEMA = pa.schema(
@@ -130,19 +132,14 @@ def _union(parts: Sequence[np.ndarray]) -> np.ndarray:
     return np.unique(np.concatenate(parts)) if parts else np.empty(0, np.int64)
 
 
-def _ids(store: Store, keys: Sequence[str]) -> np.ndarray:
-    """The union of the `id` columns of some parquet files, sorted."""
-    return _union([read_table(store, key, columns=["id"]).column("id").to_numpy() for key in keys])
-
-
-def _read_all(store: Store, keys: Sequence[str], schema: pa.Schema) -> pa.Table:
-    """Some parquet files of one schema as one table (empty when there are none)."""
-    tables = [read_table(store, key) for key in keys]
+def _read_partition(store: Store, keys: Sequence[str], partition: int, schema: pa.Schema) -> pa.Table:
+    """One partition of each of some `.parts` objects, as one table (empty when there are none)."""
+    tables = read_partition_of_each(store, keys, partition, schema)
     return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
-def _pairs(store: Store, keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    table = _read_all(store, keys, EDGES_SCHEMA)
+def _pairs(store: Store, keys: Sequence[str], partition: int) -> tuple[np.ndarray, np.ndarray]:
+    table = _read_partition(store, keys, partition, EDGES_SCHEMA)
     return table.column(0).to_numpy(), table.column(1).to_numpy()
 
 
@@ -150,17 +147,13 @@ def _both_directions(first: np.ndarray, second: np.ndarray) -> tuple[np.ndarray,
     return np.concatenate([first, second]), np.concatenate([second, first])
 
 
-def _write_pairs(store: Store, keys: Sequence[str], first: np.ndarray, second: np.ndarray) -> list[ObjectInfo]:
-    """Write (first, second) pairs into one file per partition of `first`, sorted and
-    distinct; every partition gets a file, so readers never list."""
+def _write_pairs(store: Store, key: str, partitions: int, first: np.ndarray, second: np.ndarray) -> list[ObjectInfo]:
+    """Write (first, second) pairs, sorted and distinct, into one object with a partition per
+    vertex partition of `first`."""
     first, second = components.unique_pairs(first, second)
-    partition = components.partition_of(first, len(keys))
-    outputs = []
-    for index, key in enumerate(keys):
-        rows = partition == index
-        table = pa.table([first[rows], second[rows]], schema=EDGES_SCHEMA)
-        outputs.append(write_table(store, key, table))
-    return outputs
+    partition = components.partition_of(first, partitions)
+    tables = [pa.table([first[partition == q], second[partition == q]], schema=EDGES_SCHEMA) for q in range(partitions)]
+    return [write_partitions(store, key, tables)]
 
 
 def _shard_of_ordinal(shards: Sequence[DocsShard]) -> dict[int, DocsShard]:
@@ -195,21 +188,17 @@ def _read_docs(store: Store, shard: DocsShard, wanted: np.ndarray | None = None)
 # -- steps --------------------------------------------------------------------------------
 
 
-def _batch_of_ordinal(batches: Sequence[DocsBatch]) -> dict[int, DocsBatch]:
-    return {s.file.ordinal: b for b in batches for s in b.shards}
-
-
-def _by_batch(ids: np.ndarray, batches: Sequence[DocsBatch]) -> list[tuple[DocsBatch, np.ndarray]]:
-    """Sorted ids split by the batch of docs shards they belong to."""
-    batch_of = _batch_of_ordinal(batches)
-    index = np.array([batch_of[o].index for o in ordinal_of(ids).tolist()], dtype=np.int64)
-    values, starts = np.unique(index, return_index=True)
-    return [(batches[v], part) for v, part in zip(values.tolist(), np.split(ids, starts[1:]))]
+def _batch_index(ids: np.ndarray, batches: Sequence[DocsBatch]) -> np.ndarray:
+    """The index of the batch of docs shards each id belongs to."""
+    ordinals = [s.file.ordinal for b in batches for s in b.shards]
+    index = np.array([b.index for b in batches for _ in b.shards], dtype=np.int64)
+    order = np.argsort(ordinals)
+    return index[order][np.searchsorted(np.asarray(ordinals)[order], ordinal_of(ids))]
 
 
 def compute_signatures(store: Store, cfg: MinHashConfig, batch: DocsBatch) -> ShardResult:
-    """Band hashes of every document of a batch of docs shards that is not excluded, by hash
-    range: one file per range for the whole batch."""
+    """Band hashes of every document of a batch of docs shards that is not excluded, a
+    partition per hash range in one object for the whole batch."""
     bands, rows = bands_rows(cfg)
     minhash = hasher(cfg)
     hashes, owners, documents, shingles = [], [], 0, 0
@@ -229,11 +218,8 @@ def compute_signatures(store: Store, cfg: MinHashConfig, batch: DocsBatch) -> Sh
     hashes, owners = np.concatenate(hashes), np.concatenate(owners)
     partitions = cfg.bucket_partitions
     partition = (((hashes >> np.uint64(32)) * np.uint64(partitions)) >> np.uint64(32)).astype(np.int64)
-    outputs = []
-    for p in range(partitions):
-        selected = partition == p
-        table = pa.table([hashes[selected], owners[selected]], schema=BANDS_SCHEMA)
-        outputs.append(write_table(store, layout.near_bands(batch.index, p), table))
+    tables = [pa.table([hashes[partition == p], owners[partition == p]], schema=BANDS_SCHEMA) for p in range(partitions)]
+    outputs = [write_partitions(store, layout.near_bands(batch.index), tables)]
     signed = len(owners) // bands
     counts = {"documents": documents, "excluded": documents - signed, "signed": signed, "shingles": shingles}
     return ShardResult(outputs=outputs, counts=counts)
@@ -245,7 +231,7 @@ def find_buckets(
     """Documents that share a band bucket within one hash range; with verification, the
     buckets split into groups of whole buckets that each hold at most `budget` when verified
     (`member_bytes` per bucket membership)."""
-    table = _read_all(store, [layout.near_bands(b.index, partition) for b in batches], BANDS_SCHEMA)
+    table = _read_partition(store, [layout.near_bands(b.index) for b in batches], partition, BANDS_SCHEMA)
     members, starts = lsh.group_buckets(table.column("hash").to_numpy(), table.column("id").to_numpy())
     members, starts = lsh.distinct_buckets(members, starts)
     counts = {"buckets": len(starts), "members": len(members)}
@@ -260,23 +246,28 @@ def find_buckets(
     group_of_bucket = (np.cumsum(sizes) - sizes) * groups // max(len(members), 1)
     group_of_member = np.repeat(group_of_bucket, sizes)
     bucket = np.repeat(np.arange(len(starts), dtype=np.int64), sizes)
-    outputs = []
+    outputs, candidates, candidate_groups = [], [], []
     for g in range(groups):
-        group = verify_group_name(partition, g)
         rows = group_of_member == g
         table = pa.table([bucket[rows], members[rows]], schema=BUCKETS_SCHEMA)
-        outputs.append(write_table(store, layout.near_buckets(group), table))
-        for batch, ids in _by_batch(np.unique(members[rows]), batches):
-            key = layout.near_candidates_file(batch.name, group)
-            outputs.append(write_table(store, key, pa.table([ids], schema=IDS_SCHEMA)))
+        outputs.append(write_table(store, layout.near_buckets(verify_group_name(partition, g)), table))
+        candidates.append(np.unique(members[rows]))
+        candidate_groups.append(np.full(len(candidates[-1]), g, dtype=np.int32))
+    ids, group_of_id = np.concatenate(candidates), np.concatenate(candidate_groups)
+    order = np.lexsort((group_of_id, ids))
+    batch_of_id = _batch_index(ids[order], batches)
+    tables = [
+        pa.table([ids[order][batch_of_id == b.index], group_of_id[order][batch_of_id == b.index]], schema=CANDIDATES_SCHEMA)
+        for b in batches
+    ]
+    outputs.append(write_partitions(store, layout.near_candidates(partition), tables))
     counts["verify_groups"] = groups
     return ShardResult(outputs=outputs, counts=counts)
 
 
 def _write_edges(store: Store, cfg: MinHashConfig, source: str, first: np.ndarray, second: np.ndarray) -> list[ObjectInfo]:
-    """Edges in both directions, by the vertex partition of their first endpoint."""
-    keys = [layout.near_edges(q, source) for q in range(cfg.component_partitions)]
-    return _write_pairs(store, keys, *_both_directions(first, second))
+    """Edges in both directions, a partition per vertex partition of their first endpoint."""
+    return _write_pairs(store, layout.near_edges(source), cfg.component_partitions, *_both_directions(first, second))
 
 
 def compact_shingles(sets: list[np.ndarray]) -> list[np.ndarray]:
@@ -300,13 +291,18 @@ def _list_array(sets: list[np.ndarray]) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.uint32()))
 
 
-def collect_shingles(store: Store, cfg: MinHashConfig, batch: DocsBatch) -> ShardResult:
-    """Hashed shingles of a batch's candidate documents, one file per verify group that needs them."""
-    wanted_by_group = {
-        layout.near_group_of(key): _ids(store, [key]) for key in store.list(layout.near_candidates(batch.name))
-    }
+def collect_shingles(store: Store, cfg: MinHashConfig, groups: Sequence[str], batch: DocsBatch) -> ShardResult:
+    """Hashed shingles of a batch's candidate documents, a partition per verify group (in the
+    order of `groups`) in one object."""
+    group_index = {name: i for i, name in enumerate(groups)}
+    ranges = [layout.near_candidates(p) for p in range(cfg.bucket_partitions)]
+    wanted_by_group: dict[int, np.ndarray] = {}
+    for partition, table in enumerate(read_partition_of_each(store, ranges, batch.index, CANDIDATES_SCHEMA)):
+        ids, group = table.column("id").to_numpy(), table.column("group").to_numpy()
+        for g in np.unique(group).tolist():  # ids ascend within a group
+            wanted_by_group[group_index[verify_group_name(partition, g)]] = ids[group == g]
     wanted = _union(list(wanted_by_group.values()))
-    outputs = []
+    tables = [SHINGLES_SCHEMA.empty_table()] * len(groups)
     if len(wanted):
         # one list array per docs shard, so the batch's shingles are held once, never copied whole
         found_ids, found_sets = [], []
@@ -324,39 +320,41 @@ def collect_shingles(store: Store, cfg: MinHashConfig, batch: DocsBatch) -> Shar
         all_sets = pa.chunked_array(found_sets, pa.list_(pa.uint32()))
         for group, group_ids in wanted_by_group.items():
             rows = pa.array(np.searchsorted(ids, group_ids))
-            table = pa.table([pa.array(ids).take(rows), all_sets.take(rows)], schema=SHINGLES_SCHEMA)
-            outputs.append(write_table(store, layout.near_shingles_file(group, batch.name), table))
+            tables[group] = pa.table([pa.array(ids).take(rows), all_sets.take(rows)], schema=SHINGLES_SCHEMA)
+    outputs = [write_partitions(store, layout.near_shingles(batch.index), tables)]
     return ShardResult(outputs=outputs, counts={"candidates": len(wanted)})
 
 
-def _shingle_table(store: Store, group: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _shingle_table(store: Store, batches: Sequence[DocsBatch], group: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A verify group's candidates from every batch: (sorted ids, shingle values, each id's
-    offsets into them), built file by file so the shingles are held at most twice."""
+    offsets into them); the shingles are held at most twice."""
+    keys = [layout.near_shingles(b.index) for b in batches]
     ids, values, offsets, base = [], [], [], 0
-    for key in store.list(layout.near_shingles(group)):  # batch order: ids ascend across files
-        shingles = read_table(store, key).combine_chunks()
-        ids.append(shingles.column("id").to_numpy())
-        column = shingles.column("shingles").chunk(0)
+    for table in read_partition_of_each(store, keys, group, SHINGLES_SCHEMA):  # batch order: ids ascend
+        if table.num_rows == 0:
+            continue
+        table = table.combine_chunks()
+        ids.append(table.column("id").to_numpy())
+        column = table.column("shingles").chunk(0)
         values.append(column.values.to_numpy())
         offsets.append(column.offsets.to_numpy()[:-1].astype(np.int64) + base)
         base += len(values[-1])
-        del shingles, column
     if not ids:
         return np.empty(0, np.int64), np.empty(0, np.uint32), np.zeros(1, np.int64)
     ids = np.concatenate(ids)
     if np.any(ids[1:] <= ids[:-1]):
-        raise ValueError(f"{store.url(layout.near_shingles(group))}: candidate ids are not ascending across batches")
+        raise ValueError(f"{store.url(layout.NEAR_SHINGLES)}: verify group {group}'s candidate ids are not ascending across batches")
     return ids, np.concatenate(values), np.append(np.concatenate(offsets), base)
 
 
-def verify_buckets(store: Store, cfg: MinHashConfig, group: str) -> ShardResult:
+def verify_buckets(store: Store, cfg: MinHashConfig, batches: Sequence[DocsBatch], groups: Sequence[str], group: str) -> ShardResult:
     """Edges between members of one verify group's buckets whose true Jaccard reaches the threshold."""
     buckets = read_table(store, layout.near_buckets(group))
     members = buckets.column("id").to_numpy()
     bucket = buckets.column("bucket").to_numpy()
     del buckets
     starts, _ = components.runs(bucket)
-    ids, values, offsets = _shingle_table(store, group)
+    ids, values, offsets = _shingle_table(store, batches, list(groups).index(group))
 
     def similarity(a: int, b: int) -> float:
         ra, rb = np.searchsorted(ids, (a, b))
@@ -371,22 +369,21 @@ def large_star_step(store: Store, cfg: MinHashConfig, edge_sources: Sequence[str
     """One round's large-star; round 0 reads the edges every bucket range or verify group found."""
     partitions = range(cfg.component_partitions)
     if round_ == 0:
-        inputs = [layout.near_edges(partition, source) for source in edge_sources]
+        inputs = [layout.near_edges(source) for source in edge_sources]
     else:
-        inputs = [layout.near_star(round_ - 1, "small", partition, q) for q in partitions]
-    vertex, neighbor = _pairs(store, inputs)
+        inputs = [layout.near_star(round_ - 1, "small", q) for q in partitions]
+    vertex, neighbor = _pairs(store, inputs, partition)
     larger, smaller, changed = components.large_star(vertex, neighbor)
-    keys = [layout.near_star(round_, "large", q, partition) for q in partitions]
-    outputs = _write_pairs(store, keys, larger, smaller)
+    outputs = _write_pairs(store, layout.near_star(round_, "large", partition), len(partitions), larger, smaller)
     return ShardResult(outputs=outputs, counts={"edges_in": len(vertex), "changed": changed})
 
 
 def small_star_step(store: Store, cfg: MinHashConfig, round_: int, partition: int) -> ShardResult:
     partitions = range(cfg.component_partitions)
-    larger, smaller = _pairs(store, [layout.near_star(round_, "large", partition, q) for q in partitions])
+    larger, smaller = _pairs(store, [layout.near_star(round_, "large", q) for q in partitions], partition)
     new_larger, new_smaller, changed = components.small_star(larger, smaller)
-    keys = [layout.near_star(round_, "small", q, partition) for q in partitions]
-    outputs = _write_pairs(store, keys, *_both_directions(new_larger, new_smaller))
+    key = layout.near_star(round_, "small", partition)
+    outputs = _write_pairs(store, key, len(partitions), *_both_directions(new_larger, new_smaller))
     return ShardResult(outputs=outputs, counts={"edges_in": len(larger), "changed": changed})
 
 
@@ -395,8 +392,8 @@ def write_removed(
 ) -> ShardResult:
     """From the converged stars: each non-center vertex is removed for its center, the
     smallest id of its component; written per docs shard for the tokenize stage."""
-    keys = [layout.near_star(final_round, "small", partition, q) for q in range(cfg.component_partitions)]
-    vertex, neighbor = _pairs(store, keys)
+    keys = [layout.near_star(final_round, "small", q) for q in range(cfg.component_partitions)]
+    vertex, neighbor = _pairs(store, keys, partition)
     leaf = vertex > neighbor
     removed, kept = vertex[leaf], neighbor[leaf]
     outputs = removals.write_removed(store, layout.near_removed, vertex_partition_name(partition), removed, kept)
@@ -487,8 +484,10 @@ def run_near_dedup(
     edge_sources = [partition_name(p) for p in partitions]
     if cfg.verify:
         edge_sources = _verify_groups(buckets)
-        run(Stage("near-shingles", batches, _batch_name, partial(collect_shingles, store, cfg), (layout.NEAR_SHINGLES,)))
-        run(Stage("near-verify", edge_sources, _group_name, partial(verify_buckets, store, cfg), (layout.NEAR_EDGES,)))
+        shingles = partial(collect_shingles, store, cfg, edge_sources)
+        run(Stage("near-shingles", batches, _batch_name, shingles, (layout.NEAR_SHINGLES,)))
+        verify = partial(verify_buckets, store, cfg, batches, edge_sources)
+        run(Stage("near-verify", edge_sources, _group_name, verify, (layout.NEAR_EDGES,)))
     for round_ in range(MAX_ROUNDS):
         changed = 0
         large, small = partial(large_star_step, store, cfg, edge_sources), partial(small_star_step, store, cfg)

@@ -3,16 +3,14 @@ stay bounded by the page, and dedup partitions are sized from the documents."""
 
 from __future__ import annotations
 
-from collections import Counter
-
-import pyarrow.parquet as pq
 import pytest
 
 from flows.build_dataset import build_dataset
 from storage import build_layout as layout
 from storage.store import open_store
-from tasks.exact_dedup import exact_dedup
+from tasks.exact_dedup import HASH_SCHEMA, exact_dedup
 from tasks.ingest import ingest
+from tasks.parquet_io import read_partition_of_each
 from tasks.partitioning import EXACT_ROW_BYTES, partitions
 from tasks.plan import plan
 from tests.builds import RequestCounter, tiny_config, tiny_corpus
@@ -51,12 +49,11 @@ def test_exact_dedup_partitions_grow_with_the_documents_and_fit_the_budget(tmp_p
         ingest.fn(build)
         exact_dedup.fn(build)
         store = open_store(config.output).child(build.key)
-        rows = Counter()
-        for key in store.list(layout.EXACT_HASHES):
-            rows[key.rsplit("/", 1)[1]] += pq.read_metadata(store.local_path(key)).num_rows
         documents = 10 * docs_per_file
-        ranges[docs_per_file] = len(rows)
-        assert len(rows) == partitions(documents, EXACT_ROW_BYTES, budget) == len(list(store.list(layout.receipts("exact-dedup"))))
-        assert sum(rows.values()) == documents
-        assert max(rows.values()) * EXACT_ROW_BYTES <= budget, rows  # what one range task holds
+        ranges[docs_per_file] = partitions(documents, EXACT_ROW_BYTES, budget)
+        assert ranges[docs_per_file] == len(list(store.list(layout.receipts("exact-dedup"))))
+        batches = list(store.list(layout.EXACT_HASHES))  # one object per batch, a partition per range
+        rows = [sum(t.num_rows for t in read_partition_of_each(store, batches, r, HASH_SCHEMA)) for r in range(ranges[docs_per_file])]
+        assert sum(rows) == documents
+        assert max(rows) * EXACT_ROW_BYTES <= budget, rows  # what one range task holds
     assert ranges[240] > ranges[60] > 1

@@ -25,13 +25,17 @@ from tasks.fanout import run_stage
 from tasks.near_dedup import components, lsh, minhash
 from tasks.near_dedup.minhash import MinHasher, normalize
 from tasks.near_dedup.steps import (
+    BANDS_SCHEMA,
+    CANDIDATES_SCHEMA,
+    EDGES_SCHEMA,
+    SHINGLES_SCHEMA,
     STAGE,
     DocsShard,
     bands_rows,
     docs_batches,
     run_near_dedup,
 )
-from tasks.parquet_io import read_table, write_table
+from tasks.parquet_io import read_partition, read_table, write_table
 from tasks.partitioning import verify_member_bytes
 from tasks.removals import REMOVED_SCHEMA, removed_pairs
 from tasks.plan import PlannedFile, document_id
@@ -438,17 +442,27 @@ def test_same_result_serial_and_on_ray(tmp_path, ray_local):
     assert results[0] == results[1] == results[2] and any("removed/" in k for k in results[0])
 
 
-def test_batches_of_shards_write_one_file_per_partition_and_find_the_same(tmp_path):
-    """Map-side combining: a batch of docs shards writes one bands file per range, whatever
-    the batch size, and the removed documents do not change."""
+def test_each_map_task_writes_one_object_and_batches_find_the_same(tmp_path):
+    """A shuffle's map task writes one `.parts` object with a partition per reduce task, whatever
+    the batch size or partition count, and the removed documents do not change."""
     found = []
     for name, batch_bytes in (("per-shard", ONE_SHARD_BATCHES), ("one-batch", 1 << 30)):
         store = LocalStore(tmp_path / name)
         corpus = Corpus(store, seed=11)
         batches = docs_batches(corpus.docs_shards(), batch_bytes)
         run_near_dedup(store, corpus.docs_shards(), CONFIG, inline_run(store), batch_bytes)
-        assert len(list(store.list("dedup/near/bands/"))) == len(batches) * CONFIG.bucket_partitions
-        assert len(list(store.list("dedup/near/shingles/"))) <= len(batches) * CONFIG.bucket_partitions
+        for prefix, tasks, partitions, schema in (
+            (layout.NEAR_BANDS, len(batches), CONFIG.bucket_partitions, BANDS_SCHEMA),
+            (layout.NEAR_CANDIDATES, CONFIG.bucket_partitions, len(batches), CANDIDATES_SCHEMA),
+            (layout.NEAR_SHINGLES, len(batches), CONFIG.bucket_partitions, SHINGLES_SCHEMA),  # a verify group a range
+            (layout.near_components(0, "large"), CONFIG.component_partitions, CONFIG.component_partitions, EDGES_SCHEMA),
+        ):
+            keys = list(store.list(prefix))
+            assert len(keys) == tasks, (prefix, keys)
+            for key in keys:
+                read_partition(store, key, partitions - 1, schema)
+                with pytest.raises(ValueError, match="no partition"):
+                    read_partition(store, key, partitions, schema)
         found.append(corpus.removed(store))
     assert len(docs_batches(corpus.docs_shards(), ONE_SHARD_BATCHES)) == 4
     assert found[0] == found[1] and found[0]
@@ -494,7 +508,7 @@ def test_rerun_skips_finished_work(tmp_path):
     assert executed == []
 
     # a lost output or receipt: only that task runs again, and the results are the same
-    store.delete("dedup/near/bands/b000002/p0001.parquet")
+    store.delete(layout.near_bands(2))
     store.delete(layout.receipt(STAGE, "q0001"))
     run_near_dedup(store, corpus.docs_shards(), CONFIG, inline_run(store, executed), ONE_SHARD_BATCHES)
     assert executed == [("near-signatures", "b000002"), (STAGE, "q0001")]
