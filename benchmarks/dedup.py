@@ -107,12 +107,13 @@ def code_corpus(count: int, seed: int = 0) -> list[str]:
     return texts
 
 
-def zipf_corpus(count: int, seed: int = 0) -> list[str]:
-    """Synthetic documents of Zipf-distributed pseudo-words, 20% edited copies."""
+def zipf_corpus(count: int, seed: int = 0, log_words: float = 5.2) -> list[str]:
+    """Synthetic documents of Zipf-distributed pseudo-words, 20% edited copies; the words per
+    document are lognormal around e**log_words (181 words, ~1.5 KB, by default)."""
     rng = np.random.default_rng(seed)
     letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
     vocabulary = ["".join(rng.choice(letters, rng.integers(2, 10))) for _ in range(50_000)]
-    lengths = np.clip(rng.lognormal(5.2, 0.6, count).astype(int), 20, 2000)
+    lengths = np.clip(rng.lognormal(log_words, 0.6, count).astype(int), 20, 2000)
     word_ids = np.minimum(rng.zipf(1.2, lengths.sum()), len(vocabulary)) - 1
     texts, start = [], 0
     for length in lengths:

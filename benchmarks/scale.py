@@ -28,6 +28,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -35,7 +36,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
@@ -57,6 +58,7 @@ def main() -> None:
     parser.add_argument("--dedup-docs", default="", metavar="N,...", help="Part 3 at these document counts")
     parser.add_argument("--cpus", type=int, default=2, help="Ray workers for part 3")
     parser.add_argument("--budget", type=parse_bytes, default=parse_bytes("1G"), help="task_memory_bytes for part 3")
+    parser.add_argument("--doc-words", type=int, default=181, help="median words per synthetic document in part 3 (~8 characters each)")
     parser.add_argument("--one", nargs=3, metavar=("CORPUS_YAML", "CPUS", "RAY_ADDRESS"), help=argparse.SUPPRESS)
     parser.add_argument("--metadata-one", nargs=2, metavar=("INPUTS_URI", "OUTPUT_URI"), help=argparse.SUPPRESS)
     parser.add_argument("--dedup-one", type=int, metavar="DOCS", help=argparse.SUPPRESS)
@@ -66,13 +68,13 @@ def main() -> None:
     if args.metadata_one:
         return metadata_one(*args.metadata_one)
     if args.dedup_one:
-        return dedup_one(args.dedup_one, args.cpus, args.budget)
+        return dedup_one(args.dedup_one, args.cpus, args.budget, args.doc_words)
     if not args.skip_throughput:
         throughput(args)
     if args.metadata:
         metadata(args.metadata, args.s3)
     for docs in [int(d) for d in args.dedup_docs.split(",") if d]:
-        dedup_scale(docs, args.cpus, args.budget)
+        dedup_scale(docs, args.cpus, args.budget, args.doc_words)
 
 
 def throughput(args) -> None:
@@ -249,9 +251,12 @@ def _counted(fn, name: str, stages: dict[str, list], counter):
 # -- 3. memory and files --------------------------------------------------------------------
 
 
-def dedup_scale(docs: int, cpus: int, budget: int) -> None:
+def dedup_scale(docs: int, cpus: int, budget: int, doc_words: int) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.scale", "--dedup-one", str(docs), "--cpus", str(cpus), "--budget", str(budget)],
+        [
+            sys.executable, "-m", "benchmarks.scale", "--dedup-one", str(docs), "--cpus", str(cpus), "--budget", str(budget),
+            "--doc-words", str(doc_words),
+        ],
         stdout=subprocess.PIPE, text=True, check=True,  # the child's stderr shows, so a failure names its cause
     ).stdout
     result = json.loads(out.strip().splitlines()[-1])
@@ -270,11 +275,20 @@ def _rss(field: str) -> int:
         return int(next(line for line in status if line.startswith(f"{field}:")).split()[1]) // 1024
 
 
-def dedup_one(docs: int, cpus: int, budget: int) -> None:
+def _write_chunk(store, log_words: float, chunk: tuple[int, int]) -> tuple[list, float]:
+    """One docs shard of synthetic documents (benchmarks.dedup's corpus), seeded by its start."""
+    from benchmarks.dedup import DOCS_PER_SHARD, write_shards, zipf_corpus
+
+    start, count = chunk
+    texts = zipf_corpus(count, seed=start, log_words=log_words)
+    return write_shards(store, texts, first_ordinal=start // DOCS_PER_SHARD), sum(len(t.encode()) for t in texts) / 1e6
+
+
+def dedup_one(docs: int, cpus: int, budget: int, doc_words: int) -> None:
     """Exact and near dedup of `docs` synthetic documents in this process; prints JSON."""
     import ray
 
-    from benchmarks.dedup import DOCS_PER_SHARD, StageRun, sized, write_shards, zipf_corpus
+    from benchmarks.dedup import DOCS_PER_SHARD, StageRun, sized
     from storage import build_layout as layout
     from storage.store import LocalStore
     from tasks.config import MinHashConfig
@@ -282,13 +296,13 @@ def dedup_one(docs: int, cpus: int, budget: int) -> None:
     from tasks.near_dedup.steps import run_near_dedup
     from tasks.partitioning import EXACT_ROW_BYTES, batch_bytes, partitions
 
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     store = LocalStore(tempfile.mkdtemp(prefix="bench-dedup-scale-"))
-    shards, megabytes = [], 0.0
-    for start in range(0, docs, DOCS_PER_SHARD):
-        texts = zipf_corpus(min(DOCS_PER_SHARD, docs - start), seed=start)
-        megabytes += sum(len(t.encode()) for t in texts) / 1e6
-        shards += write_shards(store, texts, first_ordinal=start // DOCS_PER_SHARD)
+    chunks = [(start, min(DOCS_PER_SHARD, docs - start)) for start in range(0, docs, DOCS_PER_SHARD)]
+    with ProcessPoolExecutor(cpus) as pool:  # generating 10M documents is the slow part
+        written = list(pool.map(functools.partial(_write_chunk, store, math.log(doc_words)), chunks))
+    shards = [shard for chunk_shards, _ in written for shard in chunk_shards]
+    megabytes = sum(mb for _, mb in written)
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     plan, sizes = [s.file for s in shards], {s.shard: s.size for s in shards}
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # the driver's peak from here on: the stages, not the corpus it wrote

@@ -12,7 +12,6 @@ import contextlib
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from storage.store import open_store
 from tasks.config import BuildConfig
 from tasks.sample_corpus import make_sample_corpus
 from tests.fixtures.ports import free_port
+from tests.fixtures.served import ServedProcess
 
 RUN = "deploy-run"
 SEGMENT = 2  # steps of the triggered run's first segment
@@ -42,10 +42,8 @@ def stop_prefect_workers(timeout_s: float = 30) -> None:
 
 
 @dataclass
-class Served:
-    process: subprocess.Popen
+class Served(ServedProcess):
     api_url: str
-    log: Path
     home: Path
     data: Path
     build: BuildConfig
@@ -80,20 +78,6 @@ class Served:
 
     def run_store(self):
         return open_store(self.data).child(f"runs/{RUN}")
-
-    def log_tail(self, lines: int = 60) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-
-    def wait_for(self, condition, timeout_s: float, what: str, poll_s: float = 0.5):
-        """Poll `condition()` until it returns something truthy; fail with the serve log if it never does."""
-        deadline = time.monotonic() + timeout_s
-        while not (result := condition()):
-            if self.process.poll() is not None:
-                pytest.fail(f"serve exited ({self.process.returncode}) while waiting for {what}:\n{self.log_tail()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}; serve log:\n{self.log_tail()}")
-            time.sleep(poll_s)
-        return result
 
 
 def tiny_training(data: Path, work_dir: Path) -> dict:
@@ -141,7 +125,7 @@ def start_serve(root: Path, env: dict[str, str] | None = None) -> Served:
         process = subprocess.Popen(
             [sys.executable, "-c", command], env=process_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
-    served = Served(process, f"http://127.0.0.1:{port}/api", log, home, data, BuildConfig.model_validate(build))
+    served = Served(process, log, f"http://127.0.0.1:{port}/api", home, data, BuildConfig.model_validate(build))
     try:
         served.wait_for(lambda: _registered(served, TRAIN_EPOCH), STARTUP_TIMEOUT_S, "the deployments")
     except BaseException:

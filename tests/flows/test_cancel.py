@@ -45,6 +45,7 @@ from tasks.config import BuildConfig
 from tasks.sample_corpus import make_sample_corpus
 from tests.builds import build_objects, sample_config
 from tests.deployments.conftest import stop
+from tests.fixtures.served import ServedProcess
 from tests.model.runs import metrics, train_config
 
 # Each test starts flow runs with a Ray or a torchrun of their own: minutes on 2 cores.
@@ -61,28 +62,11 @@ def command_line(pid: int) -> str:
         return ""
 
 
-@dataclass
-class Served:
-    process: subprocess.Popen
-    log: Path
-
+class Served(ServedProcess):
     def tree(self) -> dict[int, str]:
         """serve's live descendants and their command lines: the flow runs and all they started."""
         tree = {pid: command_line(pid) for pid in process_tree(self.process.pid)}
         return {pid: line for pid, line in tree.items() if line}
-
-    def log_tail(self, lines: int = 60) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-
-    def wait_for(self, condition, timeout_s: float, what: str, poll_s: float = 0.2):
-        deadline = time.monotonic() + timeout_s
-        while not (result := condition()):
-            if self.process.poll() is not None:
-                pytest.fail(f"serve exited ({self.process.returncode}) while waiting for {what}:\n{self.log_tail()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}; serve log:\n{self.log_tail()}")
-            time.sleep(poll_s)
-        return result
 
 
 @pytest.fixture(scope="module")
