@@ -319,6 +319,7 @@ class StageRun:
     peak_mib: int = 0  # the largest per-task peak RSS
     baseline_mib: int = 1 << 30  # the smallest RSS of a worker when a task began
     step_peak_mib: dict[str, int] = field(default_factory=dict)
+    step_growth_mib: dict[str, int] = field(default_factory=dict)  # the largest peak minus start of a task
     step_seconds: dict[str, float] = field(default_factory=dict)
     step_files: dict[str, int] = field(default_factory=dict)  # objects written by each step
     step_tasks: dict[str, int] = field(default_factory=dict)
@@ -329,6 +330,8 @@ class StageRun:
         receipts = summary.receipts
         self.step_seconds[step] = self.step_seconds.get(step, 0.0) + seconds
         self.step_peak_mib[step] = max([self.step_peak_mib.get(step, 0)] + [r.counts["peak_rss_mib"] for r in receipts])
+        growth = [r.counts["peak_rss_mib"] - r.counts["rss_start_mib"] for r in receipts]
+        self.step_growth_mib[step] = max([self.step_growth_mib.get(step, 0)] + growth)
         self.step_files[step] = self.step_files.get(step, 0) + sum(len(r.outputs) for r in receipts)
         self.step_tasks[step] = self.step_tasks.get(step, 0) + len(receipts)
         self.baseline_mib = min([self.baseline_mib] + [r.counts["rss_start_mib"] for r in receipts])

@@ -18,8 +18,10 @@
 3. Memory and files (`--dedup-docs N,...`): exact then near dedup over N synthetic Zipf-word
    documents (benchmarks/dedup.py's corpus, in shards of 10,000) on `--cpus` Ray workers, with
    partitions and batches sized by the build's rules for `--budget` per task: per step the
-   tasks, the objects written and the largest task peak RSS (VmHWM reset at each task's
-   start), and the driver's own peak RSS while the stages ran. One process per N.
+   tasks, the objects written, the largest task peak RSS (VmHWM reset at each task's start)
+   and the largest growth of a task over its worker's RSS at its start (the task's own data),
+   and the driver's own peak RSS while the stages ran. `--doc-words` sets the documents'
+   median length. One process per N.
 """
 
 from __future__ import annotations
@@ -264,10 +266,11 @@ def dedup_scale(docs: int, cpus: int, budget: int, doc_words: int) -> None:
           f"budget {budget >> 20} MiB per task: exact {result['exact_ranges']} hash ranges, near "
           f"{result['bucket_partitions']} / {result['component_partitions']} partitions; "
           f"driver peak RSS {result['driver_peak_mib']} MiB (at start {result['driver_start_mib']} MiB)\n")
-    print("| stage | step | tasks | files written | wall s | largest task peak RSS MiB |\n| --- | --- | ---: | ---: | ---: | ---: |")
+    print("| stage | step | tasks | files written | wall s | largest task peak RSS MiB | largest task growth MiB |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for stage in ("exact", "near"):
-        for step, (tasks, files, seconds, peak) in result[stage].items():
-            print(f"| {stage} | {step} | {tasks} | {files} | {seconds:.1f} | {peak} |")
+        for step, (tasks, files, seconds, peak, growth) in result[stage].items():
+            print(f"| {stage} | {step} | {tasks} | {files} | {seconds:.1f} | {peak} | {growth} |")
 
 
 def _rss(field: str) -> int:
@@ -317,7 +320,10 @@ def dedup_one(docs: int, cpus: int, budget: int, doc_words: int) -> None:
     steps = {}
     for label, run in (("exact", exact), ("near", near)):
         steps[label] = {
-            step: [run.step_tasks[step], run.step_files[step], run.step_seconds[step], run.step_peak_mib[step]]
+            step: [
+                run.step_tasks[step], run.step_files[step], run.step_seconds[step], run.step_peak_mib[step],
+                run.step_growth_mib[step],
+            ]
             for step in run.step_seconds
         }
     print(json.dumps({
