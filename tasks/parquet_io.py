@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import struct
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -40,11 +40,14 @@ def write_table(store: Store, key: str, table: pa.Table) -> ObjectInfo:
         return upload(store, key, path)
 
 
-def write_partitions(store: Store, key: str, tables: Sequence[pa.Table]) -> ObjectInfo:
+def write_partitions(store: Store, key: str, tables: Iterable[pa.Table], count: int | None = None) -> ObjectInfo:
     """Tables as one object: magic, then count + 1 entries (partition count, absolute offset) as
     little-endian uint64, then each non-empty table as parquet (zstd); an empty partition has
-    no bytes."""
-    header = len(PARTITIONS_MAGIC) + _ENTRY.size * (len(tables) + 1)
+    no bytes. `tables` may be a generator of `count` tables, each built and freed in turn."""
+    if count is None:
+        tables = list(tables)
+        count = len(tables)
+    header = len(PARTITIONS_MAGIC) + _ENTRY.size * (count + 1)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "partitions"
         with open(path, "wb") as out:
@@ -54,8 +57,10 @@ def write_partitions(store: Store, key: str, tables: Sequence[pa.Table]) -> Obje
                 if table.num_rows:
                     pq.write_table(table, out, compression="zstd")
                 offsets.append(out.tell())
+            if len(offsets) != count + 1:
+                raise ValueError(f"{store.url(key)}: {len(offsets) - 1} partitions written, {count} declared")
             out.seek(0)
-            out.write(PARTITIONS_MAGIC + b"".join(_ENTRY.pack(len(tables), offset) for offset in offsets))
+            out.write(PARTITIONS_MAGIC + b"".join(_ENTRY.pack(count, offset) for offset in offsets))
         return upload(store, key, path)
 
 

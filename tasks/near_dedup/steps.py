@@ -298,30 +298,33 @@ def collect_shingles(store: Store, cfg: MinHashConfig, groups: Sequence[str], ba
     ranges = [layout.near_candidates(p) for p in range(cfg.bucket_partitions)]
     wanted_by_group: dict[int, np.ndarray] = {}
     for partition, table in enumerate(read_partition_of_each(store, ranges, batch.index, CANDIDATES_SCHEMA)):
-        ids, group = table.column("id").to_numpy(), table.column("group").to_numpy()
+        candidates, group = table.column("id").to_numpy(), table.column("group").to_numpy()
         for g in np.unique(group).tolist():  # ids ascend within a group
-            wanted_by_group[group_index[verify_group_name(partition, g)]] = ids[group == g]
+            wanted_by_group[group_index[verify_group_name(partition, g)]] = candidates[group == g]
     wanted = _union(list(wanted_by_group.values()))
-    tables = [SHINGLES_SCHEMA.empty_table()] * len(groups)
+    ids, all_sets = np.empty(0, np.int64), pa.chunked_array([], pa.list_(pa.uint32()))
     if len(wanted):
         # one list array per docs shard, so the batch's shingles are held once, never copied whole
         found_ids, found_sets = [], []
         by_ordinal = {s.file.ordinal: s for s in batch.shards}
         for ordinal, shard_wanted in _by_ordinal(wanted):
             shard = by_ordinal[ordinal]
-            ids, texts = _read_docs(store, shard, shard_wanted)
-            if len(ids) != len(shard_wanted):
-                missing = np.setdiff1d(shard_wanted, ids)[0]
+            shard_ids, texts = _read_docs(store, shard, shard_wanted)
+            if len(shard_ids) != len(shard_wanted):
+                missing = np.setdiff1d(shard_wanted, shard_ids)[0]
                 raise ValueError(f"{store.url(shard.key)}: candidate document {missing} is not in the docs shard")
-            order = np.argsort(ids)
-            found_ids.append(ids[order])
+            order = np.argsort(shard_ids)
+            found_ids.append(shard_ids[order])
             found_sets.append(_list_array(_candidate_shingles(cfg, texts.take(pa.array(order)))))
         ids = np.concatenate(found_ids)
         all_sets = pa.chunked_array(found_sets, pa.list_(pa.uint32()))
-        for group, group_ids in wanted_by_group.items():
-            rows = pa.array(np.searchsorted(ids, group_ids))
-            tables[group] = pa.table([pa.array(ids).take(rows), all_sets.take(rows)], schema=SHINGLES_SCHEMA)
-    outputs = [write_partitions(store, layout.near_shingles(batch.index), tables)]
+
+    def group_tables():  # one group's copy of its candidates' shingles at a time
+        for group in range(len(groups)):
+            rows = pa.array(np.searchsorted(ids, wanted_by_group.get(group, ids[:0])))
+            yield pa.table([pa.array(ids).take(rows), all_sets.take(rows)], schema=SHINGLES_SCHEMA)
+
+    outputs = [write_partitions(store, layout.near_shingles(batch.index), group_tables(), len(groups))]
     return ShardResult(outputs=outputs, counts={"candidates": len(wanted)})
 
 

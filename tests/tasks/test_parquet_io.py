@@ -54,3 +54,13 @@ def test_a_partition_costs_two_range_reads_on_s3(s3_bucket_uri):
     counter.take()
     assert read_partition(store, "m.parts", 217, SCHEMA).column("id").to_pylist() == list(range(217, 267))
     assert counter.take() == {"GetObject": 2}
+
+
+def test_a_generator_of_tables_writes_the_same_object_and_its_count_is_checked(store: Store):
+    tables = [_table([1, 2]), SCHEMA.empty_table(), _table([3])]
+    listed = write_partitions(store, "listed.parts", tables)
+    generated = write_partitions(store, "generated.parts", (t for t in tables), count=3)
+    assert listed.sha256 == generated.sha256
+    with pytest.raises(ValueError, match=r"short\.parts: 2 partitions written, 3 declared"):
+        write_partitions(store, "short.parts", iter(tables[:2]), count=3)
+    assert not store.exists("short.parts")
