@@ -24,7 +24,7 @@ from storage.manifest import ShardResult, SourceAccounting, StageSummary
 from storage.store import Store
 from tasks.fanout import read_summary, run_stage
 from tasks.parquet_io import read_partition_of_each, read_table, write_partitions
-from tasks.partitioning import EXACT_ROW_BYTES, batch_bytes, batches, ingested_documents, partitions
+from tasks.partitioning import EXACT_ROW_BYTES, batch_bytes, batches, ingested_documents, partitions, rows_by_partition
 from tasks.plan import Build, PlannedFile, ordinal_of
 from tasks.removals import write_removed
 from tasks.reporting import stage_totals
@@ -54,8 +54,7 @@ def hash_batch(store: Store, files: Sequence[PlannedFile], ranges: int, batch: i
     ids, digests = np.concatenate(ids), np.concatenate(digests)
     range_of = digests[:, :8].copy().view("<u8").reshape(-1) % np.uint64(ranges)
     tables = []
-    for partition in range(ranges):
-        rows = np.flatnonzero(range_of == partition)
+    for rows in rows_by_partition(range_of, ranges):
         hashes = pa.FixedSizeBinaryArray.from_buffers(pa.binary(16), len(rows), [None, pa.py_buffer(digests[rows].tobytes())])
         tables.append(pa.table({"id": pa.array(ids[rows], pa.int64()), "hash": hashes}, schema=HASH_SCHEMA))
     outputs = [write_partitions(store, layout.exact_hashes(batch), tables)]

@@ -53,7 +53,7 @@ from tasks import removals
 from tasks.near_dedup import components, lsh
 from tasks.near_dedup.minhash import MinHasher, jaccard
 from tasks.parquet_io import read_partition_of_each, read_table, write_partitions, write_table
-from tasks.partitioning import batches, partitions, verify_member_bytes
+from tasks.partitioning import batches, partitions, rows_by_partition, verify_member_bytes
 from tasks.plan import PlannedFile, ordinal_of
 from tasks.stage import Run, Stage
 
@@ -152,7 +152,7 @@ def _write_pairs(store: Store, key: str, partitions: int, first: np.ndarray, sec
     vertex partition of `first`."""
     first, second = components.unique_pairs(first, second)
     partition = components.partition_of(first, partitions)
-    tables = [pa.table([first[partition == q], second[partition == q]], schema=EDGES_SCHEMA) for q in range(partitions)]
+    tables = [pa.table([first[rows], second[rows]], schema=EDGES_SCHEMA) for rows in rows_by_partition(partition, partitions)]
     return [write_partitions(store, key, tables)]
 
 
@@ -218,7 +218,7 @@ def compute_signatures(store: Store, cfg: MinHashConfig, batch: DocsBatch) -> Sh
     hashes, owners = np.concatenate(hashes), np.concatenate(owners)
     partitions = cfg.bucket_partitions
     partition = (((hashes >> np.uint64(32)) * np.uint64(partitions)) >> np.uint64(32)).astype(np.int64)
-    tables = [pa.table([hashes[partition == p], owners[partition == p]], schema=BANDS_SCHEMA) for p in range(partitions)]
+    tables = [pa.table([hashes[rows], owners[rows]], schema=BANDS_SCHEMA) for rows in rows_by_partition(partition, partitions)]
     outputs = [write_partitions(store, layout.near_bands(batch.index), tables)]
     signed = len(owners) // bands
     counts = {"documents": documents, "excluded": documents - signed, "signed": signed, "shingles": shingles}
@@ -247,18 +247,17 @@ def find_buckets(
     group_of_member = np.repeat(group_of_bucket, sizes)
     bucket = np.repeat(np.arange(len(starts), dtype=np.int64), sizes)
     outputs, candidates, candidate_groups = [], [], []
-    for g in range(groups):
-        rows = group_of_member == g
+    for g, rows in enumerate(rows_by_partition(group_of_member, groups)):
         table = pa.table([bucket[rows], members[rows]], schema=BUCKETS_SCHEMA)
         outputs.append(write_table(store, layout.near_buckets(verify_group_name(partition, g)), table))
         candidates.append(np.unique(members[rows]))
         candidate_groups.append(np.full(len(candidates[-1]), g, dtype=np.int32))
     ids, group_of_id = np.concatenate(candidates), np.concatenate(candidate_groups)
     order = np.lexsort((group_of_id, ids))
-    batch_of_id = _batch_index(ids[order], batches)
+    ids, group_of_id = ids[order], group_of_id[order]
     tables = [
-        pa.table([ids[order][batch_of_id == b.index], group_of_id[order][batch_of_id == b.index]], schema=CANDIDATES_SCHEMA)
-        for b in batches
+        pa.table([ids[rows], group_of_id[rows]], schema=CANDIDATES_SCHEMA)
+        for rows in rows_by_partition(_batch_index(ids, batches), len(batches))
     ]
     outputs.append(write_partitions(store, layout.near_candidates(partition), tables))
     counts["verify_groups"] = groups
@@ -319,10 +318,12 @@ def collect_shingles(store: Store, cfg: MinHashConfig, groups: Sequence[str], ba
         ids = np.concatenate(found_ids)
         all_sets = pa.chunked_array(found_sets, pa.list_(pa.uint32()))
 
+    id_array = pa.array(ids)
+
     def group_tables():  # one group's copy of its candidates' shingles at a time
         for group in range(len(groups)):
             rows = pa.array(np.searchsorted(ids, wanted_by_group.get(group, ids[:0])))
-            yield pa.table([pa.array(ids).take(rows), all_sets.take(rows)], schema=SHINGLES_SCHEMA)
+            yield pa.table([id_array.take(rows), all_sets.take(rows)], schema=SHINGLES_SCHEMA)
 
     outputs = [write_partitions(store, layout.near_shingles(batch.index), group_tables(), len(groups))]
     return ShardResult(outputs=outputs, counts={"candidates": len(wanted)})
