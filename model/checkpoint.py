@@ -193,26 +193,35 @@ def prune_checkpoints(store: Store, keep: int | None) -> list[int]:
 # --- weights_only reading of DCP files ----------------------------------------------------------------
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """DCP's .metadata is a pickle: admit only the classes DCP's metadata is made of."""
+_DCP_METADATA = "torch.distributed.checkpoint.metadata"
 
-    _ALLOWED = {
-        ("torch", "Size"), ("torch.serialization", "_get_layout"),
-        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("pathlib", "PosixPath"),
-    }
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's .metadata is a pickle: admit exactly the (module, name) pairs DCP's metadata is made
+    of. Nothing is looked up by a dotted name (protocol 4's STACK_GLOBAL resolves
+    "os.system" inside an allowed module) nor allowed module-wide (a module's namespace holds
+    whatever it imported)."""
+
+    ALLOWED = frozenset(
+        {(_DCP_METADATA, name) for name in (
+            "Metadata", "MetadataIndex", "ChunkStorageMetadata", "TensorStorageMetadata",
+            "BytesStorageMetadata", "TensorProperties", "StorageMeta", "_MEM_FORMAT_ENCODING",
+        )}
+        | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+           ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath")}
+        | {("torch", name) for name, value in vars(torch).items() if isinstance(value, torch.dtype)}
+    )
 
     def find_class(self, module: str, name: str) -> Any:
-        if module == "torch.distributed.checkpoint.metadata" or (module, name) in self._ALLOWED:
+        if (module, name) in self.ALLOWED:
             return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
         raise pickle.UnpicklingError(f"{module}.{name} is not part of DCP's metadata")
 
 
 def read_metadata(store: Store, checkpoint: Checkpoint) -> Metadata:
     try:
         return _MetadataUnpickler(io.BytesIO(store.get_bytes(checkpoint.key(METADATA_FILE)))).load()
-    except (pickle.UnpicklingError, AttributeError, EOFError) as e:
+    except Exception as e:  # whatever a crafted pickle makes the allowed classes raise
         raise CheckpointError(f"{store.url(checkpoint.key(METADATA_FILE))}: refused to load: {e}") from None
 
 

@@ -2,8 +2,8 @@
 
 The planted secret is the S3 server's secret key, which reaches the build only through the
 environment (AWS_SECRET_ACCESS_KEY). Checkpoint loading refusing pickled code is tested in
-tests/model/test_checkpoint.py (test_load_refuses_pickled_objects and
-test_restore_refuses_a_committed_checkpoint_holding_a_pickled_object).
+tests/reliability/test_pickle_payloads.py (crafted DCP metadata) and tests/model/test_checkpoint.py
+(weights_only values).
 """
 
 from __future__ import annotations
