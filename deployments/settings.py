@@ -13,6 +13,10 @@ PREFECT_DEFAULTS = {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_LOGGING_LOG_PRINTS": "true",
+    # tqdm bars (transformers' weight loading, datasets, lm-eval's requests) turn into garbled
+    # lines in a terminal's log stream and in the Prefect UI; tqdm reads this when it is imported.
+    "TQDM_DISABLE": "1",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
 }
 
 

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 from prefect import flow
+from prefect.runtime import flow_run
 
 from flows.cancellation import cancel_task_and_subflow_runs
+from storage.run_layout import RunLayout
 from tasks.evaluate import evaluate_task
 
 
-@flow(name="evaluate", flow_run_name="evaluate-{checkpoint}", on_cancellation=[cancel_task_and_subflow_runs])
+def evaluate_run_name() -> str:
+    """evaluate-<run> for a run folder, evaluate-<run>-step-N for one of its checkpoints."""
+    checkpoint = flow_run.parameters["checkpoint"].rstrip("/")
+    if split := RunLayout.split_checkpoint_uri(checkpoint):
+        run, step = split
+        return f"evaluate-{run.rstrip('/').rsplit('/', 1)[-1]}-step-{step}"
+    return f"evaluate-{checkpoint.rsplit('/', 1)[-1]}"
+
+
+@flow(name="evaluate", flow_run_name=evaluate_run_name, on_cancellation=[cancel_task_and_subflow_runs])
 def evaluate(
     checkpoint: str,
     tasks: list[str],

@@ -127,7 +127,9 @@ def save_hf(
         save_tokenizer(tokenizer_model, out, config, bos)
     tensors = {name: t.detach().to("cpu", dtype).contiguous() for name, t in model.state_dict().items()}
     save_file(tensors, out / WEIGHTS_FILE, metadata={"format": "pt"})  # transformers requires format=pt
-    generation = {"bos_token_id": config.bos_id, "eos_token_id": config.eos_id, "max_length": config.max_seq_len}
+    # No max_length: generate() would warn whenever a caller passes max_new_tokens (the usual call);
+    # the context length is config.json's max_position_embeddings.
+    generation = {"bos_token_id": config.bos_id, "eos_token_id": config.eos_id}
     _write_json(out / "generation_config.json", generation)
     _write_json(out / HF_CONFIG, hf_config(config, dtype))
     return out

@@ -100,9 +100,22 @@ def run_harness(
     import torch
     from lm_eval.models.huggingface import HFLM
 
+    class QuietHFLM(HFLM):
+        """HFLM without its tqdm bars (lm-eval passes disable=False explicitly, over TQDM_DISABLE):
+        in a log stream or the Prefect UI each redraw is another garbled line."""
+
+        def loglikelihood(self, requests, disable_tqdm=True):
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm=True):
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def generate_until(self, requests, disable_tqdm=True):
+            return super().generate_until(requests, disable_tqdm=True)
+
     manager = task_manager(tasks, include_path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = HFLM(pretrained=str(export), device=device, dtype="float32", batch_size=batch_size)
+    model = QuietHFLM(pretrained=str(export), device=device, dtype="float32", batch_size=batch_size)
     results = lm_eval.simple_evaluate(
         model=model, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
         log_samples=False, bootstrap_iters=1000,

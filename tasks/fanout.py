@@ -58,7 +58,9 @@ def ensure_ray() -> None:
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
         sigterm = signal.getsignal(signal.SIGTERM)
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        # Ray's local default (token authentication) stays; its notice of it at every start goes.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
         if sigterm is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, sigterm)
         if not address:
