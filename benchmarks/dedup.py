@@ -424,7 +424,7 @@ def sample_benchmarks(count: int) -> None:
             store = LocalStore(Path(tmp) / label.replace(" ", "_").replace(",", ""))
             shards = write_shards(store, texts)
             stage_runs[label] = measure_near_dedup(store, shards, cfg)
-            results[label] = {position_of(int(d)) for s in shards for d in removed_pairs(store, layout.near_removed, s.file)[0]}
+            results[label] = {position_of(int(d)) for s in shards for d in removed_pairs(store, layout.near_merged, s.file)[0]}
     print("\n| method | removed | precision | recall |\n| --- | ---: | ---: | ---: |")
     for name, removed in results.items():
         precision, recall = precision_recall(removed, truth)

@@ -7,13 +7,16 @@ docs/<source>/<shard>.parquet                 documents: id, source, text, meta 
 quarantine/<source>/<shard>.jsonl             malformed records with file, line/row, reason (ingest)
 dedup/exact/hashes/b<batch>.parts             content hashes of a batch of docs shards, a partition per hash range
 dedup/exact/removed/k<block>/p<P>.parquet     ids exact dedup removed (id, kept_id), per block of 64 plan files
+dedup/exact/merged/k<block>.parts             a block's removed ids merged, sorted, a partition per plan file of the block
 dedup/near/bands/b<batch>.parts               band hashes of a batch of docs shards, a partition per band-hash range
 dedup/near/buckets/p<P>-g<G>.parquet          LSH buckets of one range, in verify groups G (with verification)
 dedup/near/candidates/p<P>.parts              a range's candidates (id, group), a partition per batch
-dedup/near/shingles/b<batch>.parts            32-bit hashed shingles of a batch's candidates, a partition per verify group
-dedup/near/edges/<range>.parts                similar pairs from range p<P> (or group p<P>-g<G>), a partition per vertex partition
+dedup/near/shingles/b<batch>.parts            32-bit hashed shingles of a batch's candidates, a partition per verify group (in
+                                              range order, so a verify span's groups are one byte range)
+dedup/near/edges/<source>.parts               similar pairs from range p<P> (or verify span v<first group>), a partition per vertex partition
 dedup/near/components/rNNN/{large,small}/q<from>.parts   connected-components rounds, a partition per vertex partition
 dedup/near/removed/k<block>/q<Q>.parquet      ids near dedup removed (id, kept_id), per block of 64 plan files
+dedup/near/merged/k<block>.parts              a block's removed ids merged, sorted, a partition per plan file of the block
 dedup/near/sample.parquet                     the first removed documents beside the ones kept
 tokenizer/sample/<shard>.txt                  the tokenizer's training sample, per sampled docs shard
 tokenizer/tokenizer.model, tokenizer.json     the SentencePiece model and its fingerprint
@@ -25,8 +28,10 @@ manifest.json                                 the build: shards, checksums, toke
 
 A `.parts` object is one map task's output of a shuffle, one parquet table per partition
 behind an offsets header (tasks.parquet_io.write_partitions): a step writes one object per
-map task, not one per map task and partition. Stages ask this module for keys; none imports
-another stage to find a file.
+map task, not one per map task and partition. Removed ids are merged once per block of plan
+files, so a reader of one docs shard reads one partition of one object (two range reads)
+whatever the number of dedup tasks. Stages ask this module for keys; none imports another
+stage to find a file.
 """
 
 from __future__ import annotations
@@ -90,8 +95,9 @@ def vertex_partition_name(partition: int) -> str:
 
 # Removed ids are kept per block of consecutive plan files, not per docs shard: a range task
 # finds removed documents in nearly every shard, and a file per shard and range would be
-# shards x ranges files (millions at SlimPajama's size). A reader of one shard reads its
-# block's files: 16 bytes per removed document of 64 shards.
+# shards x ranges files (millions at SlimPajama's size). A merge task per block then joins
+# its ranges' files into one object with a partition per plan file, which every reader of a
+# docs shard reads (two range reads), instead of every file of its block.
 REMOVED_BLOCK_FILES = 64
 
 
@@ -100,19 +106,34 @@ def removed_block(ordinal):
     return ordinal // REMOVED_BLOCK_FILES
 
 
+def removed_block_partition(ordinal):
+    """The partition of a plan file (or of an array of them) in its block's merged object."""
+    return ordinal % REMOVED_BLOCK_FILES
+
+
+def removed_blocks(plan_files: int) -> int:
+    return -(-plan_files // REMOVED_BLOCK_FILES)
+
+
 def removed_block_name(block: int) -> str:
     return f"k{block:06d}"
 
 
 def verify_group_name(partition: int, group: int) -> str:
-    """One verify task's share of a band-hash range: whole buckets, sized from their candidates."""
+    """A verify group: a share of a band-hash range, whole buckets, sized from their candidates."""
     return f"{partition_name(partition)}-g{group:04d}"
+
+
+def verify_span_name(first_group: int) -> str:
+    """One verify task: consecutive verify groups (in range order) from this global index on."""
+    return f"v{first_group:06d}"
 
 
 # -- exact dedup --------------------------------------------------------------------------
 
 EXACT_HASHES = join_key(EXACT, "hashes") + "/"
 EXACT_REMOVED = join_key(EXACT, "removed") + "/"
+EXACT_MERGED = join_key(EXACT, "merged") + "/"
 
 
 def exact_hashes(batch: int) -> str:
@@ -124,6 +145,11 @@ def exact_removed(block: int) -> str:
     return join_key(EXACT_REMOVED, removed_block_name(block)) + "/"
 
 
+def exact_merged(block: int) -> str:
+    """One block's exact-duplicate ids merged, a partition per plan file of the block."""
+    return join_key(EXACT_MERGED, f"{removed_block_name(block)}.parts")
+
+
 # -- near dedup ---------------------------------------------------------------------------
 
 NEAR_BANDS = join_key(NEAR, "bands") + "/"
@@ -132,6 +158,7 @@ NEAR_CANDIDATES = join_key(NEAR, "candidates") + "/"
 NEAR_SHINGLES = join_key(NEAR, "shingles") + "/"
 NEAR_EDGES = join_key(NEAR, "edges") + "/"
 NEAR_REMOVED = join_key(NEAR, "removed") + "/"
+NEAR_MERGED = join_key(NEAR, "merged") + "/"
 
 
 def near_bands(batch: int) -> str:
@@ -151,7 +178,7 @@ def near_shingles(batch: int) -> str:
 
 
 def near_edges(source: str) -> str:
-    """Edges found by one bucket range (partition_name) or verify group, by vertex partition."""
+    """Edges found by one bucket range (partition_name) or verify span, by vertex partition."""
     return join_key(NEAR_EDGES, f"{source}.parts")
 
 
@@ -167,3 +194,8 @@ def near_star(round_: int, step: str, from_partition: int) -> str:
 def near_removed(block: int) -> str:
     """The folder of one block's near-duplicate ids (one file per vertex partition)."""
     return join_key(NEAR_REMOVED, removed_block_name(block)) + "/"
+
+
+def near_merged(block: int) -> str:
+    """One block's near-duplicate ids merged, a partition per plan file of the block."""
+    return join_key(NEAR_MERGED, f"{removed_block_name(block)}.parts")

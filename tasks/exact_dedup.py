@@ -26,7 +26,7 @@ from tasks.fanout import read_summary, run_stage
 from tasks.parquet_io import read_partition_of_each, read_table, write_partitions
 from tasks.partitioning import EXACT_ROW_BYTES, batch_bytes, batches, ingested_documents, partitions, rows_by_partition
 from tasks.plan import Build, PlannedFile, ordinal_of
-from tasks.removals import write_removed
+from tasks.removals import merge_stage, write_removed
 from tasks.reporting import stage_totals
 from tasks.stage import Run, Stage, stage_task
 
@@ -85,8 +85,9 @@ def find_duplicates(store: Store, plan: list[PlannedFile], batch_count: int, par
 def run_exact_dedup(
     store: Store, plan: list[PlannedFile], sizes: dict[str, int], ranges: int, budget: int, run: Run
 ) -> StageSummary:
-    """Hash every batch of docs shards, then find the duplicates of each hash range; returns
-    the summary of the second step (its receipts carry the per-source exact_dup counts)."""
+    """Hash every batch of docs shards, find the duplicates of each hash range, then merge the
+    removed ids per block of plan files; returns the summary of the second step (its receipts
+    carry the per-source exact_dup counts)."""
     members = batches([sizes[f.shard] for f in plan], batch_bytes(budget))
 
     def hash_one(batch: int) -> ShardResult:
@@ -94,7 +95,9 @@ def run_exact_dedup(
 
     run(Stage("exact-hash", list(range(len(members))), batch_name, hash_one, (layout.EXACT_HASHES,)))
     find = partial(find_duplicates, store, plan, len(members))
-    return run(Stage("exact-dedup", list(range(ranges)), partition_name, find, (layout.EXACT_REMOVED,)))
+    found = run(Stage("exact-dedup", list(range(ranges)), partition_name, find, (layout.EXACT_REMOVED,)))
+    run(merge_stage("exact-merge", store, layout.exact_removed, layout.exact_merged, layout.EXACT_MERGED, len(plan)))
+    return found
 
 
 @stage_task("exact-dedup")

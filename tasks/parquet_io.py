@@ -4,7 +4,8 @@ A shuffle step writes one *partitioned* object per map task (`write_partitions`)
 offsets, then one parquet table per partition, as Spark writes one shuffle file per map task
 with its index. A reduce task reads its partition of every map task's object with two range
 reads each (`read_partition_of_each`), so a step writes map-tasks objects, not
-map-tasks x partitions.
+map-tasks x partitions; a reduce task that handles consecutive partitions reads them all
+with two range reads per object (`read_partition_span`).
 """
 
 from __future__ import annotations
@@ -64,18 +65,38 @@ def write_partitions(store: Store, key: str, tables: Iterable[pa.Table], count: 
         return upload(store, key, path)
 
 
-def read_partition(store: Store, key: str, partition: int, schema: pa.Schema) -> pa.Table:
-    """One partition of an object `write_partitions` wrote: two range reads."""
-    span = store.get_range(key, len(PARTITIONS_MAGIC) + _ENTRY.size * partition, 2 * _ENTRY.size)
-    count, start, end_count, end = struct.unpack("<QQQQ", span) if len(span) == 2 * _ENTRY.size else (0, 0, 1, 0)
-    if not (partition < count == end_count and start <= end):
-        raise ValueError(f"{store.url(key)}: no partition {partition} (not a partitioned object, or fewer partitions)")
-    if start == end:
+def read_partition_span(store: Store, key: str, first: int, stop: int) -> tuple[bytes, list[int]]:
+    """Partitions [first, stop) of an object `write_partitions` wrote, in two range reads however
+    many they are: their bytes, and stop - first + 1 offsets into them (partition i is
+    data[offsets[i - first]:offsets[i - first + 1]], for `parse_partition`)."""
+    name = f"partition {first}" if stop == first + 1 else f"partitions {first}..{stop - 1}"
+    if not 0 <= first < stop:
+        raise ValueError(f"{store.url(key)}: no {name}")
+    entries = stop - first + 1
+    span = store.get_range(key, len(PARTITIONS_MAGIC) + _ENTRY.size * first, entries * _ENTRY.size)
+    header = [_ENTRY.unpack_from(span, i * _ENTRY.size) for i in range(len(span) // _ENTRY.size)]
+    counts = {count for count, _ in header}
+    offsets = [offset for _, offset in header]
+    if len(header) != entries or len(counts) != 1 or stop > counts.pop() or offsets != sorted(offsets):
+        raise ValueError(f"{store.url(key)}: no {name} (not a partitioned object, or fewer partitions)")
+    data = store.get_range(key, offsets[0], offsets[-1] - offsets[0]) if offsets[-1] > offsets[0] else b""
+    return data, [offset - offsets[0] for offset in offsets]
+
+
+def parse_partition(data: bytes, schema: pa.Schema, where: str) -> pa.Table:
+    """One partition's bytes (empty: no rows) as a table; `where` names it in an error."""
+    if not data:
         return schema.empty_table()
     try:
-        return pq.read_table(pa.BufferReader(store.get_range(key, start, end - start)), schema=schema)
+        return pq.read_table(pa.BufferReader(data), schema=schema)
     except pa.ArrowException as err:
-        raise ValueError(f"{store.url(key)}: partition {partition} is not a parquet table: {err}") from None
+        raise ValueError(f"{where} is not a parquet table: {err}") from None
+
+
+def read_partition(store: Store, key: str, partition: int, schema: pa.Schema) -> pa.Table:
+    """One partition of an object `write_partitions` wrote: two range reads."""
+    data, _ = read_partition_span(store, key, partition, partition + 1)
+    return parse_partition(data, schema, f"{store.url(key)}: partition {partition}")
 
 
 def read_partition_of_each(store: Store, keys: Sequence[str], partition: int, schema: pa.Schema) -> list[pa.Table]:

@@ -20,6 +20,10 @@ NEAR_BAND_ROW_BYTES = 64  # one (band hash, id) row in a bucket task: bands rows
 NEAR_EDGE_BYTES = 256  # one document's edges in a components task (both directions, two rounds' copies)
 VERIFY_SHINGLE_BYTES = 8  # one 32-bit shingle of a candidate in a verify task: the parquet read's copy, the list
 VERIFY_MEMBER_BYTES = 64  # one bucket membership in a verify task: (bucket, id) rows, id lookup, offsets
+# Verify groups one verify task handles in turn: it reads their part of each batch's shingles as
+# one byte range and spills it to local disk (about half a budget a group), so the verify
+# shuffle costs 2 x batches x groups / VERIFY_SPAN_GROUPS range reads, not 2 x batches x groups.
+VERIFY_SPAN_GROUPS = 16
 BATCH_FRACTION = 8  # a map task reads docs parquet of budget / 8: texts inflate ~3-4x as strings
 HEADROOM = 1.25  # hash ranges are filled unevenly: plan for the fullest, not the average
 

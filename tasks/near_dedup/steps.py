@@ -19,16 +19,23 @@ has tasks, never tasks x partitions.
                    without: star edges                edges/p<P>.parts
   near-shingles    per batch (verify): the candidates' shingles, hashed to 32 bits (4 bytes a
                    shingle; collisions are ~1e-6 of a 3,000-shingle document), a partition per
-                   verify group                       shingles/b<batch>.parts
-  near-verify      per group (verify): edges whose true Jaccard reaches the threshold
-                                                      edges/p<P>-g<G>.parts
+                   verify group, in range order       shingles/b<batch>.parts
+  near-verify      per span of VERIFY_SPAN_GROUPS consecutive groups (verify): its groups' part
+                   of each batch's shingles is one byte range, read with two range reads and
+                   spilled to local disk; then group by group, the edges whose true Jaccard
+                   reaches the threshold              edges/v<first group>.parts
   near-components-rNNN-{large,small}
                    per vertex partition: one round of large-star and small-star, until a round
                    changes nothing; edges and stars have a partition per vertex partition Q
                                                       components/rNNN/{large,small}/q<from>.parts
   near-dedup       per vertex partition: every non-center member, removed for the smallest id
                    of its component                   removed/k<block>/q<Q>.parquet (id, kept_id)
+  near-merge       per block of plan files: its removed ids in one object, a partition per plan
+                   file (tasks.removals)              merged/k<block>.parts
   near-sample      the first removed documents in plan order beside the ones kept: sample.parquet
+
+The verify shuffle costs 2 x batches x spans range reads, not 2 x batches x groups: a span's
+groups are consecutive partitions of every batch's object.
 
 All keys are under `dedup/near/` (storage.build_layout). The near-dedup receipts carry each
 source's near_dup count as typed accounting.
@@ -36,24 +43,36 @@ source's near_dup count as typed accounting.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
+from typing import BinaryIO
 
 import numpy as np
 import pyarrow as pa
 
 from storage import build_layout as layout
-from storage.build_layout import batch_name, partition_name, verify_group_name, vertex_partition_name
+from storage.build_layout import batch_name, partition_name, verify_group_name, verify_span_name, vertex_partition_name
 from storage.manifest import ObjectInfo, ShardResult, SourceAccounting, StageSummary
 from storage.store import Store
 from tasks.config import TASK_MEMORY_BYTES, MinHashConfig
 from tasks import removals
 from tasks.near_dedup import components, lsh
 from tasks.near_dedup.minhash import MinHasher, jaccard
-from tasks.parquet_io import read_partition_of_each, read_table, write_partitions, write_table
-from tasks.partitioning import batches, partitions, rows_by_partition, verify_member_bytes
+from tasks.parquet_io import (
+    READ_THREADS,
+    parse_partition,
+    read_partition_of_each,
+    read_partition_span,
+    read_table,
+    write_partitions,
+    write_table,
+)
+from tasks.partitioning import VERIFY_SPAN_GROUPS, batches, partitions, rows_by_partition, verify_member_bytes
 from tasks.plan import PlannedFile, ordinal_of
 from tasks.stage import Run, Stage
 
@@ -204,7 +223,7 @@ def compute_signatures(store: Store, cfg: MinHashConfig, batch: DocsBatch) -> Sh
     hashes, owners, documents, shingles = [], [], 0, 0
     for shard in batch.shards:
         ids, texts = _read_docs(store, shard)
-        excluded = removals.removed_pairs(store, layout.exact_removed, shard.file)[0] if shard.exclude else np.empty(0, np.int64)
+        excluded = removals.removed_pairs(store, layout.exact_merged, shard.file)[0] if shard.exclude else np.empty(0, np.int64)
         keep = np.flatnonzero(~np.isin(ids, excluded))
         documents += len(ids)
         band_hashes = np.empty((len(keep), bands), dtype=np.uint64)
@@ -290,6 +309,15 @@ def _list_array(sets: list[np.ndarray]) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.uint32()))
 
 
+def _take_ascending(chunks: Sequence[pa.Array], rows: np.ndarray) -> pa.ChunkedArray:
+    """Rows (ascending) of arrays laid end to end, taken chunk by chunk: a take over a chunked
+    array concatenates every chunk first, a copy of them all per call."""
+    starts = np.cumsum([0] + [len(c) for c in chunks])
+    cuts = np.searchsorted(rows, starts)
+    taken = [chunk.take(pa.array(rows[a:b] - start)) for chunk, start, a, b in zip(chunks, starts, cuts[:-1], cuts[1:])]
+    return pa.chunked_array(taken, SHINGLES_SCHEMA.field("shingles").type)
+
+
 def collect_shingles(store: Store, cfg: MinHashConfig, groups: Sequence[str], batch: DocsBatch) -> ShardResult:
     """Hashed shingles of a batch's candidate documents, a partition per verify group (in the
     order of `groups`) in one object."""
@@ -301,40 +329,62 @@ def collect_shingles(store: Store, cfg: MinHashConfig, groups: Sequence[str], ba
         for g in np.unique(group).tolist():  # ids ascend within a group
             wanted_by_group[group_index[verify_group_name(partition, g)]] = candidates[group == g]
     wanted = _union(list(wanted_by_group.values()))
-    ids, all_sets = np.empty(0, np.int64), pa.chunked_array([], pa.list_(pa.uint32()))
-    if len(wanted):
-        # one list array per docs shard, so the batch's shingles are held once, never copied whole
-        found_ids, found_sets = [], []
-        by_ordinal = {s.file.ordinal: s for s in batch.shards}
-        for ordinal, shard_wanted in _by_ordinal(wanted):
-            shard = by_ordinal[ordinal]
-            shard_ids, texts = _read_docs(store, shard, shard_wanted)
-            if len(shard_ids) != len(shard_wanted):
-                missing = np.setdiff1d(shard_wanted, shard_ids)[0]
-                raise ValueError(f"{store.url(shard.key)}: candidate document {missing} is not in the docs shard")
-            order = np.argsort(shard_ids)
-            found_ids.append(shard_ids[order])
-            found_sets.append(_list_array(_candidate_shingles(cfg, texts.take(pa.array(order)))))
-        ids = np.concatenate(found_ids)
-        all_sets = pa.chunked_array(found_sets, pa.list_(pa.uint32()))
-
+    # one list array per docs shard, so the batch's shingles are held once, never copied whole
+    found_ids, found_sets = [], []
+    by_ordinal = {s.file.ordinal: s for s in batch.shards}
+    for ordinal, shard_wanted in _by_ordinal(wanted):
+        shard = by_ordinal[ordinal]
+        shard_ids, texts = _read_docs(store, shard, shard_wanted)
+        if len(shard_ids) != len(shard_wanted):
+            missing = np.setdiff1d(shard_wanted, shard_ids)[0]
+            raise ValueError(f"{store.url(shard.key)}: candidate document {missing} is not in the docs shard")
+        order = np.argsort(shard_ids)
+        found_ids.append(shard_ids[order])
+        found_sets.append(_list_array(_candidate_shingles(cfg, texts.take(pa.array(order)))))
+    ids = np.concatenate(found_ids) if found_ids else np.empty(0, np.int64)
     id_array = pa.array(ids)
 
     def group_tables():  # one group's copy of its candidates' shingles at a time
         for group in range(len(groups)):
-            rows = pa.array(np.searchsorted(ids, wanted_by_group.get(group, ids[:0])))
-            yield pa.table([id_array.take(rows), all_sets.take(rows)], schema=SHINGLES_SCHEMA)
+            rows = np.searchsorted(ids, wanted_by_group.get(group, ids[:0]))
+            yield pa.table([id_array.take(pa.array(rows)), _take_ascending(found_sets, rows)], schema=SHINGLES_SCHEMA)
 
     outputs = [write_partitions(store, layout.near_shingles(batch.index), group_tables(), len(groups))]
     return ShardResult(outputs=outputs, counts={"candidates": len(wanted)})
 
 
-def _shingle_table(store: Store, batches: Sequence[DocsBatch], group: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A verify group's candidates from every batch: (sorted ids, shingle values, each id's
-    offsets into them); the shingles are held at most twice."""
-    keys = [layout.near_shingles(b.index) for b in batches]
+def verify_spans(groups: int) -> list[range]:
+    """Consecutive verify groups, VERIFY_SPAN_GROUPS a task."""
+    return [range(first, min(first + VERIFY_SPAN_GROUPS, groups)) for first in range(0, groups, VERIFY_SPAN_GROUPS)]
+
+
+def _spill_span(store: Store, keys: Sequence[str], span: range, spill: BinaryIO) -> list[np.ndarray]:
+    """The span's partitions of each object appended to a local file (READ_THREADS objects at a
+    time, so memory holds a few objects' share, never the span); each object's partition offsets
+    in the file."""
+    where = []
+    with ThreadPoolExecutor(min(READ_THREADS, max(len(keys), 1))) as pool:
+        for start in range(0, len(keys), READ_THREADS):
+            read = partial(read_partition_span, store, first=span.start, stop=span.stop)
+            for data, offsets in pool.map(read, keys[start : start + READ_THREADS]):
+                where.append(np.asarray(offsets, dtype=np.int64) + spill.tell())
+                spill.write(data)
+    spill.flush()
+    return where
+
+
+def _spilled_tables(spill: BinaryIO, where: Sequence[np.ndarray], offset: int, names: Sequence[str]) -> Iterator[pa.Table]:
+    """The span's `offset`-th partition of each object, from the spill file, in object order."""
+    for at, name in zip(where, names):
+        start, end = int(at[offset]), int(at[offset + 1])
+        yield parse_partition(os.pread(spill.fileno(), end - start, start), SHINGLES_SCHEMA, name)
+
+
+def _shingle_table(tables: Iterable[pa.Table], where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A verify group's candidates from every batch, in batch order: (sorted ids, shingle values,
+    each id's offsets into them); the shingles are held at most twice."""
     ids, values, offsets, base = [], [], [], 0
-    for table in read_partition_of_each(store, keys, group, SHINGLES_SCHEMA):  # batch order: ids ascend
+    for table in tables:  # batch order: ids ascend
         if table.num_rows == 0:
             continue
         table = table.combine_chunks()
@@ -347,26 +397,44 @@ def _shingle_table(store: Store, batches: Sequence[DocsBatch], group: int) -> tu
         return np.empty(0, np.int64), np.empty(0, np.uint32), np.zeros(1, np.int64)
     ids = np.concatenate(ids)
     if np.any(ids[1:] <= ids[:-1]):
-        raise ValueError(f"{store.url(layout.NEAR_SHINGLES)}: verify group {group}'s candidate ids are not ascending across batches")
+        raise ValueError(f"{where}: the candidate ids do not ascend across batches")
     return ids, np.concatenate(values), np.append(np.concatenate(offsets), base)
 
 
-def verify_buckets(store: Store, cfg: MinHashConfig, batches: Sequence[DocsBatch], groups: Sequence[str], group: str) -> ShardResult:
+def _verify_group(
+    store: Store, cfg: MinHashConfig, group: str, ids: np.ndarray, values: np.ndarray, offsets: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, int]:
     """Edges between members of one verify group's buckets whose true Jaccard reaches the threshold."""
     buckets = read_table(store, layout.near_buckets(group))
     members = buckets.column("id").to_numpy()
-    bucket = buckets.column("bucket").to_numpy()
+    starts, _ = components.runs(buckets.column("bucket").to_numpy())
     del buckets
-    starts, _ = components.runs(bucket)
-    ids, values, offsets = _shingle_table(store, batches, list(groups).index(group))
 
     def similarity(a: int, b: int) -> float:
         ra, rb = np.searchsorted(ids, (a, b))
         return jaccard(values[offsets[ra] : offsets[ra + 1]], values[offsets[rb] : offsets[rb + 1]])
 
-    first, second, comparisons = lsh.verified_edges(members, starts, similarity, cfg.threshold, cfg.verify_anchors)
-    outputs = _write_edges(store, cfg, group, first, second)
-    return ShardResult(outputs=outputs, counts={"comparisons": comparisons, "edges": len(first)})
+    return lsh.verified_edges(members, starts, similarity, cfg.threshold, cfg.verify_anchors)
+
+
+def verify_span(store: Store, cfg: MinHashConfig, batches: Sequence[DocsBatch], groups: Sequence[str], span: range) -> ShardResult:
+    """The edges of a span of verify groups: the span's part of each batch's shingles is read
+    once (two range reads) into a local file, then each group is verified in turn, so memory
+    holds one group's candidates and the requests do not grow with the groups."""
+    keys = [layout.near_shingles(b.index) for b in batches]
+    first, second, comparisons = [], [], 0
+    with tempfile.TemporaryFile() as spill:
+        where = _spill_span(store, keys, span, spill)
+        for offset, group in enumerate(span):
+            names = [f"{store.url(key)}: partition {group}" for key in keys]
+            found = _shingle_table(_spilled_tables(spill, where, offset, names), f"verify group {groups[group]} in {layout.NEAR_SHINGLES}")
+            edges = _verify_group(store, cfg, groups[group], *found)
+            first.append(edges[0])
+            second.append(edges[1])
+            comparisons += edges[2]
+    first, second = np.concatenate(first), np.concatenate(second)
+    outputs = _write_edges(store, cfg, _span_name(span), first, second)
+    return ShardResult(outputs=outputs, counts={"groups": len(span), "comparisons": comparisons, "edges": len(first)})
 
 
 def large_star_step(store: Store, cfg: MinHashConfig, edge_sources: Sequence[str], round_: int, partition: int) -> ShardResult:
@@ -415,7 +483,7 @@ def write_sample(store: Store, shards: Sequence[DocsShard], cfg: MinHashConfig, 
     by_ordinal = _shard_of_ordinal(shards)
     removed, kept = [], []
     for shard in sorted(shards, key=lambda s: s.file.ordinal):
-        ids, kept_ids = removals.removed_pairs(store, layout.near_removed, shard.file)
+        ids, kept_ids = removals.removed_pairs(store, layout.near_merged, shard.file)
         removed.append(ids[: rows - sum(map(len, removed))])
         kept.append(kept_ids[: len(removed[-1])])
         if sum(map(len, removed)) >= rows:
@@ -454,8 +522,8 @@ def _sample_name(_rows: int) -> str:
     return "sample"
 
 
-def _group_name(group: str) -> str:
-    return group
+def _span_name(span: range) -> str:
+    return verify_span_name(span.start)
 
 
 def _verify_groups(buckets: StageSummary) -> list[str]:
@@ -487,11 +555,12 @@ def run_near_dedup(
     )
     edge_sources = [partition_name(p) for p in partitions]
     if cfg.verify:
-        edge_sources = _verify_groups(buckets)
-        shingles = partial(collect_shingles, store, cfg, edge_sources)
-        run(Stage("near-shingles", batches, _batch_name, shingles, (layout.NEAR_SHINGLES,)))
-        verify = partial(verify_buckets, store, cfg, batches, edge_sources)
-        run(Stage("near-verify", edge_sources, _group_name, verify, (layout.NEAR_EDGES,)))
+        groups = _verify_groups(buckets)
+        run(Stage("near-shingles", batches, _batch_name, partial(collect_shingles, store, cfg, groups), (layout.NEAR_SHINGLES,)))
+        spans = verify_spans(len(groups))
+        verify = partial(verify_span, store, cfg, batches, groups)
+        run(Stage("near-verify", spans, _span_name, verify, (layout.NEAR_EDGES,)))
+        edge_sources = [_span_name(span) for span in spans]
     for round_ in range(MAX_ROUNDS):
         changed = 0
         large, small = partial(large_star_step, store, cfg, edge_sources), partial(small_star_step, store, cfg)
@@ -513,6 +582,8 @@ def run_near_dedup(
             (layout.NEAR_REMOVED,),
         )
     )
+    plan_files = 1 + max((s.file.ordinal for s in shards), default=-1)
+    run(removals.merge_stage("near-merge", store, layout.near_removed, layout.near_merged, layout.NEAR_MERGED, plan_files))
     run(Stage("near-sample", [SAMPLE_ROWS], _sample_name, partial(write_sample, store, shards, cfg), (layout.NEAR_SAMPLE,)))
     per_source = {s.file.source: 0 for s in shards}
     per_source.update({name: acc.near_dup for name, acc in removed.sources().items()})

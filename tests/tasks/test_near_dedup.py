@@ -19,10 +19,10 @@ import pytest
 
 from storage import build_layout as layout
 from storage.manifest import Receipt, read_record
-from storage.store import LocalStore, Store
+from storage.store import LocalStore, Store, open_store
 from tasks.config import MinHashConfig
 from tasks.fanout import run_stage
-from tasks.near_dedup import components, lsh, minhash
+from tasks.near_dedup import components, lsh, minhash, steps
 from tasks.near_dedup.minhash import MinHasher, normalize
 from tasks.near_dedup.steps import (
     BANDS_SCHEMA,
@@ -34,16 +34,19 @@ from tasks.near_dedup.steps import (
     bands_rows,
     docs_batches,
     run_near_dedup,
+    verify_spans,
 )
 from tasks.parquet_io import read_partition, read_table, write_table
 from tasks.partitioning import verify_member_bytes
-from tasks.removals import REMOVED_SCHEMA, removed_pairs
+from tasks import removals
+from tasks.removals import removed_pairs
 from tasks.plan import PlannedFile, document_id
 
 # 16 bands x 8 rows: LSH recall 0.994 at J=0.85 (SlimPajama's 9 x 13 gives 0.69 there: its
 # S-curve is centered at 0.845); verification then removes the extra candidates.
 CONFIG = MinHashConfig(bands=16, rows=8, bucket_partitions=3, component_partitions=2)
 ONE_SHARD_BATCHES = 1  # batch_bytes: every docs shard is its own batch
+TIGHT_BUDGET = 1 << 17  # splits a corpus's 3 bucket ranges into ~26 verify groups: 2 verify spans
 LEVELS = (0.5, 0.7, 0.85, 0.95)
 
 
@@ -155,9 +158,9 @@ class Corpus:
             by_text.setdefault(text, []).append(doc)
         for docs in by_text.values():
             self.exact_removed.update(sorted(docs)[1:])
-        for file, _ in self.shards:
-            ids = sorted(d for d in self.exact_removed if d >> 32 == file.ordinal)
-            write_table(store, layout.exact_removed(layout.removed_block(file.ordinal)) + f"{file.shard}.parquet", pa.table([ids, ids], schema=REMOVED_SCHEMA))
+        exact = np.array(sorted(self.exact_removed), dtype=np.int64)
+        removals.write_removed(store, layout.exact_removed, "p0000", exact, exact)
+        removals.merge_block(store, layout.exact_removed, layout.exact_merged, 0)
         self.groups = [[self.id_of[(g, i)] for i in range(len(group))] for g, group in enumerate(groups)]
 
     def docs_shards(self) -> list[DocsShard]:
@@ -167,7 +170,7 @@ class Corpus:
         """id -> kept_id over every docs shard."""
         result = {}
         for file, _ in self.shards:
-            ids, kept = removed_pairs(store, layout.near_removed, file)
+            ids, kept = removed_pairs(store, layout.near_merged, file)
             result.update(zip(ids.tolist(), kept.tolist()))
         return result
 
@@ -407,7 +410,7 @@ def test_near_dedup_finds_planted_duplicates(store):
     receipts = [read_record(store, key, Receipt) for key in store.list(f"receipts/{STAGE}/")]
     assert sum(r.counts["near_dup"] for r in receipts) == len(removed)
     for file, _ in corpus.shards:
-        assert removed_pairs(store, layout.near_removed, file)[0].tolist() == sorted(d for d in removed if d >> 32 == file.ordinal)
+        assert removed_pairs(store, layout.near_merged, file)[0].tolist() == sorted(d for d in removed if d >> 32 == file.ordinal)
 
     sample = read_table(store, layout.NEAR_SAMPLE).to_pylist()
     assert [row["id"] for row in sample] == sorted(removed)[: len(sample)] and len(sample) == min(100, len(removed))
@@ -428,7 +431,8 @@ def test_without_verification_buckets_become_edges(tmp_path):
 
 
 def test_same_result_serial_and_on_ray(tmp_path, ray_local):
-    """Byte-identical outputs in-process, on one Ray worker at a time, and on two."""
+    """Byte-identical outputs in-process, on one Ray worker at a time, and on two (with several
+    verify groups and spans)."""
     results = []
     for name, make in (
         ("serial", inline_run),
@@ -437,9 +441,10 @@ def test_same_result_serial_and_on_ray(tmp_path, ray_local):
     ):
         store = LocalStore(tmp_path / name)
         corpus = Corpus(store, seed=9)
-        run_near_dedup(store, corpus.docs_shards(), CONFIG, make(store), ONE_SHARD_BATCHES)
+        run_near_dedup(store, corpus.docs_shards(), CONFIG, make(store), ONE_SHARD_BATCHES, TIGHT_BUDGET)
         results.append(outputs(store))
     assert results[0] == results[1] == results[2] and any("removed/" in k for k in results[0])
+    assert sum("edges/v" in k for k in results[0]) > 1
 
 
 def test_each_map_task_writes_one_object_and_batches_find_the_same(tmp_path):
@@ -489,10 +494,78 @@ def test_verify_groups_are_sized_from_the_candidates_shingles_and_find_the_same(
             buckets = {(key.rsplit("/", 1)[1][:5], b) for b in table.column("bucket").to_pylist()}
             assert not buckets & seen_buckets  # a bucket is verified in one group only
             seen_buckets |= buckets
-        assert len(list(store.list(layout.receipts("near-verify")))) == groups[name]
+        assert len(list(store.list(layout.receipts("near-verify")))) == len(verify_spans(groups[name]))
         found.append(corpus.removed(store))
     assert groups["roomy"] == CONFIG.bucket_partitions < groups["tight"]
     assert found[0] == found[1] and found[0]
+
+
+class S3Calls:
+    """The (operation, key) of every S3 call this process's client makes while inside (botocore's
+    event hooks); the stages run inline, so that is every call of every task."""
+
+    def __enter__(self):
+        from storage.s3 import s3_client
+
+        self.events = s3_client().meta.events
+        self.calls: list[tuple[str, str]] = []
+        self.events.register("before-parameter-build.s3", self._record)
+        return self
+
+    def _record(self, params, model, **_):
+        self.calls.append((model.name, params.get("Key", params.get("Prefix", ""))))
+
+    def __exit__(self, *_):
+        self.events.unregister("before-parameter-build.s3", self._record)
+
+    def count(self, operation: str, prefix: str) -> int:
+        return sum(1 for op, key in self.calls if op == operation and f"/{prefix}" in key)
+
+
+def test_verify_reads_grow_with_its_tasks_not_batches_x_groups(s3_bucket_uri):
+    """A verify task reads its span of verify groups from each batch's shingles with two range
+    reads, so 8x the verify groups do not cost 8x the reads (they were 2 x batches x groups)."""
+    reads, groups, found = {}, {}, []
+    for name, budget in (("roomy", 1 << 30), ("tight", TIGHT_BUDGET)):
+        store = open_store(f"{s3_bucket_uri}/verify-reads-{name}")
+        corpus = Corpus(store, seed=12)
+        batches = len(corpus.docs_shards())
+        with S3Calls() as calls:
+            run_near_dedup(store, corpus.docs_shards(), CONFIG, inline_run(store), ONE_SHARD_BATCHES, budget)
+        groups[name] = len(list(store.list(layout.NEAR_BUCKETS)))
+        reads[name] = calls.count("GetObject", layout.NEAR_SHINGLES)
+        assert reads[name] == 2 * batches * len(verify_spans(groups[name])), (name, groups[name])
+        found.append(corpus.removed(store))
+    assert groups["tight"] >= 8 * groups["roomy"]
+    assert reads["tight"] <= 2 * reads["roomy"] < 2 * batches * groups["tight"] / 4
+    assert found[0] == found[1] and found[0]
+
+
+def union_find_removed(ids: list[int], pairs: list[tuple[int, int]]) -> set[int]:
+    """Documents with a smaller id in their connected component."""
+    index = {d: i for i, d in enumerate(ids)}
+    roots = union_find_roots(len(ids), [(index[a], index[b]) for a, b in pairs])
+    return {ids[i] for i, root in enumerate(roots) if root != i}
+
+
+def test_precision_and_recall_against_all_pairs(tmp_path, monkeypatch):
+    """Against the exact all-pairs truth (Python sets of 13-grams, every pair of documents that
+    exact dedup kept), with many verify groups in several spans."""
+    monkeypatch.setattr(steps, "VERIFY_SPAN_GROUPS", 3)
+    store = LocalStore(tmp_path)
+    corpus = Corpus(store, seed=13)
+    run_near_dedup(store, corpus.docs_shards(), CONFIG, inline_run(store), ONE_SHARD_BATCHES, TIGHT_BUDGET)
+    assert len(list(store.list(layout.receipts("near-verify")))) > 3
+    docs = sorted(d for d in corpus.text_of if d not in corpus.exact_removed)
+    sets = [reference_shingles(corpus.text_of[d], 13, False) for d in docs]
+    similar = [
+        (docs[i], docs[j]) for i in range(len(docs)) for j in range(i + 1, len(docs))
+        if len(sets[i] & sets[j]) >= 0.8 * len(sets[i] | sets[j])
+    ]
+    truth = union_find_removed(docs, similar)
+    removed = set(corpus.removed(store))
+    hit = len(removed & truth)
+    assert len(truth) >= 30 and hit / len(removed) >= 0.99 and hit / len(truth) >= 0.95, (len(removed), len(truth), hit)
 
 
 def test_rerun_skips_finished_work(tmp_path):
