@@ -32,29 +32,31 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
+
+from model.config import LlamaConfig
+from storage.config_fields import (
+    MAX_NAME_CHARS,
     NonNegativeFloat,
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
-    field_validator,
-    model_validator,
+    Real,
+    Seed,
 )
-
-from model.config import LlamaConfig
 from storage.run_layout import RunLayout
 from storage.store import NO_CREDENTIALS_PATTERN, check_name, check_uri_has_no_credentials, open_object
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+MAX_RUN_NAME_CHARS = 2 * MAX_NAME_CHARS + 1  # room for the `<build name>-<build id>` a pretrain run is named
 # The URI fields' schema: the Prefect server refuses credentials in a deployment run's parameters
 # (the model validator below refuses them wherever the config is read).
 NO_CREDENTIALS = {"pattern": NO_CREDENTIALS_PATTERN}
 
 
 class Section(BaseModel):
+    """Numbers and flags are strict and bounded (storage/config_fields.py)."""
+
     # Errors never echo the input: a rejected value might be a secret.
     model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
@@ -67,8 +69,10 @@ class DataSource(Section):
     manifest: str = Field(
         min_length=1, description="URI of a manifest.json: a path, file:// or s3://", json_schema_extra=NO_CREDENTIALS
     )
-    weight: float = Field(1.0, gt=0, allow_inf_nan=False, description="Mixture weight, normalized over sources")
-    source: str | None = Field(None, description="Only the shards of this source within the manifest")
+    weight: Real = Field(1.0, gt=0, description="Mixture weight, normalized over sources")
+    source: str | None = Field(
+        None, max_length=MAX_NAME_CHARS, description="Only the shards of this source within the manifest"
+    )
 
 
 class LRSchedule(Section):
@@ -91,7 +95,7 @@ class LRSchedule(Section):
 class Validation(Section):
     """Mean loss over the first `batches` micro-batches per rank of a held-out build, every `every` steps."""
 
-    manifest: str = Field(json_schema_extra=NO_CREDENTIALS)
+    manifest: str = Field(min_length=1, json_schema_extra=NO_CREDENTIALS)
     every: PositiveInt
     batches: PositiveInt = 8
 
@@ -109,7 +113,7 @@ class Evaluation(Section):
 class TorchrunLauncher(Section):
     """`nproc` processes on each of `nnodes` nodes. Several nodes meet at a c10d rendezvous on
     `rdzv_endpoint` (host:port of one node, e.g. the first of a Slurm job); the Prefect task runs
-    the agent of node `node_rank` and every other node runs its own (README: multi-node training)."""
+    the agent of node `node_rank` and every other node runs its own (docs/scaling.md: multi-node training)."""
 
     kind: Literal["torchrun"] = "torchrun"
     nproc: PositiveInt = Field(1, description="Processes (GPUs) per node")
@@ -144,14 +148,15 @@ class RayLauncher(Section):
 
 
 Launcher = Annotated[TorchrunLauncher | RayLauncher, Field(discriminator="kind")]
+Beta = Annotated[Real, Field(ge=0, lt=1)]  # an AdamW beta (torch refuses others when training starts)
 
 
 class TrainConfig(Section):
     # `model` and `model_overrides` are config keys here, not pydantic's namespace.
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), hide_input_in_errors=True)
 
-    name: str = Field(description="Run name: the run lives in <output>/runs/<name>/")
-    output: str = Field(description="Store URI or path that holds runs/", json_schema_extra=NO_CREDENTIALS)
+    name: str = Field(max_length=MAX_RUN_NAME_CHARS, description="Run name: the run lives in <output>/runs/<name>/")
+    output: str = Field(min_length=1, description="Store URI or path that holds runs/", json_schema_extra=NO_CREDENTIALS)
     model: str = Field(description="Model preset name")
     model_overrides: dict[str, Any] = Field(default_factory=dict, description="LlamaConfig fields that replace the preset's")
     init_from: str | None = Field(
@@ -168,7 +173,7 @@ class TrainConfig(Section):
     micro_batch: PositiveInt = Field(description="Sequences per rank per forward/backward")
     lr: LRSchedule
     weight_decay: NonNegativeFloat = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[Beta, Beta] = (0.9, 0.95)
     eps: PositiveFloat = 1e-8
     grad_clip: PositiveFloat | None = 1.0
     max_steps: PositiveInt = Field(description="Optimizer steps of the whole run")
@@ -176,15 +181,20 @@ class TrainConfig(Section):
     checkpoint_every: PositiveInt
     log_every: PositiveInt = Field(10, description="A log line every this many steps (and at each checkpoint)")
     keep_checkpoints: PositiveInt | None = Field(3, description="Keep the newest k complete checkpoints; null keeps all")
-    async_checkpoint: bool = Field(False, description="Train on while a checkpoint is written (at most one in flight)")
+    async_checkpoint: StrictBool = Field(False, description="Train on while a checkpoint is written (at most one in flight)")
+    start_over: StrictBool = Field(
+        False, description="When the run has checkpoints but none verifies (all corrupt), train from step 0 "
+        "instead of refusing; the corrupt ones are set aside, unchanged. For this invocation only: a run continued "
+        "from its stored config (train-epoch) never starts over"
+    )
     launcher: Launcher = Field(default_factory=TorchrunLauncher)
     data_nodes: PositiveInt | None = Field(
         None, description="Nodes that share out the data, each fetching ~1/data_nodes of it (default: the "
         "torchrun launcher's nnodes, 1 on Ray); a resumed run keeps the count it started with"
     )
-    seed: int = 42
-    compile: bool = False
-    activation_checkpointing: bool = False
+    seed: Seed = 42
+    compile: StrictBool = False
+    activation_checkpointing: StrictBool = False
     dtype: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 on GPUs, fp32 on CPUs")
     data_parallel: Literal["auto", "fsdp", "ddp"] = Field("auto", description="auto: FSDP2 on GPUs, DDP on CPUs")
     work_dir: str | None = Field(

@@ -15,6 +15,7 @@ import json
 import os
 from typing import BinaryIO, TypeVar
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 from storage.store import Store
@@ -103,12 +104,30 @@ class ShardResult(Record):
 
 class Receipt(ShardResult):
     """Proof that one shard of one stage finished: its result, and each output's version as
-    the store reported it when the shard committed (a rerun's listing must show the same)."""
+    the store reported it when the shard committed (a rerun's listing must show the same).
+
+    It carries the sha256 of its own content: a receipt edited after it was written (valid JSON
+    with a count changed) no longer matches it and is not trusted."""
 
     stage: str
     shard: str
     versions: dict[str, dict[str, str]] = Field(default_factory=dict)  # output key -> ListedObject.version
     seconds: float = 0.0  # wall time of the shard's work, for the build's summary (work seconds)
+    checksum: str = ""  # sha256 of the receipt's JSON (keys sorted) without this field (see `sealed`)
+
+    def content_checksum(self) -> str:
+        # orjson, not canonical_json: a summary's every receipt is checked when it is read (10x faster)
+        content = orjson.dumps(self.model_dump(mode="json", exclude={"checksum"}), option=orjson.OPT_SORT_KEYS)
+        return sha256_bytes(content)
+
+    def sealed(self) -> Receipt:
+        """This receipt with the checksum of its content."""
+        return self.model_copy(update={"checksum": self.content_checksum()})
+
+    @property
+    def intact(self) -> bool:
+        """Whether the content is what was sealed (an unsealed receipt is not)."""
+        return self.checksum == self.content_checksum()
 
 
 class StageSummary(Record):

@@ -9,24 +9,36 @@ from pathlib import Path
 from typing import Annotated
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, WithJsonSchema, model_validator
 
-from storage.store import NO_CREDENTIALS_PATTERN, check_name, check_uri_has_no_credentials
+from storage.config_fields import MAX_NAME_CHARS, Real, Seed
+from storage.store import NO_CREDENTIALS_PATTERN, StoreError, check_name, check_uri_has_no_credentials, open_store
+from tasks.globs import could_match_below
 
 # A URI or path to read or write; credentials in it would be stored with the flow run's parameters
 # (the schema's pattern has the Prefect server refuse them in a deployment run's parameters).
 StoreUri = Annotated[
-    str, AfterValidator(check_uri_has_no_credentials), WithJsonSchema({"type": "string", "pattern": NO_CREDENTIALS_PATTERN})
+    str,
+    Field(min_length=1),
+    AfterValidator(check_uri_has_no_credentials),
+    WithJsonSchema({"type": "string", "minLength": 1, "pattern": NO_CREDENTIALS_PATTERN}),
 ]
 # A name that becomes one folder of the output store.
-FolderName = Annotated[str, AfterValidator(check_name)]
+FolderName = Annotated[str, Field(max_length=MAX_NAME_CHARS), AfterValidator(check_name)]
 
 from storage.manifest import DocumentConvention
 
 TASK_MEMORY_BYTES = 1 << 30  # the default of what one dedup task may hold
+MAX_PARTITIONS = 1 << 16  # of a dedup step: each is one Ray task and one part of every map task's output
+# What the output store writes, never a build's input: datasets/<name>/<build>/<key> and runs/<run>/<key>
+# (a folder, and how many segments below it its keys are at least).
+OUTPUT_FOLDERS = {"datasets": 3, "runs": 2}
 
 
 class Config(BaseModel):
+    """Numbers and flags are strict (`seed: true` or `seed: "7"` is a mistake, not 1 or 7) and bounded;
+    floats still take YAML 1.1's strings such as "8e-1" (storage/config_fields.py)."""
+
     # Errors never echo the input: a rejected value might be a secret.
     model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
@@ -39,15 +51,17 @@ class Format(str, Enum):
 
 
 class SourceConfig(Config):
-    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$", description="Short name, used in keys and accounting")
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9_-]+$", max_length=MAX_NAME_CHARS, description="Short name, used in keys and accounting"
+    )
     uri: StoreUri = Field(description="A file, a glob, or (format hf) a dataset folder; local or s3://")
     format: Format
-    pin_content: bool = Field(
+    pin_content: StrictBool = Field(
         False,
         description="Pin each input by its sha256 rather than its listing's version (ETag; mtime and inode): "
         "a copy or a touch keeps the build valid; costs one more read of every input at plan and ingest",
     )
-    text_field: str = "text"
+    text_field: str = Field("text", min_length=1)
     meta_fields: list[str] = Field(default_factory=list, description="Fields kept as metadata ('a.b' for nested)")
     exclude: dict[str, list[str]] = Field(
         default_factory=dict,
@@ -57,15 +71,20 @@ class SourceConfig(Config):
 
 
 class Filters(Config):
-    min_chars: int = Field(200, ge=0, description="Documents shorter than this (after NFC) are filtered")
-    max_record_bytes: int = Field(64 << 20, gt=0, description="A longer input line/record is malformed")
+    min_chars: int = Field(
+        200, strict=True, ge=0, le=1 << 31, description="Documents shorter than this (after NFC) are filtered"
+    )
+    max_record_bytes: int = Field(
+        64 << 20, strict=True, gt=0, le=1 << 31, description="A longer input line/record is malformed (at most 2 GiB)"
+    )
 
 
 class Dedup(Config):
-    exact: bool = True
-    near: bool = True
+    exact: StrictBool = True
+    near: StrictBool = True
     exact_partitions: int | None = Field(
-        None, ge=1, description="Hash ranges of exact dedup (one Ray task each); default: sized from the documents"
+        None, strict=True, ge=1, le=MAX_PARTITIONS,
+        description="Hash ranges of exact dedup (one Ray task each); default: sized from the documents",
     )
 
 
@@ -73,22 +92,26 @@ class MinHashConfig(Config):
     """Near-duplicate detection: SlimPajama's shingling and threshold with a recall-oriented,
     verified LSH shape (16 x 8); SlimPajama's own shape is the preset bands=9, rows=13."""
 
-    ngram: int = Field(13, ge=1)
+    ngram: int = Field(13, strict=True, ge=1, le=1024)
     shingle: str = Field("char", pattern="^(char|word)$")
-    num_perm: int = Field(128, ge=1)
-    bands: int | None = Field(16, ge=1)
-    rows: int | None = Field(8, ge=1)
-    threshold: float = Field(0.8, gt=0, lt=1)
-    verify: bool = Field(True, description="Drop candidate pairs whose true Jaccard is below threshold")
-    verify_anchors: int = Field(4, ge=1, description="Most members of a bucket each candidate is verified against")
+    num_perm: int = Field(128, strict=True, ge=1, le=4096)
+    bands: int | None = Field(16, strict=True, ge=1)
+    rows: int | None = Field(8, strict=True, ge=1)
+    threshold: Real = Field(0.8, gt=0, lt=1)
+    verify: StrictBool = Field(True, description="Drop candidate pairs whose true Jaccard is below threshold")
+    verify_anchors: int = Field(
+        4, strict=True, ge=1, le=1024, description="Most members of a bucket each candidate is verified against"
+    )
     bucket_partitions: int | None = Field(
-        None, ge=1, description="Band-hash ranges, one Ray task each; default: sized from the documents"
+        None, strict=True, ge=1, le=MAX_PARTITIONS,
+        description="Band-hash ranges, one Ray task each; default: sized from the documents",
     )
     component_partitions: int | None = Field(
-        None, ge=1, description="Vertex partitions of connected components, one Ray task each (n*n files a round); "
+        None, strict=True, ge=1, le=MAX_PARTITIONS,
+        description="Vertex partitions of connected components, one Ray task each (n*n files a round); "
         "default: sized from the documents",
     )
-    seed: int = 1
+    seed: Seed = 1
 
     @model_validator(mode="after")
     def _bands_rows(self) -> MinHashConfig:
@@ -100,9 +123,13 @@ class MinHashConfig(Config):
 
 
 class TokenizerTrain(Config):
-    vocab_size: int = Field(32000, ge=64)
-    sample_bytes: int = Field(50 << 20, gt=0, description="Bytes of kept text sampled (seeded) to train on")
-    character_coverage: float = 0.9995
+    vocab_size: int = Field(32000, strict=True, ge=64, le=(1 << 31) - 1, description="Token ids are int32 at most")
+    sample_bytes: int = Field(
+        50 << 20, strict=True, gt=0, le=1 << 40, description="Bytes of kept text sampled (seeded) to train on"
+    )
+    character_coverage: Real = Field(
+        0.9995, gt=0, le=1, description="Share of the sample's characters the vocabulary covers"
+    )
 
 
 class TokenizerConfig(Config):
@@ -124,16 +151,18 @@ class BuildConfig(Config):
     filters: Filters = Field(default_factory=Filters)
     dedup: Dedup = Field(default_factory=Dedup)
     minhash: MinHashConfig = Field(default_factory=MinHashConfig)
-    quarantine: bool = Field(True, description="Quarantine and count bad records; False fails on the first")
-    shard_tokens: int = Field(4 << 20, gt=0, description="Target tokens per token shard")
-    bos: bool = Field(True, description="Start every document with BOS, as Llama 2 and TinyLlama do (EOS ends each)")
-    seed: int = 42
+    quarantine: StrictBool = Field(True, description="Quarantine and count bad records; False fails on the first")
+    shard_tokens: int = Field(4 << 20, strict=True, gt=0, le=1 << 36, description="Target tokens per token shard")
+    bos: StrictBool = Field(True, description="Start every document with BOS, as Llama 2 and TinyLlama do (EOS ends each)")
+    seed: Seed = 42
     build_id: FolderName | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", description="Default: the config hash")
     parallelism: int | None = Field(
-        None, ge=1, description="At most this many shards at once (default: twice Ray's CPUs); never changes outputs"
+        None, strict=True, ge=1, le=1 << 20,
+        description="At most this many shards at once (default: twice Ray's CPUs); never changes outputs",
     )
     task_memory_bytes: int = Field(
-        TASK_MEMORY_BYTES, ge=1 << 16, description="What one dedup task may hold: partition counts and batches are sized to it"
+        TASK_MEMORY_BYTES, strict=True, ge=1 << 16, le=1 << 50,
+        description="What one dedup task may hold: partition counts and batches are sized to it",
     )
 
     @model_validator(mode="after")
@@ -141,6 +170,11 @@ class BuildConfig(Config):
         names = [s.name for s in self.sources]
         if len(names) != len(set(names)):
             raise ValueError(f"source names must be unique, got {names}")
+        return self
+
+    @model_validator(mode="after")
+    def _output_outside_inputs(self) -> BuildConfig:
+        check_output_outside_inputs(self)
         return self
 
     @classmethod
@@ -161,3 +195,20 @@ class BuildConfig(Config):
     @property
     def resolved_build_id(self) -> str:
         return self.build_id or self.config_hash()[:12]
+
+
+def check_output_outside_inputs(config: BuildConfig) -> None:
+    """Refuse a source whose glob could match what the output store writes (its builds and runs):
+    a later build would read its own quarantine files or documents as inputs."""
+    for source in config.sources:
+        glob = f"{source.uri.removesuffix('/')}/*" if source.format is Format.hf else source.uri  # hf: a folder
+        try:
+            output = open_store(config.output)
+            inside = [name for name, depth in OUTPUT_FOLDERS.items() if could_match_below(glob, output.url(name), depth)]
+        except StoreError as error:
+            raise ValueError(str(error)) from None
+        if inside:
+            raise ValueError(
+                f"source {source.name!r}: input {source.uri} could match the store's own outputs under output "
+                f"{config.output} ({output.url(inside[0])}/); put the output outside the inputs or narrow the glob"
+            )

@@ -8,6 +8,8 @@ per object in the driver:
 2. one GET of `summaries/<stage>.json`: every receipt whose listed version is the one the
    summary recorded is taken from it; the others (a stage cut short, a receipt rewritten or
    damaged) are read in a thread pool, and an unreadable or invalid one counts as missing;
+   so does one whose content no longer matches its checksum (edited after it was written:
+   valid JSON with a count changed), wherever it was read;
 3. one paginated listing of the stage's output prefixes: a receipt is intact only if each of
    its outputs is listed at the size and version the task recorded when it committed, so an
    output deleted, truncated or rewritten (even at the same size) after its receipt is redone.
@@ -45,6 +47,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 READ_THREADS = 32  # receipts read at once when the summary does not have them
+NAMED_SHARDS = 5  # shards a message names before it counts the rest
 
 
 def ensure_ray() -> None:
@@ -92,10 +95,34 @@ def read_valid(store: Store, key: str, cls):
         return None
 
 
-def read_summary(store: Store, stage: str) -> StageSummary | None:
-    """A completed stage's summary (None when the stage has not completed, or it is damaged)."""
+def read_receipt(store: Store, key: str) -> Receipt | None:
+    """The receipt at `key`, or None when it is missing, invalid or fails its checksum (logged with its key)."""
+    receipt = read_valid(store, key, Receipt)
+    if receipt is not None and not receipt.intact:
+        log.warning("%s does not match its checksum (edited after it was written) and counts as missing", store.url(key))
+        return None
+    return receipt
+
+
+def _read_stage_summary(store: Store, stage: str) -> StageSummary | None:
     summary = read_valid(store, layout.summary(stage), StageSummary)
     return summary if summary is not None and summary.stage == stage else None
+
+
+def read_summary(store: Store, stage: str) -> StageSummary | None:
+    """A completed stage's summary (None when the stage has not completed, or it is damaged: invalid,
+    or holding a receipt that fails its checksum)."""
+    summary = _read_stage_summary(store, stage)
+    if summary is not None and (edited := [r.shard for r in summary.receipts if not r.intact]):
+        log.warning("%s: %s fail their checksum; it counts as missing", store.url(layout.summary(stage)), _receipts(edited))
+        return None
+    return summary
+
+
+def _receipts(shards: list[str]) -> str:
+    """'the receipts of shards a, b and 3 more', for a message."""
+    more = f" and {len(shards) - NAMED_SHARDS} more" if len(shards) > NAMED_SHARDS else ""
+    return f"the receipts of shards {', '.join(shards[:NAMED_SHARDS])}{more}"
 
 
 def _listing(store: Store, prefixes: tuple[str, ...]) -> dict[str, ListedObject]:
@@ -116,13 +143,18 @@ def finished_receipts(store: Store, stage: Stage) -> tuple[dict[str, Receipt], S
     listed = {o.key: o for o in store.list_info(layout.receipts(stage.name))}
     shards = [shard for item in stage.items if layout.receipt(stage.name, shard := stage.shard_of(item)) in listed]
     version = {shard: listed[layout.receipt(stage.name, shard)].version for shard in shards}
-    summary = read_summary(store, stage.name) if shards else None
+    summary = _read_stage_summary(store, stage.name) if shards else None
     known = {r.shard: r for r in summary.receipts} if summary else {}
     receipts = {s: known[s] for s in shards if s in known and summary.receipt_versions.get(s) == version[s]}
+    if edited := [s for s, receipt in receipts.items() if not receipt.intact]:
+        summary_url = store.url(layout.summary(stage.name))
+        log.warning("%s: %s fail their checksum; they are read from their objects", summary_url, _receipts(edited))
+        for shard in edited:
+            del receipts[shard]
     unread = [s for s in shards if s not in receipts]
     if unread:
         with ThreadPoolExecutor(READ_THREADS) as pool:
-            for shard, receipt in zip(unread, pool.map(lambda s: read_valid(store, layout.receipt(stage.name, s), Receipt), unread)):
+            for shard, receipt in zip(unread, pool.map(lambda s: read_receipt(store, layout.receipt(stage.name, s)), unread)):
                 if receipt is not None and (receipt.stage, receipt.shard) == (stage.name, shard):
                     receipts[shard] = receipt
     if receipts:
@@ -144,6 +176,7 @@ def commit(store: Store, stage_name: str, prefixes: tuple[str, ...], shard: str,
             raise StoreError(f"{store.url(output.key)} holds {listed.size} bytes after {output.size} were written")
         versions[output.key] = listed.version
     receipt = Receipt(**dict(result), stage=stage_name, shard=shard, versions=versions, seconds=round(seconds, 3))
+    receipt = receipt.sealed()
     write_record(store, layout.receipt(stage_name, shard), receipt)
     return receipt
 

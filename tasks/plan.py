@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 
@@ -16,14 +15,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from storage.manifest import canonical_json
 from storage.store import COPY_BUFFER_BYTES, ListedObject, ObjectNotFound, Store, join_key, open_object, open_store
-from tasks.config import BuildConfig, Format, SourceConfig
+from tasks.config import BuildConfig, Format, SourceConfig, check_output_outside_inputs
+from tasks.globs import GLOB_CHARS, glob_regex, split_glob
 from tasks.stage import stage_task
 
 PLAN_KEY = "plan.json"
 HF_ROWS_PER_UNIT = 100_000
-_GLOB = re.compile(r"[*?\[]")
-
-
 HASH_THREADS = 16  # inputs hashed at once when a source pins content (I/O bound)
 REBUILD_HINT = "to build from the inputs as they are now, start a new build (set build_id)"
 
@@ -70,55 +67,16 @@ def ordinal_of(document: int) -> int:
     return document >> 32
 
 
-def glob_regex(pattern: str) -> re.Pattern[str]:
-    """A '/'-separated glob as a regex over keys, by POSIX glob and pathlib rules.
-
-    `*`, `?` and `[...]` match within one path segment, never across '/'; `**` as a whole
-    segment matches any number of folders (a last `**` also the file); a segment starting with
-    '.' (a hidden file or folder) matches only where the pattern's segment starts with '.'.
-    """
-    segments = pattern.split("/")
-    regex = []
-    for position, segment in enumerate(segments):
-        last = position == len(segments) - 1
-        if segment == "**":
-            regex.append(r"(?:(?!\.)[^/]+/)*" + (r"(?!\.)[^/]+" if last else ""))
-            continue
-        regex.append(("" if segment.startswith(".") else r"(?!\.)") + _segment_regex(segment) + ("" if last else "/"))
-    return re.compile("".join(regex))
-
-
-def _segment_regex(segment: str) -> str:
-    out, i = [], 0
-    while i < len(segment):
-        char = segment[i]
-        i += 1
-        if char == "*":
-            out.append("[^/]*")
-        elif char == "?":
-            out.append("[^/]")
-        elif char == "[" and (end := segment.find("]", i + 1 + (segment[i : i + 1] == "!"))) != -1:
-            # a class: '!' first negates it, a ']' right after '[' or '[!' is a member
-            body, i = segment[i:end], end + 1
-            negate = body.startswith("!")
-            body = re.sub(r"([\\^\[])", r"\\\1", body[1:] if negate else body)
-            out.append(f"[^/{body}]" if negate else f"(?!/)[{body}]")
-        else:
-            out.append(re.escape(char))
-    return "".join(out)
-
-
 def list_source(source: SourceConfig) -> list[tuple[str, ListedObject]]:
     """(uri, size and version) of every input file of a source, sorted by URI, from listings alone."""
-    if _GLOB.search(source.uri) is None:
+    if GLOB_CHARS.search(source.uri) is None:
         store, key = open_object(source.uri)
         try:
             return [(store.url(key), store.info(key))]
         except ObjectNotFound:
             raise PlanError(f"source {source.name!r}: input {source.uri} does not exist") from None
-    static, _, _ = _GLOB.split(source.uri, 1)[0].rpartition("/")
+    static, pattern = split_glob(source.uri)
     store = open_store(static or ".")
-    pattern = source.uri[len(static) + 1 :] if static else source.uri
     regex = glob_regex(pattern)
     found = [(store.url(info.key), info) for info in store.list_info() if regex.fullmatch(info.key)]
     if not found:
@@ -213,6 +171,7 @@ def check_tokenizer_input(config: BuildConfig) -> None:
 
 def freeze_plan(config: BuildConfig, store: Store) -> list[PlannedFile]:
     """Write plan.json into the build folder, or check the inputs still match the frozen one."""
+    check_output_outside_inputs(config)  # validated with the config, unless it was copied with changes since
     check_tokenizer_input(config)
     files = make_plan(config)
     body = canonical_json({"config_hash": config.config_hash(), "files": [f.model_dump(mode="json") for f in files]})

@@ -56,8 +56,9 @@ def account(build: Build, tokenized: StageSummary) -> dict[str, SourceAccounting
     config = build.config
     stages = ["ingest"] + ["exact-dedup"] * config.dedup.exact + ["near-dedup"] * config.dedup.near
     sources = {s.name: SourceAccounting() for s in config.sources}
-    for stage in stages:
-        for name, share in completed(build, stage).sources().items():
+    summaries = [completed(build, stage) for stage in stages]
+    for summary in summaries:
+        for name, share in summary.sources().items():
             sources[name] = sources[name] + share
     written = tokenized.sources()  # per source: documents written (as kept) and tokens
     for name, acc in sources.items():
@@ -65,8 +66,29 @@ def account(build: Build, tokenized: StageSummary) -> dict[str, SourceAccounting
         acc.tokens = written.get(name, SourceAccounting()).tokens
         documents = written.get(name, SourceAccounting()).kept
         if not acc.reconciles or acc.kept != documents:
-            raise AccountingError(f"source {name!r} does not reconcile: {acc.model_dump()} but {documents} documents tokenized")
+            raise AccountingError(
+                f"source {name!r} does not reconcile: {acc.model_dump()} but {documents} documents tokenized; "
+                f"{receipts_of(build, [*summaries, tokenized], name)}"
+            )
     return sources
+
+
+NAMED_RECEIPTS = 5  # receipts an AccountingError names before it counts the rest
+
+
+def _adds_up(share: SourceAccounting) -> bool:
+    """An ingest share (documents in) reconciles on its own; the other stages count losses or outputs only."""
+    return not share.docs_in or share.reconciles
+
+
+def receipts_of(build: Build, summaries: list[StageSummary], source: str) -> str:
+    """The receipts that counted `source`, those whose own counts do not add up first."""
+    counted = [r for summary in summaries for r in summary.receipts if source in r.sources]
+    counted.sort(key=lambda r: _adds_up(r.sources[source]))  # stable: in stage and shard order otherwise
+    odd = sum(not _adds_up(r.sources[source]) for r in counted)
+    keys = ", ".join(build.store.url(layout.receipt(r.stage, r.shard)) for r in counted[:NAMED_RECEIPTS])
+    more = f" and {len(counted) - NAMED_RECEIPTS} more" if len(counted) > NAMED_RECEIPTS else ""
+    return f"counted by {keys}{more} ({odd} of them do not add up on their own)"
 
 
 def _sha256(store: Store, key: str) -> str:

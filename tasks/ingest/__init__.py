@@ -5,9 +5,11 @@ NFC-normalized; NUL characters are stripped from it (they carry no text and brea
 tools downstream; the record is kept and counted in `nul_stripped`). A record is:
 - kept, or
 - filtered: its `exclude` field matches, or its text is empty or shorter than `min_chars`, or
-- malformed: not JSON, not an object, no string text field, invalid UTF-8 or lone
-  surrogates, nesting deeper than the parser's limit, longer than `max_record_bytes`, or
-  the point where a `.zst` stream ends inside a frame or is corrupt.
+- malformed: not JSON, not an object, no string text field, invalid UTF-8 (the reason names
+  its byte offset) or lone surrogates, nesting deeper than the parser's limit, longer than
+  `max_record_bytes`, or the point where a `.zst` stream ends inside a frame or is corrupt.
+A UTF-8 byte order mark at the start of a jsonl file (of its text, for .zst) is not part of
+its first record.
 With quarantine on, malformed records are counted and written to a quarantine jsonl
 (uri, 1-based line or 0-based row, reason, the first KiB of the record); with it off, the
 first one fails the file with an IngestError naming file and line/row, and nothing is

@@ -2,11 +2,13 @@
 
 A line longer than `max_record_bytes` is a bad record (its first KiB kept), skipped chunk by
 chunk so it is never held whole; a `.zst` stream that ends inside a frame or is corrupt ends
-with one last bad record saying where.
+with one last bad record saying where. A UTF-8 byte order mark at the start of the (decompressed)
+file is not text; a line that is not valid UTF-8 is a bad record naming the byte offset.
 """
 
 from __future__ import annotations
 
+from codecs import BOM_UTF8
 from collections.abc import Iterator
 from typing import BinaryIO
 
@@ -26,7 +28,9 @@ class JsonlReader(Reader):
         store, key = open_object(self.file.uri)
         with store.open_read(key) as raw:
             stream = ZstdStream(raw) if self.compressed else raw
-            for number, line, problem in _lines(stream, self.filters.max_record_bytes):
+            for number, start, line, problem in _lines(stream, self.filters.max_record_bytes):
+                if number == 1 and line.startswith(BOM_UTF8):
+                    line, start = line[len(BOM_UTF8) :], start + len(BOM_UTF8)
                 if problem is not None:
                     yield number - 1, ("line", number), Bad(problem), line
                     continue
@@ -35,8 +39,20 @@ class JsonlReader(Reader):
                 except orjson.JSONDecodeError as error:
                     if not line.strip():
                         continue  # a blank line is not a record
-                    record = Bad(f"invalid JSON: {error}")
+                    record = Bad(self._not_json(line, start, error))
                 yield number - 1, ("line", number), record, line
+
+    def _not_json(self, line: bytes, start: int, error: orjson.JSONDecodeError) -> str:
+        """Why a line is not JSON; for invalid UTF-8, where (orjson names no place for it)."""
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as invalid:
+            stream = "decompressed stream" if self.compressed else "file"
+            return (
+                f"invalid UTF-8: byte 0x{line[invalid.start]:02x} at byte offset {start + invalid.start} of the "
+                f"{stream} ({invalid.start} into the line)"
+            )
+        return f"invalid JSON: {error}"
 
 
 class JsonlZstReader(JsonlReader):
@@ -47,14 +63,16 @@ def _too_long(size: int, max_bytes: int) -> str:
     return f"line of {size} bytes exceeds max_record_bytes={max_bytes}"
 
 
-def _lines(stream: BinaryIO, max_bytes: int) -> Iterator[tuple[int, bytes, str | None]]:
+def _lines(stream: BinaryIO, max_bytes: int) -> Iterator[tuple[int, int, bytes, str | None]]:
     """Split a byte stream into lines, holding at most max_bytes of any one line.
 
-    Yields (1-based line number, line, problem). A line longer than max_bytes comes back as
-    its first KiB with the problem named, its rest skipped chunk by chunk. A damaged stream
-    ends with one last bad line: whatever of the current line was read, and the damage.
+    Yields (1-based line number, byte offset of the line in the stream, line, problem). A line
+    longer than max_bytes comes back as its first KiB with the problem named, its rest skipped
+    chunk by chunk. A damaged stream ends with one last bad line: whatever of the current line
+    was read, and the damage.
     """
     number = 0
+    start = 0  # the offset of the line being read
     pending: list[bytes] = []  # the start of a line that continues in the next chunk
     pending_size = 0
     overlong_head: bytes | None = None  # set while skipping a line found to be too long
@@ -63,7 +81,7 @@ def _lines(stream: BinaryIO, max_bytes: int) -> Iterator[tuple[int, bytes, str |
             chunk = stream.read(READ_CHUNK)
         except CorruptStream as error:
             head = overlong_head if overlong_head is not None else b"".join(pending)[:RAW_SAMPLE]
-            yield number + 1, head, str(error)
+            yield number + 1, start, head, str(error)
             return
         if not chunk:
             break
@@ -77,15 +95,17 @@ def _lines(stream: BinaryIO, max_bytes: int) -> Iterator[tuple[int, bytes, str |
             else:
                 number += 1
                 head = overlong_head if overlong_head is not None else (b"".join(pending) + pieces[0])[:RAW_SAMPLE]
-                yield number, head, _too_long(size, max_bytes)
+                yield number, start, head, _too_long(size, max_bytes)
+                start += size + 1
                 del pieces[0]
             pending, pending_size, overlong_head = [], 0, None
         for line in pieces:
             number += 1
             if len(line) > max_bytes:
-                yield number, line[:RAW_SAMPLE], _too_long(len(line), max_bytes)
+                yield number, start, line[:RAW_SAMPLE], _too_long(len(line), max_bytes)
             else:
-                yield number, line, None
+                yield number, start, line, None
+            start += len(line) + 1
         if tail:
             pending_size += len(tail)
             if overlong_head is not None:
@@ -96,6 +116,6 @@ def _lines(stream: BinaryIO, max_bytes: int) -> Iterator[tuple[int, bytes, str |
             else:
                 pending.append(tail)
     if overlong_head is not None:
-        yield number + 1, overlong_head, _too_long(pending_size, max_bytes)
+        yield number + 1, start, overlong_head, _too_long(pending_size, max_bytes)
     elif pending:
-        yield number + 1, b"".join(pending), None
+        yield number + 1, start, b"".join(pending), None

@@ -199,6 +199,31 @@ def test_damaged_records_and_changed_outputs_are_redone(built, caplog):
     assert not [r for r in caplog.records if r.name == "tasks.fanout"]
 
 
+def test_an_edited_receipt_is_redone_not_summed(built, corpus, caplog):
+    """A receipt still valid JSON but with a count changed fails its checksum: the rerun redoes its
+    shard (logged once, naming it) and the build reconciles as before. A receipt edited inside a
+    stage summary is read from its own object instead."""
+    config, manifest_uri = built
+    store = open_store(config.output).child(f"datasets/sample/{config.resolved_build_id}")
+    before = build_objects(config.output, receipts=False)
+    receipt = "receipts/ingest/000001.json"
+    edited = json.loads(store.get_bytes(receipt))
+    source = next(iter(edited["sources"]))
+    edited["sources"][source]["docs_in"] += 1
+    store.put_bytes(receipt, json.dumps(edited).encode())
+    summary = json.loads(store.get_bytes("summaries/tokenize.json"))
+    summary["receipts"][0]["counts"]["documents"] = summary["receipts"][0]["counts"].get("documents", 0) + 1
+    store.put_bytes("summaries/tokenize.json", json.dumps(summary).encode())
+    with caplog.at_level("WARNING", logger="tasks.fanout"):
+        assert build_dataset(config) == manifest_uri
+    assert build_objects(config.output, receipts=False) == before
+    assert_reconciles(manifest_uri, corpus)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "tasks.fanout"]
+    assert sum(receipt in w and "checksum" in w for w in warnings) == 1, warnings
+    assert sum("summaries/tokenize.json" in w and "checksum" in w for w in warnings) == 1, warnings
+    assert json.loads(store.get_bytes(receipt))["sources"][source]["docs_in"] == edited["sources"][source]["docs_in"] - 1
+
+
 def test_outputs_do_not_depend_on_the_number_of_workers(corpus, tmp_path):
     outputs = {}
     for parallelism in (1, 2):

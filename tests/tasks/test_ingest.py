@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import io
 import re
@@ -143,6 +144,35 @@ def test_without_quarantine_the_first_bad_record_fails_the_file(tmp_path, out, b
     with pytest.raises(IngestError, match=f"{re.escape(file.uri)} line 2: .*{re.escape(reason)}"):
         ingest_file(file, source(), Filters(max_record_bytes=4096), quarantine=False, out=out)
     assert list(out.list()) == []  # nothing committed
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "jsonl.zst"])
+def test_a_byte_order_mark_at_the_start_of_a_file_is_not_text(tmp_path, out, fmt):
+    data = codecs.BOM_UTF8 + jsonl({"text": "the first document, after the mark"}, {"text": "the second document"})
+    if fmt == "jsonl.zst":
+        data = zstandard.ZstdCompressor().compress(data)
+    file = place(LocalStore(tmp_path / "raw"), f"bom.{fmt}", data)
+    receipt = ingest_file(file, source(fmt), FILTERS, quarantine=True, out=out)
+    assert (receipt.counts["kept"], receipt.counts["malformed"]) == (2, 0)
+    assert [d["text"] for d in docs(out, file)] == ["the first document, after the mark", "the second document"]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "jsonl.zst"])
+def test_invalid_utf8_is_quarantined_naming_its_line_and_byte_offset(tmp_path, out, fmt):
+    first, bad = b'{"text": "a good first document"}', b'{"text": "caf\xc3 au lait"}'
+    data = codecs.BOM_UTF8 + first + b"\n" + bad + b"\n"
+    offset, in_line = data.index(b"\xc3"), bad.index(b"\xc3")
+    stream = "file"
+    if fmt == "jsonl.zst":
+        data, stream = zstandard.ZstdCompressor().compress(data), "decompressed stream"
+    file = place(LocalStore(tmp_path / "raw"), f"bad.{fmt}", data)
+    receipt = ingest_file(file, source(fmt), FILTERS, quarantine=True, out=out)
+    assert (receipt.counts["kept"], receipt.counts["malformed"]) == (1, 1)
+    [entry] = quarantined(out, file)
+    assert entry["line"] == 2
+    assert entry["reason"] == f"invalid UTF-8: byte 0xc3 at byte offset {offset} of the {stream} ({in_line} into the line)"
+    with pytest.raises(IngestError, match=f"{re.escape(file.uri)} line 2: invalid UTF-8: byte 0xc3 at byte offset {offset} "):
+        ingest_file(file, source(fmt), FILTERS, quarantine=False, out=LocalStore(tmp_path / "strict"))
 
 
 def test_empty_text_is_filtered_even_with_no_minimum(tmp_path, out):

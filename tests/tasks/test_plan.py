@@ -8,6 +8,7 @@ import time
 import uuid
 
 import pytest
+from pydantic import ValidationError
 
 from storage.s3 import s3_client
 from storage.store import LocalStore, Store, open_store
@@ -135,3 +136,66 @@ def test_an_s3_plan_takes_sizes_and_etags_from_the_listing_pages_not_one_head_pe
     expected = [store.info(f"raw/{n}.jsonl") for n in range(5)]
     assert [(f.size, f.identity) for f in files] == [(info.size, info.version) for info in expected]
     assert all(f.identity["etag"] for f in files)
+
+
+# --- the store's own outputs are never planned as inputs -------------------------------------
+
+
+def config_of(uri: str, output: str, fmt: str = "jsonl") -> dict:
+    return {"name": "b", "output": output, "sources": [{"name": "web", "uri": uri, "format": fmt}]}
+
+
+def refusal(uri: str, output: str, fmt: str = "jsonl") -> str:
+    with pytest.raises(ValidationError) as refused:
+        BuildConfig.model_validate(config_of(uri, output, fmt))
+    [problem] = refused.value.errors()
+    return problem["msg"]
+
+
+def test_an_input_glob_that_could_match_the_output_store_is_refused_naming_both(store):
+    """A previous build's quarantine jsonl lies under <output>/datasets/: any glob that could reach
+    it (or a later build's outputs, or a run's) is refused when the config is read."""
+    root = store.uri
+    store.put_bytes("raw/one.jsonl", DOC)
+    store.put_bytes("datasets/b/old/quarantine/web/000000.jsonl", b'{"line": 3, "reason": "invalid JSON"}\n')
+    for glob in (
+        f"{root}/**/*.jsonl",
+        f"{root}/*/*/*/*/web/*.jsonl",
+        f"{root}/d*/**",
+        f"{root}/[!d]*/*/*",  # runs/<run>/metrics.jsonl
+        f"{root}/datasets/b/old/quarantine/web/000000.jsonl",
+    ):
+        message = refusal(glob, root)
+        assert "\n" not in message and f"source 'web': input {glob} could match" in message, message
+        assert f"under output {root} ({root}/" in message, message
+    assert refusal(f"{root}/datasets/b/old", root, "hf")  # a dataset folder inside a build
+    # the same store, with the inputs in a folder of their own: planned, and only they are
+    for glob in (f"{root}/raw/**/*.jsonl", f"{root}/*/one.jsonl", f"{root}/*/*.jsonl"):
+        config = BuildConfig.model_validate(config_of(glob, root))
+        assert [f.uri for f in make_plan(config)] == [store.url("raw/one.jsonl")]
+
+
+def test_a_config_widened_after_validation_is_refused_at_plan_before_anything_is_written(store):
+    store.put_bytes("raw/one.jsonl", DOC)
+    config = BuildConfig.model_validate(config_of(f"{store.uri}/raw/*.jsonl", store.uri))
+    widened = config.model_copy(update={"sources": [config.sources[0].model_copy(update={"uri": f"{store.uri}/**"})]})
+    with pytest.raises(ValueError, match=rf"input {re.escape(store.uri)}/\*\* could match .* under output "):
+        freeze_plan(widened, store.child("datasets/b/x"))
+    assert list(store.list()) == ["raw/one.jsonl"]
+
+
+def test_relative_paths_and_symlinks_are_compared_where_they_lead(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "raw" / "web").mkdir(parents=True)
+    (tmp_path / "elsewhere").symlink_to(tmp_path / "raw", target_is_directory=True)
+    for glob, output in [
+        ("./**/*.jsonl", "out"),
+        ("raw/**/*.jsonl", "raw/web/../store"),
+        ("raw/**", "elsewhere/store"),
+        ("elsewhere/*/*/*/*.jsonl", "raw"),
+        (f"{tmp_path}/raw/**", f"file://{tmp_path}/raw/"),
+        ("/**/*.jsonl", "out"),
+    ]:
+        assert f"input {glob} could match" in refusal(glob, output), (glob, output)
+    for glob, output in [("raw/*.jsonl", "."), ("raw/**/*.jsonl", "out"), ("raw/web/*.jsonl", "raw"), ("*/*.jsonl", ".")]:
+        BuildConfig.model_validate(config_of(glob, output))

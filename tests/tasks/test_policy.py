@@ -120,16 +120,18 @@ def test_a_rerun_of_a_build_whose_input_changed_is_refused_naming_the_file(tiny_
     assert build_objects(config.output) == before  # the old build stays as it was
 
 
-def test_a_build_whose_counts_do_not_reconcile_fails_and_publishes_no_manifest(tiny_build):
+def test_a_build_whose_counts_do_not_reconcile_fails_naming_the_receipts_and_publishes_no_manifest(tiny_build):
     """A document counted twice: one ingest receipt says one more document came in than it wrote,
-    filtered or quarantined (rewritten before the manifest step, as a faulty stage would)."""
+    filtered or quarantined (rewritten, and sealed with its checksum, before the manifest step, as a
+    faulty stage would). The error names the source and that receipt first."""
     config, manifest_uri = tiny_build
     build, _ = open_object(manifest_uri)  # the build folder
     build.delete(layout.MANIFEST)
-    key = next(iter(build.list(layout.receipts("ingest"))))
+    key = list(build.list(layout.receipts("ingest")))[-1]
     receipt = read_record(build, key, Receipt)
     web = receipt.sources["web"]
-    write_record(build, key, receipt.model_copy(update={"sources": {"web": web.model_copy(update={"docs_in": web.docs_in + 1})}}))
+    wrong = {"web": web.model_copy(update={"docs_in": web.docs_in + 1})}
+    write_record(build, key, receipt.model_copy(update={"sources": wrong}).sealed())
 
     with pytest.raises(AccountingError) as failed:
         build_dataset(config)
@@ -137,6 +139,7 @@ def test_a_build_whose_counts_do_not_reconcile_fails_and_publishes_no_manifest(t
     assert "\n" not in message and message.startswith("source 'web' does not reconcile: ")
     total_in = sum(read_record(build, k, Receipt).sources["web"].docs_in for k in build.list(layout.receipts("ingest")))
     assert f"'docs_in': {total_in}," in message
+    assert f"counted by {build.url(key)}, " in message and "(1 of them do not add up on their own)" in message
     assert not build.exists(layout.MANIFEST)
 
 
