@@ -53,7 +53,7 @@ from model.train_config import DataSource
 from storage.manifest import DatasetManifest, TokenizerInfo, read_record
 from storage.shard_cache import ShardCache, ShardLocation
 from storage.shards import ShardError
-from storage.store import Store, StoreError, open_object
+from storage.store import InvalidKey, ObjectNotFound, Store, StoreAccessError, check_key, open_object
 
 # Global positions per mixture chunk: the per-source counts are exact at every chunk end.
 MIXTURE_CHUNK_BLOCKS = 4096
@@ -74,14 +74,23 @@ class DataError(ValueError):
 
 
 def read_manifest(uri: str) -> tuple[Store, DatasetManifest]:
-    """The manifest at `uri` and the store of its folder (shard keys are relative to it)."""
+    """The manifest at `uri` and the store of its folder (shard keys are relative to it; one that
+    would leave that folder is refused here, naming the manifest, before any shard is read)."""
     try:
         store, key = open_object(uri)
-        return store, read_record(store, key, DatasetManifest)
+        manifest = read_record(store, key, DatasetManifest)
     except ValidationError as e:
         raise DataError(f"{uri}: not a valid dataset manifest:\n{e}") from None
-    except StoreError as e:
+    except (ObjectNotFound, StoreAccessError, InvalidKey) as e:  # an outage past the store's retries is retried
         raise DataError(f"cannot read dataset manifest {uri}: {e}") from None
+    keys = [("tokenizer", manifest.tokenizer.key)]
+    keys += [(f"shard {s.prefix!r}", k) for s in manifest.shards for k in (s.prefix, s.bin.key, s.idx.key)]
+    for what, shard_key in keys:
+        try:
+            check_key(shard_key)
+        except InvalidKey as e:
+            raise DataError(f"{uri}: {what}: {e}") from None
+    return store, manifest
 
 
 def shared_tokenizer(manifests: Sequence[tuple[str, DatasetManifest]]) -> TokenizerInfo:
@@ -412,6 +421,8 @@ class BlockLoader:
                 shard = self._cache.get(self._all_shards[shard_id])
             except ShardError as e:  # corrupt or changed since the build: the same every time
                 raise DataError(str(e)) from None
+            except InvalidKey as e:  # e.g. a symlink out of a local store
+                raise DataError(f"{stream.name}: {e}") from None
             take = min(self.block_len - filled, shard.num_tokens - offset)
             out[filled : filled + take] = shard.tokens(offset, take)
             filled += take

@@ -33,6 +33,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
+from typing import TypeVar
 
 from botocore.client import BaseClient
 from botocore.exceptions import ClientError
@@ -40,10 +41,12 @@ from pydantic import BaseModel, ConfigDict
 
 from storage.manifest import record_bytes, sha256_bytes
 from storage.processes import process_alive, process_start
+from storage.retry import retry_deadline
 from storage.s3 import S3Store
 from storage.store import LocalStore, ObjectNotFound, Store, StoreError, check_key
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_TTL_S = 120.0
 # A takeover re-reads and retries when another acquirer changed the lease in between.
@@ -187,44 +190,43 @@ class _S3Object(_VersionedObject):
     """An object in an S3Store; the version is its ETag, changes are conditional requests."""
 
     def __init__(self, store: S3Store, key: str):
-        self.store, self.uri = store, store.url(key)
-        self.bucket, self.key = store.bucket, store._key(key)
+        self.store, self.key, self.uri = store, key, store.url(key)
 
-    @contextlib.contextmanager
-    def _request(self, action: str) -> Iterator[BaseClient]:
-        # The store's client and error translation (names the URI, never the credentials),
+    def _send(self, action: str, send: Callable[[BaseClient, dict[str, str]], T]) -> T:
+        # The store's retries and error translation (names the URI, never the credentials),
         # with a failed precondition turned into a conflict first.
-        with self.store._errors(action, self.uri) as client:
+        def conditional(client: BaseClient, target: dict[str, str]) -> T:
             try:
-                yield client
+                return send(client, target)
             except ClientError as error:
                 if _precondition_failed(error):
                     raise _Conflict from None
                 raise
 
+        return self.store.request(action, self.key, conditional)
+
     def read(self) -> tuple[bytes, str] | None:
+        def get(client: BaseClient, target: dict[str, str]) -> tuple[bytes, str]:
+            response = client.get_object(**target)
+            return response["Body"].read(), response["ETag"]
+
         try:
-            with self._request("read") as client:
-                response = client.get_object(Bucket=self.bucket, Key=self.key)
-                return response["Body"].read(), response["ETag"]
+            return self._send("read", get)
         except ObjectNotFound:
             return None
 
     def create(self, data: bytes) -> str:
-        with self._request("create") as client:
-            return client.put_object(Bucket=self.bucket, Key=self.key, Body=data, IfNoneMatch="*")["ETag"]
+        return self._send("create", lambda client, target: client.put_object(**target, Body=data, IfNoneMatch="*")["ETag"])
 
     def replace(self, data: bytes, version: str) -> str:
         try:
-            with self._request("write") as client:
-                return client.put_object(Bucket=self.bucket, Key=self.key, Body=data, IfMatch=version)["ETag"]
+            return self._send("write", lambda client, target: client.put_object(**target, Body=data, IfMatch=version)["ETag"])
         except ObjectNotFound:  # deleted meanwhile
             raise _Conflict from None
 
     def delete(self, version: str) -> None:
         try:
-            with self._request("delete") as client:
-                client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=version)
+            self._send("delete", lambda client, target: client.delete_object(**target, IfMatch=version))
         except ObjectNotFound:  # deleted meanwhile
             raise _Conflict from None
 
@@ -297,7 +299,8 @@ class Lease:
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.ttl_s / 3):
             try:
-                self.renew()
+                with retry_deadline(self.ttl_s / 3):  # a renewal waits on the store until the next one is due
+                    self.renew()
             except LeaseLost:
                 return
             except StoreError as error:  # the store is unreachable: keep trying until the lease expires
@@ -322,13 +325,18 @@ class Lease:
                 log.warning("lease %s was taken over before it was released; left as it is", self.uri)
 
 
-def acquire_lease(store: Store, key: str, owner: str, ttl_s: float = DEFAULT_TTL_S, clock: Clock = _now) -> Lease:
+def acquire_lease(store: Store, key: str, owner: str, ttl_s: float | None = None, clock: Clock = _now) -> Lease:
     """Take the lease at `key` in `store`, or raise LeaseHeld naming its live holder.
 
     `owner` says in words who is asking (shown to anyone who is refused). A stale lease
     (expired, or its process on this host gone) is taken over. `clock` stamps and judges
-    expiry (UTC wall time; the heartbeat's pace, ttl_s/3, is always real time).
+    expiry (UTC wall time; the heartbeat's pace, ttl_s/3, is always real time). The default
+    ttl outlasts the store's own retries, so an outage the store rides out never costs the
+    lease (a crashed holder on another host blocks a successor that long; on this host its
+    missing process frees the lease at once).
     """
+    if ttl_s is None:
+        ttl_s = max(DEFAULT_TTL_S, store.outage_tolerance_s + DEFAULT_TTL_S / 2)
     if ttl_s <= 0:
         raise ValueError(f"lease ttl must be positive, got {ttl_s}")
     target = _versioned(store, key)

@@ -6,10 +6,14 @@ Endpoint, region and credentials come from the standard AWS environment and conf
 SeaweedFS, MinIO and most S3-compatible servers need); TINYLLAMA_S3_ADDRESSING_STYLE
 (path | virtual | auto) or `s3 = addressing_style = ...` in the profile overrides that.
 
-Retries: botocore's "standard" mode (exponential backoff with jitter on throttling, 5xx and
-connection errors), MAX_ATTEMPTS attempts unless AWS_RETRY_MODE / AWS_MAX_ATTEMPTS (or the
-profile's retry_mode / max_attempts) say otherwise. With CONNECT_TIMEOUT_S per attempt an
-unreachable endpoint fails in under 30 s.
+Retries, in two layers: botocore's "standard" mode (MAX_ATTEMPTS attempts unless
+AWS_RETRY_MODE / AWS_MAX_ATTEMPTS or the profile's retry_mode / max_attempts say otherwise)
+absorbs a blip of a second in each request; storage/retry.py's policy carries every call of
+the store through an outage of minutes (TINYLLAMA_STORE_RETRY_S), including what botocore
+does not retry: a response body that breaks off (a GET resumes from the byte it reached, with a
+Range request that must match the first answer's ETag), a listing (it resumes from its last
+continuation token) and whole multipart transfers. Access errors and missing objects fail at
+once.
 
 Each process builds one client per AWS configuration, on first use, and shares it between
 threads (boto3 clients are thread-safe). The store object holds no client, so it pickles
@@ -18,14 +22,15 @@ cheaply and Ray can ship it to workers, which build their own.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import boto3
@@ -41,9 +46,19 @@ from botocore.exceptions import (
     PartialCredentialsError,
 )
 from botocore.exceptions import ConnectionError as BotocoreConnectionError
-from botocore.response import StreamingBody
 from s3transfer.exceptions import RetriesExceededError
+from s3transfer.futures import TransferFuture
+from s3transfer.manager import TransferManager
 
+from storage.retry import (
+    RETRY_ENV,
+    RETRY_PROFILE_KEY,
+    OutageTooLong,
+    RetryPolicy,
+    ShortBody,
+    deadline_setting,
+    one_line,
+)
 from storage.store import (
     CREDENTIALS_IN_URI,
     ListedObject,
@@ -57,6 +72,8 @@ from storage.store import (
     check_range,
 )
 
+T = TypeVar("T")
+
 ADDRESSING_STYLE_ENV = "TINYLLAMA_S3_ADDRESSING_STYLE"
 RETRY_MODE = "standard"
 MAX_ATTEMPTS = 5
@@ -65,6 +82,7 @@ CONNECT_TIMEOUT_S = 5
 READ_TIMEOUT_S = 30
 # At least the transfer concurrency, so parallel parts never queue for a connection.
 MAX_POOL_CONNECTIONS = 32
+DELETE_BATCH = 1000  # keys of one DeleteObjects request (S3's limit)
 MiB = 1 << 20
 # Objects from 64 MiB up go as a multipart upload (and download as parallel ranged GETs)
 # in 16 MiB parts, 10 at a time; below that a single PUT / GET. 16 MiB parts keep a
@@ -76,6 +94,9 @@ DEFAULT_TRANSFER = TransferConfig(
     io_chunksize=1 * MiB,
 )
 READ_BUFFER_BYTES = 1 * MiB
+# A whole read (get_bytes, download) takes the body in pieces of this size: a read that breaks
+# off loses one piece at most, and an object up to one piece is read without a copy.
+READ_PIECE_BYTES = 8 * MiB
 _TRANSFER_SETTINGS = (
     "multipart_threshold", "multipart_chunksize", "max_concurrency", "io_chunksize",
     "num_download_attempts", "max_io_queue", "use_threads", "max_bandwidth",
@@ -110,25 +131,41 @@ _CLIENT_ENV = (
     "AWS_RETRY_MODE",
     "AWS_MAX_ATTEMPTS",
     ADDRESSING_STYLE_ENV,
+    RETRY_ENV,
 )
-_clients: dict[tuple[str | int | None, ...], BaseClient] = {}
-_clients_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class _Connection:
+    """A client and the policy its calls are retried under, for one AWS configuration."""
+
+    client: BaseClient
+    endpoint: str  # without credentials, for messages
+    policy: RetryPolicy
+
+
+_connections: dict[tuple[str | int | None, ...], _Connection] = {}
+_connections_lock = threading.Lock()
 
 
 def s3_client() -> BaseClient:
     """This process's S3 client for the current AWS environment, built on first use."""
+    return _connection().client
+
+
+def _connection() -> _Connection:
     # The pid is part of the key: a forked child must not reuse its parent's connections.
     settings = (os.getpid(), *(os.environ.get(name) for name in _CLIENT_ENV))
-    client = _clients.get(settings)
-    if client is None:
-        with _clients_lock:
-            client = _clients.get(settings)
-            if client is None:
-                client = _clients[settings] = _new_client()
-    return client
+    connection = _connections.get(settings)
+    if connection is None:
+        with _connections_lock:
+            connection = _connections.get(settings)
+            if connection is None:
+                connection = _connections[settings] = _new_connection()
+    return connection
 
 
-def _new_client() -> BaseClient:
+def _new_connection() -> _Connection:
     core = botocore.session.get_session()
     profile = core.get_scoped_config()
     s3_profile = profile.get("s3") if isinstance(profile.get("s3"), dict) else {}
@@ -152,6 +189,11 @@ def _new_client() -> BaseClient:
         "mode": os.environ.get("AWS_RETRY_MODE") or profile.get("retry_mode") or RETRY_MODE,
         "total_max_attempts": int(attempts),  # "max_attempts" would count retries only
     }
+    source = RETRY_ENV if os.environ.get(RETRY_ENV) else f"the AWS profile's {RETRY_PROFILE_KEY}"
+    try:
+        deadline_s = deadline_setting(os.environ.get(RETRY_ENV) or profile.get(RETRY_PROFILE_KEY), source)
+    except ValueError as error:
+        raise StoreError(str(error)) from None
     config = Config(
         retries=retries,
         connect_timeout=CONNECT_TIMEOUT_S,
@@ -160,7 +202,8 @@ def _new_client() -> BaseClient:
         tcp_keepalive=True,
         s3={"addressing_style": style} if style else None,
     )
-    return boto3.session.Session(botocore_session=core).client("s3", config=config)
+    client = boto3.session.Session(botocore_session=core).client("s3", config=config)
+    return _Connection(client, _public_endpoint(client), RetryPolicy(deadline_s))
 
 
 def _public_endpoint(client: BaseClient) -> str:
@@ -172,7 +215,10 @@ def _public_endpoint(client: BaseClient) -> str:
 
 
 class S3Store(Store):
-    """Objects under `s3://bucket/prefix`; writes are single PUTs or completed multipart uploads."""
+    """Objects under `s3://bucket/prefix`; writes are single PUTs or completed multipart uploads.
+
+    Every call goes through `_call`: the transient-fault policy of storage/retry.py, then the
+    translation of what is left into StoreErrors that name the object."""
 
     def __init__(self, bucket: str, prefix: str = "", transfer: TransferConfig = DEFAULT_TRANSFER):
         if "@" in bucket or ":" in bucket:
@@ -197,15 +243,39 @@ class S3Store(Store):
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{check_key(key)}" if self.prefix else check_key(key)
 
-    @contextmanager
-    def _errors(self, action: str, uri: str) -> Iterator[BaseClient]:
-        """The S3 client, for a block whose boto3 errors become StoreErrors that name `uri`."""
+    def _call(
+        self,
+        action: str,
+        uri: str,
+        operation: Callable[[BaseClient], T],
+        on_retry: Callable[[], None] | None = None,
+    ) -> T:
+        """operation(client) under the transient-fault policy; `on_retry` runs before each retry."""
+        with self._errors(action, uri) as connection:
+            return connection.policy.call(lambda: operation(connection.client), connection.endpoint, f"{action} {uri}", on_retry)
+
+    def request(self, action: str, key: str, send: Callable[[BaseClient, dict[str, str]], T]) -> T:
+        """send(client, {"Bucket": ..., "Key": ...}) for the object `key`, retried and translated
+        like the store's own calls: for requests the store does not make itself (a lease's
+        conditional writes). Exceptions that are not botocore's pass through unchanged."""
+        target = {"Bucket": self.bucket, "Key": self._key(key)}
+        return self._call(action, self.url(key), lambda client: send(client, target))
+
+    @contextlib.contextmanager
+    def _errors(self, action: str, uri: str) -> Iterator[_Connection]:
+        """The S3 connection, for a block whose boto3 errors become StoreErrors that name `uri`."""
         try:
-            client = s3_client()
+            connection = _connection()
         except (StoreError, BotoCoreError) as err:  # a bad setting or profile in the AWS environment
             raise StoreError(f"cannot {action} {uri}: {err}") from err
         try:
-            yield client
+            yield connection
+        except OutageTooLong as err:
+            raise StoreError(
+                f"cannot {action} {uri}: S3 endpoint {connection.endpoint} unreachable or failing for "
+                f"{err.waited_s:.0f} s, past the retry deadline ({RETRY_ENV}={err.deadline_s:g}; check "
+                f"AWS_ENDPOINT_URL): {self._describe(err.error)}"
+            ) from err
         except ClientError as err:
             error = err.response.get("Error", {})
             code = str(error.get("Code", ""))
@@ -219,8 +289,9 @@ class S3Store(Store):
                     f"access denied: cannot {action} {uri} ({code or status}); check the AWS credentials "
                     "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE) and the bucket's permissions"
                 ) from err
-            message = error.get("Message", "")
-            raise StoreError(f"cannot {action} {uri}: {code} (HTTP {status}) {message}".rstrip()) from err
+            if code == "PreconditionFailed" and action == "read":  # a resumed GET's If-Match
+                raise StoreError(f"cannot {action} {uri}: the object changed while it was being read") from err
+            raise StoreError(f"cannot {action} {uri}: {self._describe(err)}") from err
         except (NoCredentialsError, PartialCredentialsError) as err:
             raise StoreAccessError(
                 f"cannot {action} {uri}: no usable AWS credentials ({err}); set AWS_ACCESS_KEY_ID and "
@@ -228,53 +299,57 @@ class S3Store(Store):
             ) from err
         except (BotocoreConnectionError, HTTPClientError, RetriesExceededError) as err:
             raise StoreError(
-                f"cannot {action} {uri}: S3 endpoint {_public_endpoint(client)} unreachable or failing "
+                f"cannot {action} {uri}: S3 endpoint {connection.endpoint} unreachable or failing "
                 f"(check AWS_ENDPOINT_URL): {err}"
             ) from err
         except BotoCoreError as err:
             raise StoreError(f"cannot {action} {uri}: {err}") from err
 
+    @staticmethod
+    def _describe(error: BaseException) -> str:
+        if isinstance(error, ClientError):
+            status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            code = error.response.get("Error", {}).get("Code", "")
+            message = error.response.get("Error", {}).get("Message", "")
+            return one_line(f"{code} (HTTP {status}) {message}")
+        return one_line(error)
+
+    def _transfer(self, action: str, key: str, run: Callable[[TransferManager], TransferFuture]) -> None:
+        """A transfer manager's upload or download, redone whole while the store is failing
+        (its parts are retried by botocore and s3transfer first)."""
+
+        def attempt(client: BaseClient) -> None:
+            with create_transfer_manager(client, self.transfer) as manager:
+                run(manager).result()
+
+        self._call(action, self.url(key), attempt)
+
     def put_bytes(self, key: str, data: bytes) -> None:
-        with self._errors("write", self.url(key)) as client:
-            if len(data) < self.transfer.multipart_threshold:
-                client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
-            else:
-                with create_transfer_manager(client, self.transfer) as manager:
-                    manager.upload(io.BytesIO(data), self.bucket, self._key(key)).result()
+        if len(data) < self.transfer.multipart_threshold:
+            self._call(
+                "write", self.url(key), lambda client: client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+            )
+        else:
+            self._transfer("write", key, lambda manager: manager.upload(io.BytesIO(data), self.bucket, self._key(key)))
 
     def put_file(self, key: str, path: str | os.PathLike) -> None:
         os.stat(path)  # a missing source fails here naming the file; inside s3transfer it is not named
-        with self._errors("write", self.url(key)) as client:
-            with create_transfer_manager(client, self.transfer) as manager:
-                manager.upload(os.fspath(path), self.bucket, self._key(key)).result()
+        self._transfer("write", key, lambda manager: manager.upload(os.fspath(path), self.bucket, self._key(key)))
 
     def get_bytes(self, key: str) -> bytes:
-        with self._errors("read", self.url(key)) as client:
-            return client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+        with _ObjectReader(self, key) as reader:
+            return reader.readall()
 
     def get_range(self, key: str, start: int, length: int) -> bytes:
-        uri = self.url(key)
-        check_range(start, length, uri)
+        check_range(start, length, self.url(key))
         if length == 0:
             self.size(key)  # still raise ObjectNotFound for a missing key
             return b""
-        with self._errors("read", uri) as client:
-            try:
-                response = client.get_object(
-                    Bucket=self.bucket, Key=self._key(key), Range=f"bytes={start}-{start + length - 1}"
-                )
-            except ClientError as err:
-                # 416: the range starts at or past the end; like a file read there, that is no bytes.
-                if err.response.get("Error", {}).get("Code") == "InvalidRange":
-                    return b""
-                raise
-            return response["Body"].read()
+        with _ObjectReader(self, key, start, start + length) as reader:
+            return reader.readall()
 
     def open_read(self, key: str) -> BinaryIO:
-        uri = self.url(key)
-        with self._errors("read", uri) as client:
-            body = client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
-        return io.BufferedReader(_BodyReader(body, uri, self), buffer_size=READ_BUFFER_BYTES)
+        return io.BufferedReader(_ObjectReader(self, key), buffer_size=READ_BUFFER_BYTES)
 
     def list(self, prefix: str = "") -> Iterator[str]:
         return (info.key for info in self.list_info(prefix))
@@ -282,14 +357,21 @@ class S3Store(Store):
     def list_info(self, prefix: str = "") -> Iterator[ListedObject]:
         check_prefix(prefix)
         root = f"{self.prefix}/" if self.prefix else ""
+        uri = f"{self.uri}/{prefix}"
         found: list[ListedObject] = []
-        with self._errors("list", f"{self.uri}/{prefix}") as client:
-            pages = client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=root + prefix)
-            for page in pages:
-                found.extend(
-                    ListedObject(item["Key"][len(root) :], int(item["Size"]), {"etag": item["ETag"].strip('"')})
-                    for item in page.get("Contents", ())
-                )
+        page: dict = {"NextContinuationToken": None}
+        while "NextContinuationToken" in page:
+            # A failed page is asked for again with the same token: the listing resumes there.
+            more = {"ContinuationToken": page["NextContinuationToken"]} if page["NextContinuationToken"] else {}
+            page = self._call(
+                "list", uri, lambda client: client.list_objects_v2(Bucket=self.bucket, Prefix=root + prefix, **more)
+            )
+            found.extend(
+                ListedObject(item["Key"][len(root) :], int(item["Size"]), {"etag": item["ETag"].strip('"')})
+                for item in page.get("Contents", ())
+            )
+            if not page.get("IsTruncated"):
+                break
         # Folder markers ("a/") are not objects; servers differ in listing order, so sort here.
         return iter(sorted((info for info in found if not info.key.endswith("/")), key=lambda info: info.key))
 
@@ -298,8 +380,7 @@ class S3Store(Store):
         return ListedObject(key, int(head["ContentLength"]), {"etag": head["ETag"].strip('"')})
 
     def _head(self, key: str) -> dict:
-        with self._errors("read", self.url(key)) as client:
-            return client.head_object(Bucket=self.bucket, Key=self._key(key))
+        return self._call("read", self.url(key), lambda client: client.head_object(Bucket=self.bucket, Key=self._key(key)))
 
     def exists(self, key: str) -> bool:
         # A HEAD answer has no body, so a missing bucket also reads as a missing key here.
@@ -313,38 +394,117 @@ class S3Store(Store):
         return int(self._head(key)["ContentLength"])
 
     def delete(self, key: str) -> None:
-        with self._errors("delete", self.url(key)) as client:
-            client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        self._call("delete", self.url(key), lambda client: client.delete_object(Bucket=self.bucket, Key=self._key(key)))
+
+    def delete_many(self, keys: Iterable[str]) -> None:
+        """DeleteObjects, DELETE_BATCH keys a request, in order."""
+        keys = list(keys)
+        for start in range(0, len(keys), DELETE_BATCH):
+            batch = keys[start : start + DELETE_BATCH]
+            objects = {"Objects": [{"Key": self._key(key)} for key in batch], "Quiet": True}
+            what = self.url(batch[0]) + (f" and {len(batch) - 1} more" if len(batch) > 1 else "")
+            answer = self._call("delete", what, lambda client: client.delete_objects(Bucket=self.bucket, Delete=objects))
+            if failed := answer.get("Errors"):
+                raise StoreError(f"cannot delete s3://{self.bucket}/{failed[0]['Key']}: "
+                                 f"{failed[0].get('Code')} ({len(failed)} of {len(batch)} keys failed)")
 
     def download(self, key: str, path: str | os.PathLike) -> Path:
         dest = Path(path)
-        with self._errors("download", self.url(key)) as client, atomic_output(dest) as tmp:
-            with create_transfer_manager(client, self.transfer) as manager:
-                manager.download(self.bucket, self._key(key), os.fspath(tmp)).result()
+        with atomic_output(dest) as tmp:
+            if self.size(key) < self.transfer.multipart_threshold:  # one GET, resumed if it breaks off
+                with _ObjectReader(self, key) as reader, open(tmp, "wb") as out:
+                    for piece in iter(reader.read_piece, b""):
+                        out.write(piece)
+            else:  # parallel ranged GETs
+                self._transfer("download", key, lambda manager: manager.download(self.bucket, self._key(key), os.fspath(tmp)))
         return dest
+
+    @property
+    def outage_tolerance_s(self) -> float:
+        return _connection().policy.deadline_s
 
     def child(self, prefix: str) -> S3Store:
         return S3Store(self.bucket, self._key(prefix.removesuffix("/")), self.transfer)
 
 
-class _BodyReader(io.RawIOBase):
-    """A GET response body as a raw stream whose errors name the object."""
+class _ObjectReader(io.RawIOBase):
+    """Bytes [start, end) of an object (to its end if `end` is None) as a raw stream that resumes
+    where it broke off.
 
-    def __init__(self, body: StreamingBody, uri: str, store: S3Store):
-        self._body, self._uri, self._store = body, uri, store
+    The first GET is made at once (so a missing object fails here). A read that fails partway (a
+    reset, a short body, a timeout) is retried under the store's policy with a GET of the rest
+    (Range from the offset reached, If-Match the first answer's ETag, so a changed object is an
+    error, never a splice), and the stream ends only at the length the first answer announced.
+    """
+
+    def __init__(self, store: S3Store, key: str, start: int = 0, end: int | None = None):
+        self._store, self._uri = store, store.url(key)
+        self._request = {"Bucket": store.bucket, "Key": store._key(key)}
+        self._offset, self._end = start, end
+        self._etag: str | None = None
+        self._body = None
+        store._call("read", self._uri, self._get, on_retry=self._drop)
+
+    def _get(self, client: BaseClient) -> None:
+        """A GET of the bytes from the offset reached, unless one is open."""
+        if self._body is not None:
+            return
+        request = dict(self._request)
+        if self._offset or self._end is not None:
+            request["Range"] = f"bytes={self._offset}-{'' if self._end is None else self._end - 1}"
+        if self._etag is not None:
+            request["IfMatch"] = self._etag
+        try:
+            response = client.get_object(**request)
+        except ClientError as err:
+            # 416: the range starts at or past the end; like a file read there, that is no bytes.
+            if self._etag is None and err.response.get("Error", {}).get("Code") == "InvalidRange":
+                self._end = self._offset
+                return
+            raise
+        if self._etag is None:
+            content_range = response.get("ContentRange")  # "bytes 0-99/1234": the object's size last
+            total = int(content_range.rsplit("/", 1)[1]) if content_range else self._offset + int(response["ContentLength"])
+            self._end = total if self._end is None else min(self._end, total)
+            self._etag = response["ETag"]
+        self._body = response["Body"]
+
+    def _drop(self) -> None:
+        if self._body is not None:
+            body, self._body = self._body, None
+            with contextlib.suppress(OSError):  # a broken connection is dropped either way
+                body.close()
+
+    def _read(self, client: BaseClient, size: int) -> bytes:
+        self._get(client)
+        piece = self._body.read(size)
+        if not piece:  # botocore checks Content-Length; this checks the length the first answer gave
+            raise ShortBody(f"the response ended at byte {self._offset} of {self._end}")
+        return piece
+
+    def read_piece(self, size: int = READ_PIECE_BYTES) -> bytes:
+        """Up to `size` bytes (b"" at the end): a failure costs one piece at most."""
+        size = min(size, self._end - self._offset)
+        if size <= 0:
+            return b""
+        piece = self._store._call("read", self._uri, lambda client: self._read(client, size), on_retry=self._drop)
+        self._offset += len(piece)
+        return piece
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
-        with self._store._errors("read", self._uri):
-            data = self._body.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
+        piece = self.read_piece(len(buffer))
+        memoryview(buffer).cast("B")[: len(piece)] = piece
+        return len(piece)
+
+    def readall(self) -> bytes:
+        return b"".join(iter(self.read_piece, b""))
 
     def close(self) -> None:
         if not self.closed:
-            self._body.close()
+            self._drop()
         super().close()
 
 

@@ -2,7 +2,9 @@
 
 Every store speaks in keys relative to its root ("datasets/x/manifest.json"). Keys are
 validated so that nothing a user writes in a config can reach outside the root. Writes are
-atomic: a reader sees the whole object or none of it.
+atomic: a reader sees the whole object or none of it. An S3 store rides out transient faults
+(resets, short bodies, 5xx, SlowDown, timeouts) for minutes by itself (storage/retry.py), so no
+caller retries; a local folder needs none.
 
     store = open_store("s3://bucket/prefix")     # or "file:///data", or "./data"
     store.put_text("runs/a/config.json", "{}")
@@ -16,7 +18,7 @@ import re
 import secrets
 import shutil
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,6 +191,11 @@ class Store(ABC):
     def delete(self, key: str) -> None:
         """Remove a key; removing a missing key is not an error."""
 
+    def delete_many(self, keys: Iterable[str]) -> None:
+        """Remove keys, in order (missing ones are not an error); a store that can batches them."""
+        for key in keys:
+            self.delete(key)
+
     @abstractmethod
     def download(self, key: str, path: str | os.PathLike) -> Path:
         """Copy an object to a local file atomically and return its path."""
@@ -196,6 +203,11 @@ class Store(ABC):
     def local_path(self, key: str) -> Path | None:
         """The object's file when the store is a local folder (to read in place), else None."""
         return None
+
+    @property
+    def outage_tolerance_s(self) -> float:
+        """How long a call keeps retrying an unreachable store before it fails (storage/retry.py)."""
+        return 0.0
 
     def child(self, prefix: str) -> Store:
         """A store rooted at `prefix` inside this one (InvalidKey if `prefix` would leave this root)."""

@@ -24,7 +24,7 @@ from storage.manifest import (
     record_bytes,
 )
 from storage.shards import token_dtype
-from storage.store import ObjectNotFound, Store
+from storage.store import ObjectNotFound, Store, StoreError
 from tasks.fanout import read_summary, run_stage
 from tasks.parquet_io import read_table
 from tasks.plan import Build
@@ -281,14 +281,23 @@ def step_line(row: list) -> str:
 
 def publish_summary(build: Build, manifest_uri: str, train_run: str = "") -> None:
     """The build run's summary artifact, at the flow run's level (the Artifacts tab shows it above
-    the steps' progress bars), and its steps in the run's log."""
-    manifest = read_record(build.store, layout.MANIFEST, DatasetManifest)
-    steps = step_rows(build, manifest, step_seconds())
+    the steps' progress bars), and its steps in the run's log.
+
+    It is for display: the build is complete once its manifest is written, so a store still
+    failing past its retry deadline (storage/retry.py) leaves the summary out, logged, and never
+    fails the build."""
     logger = get_run_logger()
+    try:
+        manifest = read_record(build.store, layout.MANIFEST, DatasetManifest)
+        steps = step_rows(build, manifest, step_seconds())
+        markdown = summary_markdown(build, manifest, manifest_uri, train_run, steps)
+    except StoreError as error:
+        logger.warning("the build's summary is left out (the build itself is complete): %s", error)
+        return
     for row in steps:
         logger.info(step_line(row))
     create_markdown_artifact(
-        summary_markdown(build, manifest, manifest_uri, train_run, steps),
+        markdown,
         key=build_artifact_key(build.config, "summary"),
         description=f"build {build.id}: steps, sources, training, pages",
     )

@@ -3,6 +3,8 @@
 - `s3_endpoint` / `s3_bucket_uri` (tests/fixtures/s3.py): a SeaweedFS `weed mini` S3 server.
 - `prefect_server` (tests/fixtures/prefect.py): Prefect's test harness on a temp SQLite database.
 - `ray_local` (tests/fixtures/ray.py): one local Ray with 2 CPUs.
+- `faulty_s3` (tests/fixtures/faulty_proxy.py): a fault-injecting proxy in front of that S3 server,
+  AWS_ENDPOINT_URL pointing at it for the test.
 - `store_uri` / `store`: parametrized over a local folder and an S3 prefix; a fresh root per test.
 """
 
@@ -14,7 +16,7 @@ import pytest
 
 from storage.store import open_store
 
-pytest_plugins = ["tests.fixtures.s3", "tests.fixtures.prefect", "tests.fixtures.ray"]
+pytest_plugins = ["tests.fixtures.s3", "tests.fixtures.prefect", "tests.fixtures.ray", "tests.fixtures.faulty_proxy"]
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -1,6 +1,6 @@
 """Object stores against a local folder and a real S3 server (SeaweedFS): every operation,
 atomic writes, key validation, and the errors a user sees for bad keys, missing objects,
-wrong credentials and an unreachable endpoint."""
+wrong credentials and an unreachable endpoint. Transient faults are in test_retry.py."""
 
 from __future__ import annotations
 
@@ -340,17 +340,20 @@ def test_missing_credentials_and_bucket(s3_bucket_uri, monkeypatch, tmp_path):
     assert f"{s3_bucket_uri}/k" in str(caught.value)
 
 
-def test_unreachable_endpoint_fails_fast_naming_endpoint_and_uri(s3_bucket_uri, monkeypatch):
+def test_unreachable_endpoint_fails_after_the_retry_deadline_naming_endpoint_and_uri(s3_bucket_uri, monkeypatch):
     closed_port = free_port()
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed_port}")
+    monkeypatch.setenv("TINYLLAMA_STORE_RETRY_S", "2")
     store = open_store(f"{s3_bucket_uri}/offline")
     for operation in [lambda: store.get_bytes("k"), lambda: store.put_bytes("k", b"x"), lambda: list(store.list())]:
         started = time.monotonic()
         with pytest.raises(StoreError) as caught:
             operation()
         assert time.monotonic() - started < 30
-        assert f"127.0.0.1:{closed_port}" in str(caught.value) and "AWS_ENDPOINT_URL" in str(caught.value)
-        assert f"{s3_bucket_uri}/offline" in str(caught.value)
+        message = str(caught.value)
+        assert f"127.0.0.1:{closed_port}" in message and "AWS_ENDPOINT_URL" in message
+        assert f"{s3_bucket_uri}/offline" in message and "TINYLLAMA_STORE_RETRY_S=2" in message
+        assert "\n" not in message
 
 
 def test_open_store_uris(tmp_path, s3_bucket_uri):
@@ -424,6 +427,11 @@ def test_s3_client_settings_come_from_the_environment(s3_bucket_uri, monkeypatch
     assert client.meta.config.s3["addressing_style"] == "path"
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
     assert s3_client().meta.config.retries["total_max_attempts"] == 2
+    monkeypatch.setenv("TINYLLAMA_STORE_RETRY_S", "soon")
+    with pytest.raises(StoreError, match="TINYLLAMA_STORE_RETRY_S must be a number of seconds") as caught:
+        open_store(s3_bucket_uri).exists("k")
+    assert s3_bucket_uri in str(caught.value)
+    monkeypatch.delenv("TINYLLAMA_STORE_RETRY_S")
     monkeypatch.setenv("TINYLLAMA_S3_ADDRESSING_STYLE", "sideways")
     with pytest.raises(StoreError, match="must be path, virtual or auto") as caught:
         open_store(s3_bucket_uri).exists("k")
