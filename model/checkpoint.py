@@ -13,11 +13,18 @@ split of DDP's replicated tensors) to a local folder: the store's own folder, or
 folder whose files each rank then uploads itself. `async_save` stages a CPU copy and lets the
 loop go on while the files are written, uploaded and committed (at most one in flight).
 
-A checkpoint counts only if its COMMIT exists and every file it lists is there at its size; a
-resume takes the newest whose files also match their sha256s (each rank hashes a share of the
-files) and loads it through DCP, which reshards to the current world size. Loading is
-`weights_only` throughout: tensors and values with `torch.load(weights_only=True)`, DCP's
-metadata through an unpickler that admits only DCP's own metadata classes.
+A folder without a COMMIT is the leftover of a crashed save: the next save of its step, or a
+prune, deletes it. A folder with one is a committed checkpoint, complete if every file it lists
+is there at its size. A resume takes the newest whose files also match their sha256s (each rank
+hashes a share of the files) and loads it through DCP, which reshards to the current world
+size. A committed checkpoint that does not verify is corrupt: it is reported (the file, and the
+sha256 its COMMIT lists against the one read) and never deleted nor overwritten. When an older
+one verifies, or when the run starts over (`start_over`) because none does, the corrupt ones
+are set aside under `step-NNNNNNN.corrupt-<UTC time>` (out of the names that resumes, prunes
+and saves use, the files unchanged); when none verifies and the run does not start over, the
+resume refuses and changes nothing. Loading is `weights_only` throughout: tensors and values
+with `torch.load(weights_only=True)`, DCP's metadata through an unpickler that admits only
+DCP's own metadata classes.
 """
 
 from __future__ import annotations
@@ -28,10 +35,13 @@ import logging
 import os
 import pickle
 import random
+import re
 import shutil
+import tempfile
 import threading
 import time
 import warnings
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
@@ -45,6 +55,7 @@ import torch.distributed.checkpoint as dcp
 from pydantic import ValidationError
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 from torch.distributed.checkpoint.state_dict import (
@@ -87,8 +98,9 @@ def _hold_for_test(step: int, point: str, rank: int) -> None:
         threading.Event().wait()
 
 
-class CheckpointError(Exception):
-    """A checkpoint is unusable (corrupt, unsafe, or from an incompatible run); the message names it."""
+class CheckpointError(ValueError):
+    """A checkpoint is unusable (corrupt, unsafe, or from an incompatible run); the message names it.
+    A ValueError: it fails the same way on every try, so the training job is not retried."""
 
 
 class CommitMarker(Record):
@@ -113,6 +125,15 @@ class Checkpoint:
         return LEGACY_MODEL_FILE in names and METADATA_FILE not in names
 
 
+@dataclass(frozen=True)
+class CorruptCheckpoint:
+    """A committed checkpoint whose files are not what its COMMIT lists: evidence, never loaded nor deleted."""
+
+    step: int
+    prefix: str
+    problem: str  # names the file and what differs
+
+
 # --- the store layer: commit markers, listing, pruning (no torch.distributed) ---------------------
 
 
@@ -124,70 +145,116 @@ def commit_checkpoint(store: Store, step: int, files: list[ObjectInfo]) -> Check
     return Checkpoint(step, prefix, tuple(infos))
 
 
-def _read_complete(store: Store, step: int, prefix: str, sizes: dict[str, int]) -> Checkpoint | None:
-    """The checkpoint in `prefix` if its COMMIT exists and lists files present at their sizes
-    (`sizes`: every key under the folder, from one listing)."""
+def _read_committed(store: Store, step: int, prefix: str, sizes: dict[str, int]) -> Checkpoint | CorruptCheckpoint | None:
+    """The checkpoint in `prefix`: complete if its COMMIT lists files present at their sizes
+    (`sizes`: every key under the folder, from one listing), corrupt if not, None without a COMMIT."""
+    marker_key = RunLayout.commit_marker(prefix)
+    if marker_key not in sizes:
+        return None
     try:
-        marker = read_record(store, RunLayout.commit_marker(prefix), CommitMarker)
-    except ObjectNotFound:
+        marker = read_record(store, marker_key, CommitMarker)
+    except ObjectNotFound:  # deleted since the listing
         return None
     except ValidationError as e:
-        log.warning("ignoring checkpoint %s: unreadable COMMIT marker: %s", store.url(prefix), e)
-        return None
+        return CorruptCheckpoint(step, prefix, f"{store.url(marker_key)}: unreadable COMMIT marker "
+                                 f"({e.error_count()} errors, the first: {e.errors()[0]['msg']})")
     if marker.step != step:
-        log.warning("ignoring checkpoint %s: its COMMIT names step %d", store.url(prefix), marker.step)
-        return None
+        return CorruptCheckpoint(step, prefix, f"{store.url(marker_key)}: names step {marker.step}")
     for info in marker.files:
-        if sizes.get(join_key(prefix, info.key)) != info.size:
-            log.warning("ignoring checkpoint %s: %s is missing or has the wrong size", store.url(prefix), info.key)
-            return None
+        size = sizes.get(join_key(prefix, info.key))
+        if size != info.size:
+            found = "missing" if size is None else f"{size} bytes"
+            return CorruptCheckpoint(step, prefix, f"{store.url(join_key(prefix, info.key))}: {found}, "
+                                     f"its COMMIT lists {info.size} bytes")
     return Checkpoint(step, prefix, tuple(marker.files))
 
 
 def _sizes(store: Store, prefix: str) -> dict[str, int]:
-    return {key: store.size(key) for key in store.list(prefix + "/")}
+    return {listed.key: listed.size for listed in store.list_info(prefix + "/")}
+
+
+def committed_checkpoints(store: Store) -> Iterator[Checkpoint | CorruptCheckpoint]:
+    """The committed checkpoints of a run store, newest first: complete, or corrupt by the listing.
+    Lazy: one listing, then one GET (its COMMIT) per folder taken, so finding the newest costs
+    the same with 1 or 1,000 checkpoints kept."""
+    for step, sizes in sorted(RunLayout(store).checkpoint_folders().items(), reverse=True):
+        if (found := _read_committed(store, step, RunLayout.checkpoint(step), sizes)) is not None:
+            yield found
 
 
 def complete_checkpoints(store: Store) -> list[Checkpoint]:
-    """Every complete checkpoint of a run store, newest first."""
-    folders = RunLayout(store).checkpoint_folders()
-    found = (_read_complete(store, step, folders[step], _sizes(store, folders[step])) for step in sorted(folders, reverse=True))
-    return [c for c in found if c is not None]
+    """Every complete checkpoint of a run store, newest first (their sha256s not checked)."""
+    complete = []
+    for found in committed_checkpoints(store):
+        if isinstance(found, CorruptCheckpoint):
+            log.warning("ignoring corrupt checkpoint %s: %s", store.url(found.prefix), found.problem)
+        else:
+            complete.append(found)
+    return complete
 
 
 def latest_checkpoint(store: Store) -> Checkpoint | None:
-    folders = RunLayout(store).checkpoint_folders()
-    for step in sorted(folders, reverse=True):
-        if (checkpoint := _read_complete(store, step, folders[step], _sizes(store, folders[step]))) is not None:
-            return checkpoint
-    return None
+    """The newest complete checkpoint (its sha256s not checked), reading COMMITs newest first until one is."""
+    return next((c for c in committed_checkpoints(store) if isinstance(c, Checkpoint)), None)
 
 
-def _delete_folder(store: Store, prefix: str) -> None:
-    """COMMIT first, so a half-deleted checkpoint never looks complete; a local folder leaves no empty dirs."""
-    store.delete(RunLayout.commit_marker(prefix))
-    for key in store.list(prefix + "/"):
-        store.delete(key)
-    if (folder := store.local_path(prefix)) is not None and folder.is_dir():
-        shutil.rmtree(folder, ignore_errors=True)
+def _delete_folders(store: Store, files: dict[str, list[str]]) -> None:
+    """Delete checkpoint folders (prefix -> its keys) in batches: every COMMIT first, so a
+    half-deleted checkpoint never looks complete; a local folder leaves no empty dirs."""
+    commits = [RunLayout.commit_marker(prefix) for prefix in files]
+    store.delete_many(commits)
+    store.delete_many(key for keys in files.values() for key in keys if key not in commits)
+    for prefix in files:
+        if (folder := store.local_path(prefix)) is not None and folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def prune_checkpoints(store: Store, keep: int | None) -> list[int]:
-    """Keep the newest `keep` complete checkpoints; delete older ones and incomplete leftovers older
-    than the newest complete one. Returns the deleted steps."""
+    """Keep the newest `keep` complete checkpoints; delete older ones and the leftovers of crashed
+    saves (no COMMIT) older than the newest complete one. A corrupt checkpoint is never deleted.
+    Returns the deleted steps. Costs one listing, a GET per COMMIT of the kept checkpoints and of
+    those it deletes (none beyond the newest with `keep` null), and batched deletes."""
     folders = RunLayout(store).checkpoint_folders()
-    complete = complete_checkpoints(store)
-    if not complete:
-        return []
-    kept = {c.step for c in (complete if keep is None else complete[:keep])}
-    newest = complete[0].step
-    deleted = []
-    for step, prefix in sorted(folders.items()):
-        if step in kept or step > newest:
+    newest_complete, complete, doomed = None, 0, {}
+    for step, sizes in sorted(folders.items(), reverse=True):
+        prefix = RunLayout.checkpoint(step)
+        if RunLayout.commit_marker(prefix) not in sizes:  # a crashed save (or one newer, in flight)
+            if newest_complete is not None:
+                doomed[step] = prefix
             continue
-        _delete_folder(store, prefix)
-        deleted.append(step)
-    return deleted
+        if keep is None and newest_complete is not None:
+            continue  # everything committed is kept: no need to read it
+        found = _read_committed(store, step, prefix, sizes)
+        if not isinstance(found, Checkpoint):  # corrupt: evidence; or deleted since the listing
+            continue
+        newest_complete = step if newest_complete is None else newest_complete
+        complete += 1
+        if keep is not None and complete > keep:
+            doomed[step] = prefix
+    _delete_folders(store, {prefix: list(folders[step]) for step, prefix in doomed.items()})
+    return sorted(doomed)
+
+
+def set_aside(store: Store, corrupt: CorruptCheckpoint, staging_dir: Path | None = None) -> str:
+    """Move a corrupt checkpoint's folder, files unchanged, out of the names that resumes, prunes
+    and saves use (RunLayout.corrupt_checkpoint); returns its new URI. A local folder is renamed;
+    on another store each object is copied (COMMIT last) before the folder is deleted (COMMIT
+    first), so an interrupted move leaves the evidence whole in one place or the other."""
+    target = RunLayout.corrupt_checkpoint(corrupt.step, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+    if (folder := store.local_path(corrupt.prefix)) is not None:
+        folder.rename(store.local_path(target))
+        return store.url(target)
+    marker = RunLayout.commit_marker(corrupt.prefix)
+    keys = sorted(store.list(corrupt.prefix + "/"), key=lambda key: key == marker)
+    if staging_dir is not None:
+        staging_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=staging_dir) as scratch:
+        for key in keys:
+            copy = store.download(key, Path(scratch, "object"))
+            store.put_file(join_key(target, key.removeprefix(corrupt.prefix + "/")), copy)
+            copy.unlink()
+    _delete_folders(store, {corrupt.prefix: keys})
+    return store.url(target)
 
 
 # --- weights_only reading of DCP files ----------------------------------------------------------------
@@ -225,21 +292,38 @@ def read_metadata(store: Store, checkpoint: Checkpoint) -> Metadata:
         raise CheckpointError(f"{store.url(checkpoint.key(METADATA_FILE))}: refused to load: {e}") from None
 
 
+# The reason torch gives after its advice to retry with weights_only=False (advice never passed on:
+# that would run whatever code the file holds).
+_WEIGHTS_UNPICKLER_REASON = re.compile(r"WeightsUnpickler error:\s*(.*?)(?:\s+Please use|\n\n|$)", re.S)
+
+
+def weights_only_refusal(error: pickle.UnpicklingError) -> str:
+    """What torch.load(weights_only=True) refused in a file, in one line, without torch's advice."""
+    match = _WEIGHTS_UNPICKLER_REASON.search(str(error))
+    return " ".join(match[1].split()) if match and match[1].strip() else "not a pickle of tensors and plain containers"
+
+
 def load_value(data: bytes, source: str) -> Any:
     """torch.load with weights_only=True: tensors and plain containers only, never pickled code."""
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
-            f"{source}: refused to load: it holds pickled objects other than tensors and plain containers ({e})"
+            f"{source}: refused to load: it holds pickled objects other than tensors and plain containers "
+            f"({weights_only_refusal(e)})"
         ) from None
 
 
 class _SafeLoadPlanner(DefaultLoadPlanner):
-    """DCP's default planner, except that non-tensor values load with weights_only=True."""
+    """DCP's default planner, except that non-tensor values load with weights_only=True; `source`
+    (the checkpoint folder) names them in errors."""
+
+    def __init__(self, source: str):
+        super().__init__()
+        self.source = source
 
     def load_bytes(self, read_item, value: io.BytesIO) -> None:
-        loaded = load_value(value.getvalue(), f"checkpoint value {read_item.dest_index.fqn}")
+        loaded = load_value(value.getvalue(), f"{self.source} value {read_item.dest_index.fqn}")
         if self.flatten_state_dict:
             from torch.distributed.checkpoint._nested_dict import set_element  # DCP's own helper for this
 
@@ -288,6 +372,30 @@ class StoreReader(FileSystemReader):
         return io.BytesIO(self.store.get_range(handle.key, sinfo.offset, sinfo.length))
 
 
+def _load_safely(states: dict[str, Any], store: Store, checkpoint: Checkpoint, **options: Any) -> None:
+    """dcp.load through StoreReader and _SafeLoadPlanner; a refused value raises its own CheckpointError
+    (DCP wraps every rank's errors in a CheckpointException, a BaseException with their tracebacks)."""
+    try:
+        dcp.load(states, storage_reader=StoreReader(store, checkpoint),
+                 planner=_SafeLoadPlanner(store.url(checkpoint.prefix)), **options)
+    except CheckpointException as e:
+        refused = [error for error, _ in e.failures.values() if isinstance(error, CheckpointError)]
+        if refused:
+            raise refused[0] from None
+        raise
+
+
+def sha256_mismatches(store: Store, checkpoint: Checkpoint, files: Sequence[ObjectInfo]) -> list[str]:
+    """For each of `files` (of the checkpoint) whose sha256 is not its COMMIT's: the file and both sha256s."""
+    mismatches = []
+    for info in files:
+        with store.open_read(checkpoint.key(info.key)) as stream:
+            actual = sha256_stream(stream)
+        if actual != info.sha256:
+            mismatches.append(f"{store.url(checkpoint.key(info.key))}: sha256 {actual}, its COMMIT lists {info.sha256}")
+    return mismatches
+
+
 def read_values(store: Store, checkpoint: Checkpoint, prefix: str) -> dict[str, Any]:
     """The plain values (not tensors) saved under `prefix` ("progress", "loader", ...), by flat key."""
     metadata = read_metadata(store, checkpoint)
@@ -296,7 +404,7 @@ def read_values(store: Store, checkpoint: Checkpoint, prefix: str) -> dict[str, 
         fqn = index.fqn
         if fqn.startswith(prefix + ".") and isinstance(metadata.state_dict_metadata[fqn], BytesStorageMetadata):
             data = store.get_range(checkpoint.key(info.relative_path), info.offset, info.length)
-            values[fqn.removeprefix(prefix + ".")] = load_value(data, store.url(checkpoint.prefix) + f" {fqn}")
+            values[fqn.removeprefix(prefix + ".")] = load_value(data, f"{store.url(checkpoint.prefix)} value {fqn}")
     return values
 
 
@@ -414,15 +522,16 @@ class Checkpointer:
 
     # -- save --
 
-    def save(self, step: int) -> None:
+    def save(self, step: int, replace: bool = False) -> None:
         """Checkpoint the components at `step`: return once committed, or, with async_save, once a
-        CPU copy is staged (a previous save still in flight is finished first)."""
+        CPU copy is staged (a previous save still in flight is finished first). A committed
+        checkpoint already in the step's folder is refused unless `replace` (the converter rewrites
+        one in place): a resume sets corrupt ones aside, so training never meets one."""
         _hold_for_test(step, "start", self.rank)
         self.wait()
         started = time.perf_counter()
-        prefix = RunLayout.checkpoint(step)
         if self.rank == 0:  # leftovers of a crashed save of this step must not mix with the new files
-            _delete_folder(self.store, prefix)
+            self._delete_leftovers(step, replace)
         folder = self._write_folder(step)
         if self.staging_dir is not None:  # this rank's files of a crashed save: not to be uploaded
             for stale in folder.glob(f"__{self.rank}_*"):
@@ -446,6 +555,17 @@ class Checkpointer:
         self.wait()
         if self._executor is not None:
             self._executor.shutdown()
+
+    def _delete_leftovers(self, step: int, replace: bool) -> None:
+        prefix = RunLayout.checkpoint(step)
+        leftovers = list(self.store.list(prefix + "/"))  # usually none: one listing request
+        if not replace and RunLayout.commit_marker(prefix) in leftovers:
+            raise CheckpointError(
+                f"{self.store.url(prefix)} holds a committed checkpoint this run did not resume from "
+                "(written by another job?): refusing to overwrite it"
+            )
+        if leftovers:
+            _delete_folders(self.store, {prefix: leftovers})
 
     def _write_folder(self, step: int) -> Path:
         if self.staging_dir is None:
@@ -490,43 +610,76 @@ class Checkpointer:
 
     # -- load --
 
-    def load(self) -> int | None:
-        """Load the newest intact checkpoint into the components; its step, or None if there is none."""
-        candidates: list[Any] = [complete_checkpoints(self.store) if self.rank == 0 else None]
-        dist.broadcast_object_list(candidates, src=0, group=self.group)
-        for checkpoint in candidates[0]:
-            if checkpoint.is_legacy:
-                raise CheckpointError(
-                    f"{self.store.url(checkpoint.prefix)} is in the full-state format of earlier versions "
-                    f"({LEGACY_MODEL_FILE}); convert it to the sharded format with "
-                    f"`python -m model.convert_checkpoint {self.store.url(checkpoint.prefix)}`"
-                )
-            if not self._intact_everywhere(checkpoint):
-                log.warning("skipping checkpoint %s: a file's sha256 differs from its COMMIT marker",
-                            self.store.url(checkpoint.prefix))
+    def load(self, start_over: bool = False) -> int | None:
+        """Load the newest checkpoint that verifies into the components and return its step; the
+        corrupt ones newer than it are reported and set aside. If checkpoints exist but none
+        verifies: with `start_over`, set them aside and return None (the run starts from step 0);
+        without, raise a CheckpointError naming them, and change nothing. None if there are none."""
+        candidates = committed_checkpoints(self.store) if self.rank == 0 else None
+        corrupt: list[CorruptCheckpoint] = []
+        while (checkpoint := self._next_candidate(candidates)) is not None:
+            if isinstance(checkpoint, Checkpoint):
+                if checkpoint.is_legacy:
+                    raise CheckpointError(
+                        f"{self.store.url(checkpoint.prefix)} is in the full-state format of earlier versions "
+                        f"({LEGACY_MODEL_FILE}); convert it to the sharded format with "
+                        f"`python -m model.convert_checkpoint {self.store.url(checkpoint.prefix)}`"
+                    )
+                checkpoint = self._verify_everywhere(checkpoint)
+            if isinstance(checkpoint, CorruptCheckpoint):
+                if self.rank == 0:
+                    log.warning("checkpoint %s is corrupt: %s", self.store.url(checkpoint.prefix), checkpoint.problem)
+                corrupt.append(checkpoint)
                 continue
-            states = dict(self.states)
-            rng = states.get(RNG_KEY)
-            if isinstance(rng, RNGState) and f"{RNG_KEY}.{rng.key}.torch" not in read_metadata(
-                self.store, checkpoint
-            ).state_dict_metadata:
-                del states[RNG_KEY]
-            dcp.load(states, storage_reader=StoreReader(self.store, checkpoint), planner=_SafeLoadPlanner(),
-                     process_group=self.group)
-            if self.rank == 0:
-                log.info("resumed from %s (step %d)", self.store.url(checkpoint.prefix), checkpoint.step)
+            self._set_aside(corrupt)
+            self._load_from(checkpoint)
             return checkpoint.step
+        if corrupt and not start_over:
+            raise CheckpointError(
+                f"run {self.store.uri} cannot resume, no checkpoint verifies: "
+                + "; ".join(c.problem for c in corrupt)
+                + ". Nothing was changed; to train from step 0 instead (keeping these aside), start over "
+                "(`tinyllama train --start-over`, or start_over: true)"
+            )
+        if corrupt and self.rank == 0:
+            log.warning("starting over from step 0 (start_over): no checkpoint of run %s verifies", self.store.uri)
+        self._set_aside(corrupt)
         return None
 
-    def _intact_everywhere(self, checkpoint: Checkpoint) -> bool:
+    def _next_candidate(self, candidates: Iterator[Checkpoint | CorruptCheckpoint] | None) -> Any:
+        """Rank 0's next committed checkpoint (newest first), on every rank; None when there is none."""
+        chosen: list[Any] = [next(candidates, None) if self.rank == 0 else None]
+        dist.broadcast_object_list(chosen, src=0, group=self.group)
+        return chosen[0]
+
+    def _load_from(self, checkpoint: Checkpoint) -> None:
+        states = dict(self.states)
+        rng = states.get(RNG_KEY)
+        if isinstance(rng, RNGState) and f"{RNG_KEY}.{rng.key}.torch" not in read_metadata(
+            self.store, checkpoint
+        ).state_dict_metadata:
+            del states[RNG_KEY]
+        _load_safely(states, self.store, checkpoint, process_group=self.group)
+        if self.rank == 0:
+            log.info("resumed from %s (step %d)", self.store.url(checkpoint.prefix), checkpoint.step)
+
+    def _verify_everywhere(self, checkpoint: Checkpoint) -> Checkpoint | CorruptCheckpoint:
         """Every file's sha256 checked, the files shared out among the ranks."""
-        intact = True
-        for info in checkpoint.files[self.rank :: self.world_size]:
-            with self.store.open_read(checkpoint.key(info.key)) as stream:
-                intact &= sha256_stream(stream) == info.sha256
-        flag = torch.tensor([int(intact)])
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
-        return bool(flag.item())
+        mine = sha256_mismatches(self.store, checkpoint, checkpoint.files[self.rank :: self.world_size])
+        everyone: list[Any] = [None] * self.world_size
+        dist.all_gather_object(everyone, mine, group=self.group)
+        mismatches = sorted(m for ranks_share in everyone for m in ranks_share)
+        if not mismatches:
+            return checkpoint
+        more = f" (and {len(mismatches) - 1} more files)" if len(mismatches) > 1 else ""
+        return CorruptCheckpoint(checkpoint.step, checkpoint.prefix, mismatches[0] + more)
+
+    def _set_aside(self, corrupt: list[CorruptCheckpoint]) -> None:
+        if self.rank != 0:
+            return
+        for checkpoint in corrupt:
+            moved_to = set_aside(self.store, checkpoint, self.staging_dir)
+            log.warning("corrupt checkpoint %s set aside, unchanged, as %s", self.store.url(checkpoint.prefix), moved_to)
 
 
 # --- export ------------------------------------------------------------------------------------------
@@ -541,9 +694,9 @@ def resolve_checkpoint(uri: str) -> tuple[RunLayout, Checkpoint]:
             raise CheckpointError(f"{uri}: a checkpoint folder must be <run>/checkpoints/step-NNNNNNN")
         layout, step = RunLayout.at(split[0]), split[1]
         prefix = RunLayout.checkpoint(step)
-        checkpoint = _read_complete(layout.store, step, prefix, _sizes(layout.store, prefix))
-        if checkpoint is None:
-            raise CheckpointError(f"{uri}: incomplete checkpoint (files missing or the wrong size)")
+        checkpoint = _read_committed(layout.store, step, prefix, _sizes(layout.store, prefix))
+        if isinstance(checkpoint, CorruptCheckpoint):
+            raise CheckpointError(f"{uri}: corrupt checkpoint: {checkpoint.problem}")
         return layout, checkpoint
     checkpoint = latest_checkpoint(store)
     if checkpoint is None:
@@ -552,10 +705,8 @@ def resolve_checkpoint(uri: str) -> tuple[RunLayout, Checkpoint]:
 
 
 def _check_sha256(store: Store, checkpoint: Checkpoint) -> None:
-    for info in checkpoint.files:
-        with store.open_read(checkpoint.key(info.key)) as stream:
-            if sha256_stream(stream) != info.sha256:
-                raise CheckpointError(f"{store.url(checkpoint.key(info.key))}: sha256 differs from its COMMIT marker")
+    if mismatches := sha256_mismatches(store, checkpoint, checkpoint.files):
+        raise CheckpointError(f"corrupt checkpoint {store.url(checkpoint.prefix)}: {mismatches[0]}")
 
 
 def load_model(checkpoint_uri: str) -> tuple[Llama, TrainConfig]:
@@ -577,8 +728,10 @@ def load_model(checkpoint_uri: str) -> tuple[Llama, TrainConfig]:
     try:
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.simplefilter("ignore", UserWarning)
-            dcp.load(state, storage_reader=StoreReader(store, checkpoint), planner=_SafeLoadPlanner(), no_dist=True)
-    except (RuntimeError, ValueError) as e:  # DCP wraps the per-rank errors
+            _load_safely(state, store, checkpoint, no_dist=True)
+    except CheckpointError:
+        raise
+    except (RuntimeError, ValueError) as e:
         raise CheckpointError(f"{store.url(checkpoint.prefix)}: does not fit its model config: {e}") from None
     model.reset_rope_cache()
     return model, TrainConfig.model_validate_json(layout.read_config())

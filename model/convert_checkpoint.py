@@ -74,7 +74,7 @@ def convert(checkpoint_uri: str) -> int:
         progress = TrainProgress(state["step"], state["tokens_seen"], state["world_size"])
         states = training_states(model, optimizer, scheduler, dict(state["loader"]), progress, llama_config, rng)
         checkpointer = Checkpointer(layout, states, keep=None, staging_dir=Path(tempfile.gettempdir()) / "tinyllama-convert")
-        checkpointer.save(state["step"])
+        checkpointer.save(state["step"], replace=True)
         checkpointer.close()
     finally:
         dist.destroy_process_group()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import pickle
 import shutil
 import tempfile
 from collections.abc import Callable, Collection, Iterator
@@ -22,9 +23,11 @@ from pathlib import Path
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
 
+from model.checkpoint import weights_only_refusal
 from model.config import LlamaConfig
 from model.llama import Llama
 from storage.manifest import DocumentConvention, TokenizerInfo, sha256_file
@@ -131,6 +134,8 @@ def save_hf(
     # the context length is config.json's max_position_embeddings.
     generation = {"bos_token_id": config.bos_id, "eos_token_id": config.eos_id}
     _write_json(out / "generation_config.json", generation)
+    # safetensors writes through a 0600 temporary file: give the weights the mode (umask) of the others
+    shutil.copymode(out / "generation_config.json", out / WEIGHTS_FILE)
     _write_json(out / HF_CONFIG, hf_config(config, dtype))
     return out
 
@@ -255,10 +260,15 @@ def read_hf_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for name in files:
         file = root / name
-        if name.endswith(".safetensors"):
-            state.update(load_file(file, device="cpu"))
-        elif name.endswith(".bin"):
-            state.update(torch.load(file, map_location="cpu", weights_only=True))
+        try:
+            if name.endswith(".safetensors"):
+                state.update(load_file(file, device="cpu"))
+            elif name.endswith(".bin"):
+                state.update(torch.load(file, map_location="cpu", weights_only=True))
+        except pickle.UnpicklingError as e:
+            raise ValueError(f"{file}: refused to load: not only tensors ({weights_only_refusal(e)})") from None
+        except (SafetensorError, RuntimeError) as e:  # RuntimeError: torch's reader of a damaged archive
+            raise ValueError(f"{file}: unreadable weights: {str(e).split('. ')[0]}") from None
     return state
 
 

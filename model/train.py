@@ -59,8 +59,9 @@ from storage.run_layout import RunLayout
 
 log = logging.getLogger("model.train")  # not __name__: that is __main__ under -m
 
-# Starts the one log line of a failure that a retry would repeat (bad data or config: a
-# ValueError, DataError included); the launcher fails the job with it instead of retrying.
+# Starts the one log line of a failure that a retry would repeat, a ValueError: bad data or config
+# (DataError), a corrupt or refused checkpoint (CheckpointError), refused init_from weights. The
+# launcher fails the job with it instead of retrying.
 DETERMINISTIC_FAILURE = "training failed on its input: "
 
 
@@ -359,7 +360,7 @@ def _train_loop(
         async_save=config.async_checkpoint,
     )
     try:
-        if checkpointer.load() is None and config.init_from:
+        if checkpointer.load(start_over=config.start_over) is None and config.init_from:
             load_init_from(model, config, cluster, llama_config)
         _run_steps(config, cluster, model, optimizer, scheduler, loader, val_loader, progress, checkpointer,
                    accum=accum, flops=flops, bf16=bf16, layout=layout, num_params=raw_model.num_params())

@@ -9,6 +9,7 @@
         tensorboard/                TensorBoard event files
         plots/loss.png              the loss curve
         checkpoints/step-NNNNNNN/   one checkpoint (model/checkpoint.py), its COMMIT marker last
+        checkpoints/step-NNNNNNN.corrupt-<UTC time>/  a corrupt checkpoint set aside, files unchanged
         hf/                         `export-hf`'s default output
         eval/step-NNNNNNN.json      lm-eval's results for a checkpoint (tasks/evaluate.py)
         eval.jsonl                  one line per evaluation
@@ -78,6 +79,12 @@ class RunLayout:
         return join_key(CHECKPOINTS, f"step-{step:07d}")
 
     @staticmethod
+    def corrupt_checkpoint(step: int, stamp: str) -> str:
+        """Where a corrupt checkpoint's folder is set aside (`stamp`: when): out of the step-NNNNNNN
+        names, so no resume loads it, no prune deletes it and no save of its step overwrites it."""
+        return join_key(CHECKPOINTS, f"step-{step:07d}.corrupt-{stamp}")
+
+    @staticmethod
     def evaluation(step: int) -> str:
         """The key of the evaluation results of the checkpoint at `step`."""
         return join_key(EVAL_DIR, f"step-{step:07d}.json")
@@ -86,13 +93,13 @@ class RunLayout:
     def commit_marker(folder: str) -> str:
         return join_key(folder, COMMIT)
 
-    def checkpoint_folders(self) -> dict[int, str]:
-        """Step -> folder key of every checkpoint folder, complete or not (one paginated listing)."""
-        folders = {}
-        for key in self.store.list(CHECKPOINTS + "/"):
-            folder = key.split("/")[1]
-            if match := _STEP_FOLDER.match(folder):
-                folders[int(match.group(1))] = join_key(CHECKPOINTS, folder)
+    def checkpoint_folders(self) -> dict[int, dict[str, int]]:
+        """Step -> {key: size} of every file of every checkpoint folder, complete or not (one
+        paginated listing, 1,000 keys a request, whatever the number of checkpoints)."""
+        folders: dict[int, dict[str, int]] = {}
+        for listed in self.store.list_info(CHECKPOINTS + "/"):
+            if match := _STEP_FOLDER.match(listed.key.split("/")[1]):
+                folders.setdefault(int(match.group(1)), {})[listed.key] = listed.size
         return folders
 
     @staticmethod

@@ -49,7 +49,8 @@ from model.train_config import DataSource, TorchrunLauncher, TrainConfig
 from storage.lease import acquire_lease
 from storage.processes import stop_process_tree
 from storage.run_layout import CONFIG_FILE, LEASE_FILE, LOSS_PLOT, METRICS_FILE, RunLayout
-from storage.store import ObjectNotFound, open_store
+from storage.retry import retry_deadline
+from storage.store import ObjectNotFound, StoreError, open_store
 from tasks.fanout import ensure_ray, interrupts_unwrapped
 from tasks.reporting import artifact_key
 from tasks.stage import stage_task
@@ -63,7 +64,8 @@ class TrainingFailed(RuntimeError):
 
 
 class TrainingInputError(ValueError):
-    """The training job stopped on its data or config, as it would on every retry: not retried."""
+    """The training job stopped on its data, config, checkpoint or init_from weights, as it would on
+    every retry: not retried (the CLI exits 2 with its one line)."""
 
 
 def input_error(lines: list[str]) -> TrainingInputError | None:
@@ -91,7 +93,8 @@ def prepare_config(config: TrainConfig) -> TrainConfig:
 
 
 def run_config(output: str, run: str) -> TrainConfig:
-    """The config a run was last trained with (its config.json), or a clear error if there is no such run."""
+    """The config a run was last trained with (its config.json), or a clear error if there is no such
+    run. Never one that starts over: that is asked for one invocation, not for every later one."""
     layout = RunLayout.of(output, run)
     try:
         text = layout.read_config()
@@ -100,7 +103,7 @@ def run_config(output: str, run: str) -> TrainConfig:
             f"no training run at {layout.uri} (no {CONFIG_FILE}): start it first with `tinyllama train` "
             "or the pretrain / train-on-build deployments"
         ) from None
-    return TrainConfig.model_validate_json(text)
+    return TrainConfig.model_validate_json(text).model_copy(update={"start_over": False})
 
 
 # --- torchrun ---------------------------------------------------------------------------------------
@@ -280,8 +283,31 @@ def latest_step(config: TrainConfig) -> int:
 
 
 def progress_reporter(config: TrainConfig) -> Callable[[], None]:
-    """A callback that moves this segment's progress artifact to the latest step (tasks/train_report.py)."""
-    newest = latest_checkpoint(open_store(config.run_uri))
+    """A callback that moves this segment's progress artifact to the latest step (tasks/train_report.py).
+
+    Its reads are for display and never stop or fail the job: each poll gives the store at most
+    POLL_S of retries (the next poll tries again), and a failed read is logged once per spell of
+    failures and skipped."""
+    logger = get_run_logger()
+    failing = False
+    unread = object()
+
+    def display_read(read: Callable[[], object], default: object) -> object:
+        nonlocal failing
+        try:
+            with retry_deadline(POLL_S):
+                value = read()
+        except StoreError as error:
+            if not failing:
+                logger.warning("training progress not updated (the job goes on): %s", error)
+            failing = True
+            return default
+        if failing:
+            logger.info("training progress is read again")
+        failing = False
+        return value
+
+    newest = display_read(lambda: latest_checkpoint(open_store(config.run_uri)), None)
     segment = SegmentStatus.of(newest.step if newest else 0, config.max_steps, config.max_steps_this_run)
     artifact_id = create_progress_artifact(
         0.0, key=artifact_key(config.name, "train-progress"), description=f"{config.name}: {segment.describe(None)}"
@@ -290,7 +316,9 @@ def progress_reporter(config: TrainConfig) -> Callable[[], None]:
 
     def update() -> None:
         nonlocal last
-        record = latest_record(config)
+        record = display_read(lambda: latest_record(config), unread)
+        if record is unread:
+            return
         step = record["step"] if record else segment.start_step
         if step != last:
             last = step
@@ -328,8 +356,9 @@ def train_task(config: TrainConfig) -> str:
     """Launch (or continue) a training run; returns the run's URI.
 
     The job holds the run's lease on the store while it trains, so two jobs never train one run.
-    A crash or a failed job is retried once (resuming from the newest checkpoint); a bad config
-    or bad data (ValueError, DataError, or TrainingInputError from inside the job) fails at once.
+    A crash or a failed job is retried once (resuming from the newest checkpoint); a bad config,
+    bad data, a corrupt or refused checkpoint or init_from (ValueError, DataError, CheckpointError,
+    or TrainingInputError from inside the job) fails at once.
     """
     logger = get_run_logger()
     config = prepare_config(config)

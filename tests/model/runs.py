@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -24,6 +25,15 @@ from storage.store import open_object, open_store
 from tests.model.synthetic import write_synthetic_build
 
 LAUNCH_TIMEOUT_S = 300
+
+
+class NotATensor:
+    """Pickles as a call of builtins.eval, as a hostile checkpoint value or weights file would
+    (loading must refuse it). Not `print`: Ray replaces it in a process where Ray runs, and the
+    pickled name would change with the tests that ran before."""
+
+    def __reduce__(self):
+        return (eval, ("print('this code would run on load')",))
 
 STEPS = 4  # max_steps of train_config's runs
 START_TIMEOUT_S = 240  # for a launched job's first step or checkpoint
@@ -98,6 +108,49 @@ def run_training(config: TrainConfig, nproc: int) -> str:
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     return output
+
+
+def tinyllama_train(config: TrainConfig, api_url: str, folder: Path, *flags: str) -> subprocess.CompletedProcess:
+    """`tinyllama train` of `config` (as a YAML file in `folder`) as a user runs it, recording on
+    the Prefect server at `api_url`."""
+    path = folder / f"{config.name}.yaml"
+    path.write_text(config.to_json())  # JSON is YAML
+    return subprocess.run(
+        [sys.executable, "-m", "deployments.cli", "--data", str(folder / "data"), "train", str(path), *flags],
+        capture_output=True, text=True, env={**os.environ, "PREFECT_API_URL": api_url}, timeout=LAUNCH_TIMEOUT_S,
+    )
+
+
+def error_lines(result: subprocess.CompletedProcess) -> list[str]:
+    """What the CLI said went wrong: its `error: ` lines."""
+    return [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+
+
+# torch's advice on a refused pickle (with or without its backticks): never to be passed on.
+WEIGHTS_ONLY_ADVICE = re.compile(r"weights_only`? set to `?False")
+
+
+def failed_train_task_runs(flow_run_name: str) -> list:
+    """The train task run of each failed flow run of that name (their run_count: the tries)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName, TaskRunFilter, TaskRunFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[flow_run_name])))
+        failed = [run.id for run in runs if run.state.is_failed()]
+        tasks = client.read_task_runs(task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=failed)))
+    return [task for task in tasks if task.name.startswith("train-")]
+
+
+def flow_run_logs(flow_run_name: str) -> str:
+    """Every log message that Prefect recorded for the flow runs of that name."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName, LogFilter, LogFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[flow_run_name])))
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[r.id for r in runs])))
+    return "\n".join(entry.message for entry in logs)
 
 
 def metrics(run_uri: str) -> list[dict]:

@@ -7,6 +7,7 @@ import io
 import json
 import pickle
 import random
+from collections import Counter
 
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.stateful import Stateful
 
 from model.checkpoint import (
     LEGACY_MODEL_FILE,
@@ -23,7 +25,9 @@ from model.checkpoint import (
     ModelState,
     OptimizerState,
     RNGState,
+    CorruptCheckpoint,
     commit_checkpoint,
+    committed_checkpoints,
     complete_checkpoints,
     latest_checkpoint,
     load_model,
@@ -37,10 +41,10 @@ from model.checkpoint import (
 from model.llama import Llama
 from model.train import TrainProgress
 from model.train_config import TrainConfig
-from storage.manifest import ObjectInfo
+from storage.manifest import ObjectInfo, sha256_bytes
 from storage.run_layout import COMMIT, RunLayout
-from storage.store import join_key
-from tests.model.runs import train_config
+from storage.store import join_key, open_store
+from tests.model.runs import NotATensor, train_config
 
 
 def put_files(store, step: int, names=("__0_0.distcp", METADATA_FILE)) -> list[ObjectInfo]:
@@ -89,16 +93,16 @@ def test_keep_last_k_deletes_older_and_stale_checkpoints_leaving_no_empty_folder
     assert prune_checkpoints(store, keep=None) == []
 
 
-class NotATensor:
-    def __reduce__(self):
-        return (print, ("this code would run on load",))
-
-
 def test_values_load_weights_only():
     buffer = io.BytesIO()
     torch.save({"state": {}, "hook": NotATensor()}, buffer)
-    with pytest.raises(CheckpointError, match="refused to load"):
+    with pytest.raises(CheckpointError, match="refused to load") as refused:
         load_value(buffer.getvalue(), "optimizer.param_groups.0.lr")
+    # One line with torch's reason, never its advice to load with weights_only=False.
+    assert str(refused.value) == (
+        "optimizer.param_groups.0.lr: refused to load: it holds pickled objects other than tensors and plain "
+        "containers (Unsupported global: GLOBAL eval was not an allowed global by default.)"
+    )
     buffer = io.BytesIO()
     torch.save({"exp_avg": torch.ones(2), "betas": (0.9, 0.95)}, buffer)
     assert torch.equal(load_value(buffer.getvalue(), "x")["exp_avg"], torch.ones(2))
@@ -173,6 +177,133 @@ def test_restore_skips_a_corrupt_newest_checkpoint(store, tmp_path, lone_process
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in saved[1].items())
 
 
+def all_bytes(store) -> dict[str, bytes]:
+    return {key: store.get_bytes(key) for key in store.list()}
+
+
+def flip_a_bit(store, step: int, name: str = "__0_0.distcp") -> tuple[str, str]:
+    """Corrupt a committed file, keeping its size; returns its sha256 before and after."""
+    key = join_key(RunLayout.checkpoint(step), name)
+    data = bytearray(store.get_bytes(key))
+    before = sha256_bytes(bytes(data))
+    data[len(data) // 2] ^= 0x01
+    store.put_bytes(key, bytes(data))
+    return before, sha256_bytes(bytes(data))
+
+
+def set_aside_folders(store) -> dict[str, dict[str, bytes]]:
+    """Folder name -> {file name: bytes} of every checkpoint folder set aside as corrupt."""
+    found: dict[str, dict[str, bytes]] = {}
+    for key in store.list("checkpoints/"):
+        _, folder, name = key.split("/", 2)
+        if ".corrupt-" in folder:
+            found.setdefault(folder, {})[name] = store.get_bytes(key)
+    return found
+
+
+def test_a_corrupt_newest_checkpoint_is_reported_and_set_aside_unchanged_and_the_previous_one_resumes(
+    store, tmp_path, lone_process_group, caplog
+):
+    model, optimizer, progress, states = components(0)
+    checkpointer = Checkpointer(RunLayout(store), states, keep=2, staging_dir=tmp_path / "staging")
+    saved = {}
+    for step in (1, 2):
+        train_one_step(model, optimizer, states, progress)
+        checkpointer.save(step)
+        saved[step] = {k: v.clone() for k, v in model.state_dict().items()}
+    expected, actual = flip_a_bit(store, 2)
+    corrupt_files = {key.rsplit("/", 1)[1]: data for key, data in all_bytes(store).items() if "step-0000002/" in key}
+
+    fresh, fresh_optimizer, fresh_progress, fresh_states = components(1)
+    resumed = Checkpointer(RunLayout(store), fresh_states, keep=1, staging_dir=tmp_path / "s")
+    assert resumed.load() == 1
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in saved[1].items())
+    file = store.url(join_key(RunLayout.checkpoint(2), "__0_0.distcp"))
+    assert f"checkpoint {store.url(RunLayout.checkpoint(2))} is corrupt: {file}: sha256 {actual}, its COMMIT lists {expected}" in caplog.text
+    (folder,) = set_aside_folders(store)
+    assert folder.startswith("step-0000002.corrupt-") and set_aside_folders(store)[folder] == corrupt_files
+    assert f"set aside, unchanged, as {store.url('checkpoints/' + folder)}" in caplog.text
+
+    # Training on saves step 2 again (and prunes with keep=1): the evidence stays as it was.
+    train_one_step(fresh, fresh_optimizer, fresh_states, fresh_progress)
+    resumed.save(2)
+    assert [c.step for c in complete_checkpoints(store)] == [2]
+    assert set_aside_folders(store) == {folder: corrupt_files}
+    assert Checkpointer(RunLayout(store), components(2)[3], keep=1, staging_dir=tmp_path / "s2").load() == 2
+
+
+def test_when_no_checkpoint_verifies_the_resume_refuses_and_changes_nothing_unless_told_to_start_over(
+    store, tmp_path, lone_process_group, caplog
+):
+    model, optimizer, progress, states = components(0)
+    checkpointer = Checkpointer(RunLayout(store), states, keep=None, staging_dir=tmp_path / "staging")
+    train_one_step(model, optimizer, states, progress)
+    checkpointer.save(1)
+    expected, actual = flip_a_bit(store, 1)
+    before = all_bytes(store)
+
+    _, _, fresh_progress, fresh_states = components(1)
+    with pytest.raises(CheckpointError) as refused:
+        Checkpointer(RunLayout(store), fresh_states, keep=None, staging_dir=tmp_path / "s").load()
+    file = store.url(join_key(RunLayout.checkpoint(1), "__0_0.distcp"))
+    message = str(refused.value)
+    assert "\n" not in message and f"{file}: sha256 {actual}, its COMMIT lists {expected}" in message
+    assert "Nothing was changed" in message and "--start-over" in message
+    assert all_bytes(store) == before and fresh_progress.step == 0
+
+    restarted = Checkpointer(RunLayout(store), fresh_states, keep=None, staging_dir=tmp_path / "s")
+    assert restarted.load(start_over=True) is None
+    assert "starting over from step 0" in caplog.text
+    (folder,) = set_aside_folders(store)
+    assert set_aside_folders(store)[folder] == {k.rsplit("/", 1)[1]: v for k, v in before.items()}
+    restarted.save(1)  # the step of the corrupt one: its folder is free now
+    assert [c.step for c in complete_checkpoints(store)] == [1]
+    assert set(set_aside_folders(store)) == {folder}
+
+
+def test_a_committed_checkpoint_with_a_missing_or_short_file_is_corrupt_and_never_pruned(store):
+    commit_checkpoint(store, 10, put_files(store, 10))
+    commit_checkpoint(store, 20, put_files(store, 20))
+    store.put_bytes(join_key(RunLayout.checkpoint(20), "__0_0.distcp"), b"short")  # truncated after its commit
+    commit_checkpoint(store, 30, put_files(store, 30))
+
+    (corrupt,) = [c for c in committed_checkpoints(store) if isinstance(c, CorruptCheckpoint)]
+    file = store.url(join_key(RunLayout.checkpoint(20), "__0_0.distcp"))
+    assert corrupt.step == 20 and corrupt.problem == f"{file}: 5 bytes, its COMMIT lists 23 bytes"  # "__0_0.distcp of step 20"
+    assert prune_checkpoints(store, keep=1) == [10]
+    assert set(RunLayout(store).checkpoint_folders()) == {20, 30}
+
+
+def test_a_save_never_deletes_a_committed_checkpoint_of_its_step(store, tmp_path, lone_process_group):
+    commit_checkpoint(store, 1, put_files(store, 1))
+    before = all_bytes(store)
+    _, _, _, states = components(0)
+    with pytest.raises(CheckpointError, match="holds a committed checkpoint this run did not resume from"):
+        Checkpointer(RunLayout(store), states, keep=None, staging_dir=tmp_path).save(1)
+    assert all_bytes(store) == before
+
+
+class PickledHook(Stateful):
+    """A component whose state holds a pickled callable: saved as a value, refused on load."""
+
+    def state_dict(self) -> dict:
+        return {"hook": NotATensor()}
+
+    def load_state_dict(self, state: dict) -> None:
+        raise AssertionError("a refused value must never reach its component")
+
+
+def test_a_committed_value_pickle_with_a_foreign_global_is_refused_in_one_line(store, tmp_path, lone_process_group):
+    _, _, _, states = components(0)
+    Checkpointer(RunLayout(store), {**states, "extra": PickledHook()}, keep=None, staging_dir=tmp_path / "a").save(1)
+    assert complete_checkpoints(store)[0].step == 1  # committed, and its sha256s verify
+    with pytest.raises(CheckpointError) as refused:  # not DCP's CheckpointException with every rank's traceback
+        Checkpointer(RunLayout(store), {**states, "extra": PickledHook()}, keep=None, staging_dir=tmp_path / "b").load()
+    message = str(refused.value)
+    assert message.startswith(f"{store.url(RunLayout.checkpoint(1))} value extra.hook: refused to load: ")
+    assert "\n" not in message and "GLOBAL eval" in message and "weights_only" not in message
+
+
 def test_metadata_with_a_pickled_object_is_refused(store, tmp_path, lone_process_group):
     model, optimizer, progress, states = components(0)
     Checkpointer(RunLayout(store), states, keep=None, staging_dir=tmp_path / "staging").save(1)
@@ -180,7 +311,7 @@ def test_metadata_with_a_pickled_object_is_refused(store, tmp_path, lone_process
     assert read_metadata(store, checkpoint).state_dict_metadata  # DCP's own classes load
     evil = pickle.dumps(NotATensor())
     store.put_bytes(checkpoint.key(METADATA_FILE), evil)
-    with pytest.raises(CheckpointError, match="refused to load.*builtins.print"):
+    with pytest.raises(CheckpointError, match="refused to load.*builtins.eval"):
         read_metadata(store, checkpoint)
 
 
@@ -278,3 +409,41 @@ def test_convert_rewrites_a_full_state_checkpoint_as_a_sharded_one(store, tmp_pa
     model, config = load_model(store.uri)
     assert config.name == "legacy"
     assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
+
+
+def checkpoint_requests(store, tmp_path, kept: int) -> tuple[Counter, Counter, Counter]:
+    """S3 calls of a save with `kept` checkpoints already there (keep null), of a resume, then of
+    pruning to 1 (botocore's event hooks on this process's client)."""
+    from tests.builds import RequestCounter
+
+    model, optimizer, progress, states = components(0)
+    checkpointer = Checkpointer(RunLayout(store), states, keep=None, staging_dir=tmp_path / f"staging-{kept}")
+    for step in range(1, kept + 1):
+        train_one_step(model, optimizer, states, progress)
+        checkpointer.save(step)
+    counter = RequestCounter()
+    train_one_step(model, optimizer, states, progress)
+    checkpointer.save(kept + 1)
+    saved = counter.take()
+    fresh = Checkpointer(RunLayout(store), components(1)[3], keep=None, staging_dir=tmp_path / f"resume-{kept}")
+    assert fresh.load() == kept + 1
+    resumed = counter.take()
+    assert prune_checkpoints(store, keep=1) == list(range(1, kept + 1))
+    return saved, resumed, counter.take()
+
+
+def test_a_save_and_a_resume_cost_the_same_requests_with_1_or_20_checkpoints_kept(
+    s3_bucket_uri, tmp_path, lone_process_group
+):
+    """One listing, the COMMITs of the checkpoints it keeps or deletes, batched deletes: a save and
+    a resume cost the same with 1 or 20 checkpoints kept; pruning 20 is two DeleteObjects calls
+    (counted on SeaweedFS)."""
+    costs = {kept: checkpoint_requests(open_store(f"{s3_bucket_uri}/kept-{kept}-{tmp_path.name}"), tmp_path, kept)
+             for kept in (1, 20)}
+    (saved_1, resumed_1, _), (saved_20, resumed_20, pruned_20) = costs[1], costs[20]
+    assert saved_1 == saved_20 and resumed_1 == resumed_20, costs
+    # a listing of the step's folder (leftovers of a crashed save), one for pruning, the newest COMMIT
+    assert saved_20["ListObjectsV2"] == 2 and saved_20["GetObject"] == 1 and "HeadObject" not in saved_20
+    assert resumed_20["ListObjectsV2"] == 1, resumed_20
+    assert pruned_20["ListObjectsV2"] == 1 and pruned_20["DeleteObjects"] == 2 and "DeleteObject" not in pruned_20
+    assert pruned_20["GetObject"] == 21, pruned_20  # the COMMITs of the kept one and of those deleted

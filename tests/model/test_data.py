@@ -7,6 +7,7 @@ The mixture chunk and shuffle window are shrunk so that small data crosses their
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -165,6 +166,24 @@ def test_bad_sources_are_refused_clearly(tmp_path):
         BlockLoader([DataSource(manifest=uri, source="tiny")], SEQ_LEN, 0, cache_dir=cache)
     with pytest.raises(DataError, match="cannot read dataset manifest .*missing.json"):
         BlockLoader([DataSource(manifest=str(tmp_path / "missing.json"))], SEQ_LEN, 0, cache_dir=cache)
+
+
+@pytest.mark.parametrize("field", ["prefix", "bin", "tokenizer"])
+def test_a_manifest_key_outside_its_build_is_refused_naming_the_manifest_and_the_key(tmp_path, field):
+    uri = build(str(tmp_path / "store"), web=[40] * 3)
+    store, key = open_object(uri)
+    manifest = json.loads(store.get_text(key))
+    escape = "../../../../outside.bin"
+    if field == "tokenizer":
+        manifest["tokenizer"]["key"] = escape
+    else:
+        manifest["shards"][0][field] = {**manifest["shards"][0]["bin"], "key": escape} if field == "bin" else escape
+    store.put_text(key, json.dumps(manifest))
+    with pytest.raises(DataError) as refused:  # before any shard is read: in the launcher, not mid-training
+        load_manifests([DataSource(manifest=uri)])
+    message = str(refused.value)
+    assert message.startswith(f"{uri}: ") and repr(escape) in message
+    assert "\n" not in message and "must not contain '.', '..'" in message
 
 
 def cache_files(cache: Path) -> dict[str, int]:

@@ -28,7 +28,8 @@ from storage.run_layout import RunLayout
 from storage.store import open_store
 from tasks.train import prepare_config
 from tests.model.runs import (
-    STEPS, launch_training, metrics, run_training, short_documents_build, train_config, train_sentencepiece_model,
+    STEPS, WEIGHTS_ONLY_ADVICE, NotATensor, error_lines, failed_train_task_runs, flow_run_logs, launch_training,
+    metrics, run_training, short_documents_build, tinyllama_train, train_config, train_sentencepiece_model,
     with_tokenizer,
 )
 
@@ -160,6 +161,29 @@ def test_a_mismatching_folder_is_refused_before_training_starts(dataset, release
 
     (folder / "config.json").unlink()
     assert "no config.json, so not a Hugging Face model folder" in refusal()
+
+
+@pytest.mark.slow
+def test_weights_holding_pickled_code_fail_tinyllama_train_in_one_line_without_a_retry(
+    dataset, released, prefect_server, tmp_path
+):
+    """The folder passes the launcher's checks (config, tokenizer); its weights are refused when
+    rank 0 reads them, as they would be on every retry."""
+    folder = Path(shutil.copytree(released[0], tmp_path / "released"))
+    (folder / "model.safetensors").unlink()
+    torch.save({"model.norm.weight": torch.ones(2), "hook": NotATensor()}, folder / "pytorch_model.bin")
+    config = train_config("pickled-weights", str(tmp_path / "out"), dataset, tmp_path, init_from=str(folder))
+
+    result = tinyllama_train(config, prefect_server, tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert error_lines(result) == [
+        f"error: training failed on its input: ValueError: {folder}/pytorch_model.bin: refused to load: not only "
+        "tensors (Unsupported global: GLOBAL eval was not an allowed global by default.)"
+    ]
+    (task,) = failed_train_task_runs("train-pickled-weights")
+    assert task.run_count == 1
+    for log in (result.stdout, result.stderr, flow_run_logs("train-pickled-weights")):
+        assert not WEIGHTS_ONLY_ADVICE.search(log)
 
 
 def test_init_from_is_a_config_key_like_the_other_uris(tmp_path, monkeypatch):

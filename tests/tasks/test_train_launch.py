@@ -1,8 +1,13 @@
-"""The launchers: Ray Train with 2 CPU workers end to end, and torchrun killed without orphans."""
+"""The launchers: Ray Train with 2 CPU workers end to end, torchrun killed without orphans, and
+failures the job would repeat (a corrupt or refused checkpoint) reported by `tinyllama train` in one
+line, not retried."""
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -11,18 +16,22 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from prefect.states import Failed
 
-from model.checkpoint import complete_checkpoints
+from model.checkpoint import METADATA_FILE, commit_checkpoint, complete_checkpoints, read_metadata
 from model.train_config import TorchrunLauncher
+from storage.manifest import ObjectInfo, sha256_bytes
 from storage.processes import process_tree
 from storage.run_layout import RunLayout
 from storage.store import open_object, open_store
 from tasks.stage import is_transient
-from tasks.train import TrainingInputError, launch_ray, launch_torchrun, latest_step, prepare_config
+from tasks.train import TrainingInputError, launch_ray, launch_torchrun, latest_step, prepare_config, run_config
 from tests.fixtures.ports import free_port
 from tests.model.runs import (
-    START_TIMEOUT_S, STEPS, metrics, short_documents_build, train_config, train_state, training_processes, wait_until,
+    START_TIMEOUT_S, STEPS, WEIGHTS_ONLY_ADVICE, NotATensor, error_lines, failed_train_task_runs, flow_run_logs,
+    metrics, run_training, short_documents_build, tinyllama_train, train_config, train_state, training_processes,
+    wait_until,
 )
 
 @pytest.fixture
@@ -99,6 +108,91 @@ def test_a_data_error_in_the_job_fails_at_once_with_its_cause(manifest, tmp_path
     message = str(failed.value)
     assert "\n" not in message and "DataError" in message and str(shard) in message and "sha256" in message
     assert not is_transient(None, None, Failed(data=failed.value))
+
+
+def checkpoint_files(store) -> dict[str, bytes]:
+    """Every file of the run's checkpoint folders (set aside or not), by key."""
+    return {key: store.get_bytes(key) for key in store.list("checkpoints/")}
+
+
+@pytest.mark.slow
+def test_a_corrupt_only_checkpoint_stops_tinyllama_train_in_one_line_until_told_to_start_over(
+    prefect_server, manifest, tmp_path
+):
+    config = train_config("corrupt-only", str(tmp_path / "store"), manifest, tmp_path, max_steps=2)
+    run_training(config, 1)
+    store = open_store(config.run_uri)
+    (only,) = complete_checkpoints(store)
+    key = only.key("__0_0.distcp")
+    data = bytearray(store.get_bytes(key))
+    data[len(data) // 2] ^= 0x01  # a bit flipped, the size kept
+    store.put_bytes(key, bytes(data))
+    expected = next(f.sha256 for f in only.files if f.key == "__0_0.distcp")
+    evidence = checkpoint_files(store)
+    longer = config.model_copy(update={"max_steps": 4})
+
+    refused = tinyllama_train(longer, prefect_server, tmp_path)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    (error,) = error_lines(refused)
+    assert error.startswith(
+        f"error: training failed on its input: CheckpointError: run {config.run_uri} cannot resume, no checkpoint "
+        f"verifies: {store.url(key)}: sha256 {sha256_bytes(bytes(data))}, its COMMIT lists {expected}. Nothing was changed"
+    ), error
+    assert checkpoint_files(store) == evidence  # nothing overwritten, nothing pruned, nothing moved
+    (task,) = failed_train_task_runs("train-corrupt-only")
+    assert task.run_count == 1  # a retry would fail alike: none
+
+    started_over = tinyllama_train(longer, prefect_server, tmp_path, "--start-over")
+    assert started_over.returncode == 0, started_over.stderr[-3000:]
+    assert "starting over from step 0" in started_over.stdout + started_over.stderr
+    assert [r["step"] for r in metrics(config.run_uri)] == [1, 2, 3, 4]
+    assert [c.step for c in complete_checkpoints(store)] == [4, 2]
+    set_aside = {k: v for k, v in checkpoint_files(store).items() if ".corrupt-" in k}
+    assert sorted(k.replace(k.split("/")[1], "step-0000002") for k in set_aside) == sorted(evidence)
+    assert sorted(set_aside.values()) == sorted(evidence.values())  # every file as it was
+    assert run_config(config.output, config.name).start_over is False  # a later train-epoch never starts over
+
+
+def plant_value(store, checkpoint, fqn: str, payload: bytes) -> None:
+    """Point the checkpoint's value `fqn` at `payload` (appended to its file), then rewrite the
+    COMMIT as a save would: the checkpoint stays committed, its sha256s verify."""
+    metadata = read_metadata(store, checkpoint)
+    (index,) = [i for i in metadata.storage_data if i.fqn == fqn]
+    info = metadata.storage_data[index]
+    key = checkpoint.key(info.relative_path)
+    data = store.get_bytes(key)
+    store.put_bytes(key, data + payload)
+    metadata.storage_data[index] = dataclasses.replace(info, offset=len(data), length=len(payload))
+    store.put_bytes(checkpoint.key(METADATA_FILE), pickle.dumps(metadata))
+    files = [f.key for f in checkpoint.files]
+    commit_checkpoint(store, checkpoint.step, [
+        ObjectInfo(key=name, size=len(body), sha256=sha256_bytes(body))
+        for name, body in ((name, store.get_bytes(checkpoint.key(name))) for name in files)
+    ])
+
+
+@pytest.mark.slow
+def test_a_refused_checkpoint_fails_tinyllama_train_in_one_line_without_a_retry(prefect_server, manifest, tmp_path):
+    config = train_config("refused", str(tmp_path / "store"), manifest, tmp_path, max_steps=2)
+    run_training(config, 1)
+    store = open_store(config.run_uri)
+    payload = io.BytesIO()
+    torch.save(NotATensor(), payload)
+    plant_value(store, complete_checkpoints(store)[0], "progress.step", payload.getvalue())
+    evidence = checkpoint_files(store)
+
+    result = tinyllama_train(config.model_copy(update={"max_steps": 4}), prefect_server, tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert error_lines(result) == [
+        f"error: training failed on its input: CheckpointError: {store.url(RunLayout.checkpoint(2))} value "
+        "progress.step: refused to load: it holds pickled objects other than tensors and plain containers "
+        "(Unsupported global: GLOBAL eval was not an allowed global by default.)"
+    ]
+    (task,) = failed_train_task_runs("train-refused")
+    assert task.run_count == 1
+    for log in (result.stdout, result.stderr, flow_run_logs("train-refused")):
+        assert not WEIGHTS_ONLY_ADVICE.search(log)
+    assert checkpoint_files(store) == evidence
 
 
 @pytest.mark.slow
