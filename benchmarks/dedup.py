@@ -2,20 +2,25 @@
 against exact all-pairs Jaccard, and the whole stage's wall time and per-task peak memory.
 
     .venv/bin/python -m benchmarks.dedup [--sample 20000] [--scales 10000,100000] [--cpus 2]
+    .venv/bin/python -m benchmarks.dedup --signatures-only [--sample 4000]
 
-Benchmark-only packages: datatrove==0.10.1 (its English word tokenizer needs spacy==3.8.18)
-and datasketch==2.0.0.
+Benchmark-only packages, the `bench` extra: datatrove==0.10.1 (its English word tokenizer
+needs spacy==3.8.18), datasketch==2.0.0 and rensa==0.5.0 (--signatures-only needs only the
+last two).
 
 1. Documents: the standard library's Python sources cut at line boundaries into documents
    of 200-3000 characters (code and docstrings, like Starcoder/SlimPajama text), a quarter
    of them replaced by edited copies of earlier ones (a random 0-20% of words replaced), so
    that near-duplicates exist at every similarity.
-2. Throughput, one process, one core, the same documents for all:
+2. Throughput, one process, the same documents for all, in CPU seconds (process time: other
+   processes sharing the machine slow the wall clock, not this), the median of 3 rounds
+   with the implementations taking turns chunk by chunk:
    - the project (char 13-grams x 128, SlimPajama's recipe; and word 5-grams x 112,
      datatrove's default shape), signatures plus band hashes;
+   - rensa RMinHash(num_perm=128) and datasketch MinHash(num_perm=128), each fed the same
+     char 13-gram shingles (the project's `normalize`, then every 13-character slice);
    - datatrove's MinhashDedupSignature (get_shingles + get_signature, its defaults: word
-     5-grams, 14 x 8 hashes, xxhash64);
-   - datasketch MinHash(num_perm=128) fed SlimPajama's char 13-gram shingles.
+     5-grams, 14 x 8 hashes, xxhash64).
 3. Truth: every pair with Jaccard >= 0.8 over character 13-gram sets (shingles hashed with
    xxh3 in plain Python, independent of the project's hashing), found exactly by prefix
    filtering (Bayardo et al. 2007: a pair with J >= t shares one of the |A| - ceil(t|A|) + 1
@@ -37,6 +42,7 @@ import os
 import platform
 import random
 import resource
+import statistics
 import sysconfig
 import tempfile
 import time
@@ -66,6 +72,8 @@ from tasks.stage import Stage
 THRESHOLD = 0.8
 DATATROVE = "datatrove MinhashDedupSignature, word 5-grams x 112"
 DATASKETCH = "datasketch MinHash, char 13-grams x 128"
+RENSA = "rensa RMinHash, char 13-grams x 128"
+PROJECT_CHARS = "project, char 13-grams x 128"
 UNSIGNED = np.iinfo(np.uint64).max  # a signature row datatrove did not compute
 DOCS_PER_SHARD = 10_000
 
@@ -222,26 +230,41 @@ def precision_recall(removed: set[int], truth: set[int]) -> tuple[float, float]:
 # -- the three signature implementations ----------------------------------------------------
 
 
-def timed(action: Callable[[], object]) -> tuple[float, object]:
-    started = time.perf_counter()
+def timed(action: Callable[[], object], clock: Callable[[], float] = time.perf_counter) -> tuple[float, object]:
+    started = clock()
     result = action()
-    return time.perf_counter() - started, result
+    return clock() - started, result
 
 
-def interleaved(implementations: dict[str, Callable], texts: Sequence[str], chunk: int = 500) -> dict[str, tuple[float, np.ndarray]]:
-    """Seconds and signatures of each implementation over all texts, run chunk by chunk with
-    the implementations taking turns (the first rotating), so load from other processes on a
-    shared machine hits them alike."""
-    seconds = dict.fromkeys(implementations, 0.0)
-    outputs: dict[str, list[np.ndarray]] = {name: [] for name in implementations}
+def interleaved(implementations: dict[str, Callable], texts: Sequence[str], chunk: int = 500, rounds: int = 3) -> dict[str, tuple[float, np.ndarray]]:
+    """CPU seconds (the median of `rounds`) and signatures of each implementation over all
+    texts, run chunk by chunk with the implementations taking turns (the first rotating), so
+    load from other processes on a shared machine hits them alike."""
     names = list(implementations)
-    for index, start in enumerate(range(0, len(texts), chunk)):
-        part = texts[start : start + chunk]
-        for name in names[index % len(names) :] + names[: index % len(names)]:
-            took, result = timed(lambda: implementations[name](part))
-            seconds[name] += took
-            outputs[name].append(result)
-    return {name: (seconds[name], np.concatenate(outputs[name])) for name in names}
+    totals: dict[str, list[float]] = {name: [] for name in names}
+    outputs: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    for round_ in range(rounds):
+        seconds = dict.fromkeys(names, 0.0)
+        for index, start in enumerate(range(0, len(texts), chunk)):
+            part = texts[start : start + chunk]
+            turn = index + round_
+            for name in names[turn % len(names) :] + names[: turn % len(names)]:
+                took, result = timed(lambda: implementations[name](part), time.process_time)
+                seconds[name] += took
+                if round_ == 0:
+                    outputs[name].append(result)
+        for name in names:
+            totals[name].append(seconds[name])
+    return {name: (statistics.median(totals[name]), np.concatenate(outputs[name])) for name in names}
+
+
+def throughput_table(runs: dict[str, tuple[float, np.ndarray]], texts: Sequence[str], base: str) -> None:
+    megabytes = sum(len(t.encode()) for t in texts) / 1e6
+    load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
+    print(f"\n(load average {load} on {os.cpu_count()} cores: CPU seconds, the median of 3 rounds)")
+    print(f"\n| signatures (1 core, CPU time) | docs/s | MB/s | vs {base.split(',')[0]} |\n| --- | ---: | ---: | ---: |")
+    for name, (seconds, _) in runs.items():
+        print(f"| {name} | {len(texts) / seconds:,.0f} | {megabytes / seconds:.2f} | {runs[base][0] / seconds:.2f}x |")
 
 
 def project_signatures(texts: Sequence[str], words: bool) -> np.ndarray:
@@ -274,15 +297,33 @@ def datatrove_signatures(texts: Sequence[str]) -> np.ndarray:
     return out
 
 
+def char_13grams(text: str) -> list[str]:
+    """SlimPajama's shingles: the normalized text's 13-character slices (or itself, if shorter)."""
+    s = normalize(text)
+    return [s[j : j + 13] for j in range(len(s) - 12)] or [s]
+
+
 def datasketch_signatures(texts: Sequence[str]) -> np.ndarray:
     from datasketch import MinHash
 
     out = np.zeros((len(texts), 128), np.uint64)
     for i, text in enumerate(texts):
-        s = normalize(text)
         minhash = MinHash(num_perm=128)
-        minhash.update_batch([s[j : j + 13].encode() for j in range(len(s) - 12)] or [s.encode()])
+        minhash.update_batch([g.encode() for g in char_13grams(text)])
         out[i] = minhash.hashvalues
+    return out
+
+
+def rensa_signatures(texts: Sequence[str]) -> np.ndarray:
+    """rensa's fastest path for str tokens here: one RMinHash per document (its batch
+    digest_matrix_from_token_sets measured slower, holding every document's shingles at once)."""
+    from rensa import RMinHash
+
+    out = np.zeros((len(texts), 128), np.uint32)
+    for i, text in enumerate(texts):
+        minhash = RMinHash(num_perm=128, seed=1)
+        minhash.update(char_13grams(text))
+        out[i] = minhash.digest()
     return out
 
 
@@ -365,13 +406,22 @@ def main() -> None:
     parser.add_argument("--sample", type=int, default=20_000, help="documents for throughput and precision/recall")
     parser.add_argument("--scales", default="10000,100000", help="corpus sizes for the whole stage")
     parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--signatures-only", action="store_true", help="only the char 13-gram throughput: project, rensa, datasketch")
     args = parser.parse_args()
+
+    if args.signatures_only:
+        print(f"python {platform.python_version()}, numpy {version('numpy')}, rensa {version('rensa')}, datasketch {version('datasketch')}")
+        texts = code_corpus(args.sample)
+        print(f"\nsample: {len(texts)} documents, {sum(len(t.encode()) for t in texts) / 1e6:.1f} MB (stdlib sources, 25% edited copies)")
+        implementations = {PROJECT_CHARS: lambda chunk: project_signatures(chunk, words=False), RENSA: rensa_signatures, DATASKETCH: datasketch_signatures}
+        throughput_table(interleaved(implementations, texts), texts, RENSA)
+        return
 
     import ray
 
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     print(f"python {platform.python_version()}, numpy {version('numpy')}, datatrove {version('datatrove')}, "
-          f"spacy {version('spacy')}, datasketch {version('datasketch')}, {os.cpu_count()} cores, ray workers {args.cpus}")
+          f"spacy {version('spacy')}, datasketch {version('datasketch')}, rensa {version('rensa')}, {os.cpu_count()} cores, ray workers {args.cpus}")
 
     if args.sample:
         sample_benchmarks(args.sample)
@@ -392,16 +442,14 @@ def sample_benchmarks(count: int) -> None:
     print(f"\nsample: {len(texts)} documents, {megabytes:.1f} MB (stdlib sources, 25% edited copies)")
 
     implementations = {
-        "project, char 13-grams x 128": lambda chunk: project_signatures(chunk, words=False),
+        PROJECT_CHARS: lambda chunk: project_signatures(chunk, words=False),
         "project, word 5-grams x 112": lambda chunk: project_signatures(chunk, words=True),
+        RENSA: rensa_signatures,
         DATATROVE: datatrove_signatures,
         DATASKETCH: datasketch_signatures,
     }
     runs = interleaved(implementations, texts)
-    base = runs[DATATROVE][0]
-    print("\n| signatures (1 core) | docs/s | MB/s | vs datatrove |\n| --- | ---: | ---: | ---: |")
-    for name, (seconds, _) in runs.items():
-        print(f"| {name} | {len(texts) / seconds:,.0f} | {megabytes / seconds:.2f} | {base / seconds:.1f}x |")
+    throughput_table(runs, texts, RENSA)
 
     seconds, sets = timed(lambda: char_shingle_sets(texts))
     pair_seconds, (first, second) = timed(lambda: similar_pairs(sets, THRESHOLD))

@@ -1,4 +1,5 @@
-"""MinHash signatures and shingle sets, vectorized with numpy (no per-shingle Python loop).
+"""MinHash signatures and shingle sets, vectorized with numpy over batches of documents (no
+per-shingle Python work).
 
 A signature is a pure function of the text and the config (n-gram size, shingle kind,
 permutations, seed): every constant below is fixed, the per-seed parameters come from a
@@ -8,8 +9,9 @@ versions), and only wrapping integer arithmetic is used. No Python `hash()`.
 Pipeline per document (SlimPajama's recipe by default):
 1. normalize: lowercase, drop ASCII punctuation, collapse whitespace runs to one space and
    strip (SlimPajama's `get_features`);
-2. shingles: character n-grams, or word n-grams (words are the space-separated tokens); a
-   text shorter than one n-gram is a single shingle (the whole normalized text);
+2. shingles: character n-grams (of code points), or word n-grams (words are the
+   space-separated tokens); a text shorter than one n-gram is a single shingle (the whole
+   normalized text);
 3. each shingle hashes to 64 bits: a polynomial hash of its code points (computed for all
    shingles at once from prefix sums), plus its length, finalized by murmur3's fmix64;
 4. permutation i maps the top 32 bits x of a shingle hash to (a_i * x + b_i) mod 2^32
@@ -17,26 +19,72 @@ Pipeline per document (SlimPajama's recipe by default):
    shingles. 32-bit arithmetic packs twice the SIMD lanes of 64-bit, and 32-bit minima are
    what datasketch (hence SlimPajama) keeps as well; the Jaccard estimates match the
    binomial error of ideal permutations (see tests).
+
+Documents are processed in batches of about PIECE_CHARS code points laid end to end. An
+ASCII text is lowercased and loses its punctuation in one bytes.translate, and the batch's
+runs of spaces are collapsed at once in numpy (any other text goes through `normalize`); one
+prefix sum hashes every n-gram of the batch, character n-grams straight from two contiguous
+slices of it (the n-grams that cross a piece's end are masked out); the permutations run
+over blocks of the batch's shingles, one minimum per document in the block (reduceat).
 """
 
 from __future__ import annotations
 
 import string
 from collections.abc import Iterator, Sequence
+from functools import lru_cache
 
 import numpy as np
 
 _MASK64 = (1 << 64) - 1
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
+_PUNCTUATION_BYTES = string.punctuation.encode()
+_ASCII_WHITESPACE = bytes(c for c in range(128) if chr(c).isspace())  # str.split()'s, \x1c-\x1f too
+_TO_SPACE = bytes.maketrans(_ASCII_WHITESPACE, b" " * len(_ASCII_WHITESPACE))
 _SPACE = 32
-PIECE_CHARS = 1 << 20  # texts are shingled in batches of about this many code points
+PIECE_CHARS = 1 << 18  # texts are shingled in batches of about this many code points
 PIECE_WORDS = 1 << 17  # a longer text is cut into overlapping pieces of this many words
 _BLOCK_VALUES = 1 << 20  # a permutation block holds about this many uint32 (num_perm x shingles)
 
 
 def normalize(text: str) -> str:
     """Lowercase, drop ASCII punctuation, collapse whitespace to single spaces, strip."""
+    if text.isascii():
+        return " ".join(_spaced(text).split())
     return " ".join(text.lower().translate(_PUNCTUATION).split())
+
+
+def _spaced(text: str) -> str:
+    """An ASCII text lowercased, without punctuation, each whitespace character a space:
+    `normalize` but for collapsing the spaces (one bytes.translate, a table lookup per byte)."""
+    return text.encode().lower().translate(_TO_SPACE, _PUNCTUATION_BYTES).decode()
+
+
+def _collapse_spaces(codes: np.ndarray, lengths: np.ndarray, strip: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pieces laid end to end with each run of spaces made one space, and the pieces marked
+    `strip` without spaces at either end (the others are normalized already and may begin or
+    end with a space where a long text was cut); the codes and lengths after."""
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    space = codes == _SPACE
+    drop = np.empty_like(space)
+    drop[:1] = False
+    np.logical_and(space[1:], space[:-1], out=drop[1:])
+    first = starts[lengths > 0]  # a piece's first space is a repeat only if the piece is stripped
+    drop[first] = space[first] & strip[lengths > 0]
+    kept = np.zeros(len(codes) + 1, dtype=np.int64)
+    np.cumsum(~drop, out=kept[1:])
+    codes = codes[~drop]
+    lengths = kept[ends] - kept[starts]
+    # a stripped piece's trailing spaces are now one space, its last character
+    last = np.cumsum(lengths) - 1
+    trailing = strip & (lengths > 0)
+    trailing[trailing] = codes[last[trailing]] == _SPACE
+    if trailing.any():
+        keep = np.ones(len(codes), dtype=bool)
+        keep[last[trailing]] = False
+        codes, lengths = codes[keep], lengths - trailing
+    return codes, lengths
 
 
 def splitmix64(seed: int) -> Iterator[int]:
@@ -52,19 +100,37 @@ def splitmix64(seed: int) -> Iterator[int]:
 
 def fmix64(h: np.ndarray) -> np.ndarray:
     """murmur3's 64-bit finalizer, in place on a uint64 array (and returned)."""
-    h ^= h >> np.uint64(33)
-    h *= np.uint64(0xFF51AFD7ED558CCD)
-    h ^= h >> np.uint64(33)
-    h *= np.uint64(0xC4CEB9FE1A85EC53)
+    return _last_xorshift(_mix_top(h))
+
+
+def _mix_top(h: np.ndarray) -> np.ndarray:
+    """fmix64 but its last xorshift, which leaves the top 32 bits as they are (all that
+    signatures use), in place."""
+    shifted = np.empty_like(h)
+    for multiplier in (0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53):
+        h ^= np.right_shift(h, np.uint64(33), out=shifted)
+        h *= np.uint64(multiplier)
+    return h
+
+
+def _last_xorshift(h: np.ndarray) -> np.ndarray:
     h ^= h >> np.uint64(33)
     return h
 
 
-def _powers(base: int, count: int) -> np.ndarray:
-    """base**t mod 2^64 for t in [0, count)."""
+@lru_cache(maxsize=8)
+def _power_table(base: int, count: int) -> np.ndarray:
+    """base**t mod 2^64 for t in [0, count), read-only (shared by the batches of a process)."""
     powers = np.full(count, base, dtype=np.uint64)
     powers[:1] = 1
-    return np.cumprod(powers, out=powers)
+    np.cumprod(powers, out=powers)
+    powers.flags.writeable = False
+    return powers
+
+
+def _powers(base: int, count: int) -> np.ndarray:
+    """base**t mod 2^64 for t in [0, count), from a table sized to the next power of two."""
+    return _power_table(base, 1 << max(count - 1, 1).bit_length())[:count]
 
 
 class MinHasher:
@@ -86,7 +152,7 @@ class MinHasher:
 
     def _pieces(self, text: str) -> list[str]:
         """A normalized text, cut (if long) into pieces that overlap by n-1 units, so that
-        every shingle lies whole inside some piece; repeats are harmless to minima and sets."""
+        every shingle lies whole inside exactly one piece."""
         n = self.ngram
         if len(text) <= PIECE_CHARS:
             return [text]
@@ -101,82 +167,120 @@ class MinHasher:
             for w in range(0, max(count - n + 1, 1), PIECE_WORDS)
         ]
 
-    def _batches(self, texts: Sequence[str]) -> Iterator[tuple[list[str], list[int]]]:
-        """(pieces, owning document of each piece), about PIECE_CHARS code points at a time."""
+    def _batches(self, texts: Sequence[str]) -> Iterator[tuple[list[str], list[int], list[bool]]]:
+        """(pieces, owning document of each piece, whether its spaces are still to collapse),
+        about PIECE_CHARS code points at a time. An ASCII text that fits one piece is only
+        `_spaced` here; any other is normalized, and cut if long."""
         pieces: list[str] = []
         owners: list[int] = []
+        spaced: list[bool] = []
         size = 0
         for doc, text in enumerate(texts):
-            for piece in self._pieces(normalize(text)):
+            short_ascii = len(text) <= PIECE_CHARS and text.isascii()
+            for piece in [_spaced(text)] if short_ascii else self._pieces(normalize(text)):
                 pieces.append(piece)
                 owners.append(doc)
+                spaced.append(short_ascii)
                 size += len(piece)
                 if size >= PIECE_CHARS:
-                    yield pieces, owners
-                    pieces, owners, size = [], [], 0
+                    yield pieces, owners, spaced
+                    pieces, owners, spaced, size = [], [], [], 0
         if pieces:
-            yield pieces, owners
+            yield pieces, owners, spaced
 
-    def _spans(self, codes: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """[start, end) code-point spans of every shingle of pieces laid end to end, and the
-        piece of each. A piece shorter than one n-gram is one span: the whole piece."""
+    def _prefix(self, codes: np.ndarray) -> np.ndarray:
+        """prefix[k] = sum_{t<k} code[t] * base^t mod 2^64, for k in [0, len(codes)]."""
+        prefix = np.empty(len(codes) + 1, dtype=np.uint64)
+        prefix[0] = 0
+        np.multiply(codes, _powers(self._base, len(codes)), out=prefix[1:])
+        np.cumsum(prefix[1:], out=prefix[1:])
+        return prefix
+
+    def _span_hashes(self, prefix: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+        """Unfinalized hash of each [start, end) span: sum_t code[s+t] * base^t + length * key."""
+        raw = (prefix[ends] - prefix[starts]) * _powers(self._base_inverse, len(prefix))[starts]
+        raw += (ends - starts).astype(np.uint64) * self._length_key
+        return raw
+
+    def _char_hashes(self, codes: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Unfinalized hashes of the character n-grams of pieces laid end to end, piece by
+        piece, and each piece's shingle count. The windows at every position come from two
+        contiguous slices of the prefix sums; those crossing a piece's end are masked out."""
+        n, total = self.ngram, len(codes)
+        ends = np.cumsum(lengths)
+        starts = ends - lengths
+        counts = np.maximum(lengths - n + 1, 1)
+        prefix = self._prefix(codes)
+        windows = max(total - n + 1, 0)
+        raw = np.subtract(prefix[n:], prefix[:windows])
+        raw *= _powers(self._base_inverse, windows)
+        full = lengths >= n
+        # +1 where a piece's n-grams begin, -1 past its last one: the running sum marks them
+        edges = np.zeros(windows + 1, dtype=np.int8)
+        edges[starts[full]] = 1
+        edges[ends[full] - n + 1] -= 1
+        hashes = raw[np.cumsum(edges[:-1], dtype=np.int8).view(bool)]
+        hashes += np.uint64(n * int(self._length_key) & _MASK64)
+        if not full.all():  # a piece shorter than n is one shingle, placed where it belongs
+            short = ~full
+            whole = self._span_hashes(prefix, starts[short], ends[short])
+            position = (np.cumsum(counts) - counts)[short]
+            hashes = np.insert(hashes, position - np.arange(len(position)), whole)
+        return hashes, counts
+
+    def _word_spans(self, codes: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """[start, end) code-point spans of every word n-gram of pieces laid end to end, and
+        each piece's shingle count. A piece shorter than one n-gram is one span: the whole piece."""
         n = self.ngram
         offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-        if not self.words:
-            units = lengths  # characters
-            unit_start = offsets
-        else:
-            is_space = codes == _SPACE
-            starts_mask = np.zeros(len(codes), dtype=bool)
-            starts_mask[offsets[lengths > 0]] = True
-            starts_mask[1:] |= is_space[:-1]
-            word_starts = np.flatnonzero(starts_mask)
-            word_ends = np.sort(np.concatenate([np.flatnonzero(is_space), (offsets + lengths)[lengths > 0]]))
-            first_word = np.searchsorted(word_starts, offsets)
-            units = np.diff(np.append(first_word, len(word_starts)))  # words per piece
-            unit_start = first_word
+        is_space = codes == _SPACE
+        starts_mask = np.zeros(len(codes), dtype=bool)
+        starts_mask[offsets[lengths > 0]] = True
+        starts_mask[1:] |= is_space[:-1]
+        word_starts = np.flatnonzero(starts_mask)
+        word_ends = np.sort(np.concatenate([np.flatnonzero(is_space), (offsets + lengths)[lengths > 0]]))
+        first_word = np.searchsorted(word_starts, offsets)
+        units = np.diff(np.append(first_word, len(word_starts)))  # words per piece
         whole = units < n
         count = np.where(whole, 1, units - n + 1)
         piece = np.repeat(np.arange(len(lengths)), count)
         local = np.arange(len(piece)) - np.repeat(np.cumsum(count) - count, count)
-        first = np.repeat(unit_start, count) + local  # first unit of each shingle
-        if not self.words:
-            starts = first
-            ends = first + n
-        else:
-            last = np.minimum(first + n - 1, len(word_ends) - 1)
-            starts = word_starts[np.minimum(first, len(word_starts) - 1)] if len(word_starts) else first
-            ends = word_ends[last] if len(word_ends) else first
+        first = np.repeat(first_word, count) + local  # first word of each shingle
+        last = np.minimum(first + n - 1, len(word_ends) - 1)
+        starts = word_starts[np.minimum(first, len(word_starts) - 1)] if len(word_starts) else first
+        ends = word_ends[last] if len(word_ends) else first
         whole_shingle = whole[piece]
         starts = np.where(whole_shingle, offsets[piece], starts)
         ends = np.where(whole_shingle, (offsets + lengths)[piece], ends)
-        return starts, ends, piece
+        return starts, ends, count
 
-    def _hash_spans(self, codes: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-        """64-bit hash of each span: fmix64(sum_t code[s+t] * base^t + length * key ^ seed key)."""
-        total = len(codes)
-        prefix = np.zeros(total + 1, dtype=np.uint64)
-        np.cumsum(codes.astype(np.uint64) * _powers(self._base, total), out=prefix[1:])
-        raw = (prefix[ends] - prefix[starts]) * _powers(self._base_inverse, total + 1)[starts]
-        raw += (ends - starts).astype(np.uint64) * self._length_key
-        raw ^= self._shingle_key
-        return fmix64(raw)
-
-    def _shingle_batches(self, texts: Sequence[str]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(64-bit shingle hashes, owning document index) in document order, batch by batch."""
-        for pieces, owners in self._batches(texts):
-            joined = "".join(pieces).encode("utf-32-le", "surrogatepass")
-            codes = np.frombuffer(joined, dtype="<u4")
-            lengths = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=len(pieces))
-            starts, ends, piece = self._spans(codes, lengths)
-            yield self._hash_spans(codes, starts, ends), np.asarray(owners, dtype=np.int64)[piece]
+    def _shingle_batches(self, texts: Sequence[str]) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(shingle hashes in document order but for fmix64's last xorshift, the documents
+        present, the index of each one's first hash), batch by batch; every present document
+        has at least one shingle."""
+        for pieces, owners, spaced in self._batches(texts):
+            joined = "".join(pieces)
+            if joined.isascii():
+                codes = np.frombuffer(joined.encode("ascii"), dtype=np.uint8)
+            else:
+                codes = np.frombuffer(joined.encode("utf-32-le", "surrogatepass"), dtype="<u4")
+            lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
+            codes, lengths = _collapse_spaces(codes, lengths, np.array(spaced))
+            if self.words:
+                starts, ends, counts = self._word_spans(codes, lengths)
+                raw = self._span_hashes(self._prefix(codes), starts, ends)
+            else:
+                raw, counts = self._char_hashes(codes, lengths)
+            raw ^= self._shingle_key
+            owner = np.asarray(owners, dtype=np.int64)
+            new_doc = np.flatnonzero(np.concatenate([[True], owner[1:] != owner[:-1]]))  # a long text's pieces are adjacent
+            yield _mix_top(raw), owner[new_doc], (np.cumsum(counts) - counts)[new_doc]
 
     def shingle_sets(self, texts: Sequence[str]) -> list[np.ndarray]:
         """Each text's shingles as a sorted array of unique 64-bit hashes."""
         parts: list[list[np.ndarray]] = [[] for _ in texts]
-        for hashes, owners in self._shingle_batches(texts):
-            docs, first = np.unique(owners, return_index=True)
-            for doc, chunk in zip(docs, np.split(hashes, first[1:])):
+        for hashes, docs, firsts in self._shingle_batches(texts):
+            for doc, chunk in zip(docs, np.split(_last_xorshift(hashes), firsts[1:])):
                 parts[doc].append(chunk)
         return [_sorted_unique(np.concatenate(p)) if p else np.empty(0, np.uint64) for p in parts]
 
@@ -196,19 +300,20 @@ class MinHasher:
         # are contiguous reductions (several times faster than reducing along columns)
         block = np.empty((self.num_perm, width), dtype=np.uint32)
         a, b = self._a[:, None], self._b[:, None]
-        for hashes, owners in self._shingle_batches(texts):
-            sizes += np.bincount(owners, minlength=len(texts))
+        for hashes, docs, firsts in self._shingle_batches(texts):
+            sizes[docs] += np.diff(np.append(firsts, len(hashes)))
             keys = (hashes >> np.uint64(32)).astype(np.uint32)
             for column in range(0, len(keys), width):
-                x, owner = keys[column : column + width], owners[column : column + width]
+                x = keys[column : column + width]
+                # the documents with shingles in this block, and where each one begins in it
+                low = np.searchsorted(firsts, column, side="right") - 1
+                high = np.searchsorted(firsts, column + len(x))
                 values = block[:, : len(x)]
                 np.multiply(a, x, out=values)
                 values += b
-                # owners are sorted: one segment per document in this block
-                segment = np.flatnonzero(np.concatenate([[True], owner[1:] != owner[:-1]]))
-                docs = owner[segment]
-                minima = values.min(axis=1)[None, :] if len(segment) == 1 else np.minimum.reduceat(values, segment, axis=1).T
-                signatures[docs] = np.minimum(signatures[docs], minima)
+                minima = np.minimum.reduceat(values, np.maximum(firsts[low:high] - column, 0), axis=1).T
+                present = docs[low:high]
+                signatures[present] = np.minimum(signatures[present], minima)
         return signatures, sizes
 
     def band_hashes(self, signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
