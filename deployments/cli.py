@@ -16,6 +16,7 @@ from typing import Annotated, Optional
 
 import click
 import typer
+from typer.core import TyperOption
 
 from deployments.errors import DEBUG_ENV, INTERRUPTED, Interrupted, debug_enabled, describe, exit_code, read_config
 from deployments.settings import configure_prefect
@@ -47,6 +48,17 @@ class _Cli(typer.Typer):
         sys.exit(result if isinstance(result, int) else 0)
 
 
+_display_type_rich = TyperOption.display_type_rich
+
+
+def _no_value_for_flags(option: TyperOption, ctx: click.Context) -> str | None:
+    """typer 0.29's rich help gives every option a value column, flags too (`--debug <bool>`);
+    its plain help, like click's, shows none for a flag: so does this one."""
+    return None if option.is_flag or option.count else _display_type_rich(option, ctx)
+
+
+TyperOption.display_type_rich = _no_value_for_flags
+
 app = _Cli(
     help="Pretrain TinyLlama-class models: build datasets, train, export, and serve it all in the Prefect UI.",
     no_args_is_help=True,
@@ -60,6 +72,16 @@ ApiUrl = Annotated[
         "--api-url",
         envvar="PREFECT_API_URL",
         help="Prefect API to record runs on (default: the one `tinyllama serve` runs, else a temporary one)",
+        show_default=False,
+    ),
+]
+ServedApiUrl = Annotated[
+    Optional[str],
+    typer.Option(
+        "--api-url",
+        envvar="PREFECT_API_URL",
+        help="Prefect API of the server that serves the deployments (default: the one `tinyllama serve` runs; "
+        "none is started)",
         show_default=False,
     ),
 ]
@@ -137,12 +159,18 @@ def train(
     ctx: typer.Context,
     config: Annotated[Path, typer.Argument(help="Run config (YAML)", dir_okay=False)],
     max_steps_this_run: Annotated[Optional[int], typer.Option(help="Advance the run by at most this many steps")] = None,
+    start_over: Annotated[
+        bool, typer.Option("--start-over", help="If no checkpoint of the run verifies, train from step 0 instead of "
+                           "refusing (the corrupt ones are set aside, unchanged)")
+    ] = False,
     api_url: ApiUrl = None,
 ) -> None:
     """Run the train flow: train (or continue) the run described by CONFIG; prints the run URI."""
     from model.train_config import TrainConfig
 
-    updates = {"max_steps_this_run": max_steps_this_run} if max_steps_this_run else None
+    updates = {"max_steps_this_run": max_steps_this_run} if max_steps_this_run else {}
+    if start_over:
+        updates["start_over"] = True
     run_config = read_config(config, TrainConfig, updates)
     with flow_session(ctx, api_url) as session:
         from flows.train import train as train_flow
@@ -174,10 +202,16 @@ def export_hf(
     checkpoint_uri: Annotated[str, typer.Argument(help="A checkpoint folder, or a run folder (its newest checkpoint)")],
     out_dir: Annotated[Path, typer.Argument(help="Where the Hugging Face Llama directory goes")],
 ) -> None:
-    """Export a checkpoint as a directory that transformers loads as LlamaForCausalLM."""
+    """Export a checkpoint as a directory that transformers loads as LlamaForCausalLM; prints the
+    checkpoint folder and its step, then (the last line) the directory."""
+    from model.checkpoint import resolve_checkpoint
     from model.export import export_hf as export
 
-    typer.echo(str(export(checkpoint_uri, out_dir)))
+    layout, checkpoint = resolve_checkpoint(checkpoint_uri)  # a run folder: its newest checkpoint, named here
+    folder = layout.store.url(checkpoint.prefix)
+    exported = export(folder, out_dir)
+    typer.echo(f"exported {folder} (step {checkpoint.step})")
+    typer.echo(str(exported))
 
 
 @app.command(epilog="Example: tinyllama evaluate data/runs/sample-tiny --tasks tiny_mc --include-path tests/evaluation/tiny_mc")
@@ -236,7 +270,7 @@ def demo(
     with flow_session(ctx, api_url) as session:
         from deployments.demo import FULL, QUICK, run_demo
 
-        run_demo(data_dir(ctx), QUICK if quick else FULL, run_flow=session.run)
+        run_demo(data_dir(ctx), QUICK if quick else FULL, run_flow=session.run, ui_url=session.ui_url)
 
 
 @app.command(epilog="Example: tinyllama serve --port 4200 --epochs-on   (then open http://127.0.0.1:4200)")
@@ -261,15 +295,16 @@ def submit_build(
     config: Annotated[Path, typer.Argument(help="Build config (YAML)", dir_okay=False)],
     output: Annotated[Optional[str], typer.Option(help="Store URI overriding the config's output")] = None,
     train_run: Annotated[
-        Optional[str], typer.Option(help="The training run the automation trains on this build (default: derived)")
+        Optional[str],
+        typer.Option(help="The run the automation trains on this build (default: the deployment's run if it is new "
+                     "or trains on this build, else a run named after the build)"),
     ] = None,
-    wait: Annotated[bool, typer.Option(help="Wait for the run to finish")] = False,
-    api_url: ApiUrl = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for the run to finish, showing its progress")] = False,
+    api_url: ServedApiUrl = None,
 ) -> None:
-    """Start a build-dataset deployment run on the served server; prints its UI link.
+    """Start a build-dataset deployment run on the server `tinyllama serve` runs; prints its UI link.
 
-    When it completes, the train-on-build automation trains TRAIN_RUN on it (by default the
-    deployment's run if it is new or trains on this build, else a run named after the build)."""
+    When the build completes, the train-on-build automation trains a run on it (see --train-run)."""
     from tasks.config import BuildConfig
 
     build = read_config(config, BuildConfig, {"output": absolute(output)} if output else None)
@@ -277,7 +312,7 @@ def submit_build(
     from deployments.serve import running_server
 
     with running_server(data_dir(ctx), api_url):
-        run = submit(BUILD, {"config": build.model_dump(mode="json"), "train_run": train_run or ""}, wait=wait)
+        run = submit(BUILD, {"config": build.model_dump(mode="json"), "train_run": train_run or ""})
         report_submitted(run, wait)
 
 
@@ -287,25 +322,30 @@ def train_epoch(
     run: Annotated[str, typer.Argument(help="Name of the training run to continue")],
     output: Annotated[Optional[str], typer.Option(help="Store URI the run lives in (default: --data)")] = None,
     steps: Annotated[int, typer.Option(help="Optimizer steps to advance the run by")] = 50,
-    wait: Annotated[bool, typer.Option(help="Wait for the run to finish")] = False,
-    api_url: ApiUrl = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for the run to finish, showing its progress")] = False,
+    api_url: ServedApiUrl = None,
 ) -> None:
-    """Start one train-epoch deployment run: continue RUN by STEPS optimizer steps."""
+    """Start one train-epoch deployment run on the server `tinyllama serve` runs: continue RUN by
+    STEPS optimizer steps."""
     from deployments.deploy import TRAIN_EPOCH, submit
     from deployments.serve import running_server
 
     with running_server(data_dir(ctx), api_url):
-        flow_run = submit(TRAIN_EPOCH, {"run": run, "output": absolute(output or str(data_dir(ctx))), "steps": steps},
-                          wait=wait)
+        flow_run = submit(TRAIN_EPOCH, {"run": run, "output": absolute(output or str(data_dir(ctx))), "steps": steps})
         report_submitted(flow_run, wait)
 
 
-def report_submitted(flow_run, waited: bool) -> None:
-    """The run's state and UI link; a run waited for that did not complete fails the command."""
+def report_submitted(flow_run, wait: bool) -> None:
+    """The run's state and UI link, once it ends if `wait` (its progress on stderr meanwhile); a run
+    waited for that did not complete fails the command."""
     from deployments.deploy import flow_run_url
+    from deployments.terminal import wait_for_run
 
+    if wait:
+        typer.echo(f"waiting for the run to end: {flow_run_url(flow_run)}", err=True)
+        flow_run = wait_for_run(flow_run.id)
     typer.echo(f"{flow_run.state.name}: {flow_run_url(flow_run)}")
-    if waited and not flow_run.state.is_completed():
+    if wait and not flow_run.state.is_completed():
         raise RuntimeError(f"the run ended {flow_run.state.name}: {flow_run.state.message or 'see its page'}")
 
 

@@ -17,9 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deployments.settings import SAMPLE_RUN
+from storage.manifest import SourceAccounting
 
 PROMPT = "The history of"
 NEW_TOKENS = 24
+GENERATION_SEED = 0
+NEWLINE = "⏎"  # how the summary shows a generated line break
 EVAL_TASK = Path(__file__).resolve().parents[1] / "tests" / "evaluation" / "tiny_mc"
 
 
@@ -34,6 +37,11 @@ class DemoSize:
     steps: int  # of the run's first segment
 
 
+# The demo's build id, the same on every machine (the default, the config's hash, covers the
+# corpus's absolute paths): examples/train-demo.yaml names the build by it.
+BUILD_ID = "demo"
+
+
 # The default: the run that serve's train-epoch deployment continues; training ~1.5-3 minutes on 2 cores.
 FULL = DemoSize(corpus="raw", build="sample", run=SAMPLE_RUN, corpus_bytes=4 << 20, steps=120)
 QUICK = DemoSize(corpus="raw-quick", build="sample-quick", run="sample-quick", corpus_bytes=256 << 10, steps=6)
@@ -43,6 +51,8 @@ QUICK = DemoSize(corpus="raw-quick", build="sample-quick", run="sample-quick", c
 class DemoResult:
     corpus: Path
     manifest: str
+    accounting: SourceAccounting  # of the build, all sources together
+    near_duplicate: dict | None  # the first near duplicate the build removed: text, kept_text, jaccard
     run: str
     step: int
     first_loss: float
@@ -51,18 +61,24 @@ class DemoResult:
     generated: str
     evaluation: dict
     seconds: float
+    ui_url: str | None = None  # the Prefect UI that shows the runs (None: they wait for `tinyllama serve`)
 
 
 def generate(export: Path, prompt: str = PROMPT, new_tokens: int = NEW_TOKENS) -> str:
-    """Greedy continuation of `prompt` by the exported model, loaded with transformers."""
+    """A continuation of `prompt` by the exported model, loaded with transformers: sampled with a
+    fixed seed (the same text every time) and a repetition penalty, since a model this briefly
+    trained, decoded greedily, repeats one token or line break to the end."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(export)
     model = AutoModelForCausalLM.from_pretrained(export)
     inputs = tokenizer(prompt, return_tensors="pt")
-    with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(GENERATION_SEED)
+        output = model.generate(
+            **inputs, max_new_tokens=new_tokens, do_sample=True, top_k=40, temperature=0.8, repetition_penalty=1.3
+        )
     return tokenizer.decode(output[0], skip_special_tokens=True)
 
 
@@ -77,10 +93,11 @@ def demo_task(data_dir: Path) -> Path:
     return folder
 
 
-def run_demo(data_dir: Path = Path("data"), size: DemoSize = FULL, run_flow=None) -> DemoResult:
+def run_demo(data_dir: Path = Path("data"), size: DemoSize = FULL, run_flow=None, ui_url: str | None = None) -> DemoResult:
     """Run the demo end to end under `data_dir`; prints a summary and returns where everything is.
 
-    `run_flow(flow, *args)` calls the flow (default: a plain call; the CLI passes its session's)."""
+    `run_flow(flow, *args)` calls the flow (default: a plain call; the CLI passes its session's);
+    `ui_url` is the Prefect UI of the server the runs are recorded on (None: a temporary one)."""
     from deployments.settings import configure_prefect
 
     configure_prefect(data_dir)  # before Prefect is imported: its database under data_dir/prefect
@@ -89,23 +106,32 @@ def run_demo(data_dir: Path = Path("data"), size: DemoSize = FULL, run_flow=None
     from flows.pretrain import manifest_uri, pretrain
     from model.export import export_hf
     from model.metrics import read_metrics
+    from storage.build_layout import NEAR_SAMPLE
+    from storage.manifest import DatasetManifest, read_record
     from storage.run_layout import HF_DIR, METRICS_FILE, RunLayout
+    from storage.store import open_object
+    from tasks.parquet_io import read_table
     from tasks.config import BuildConfig
     from tasks.sample_corpus import make_sample_corpus
 
     started = time.monotonic()
     data_dir = data_dir.resolve()
     corpus = make_sample_corpus(data_dir / size.corpus, target_bytes=size.corpus_bytes)
-    build = BuildConfig.from_yaml(corpus["config"]).model_copy(update={"output": str(data_dir), "name": size.build})
+    build = BuildConfig.from_yaml(corpus["config"]).model_copy(update={"output": str(data_dir), "name": size.build, "build_id": BUILD_ID})
     train = sample_training(data_dir, size.run).model_copy(update={"max_steps_this_run": size.steps})
     run_uri = (run_flow or _call)(pretrain, build, train)  # build (a rerun finishes in seconds), then the first segment
 
     run = RunLayout.at(run_uri)
     records = read_metrics(run.store.get_text(METRICS_FILE))
     export = export_hf(run_uri, run.store.local_path(HF_DIR))  # the demo's store is data_dir
+    build_store, manifest_key = open_object(manifest_uri(build))
+    manifest = read_record(build_store, manifest_key, DatasetManifest)
+    near_sample = read_table(build_store, NEAR_SAMPLE).slice(0, 1).to_pylist() if build.dedup.near else []
     result = DemoResult(
         corpus=data_dir / size.corpus,
         manifest=manifest_uri(build),
+        accounting=sum(manifest.sources.values(), SourceAccounting()),
+        near_duplicate=near_sample[0] if near_sample else None,
         run=run_uri,
         step=records[-1]["step"],
         first_loss=records[0]["loss"],
@@ -114,6 +140,7 @@ def run_demo(data_dir: Path = Path("data"), size: DemoSize = FULL, run_flow=None
         generated=generate(export),
         evaluation=evaluate(run_uri, ["tiny_mc"], include_path=str(demo_task(data_dir))),
         seconds=time.monotonic() - started,
+        ui_url=ui_url,
     )
     print_summary(result)
     return result
@@ -123,24 +150,40 @@ def _call(flow, *args):
     return flow(*args)
 
 
+def oneline(text: str) -> str:
+    """`text` on one line, its line breaks shown."""
+    return text.replace("\n", NEWLINE)
+
+
 def print_summary(result: DemoResult) -> None:
     minutes, seconds = divmod(round(result.seconds), 60)
     scores = ", ".join(
         f"{row['task']} {row['metric']} {row['value']:.3f} ± {row['stderr']:.3f}"
         for row in result.evaluation["metrics"]
     )
+    documents = result.accounting
+    kept = (f"{documents.kept} of {documents.docs_in} documents kept; removed: {documents.exact_dup} exact and "
+            f"{documents.near_dup} near duplicates, {documents.filtered} filtered")
+    if near := result.near_duplicate:  # a line, so that one sees what a near duplicate is
+        kept += (f"\n                 a near duplicate (Jaccard {near['jaccard']:.2f} with the one kept): "
+                 f"\"{oneline(near['text'][:60])}…\"")
+    if result.ui_url:
+        where = f"open {result.ui_url} :"
+    else:  # recorded in the data folder's database, which `tinyllama serve` serves
+        where = "run `tinyllama serve`, then open http://127.0.0.1:4200 :"
     print(
         f"""
 Demo finished in {minutes}m{seconds:02d}s.
   sample corpus  {result.corpus}  (SlimPajama-style jsonl.zst, Starcoder-style parquet)
   dataset        {result.manifest}
+                 {kept}
   training run   {result.run}  (step {result.step}, loss {result.first_loss:.2f} -> {result.last_loss:.2f};
                  metrics.jsonl, tensorboard/, plots/loss.png, checkpoints/)
   HF export      {result.export}  (AutoModelForCausalLM.from_pretrained)
-  generated      {result.generated!r}
+  generated      "{oneline(result.generated)}"  (sampled, seed {GENERATION_SEED})
   evaluation     {scores}  (lm-evaluation-harness, 40 items, chance 0.25;
                  {result.run}/eval.jsonl, eval/, plots/eval.png)
-  Prefect UI     run `tinyllama serve`, then open http://127.0.0.1:4200 : these runs, their stages,
-                 artifacts and logs; its train-epoch deployment continues the run {FULL.run}.""",
+  Prefect UI     {where} these runs, their stages, artifacts and logs;
+                 `tinyllama serve`'s train-epoch deployment continues the run {FULL.run}.""",
         flush=True,
     )

@@ -102,7 +102,9 @@ def deployments(
         flow_name, name = deployment.split("/")
         assert flow.name == flow_name, f"{deployment} is not a deployment of flow {flow.name!r}"
         # Module entrypoints: the serve process's runs import the installed packages, wherever it was started.
-        return flow.to_deployment(name, tags=TAGS, entrypoint_type=EntrypointType.MODULE_PATH, **options)
+        return flow.to_deployment(
+            name, tags=TAGS, description=description(flow), entrypoint_type=EntrypointType.MODULE_PATH, **options
+        )
 
     both = {"build": build.model_dump(mode="json"), "train": train.model_dump(mode="json")}
     return [
@@ -124,6 +126,13 @@ def deployments(
         ),
         declare(evaluate, EVALUATE, parameters={"checkpoint": train.run_uri}),
     ]
+
+
+def description(flow) -> str:
+    """The deployment's description: its flow's docstring without the Args section, whose entries
+    the UI shows under the run form's fields. The UI renders both as markdown (so a docstring puts
+    `<placeholders>` in code spans, else they vanish as HTML tags)."""
+    return flow.description.split("\n\nArgs:")[0].strip()
 
 
 def submit(deployment: str, parameters: dict, wait: bool = False) -> FlowRun:

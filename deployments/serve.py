@@ -28,6 +28,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 from deployments.settings import configure_prefect
 from storage.processes import become_subreaper, die_with_parent, stop_descendants, stop_process_tree
@@ -152,8 +153,13 @@ def running_server(data_dir: Path, api_url: str | None = None) -> Iterator[str]:
         yield api_url
 
 
+class CommandServer(NamedTuple):
+    api_url: str
+    ui_url: str | None  # where the runs show; None on a temporary server (no UI, gone with the command)
+
+
 @contextlib.contextmanager
-def server_for_command(data_dir: Path, api_url: str | None = None) -> Iterator[str]:
+def server_for_command(data_dir: Path, api_url: str | None = None) -> Iterator[CommandServer]:
     """The Prefect server a CLI command records its runs on, so that they show in the UI the user
     has open: `api_url` (--api-url or PREFECT_API_URL; it must answer), else the one `tinyllama
     serve` runs for `data_dir` (its address recorded there), else a temporary one on a free port,
@@ -162,6 +168,7 @@ def server_for_command(data_dir: Path, api_url: str | None = None) -> Iterator[s
     from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 
     with contextlib.ExitStack() as stack:
+        temporary = False
         api_url = api_url or os.environ.get("PREFECT_API_URL")
         if api_url:
             if not healthy(api_url):
@@ -174,11 +181,11 @@ def server_for_command(data_dir: Path, api_url: str | None = None) -> Iterator[s
             )
             stack.callback(server.stop)
             server.start()
-            api_url = server.api_url
+            api_url, temporary = server.api_url, True
         stack.callback(_drain_prefect_workers)  # before the server stops: else they wait for it at exit
         stack.enter_context(_environment("PREFECT_API_URL", api_url))
         stack.enter_context(temporary_settings(updates={PREFECT_API_URL: api_url}))
-        yield api_url
+        yield CommandServer(api_url, None if temporary else ui_url(api_url))
 
 
 def _drain_prefect_workers(timeout_s: float = 30) -> None:

@@ -72,6 +72,7 @@ def _ignore_interrupts() -> None:
 class FlowSession:
     def __init__(self) -> None:
         self.flow_runs: list[UUID] = []  # the runs of the flows this command called
+        self.ui_url: str | None = None  # the Prefect UI that shows them (None: a temporary server's)
 
     def run(self, flow, *args: Any, **kwargs: Any) -> Any:
         """Call `flow` here, remembering its run (for the progress bars, and so that an interrupt can
@@ -95,7 +96,8 @@ def flow_session(data_dir: Path, api_url: str | None = None) -> Iterator[FlowSes
     signal.signal(signal.SIGINT, _interrupt)
     session = FlowSession()
     try:
-        with server_for_command(data_dir, api_url) as server_api:
+        with server_for_command(data_dir, api_url) as server:
+            session.ui_url = server.ui_url
             if not debug_enabled():
                 _console_without_tracebacks()
             try:
@@ -109,7 +111,7 @@ def flow_session(data_dir: Path, api_url: str | None = None) -> Iterator[FlowSes
                 _stop_work()
                 cancelled = cancel_runs(session.flow_runs, INTERRUPTED, failed_since=_interrupted_at[0] if _interrupted_at else None)
                 raise Interrupted(f"interrupted: the work stopped; {cancelled} Prefect run(s) marked Cancelled "
-                                  f"on {server_api} (a rerun redoes only what was not finished)") from None
+                                  f"on {server.api_url} (a rerun redoes only what was not finished)") from None
     finally:
         _ignore_interrupts()
         _stop_work()

@@ -25,7 +25,7 @@ def build_dataset(config: BuildConfig, train_run: str = "") -> str:
 
     Args:
         config: The build.
-        train_run: The training run that the build->train automation trains on this build
+        train_run: The training run that the train-on-build automation trains on this build
             (default: see the train-on-build flow); the build's summary names it.
     """
     build = plan(config)

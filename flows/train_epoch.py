@@ -23,8 +23,8 @@ def train_epoch(run: str, output: StoreUri = "./data", steps: int = 50) -> str:
     """Continue a training run from its newest checkpoint for `steps` more optimizer steps.
 
     Args:
-        run: The run's name: it lives in <output>/runs/<run>/.
-        output: The store that holds the run (a folder or s3://bucket/prefix).
+        run: The run's name: its folder is `runs/<run>` in the output store.
+        output: The store that holds the run: a folder, or `s3://bucket/prefix`.
         steps: Optimizer steps to train in this segment (fewer if the run ends sooner).
     """
     if steps < 1:

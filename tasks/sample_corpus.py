@@ -13,10 +13,13 @@ Beyond the text that exists, documents are new mixtures of paragraphs (4 or more
 document, each 200-800 characters; code blocks 200-3000), so a larger corpus repeats
 paragraphs but not documents: two documents share most of their text only by chance
 (a handful at 1 GB), so the near-duplicate stage finds little that was not planted.
-Exact duplicates are planted (about DUPLICATE_RATE of the documents, within and across
-files, never across sources and never of excluded documents) and reported, so a test can
-check that exact dedup removes exactly them. Everything is a function of the seed and the
-Python installation. `sample.yaml` next to the corpus builds it.
+Duplicates are planted, within and across files, never across sources and never of excluded
+documents, and reported, so a test can check that dedup removes exactly them: exact copies
+(about DUPLICATE_RATE of the documents) and near copies (about NEAR_DUPLICATE_RATE): an earlier
+document with one word in every NEAR_EDIT_CHARS characters replaced by another word of it,
+which keeps the Jaccard similarity of their 13-gram shingles near 0.9, well above the near
+dedup threshold of 0.8. Everything is a function of the seed and the Python installation.
+`sample.yaml` next to the corpus builds it.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ import zstandard
 from tasks.config import BuildConfig
 
 DUPLICATE_RATE = 0.04
+NEAR_DUPLICATE_RATE = 0.04
+NEAR_EDIT_CHARS = 400  # a near copy has one word changed per this many characters (at least one)
 COPYABLE = 4096  # originals a copy is drawn from: a seeded reservoir, so memory stays flat
 SLIMPAJAMA_SHARE = 0.7  # of the bytes; the rest is Starcoder (TinyLlama's ~7:3)
 MIN_DOC_CHARS = 400  # above the build's default min_chars, so every document reaches dedup
@@ -65,16 +70,18 @@ _SKIP_DIRS = {"test", "tests", "idlelib", "encodings", "lib2to3", "ensurepip", "
               "site-packages", "dist-packages", "__pycache__", "pydoc_data"}
 _STRING = re.compile(r'"""(.*?)"""|\'\'\'(.*?)\'\'\'', re.S)
 _COMMENT_BLOCK = re.compile(r"(?:^[ \t]*#[^\n]*\n)+", re.M)
+_WORD = re.compile(r"[A-Za-z]{3,}")
 
 
 def make_sample_corpus(out_dir: str | os.PathLike, target_bytes: int = 4 << 20, seed: int = 42) -> dict:
     """Write about `target_bytes` of UTF-8 text as a corpus and its `sample.yaml`; return a summary.
 
     The summary: root, config (the YAML's path), seed, documents per source; per source
-    its files (relative to root, in order), documents, bytes and excluded documents; and
-    `duplicates`: every planted copy as {source, file, record, original_file,
+    its files (relative to root, in order), documents, bytes and excluded documents;
+    `duplicates`: every planted exact copy as {source, file, record, original_file,
     original_record} (records are 0-based lines or rows; the original is the first
-    occurrence in file order).
+    occurrence in file order); and `near_duplicates`: every planted near copy, the same way,
+    with `words_changed`.
     """
     root = Path(out_dir).resolve()
     rng = random.Random(seed)
@@ -82,13 +89,17 @@ def make_sample_corpus(out_dir: str | os.PathLike, target_bytes: int = 4 << 20, 
     prose, code, sources = _text_pools()
     seen: set[bytes] = set()  # digests of every text written, so that only planted copies repeat
     duplicates: list[dict] = []
+    near_duplicates: list[dict] = []
 
     slimpajama = _Writer(root, "slimpajama", "chunk_{:04d}.jsonl.zst", chunk_bytes, _write_jsonl_zst)
     target = int(target_bytes * SLIMPAJAMA_SHARE)
     set_names, set_weights = list(SLIMPAJAMA_SETS), list(SLIMPAJAMA_SETS.values())
     while slimpajama.bytes < target:
-        if slimpajama.originals and rng.random() < DUPLICATE_RATE:
-            duplicates.append(slimpajama.add_copy(rng))
+        if slimpajama.originals and (roll := rng.random()) < DUPLICATE_RATE + NEAR_DUPLICATE_RATE:
+            if roll < DUPLICATE_RATE:
+                duplicates.append(slimpajama.add_copy(rng))
+            elif planted := slimpajama.add_near_copy(rng, seen):
+                near_duplicates.append(planted)
             continue
         set_name = rng.choices(set_names, set_weights)[0]
         while True:
@@ -110,8 +121,12 @@ def make_sample_corpus(out_dir: str | os.PathLike, target_bytes: int = 4 << 20, 
     rng.shuffle(natural)
     made = 0
     while starcoder.bytes < target:
-        if starcoder.originals and rng.random() < DUPLICATE_RATE:
-            duplicates.append(starcoder.add_copy(rng, meta={"max_stars_repo_name": "fork/cpython"}))
+        if starcoder.originals and (roll := rng.random()) < DUPLICATE_RATE + NEAR_DUPLICATE_RATE:
+            fork = {"max_stars_repo_name": "fork/cpython"}
+            if roll < DUPLICATE_RATE:
+                duplicates.append(starcoder.add_copy(rng, meta=fork))
+            elif planted := starcoder.add_near_copy(rng, seen, meta=fork):
+                near_duplicates.append(planted)
             continue
         if natural:
             path, text = natural.pop()
@@ -136,6 +151,7 @@ def make_sample_corpus(out_dir: str | os.PathLike, target_bytes: int = 4 << 20, 
         "documents": {writer.name: writer.documents for writer in (slimpajama, starcoder)},
         "sources": {writer.name: writer.summary() for writer in (slimpajama, starcoder)},
         "duplicates": duplicates,
+        "near_duplicates": near_duplicates,
     }
     (root / "corpus.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -175,15 +191,31 @@ class _Writer:
     def add_copy(self, rng: random.Random, meta: dict | None = None) -> dict:
         """Repeat an earlier document of this source; return what was planted."""
         file_number, record_number, record = self.originals[rng.randrange(len(self.originals))]
-        planted = {
+        planted = self._planted(file_number, record_number)
+        self.add({**record, **(meta or {})}, rng, copy=True)
+        return planted
+
+    def add_near_copy(self, rng: random.Random, seen: set[bytes], meta: dict | None = None) -> dict | None:
+        """Repeat an earlier document of this source with a few words changed; return what was
+        planted (None if the edit made a text that exists already)."""
+        file_number, record_number, record = self.originals[rng.randrange(len(self.originals))]
+        field = "text" if "text" in record else "content"
+        text, changed = _change_words(record[field], rng)
+        if not changed or not _is_new(text, seen):
+            return None
+        planted = {**self._planted(file_number, record_number), "words_changed": changed}
+        self.add({**record, field: text, **(meta or {})}, rng, copy=True)
+        return planted
+
+    def _planted(self, file_number: int, record_number: int) -> dict:
+        """Where the next document goes, and the original it copies."""
+        return {
             "source": self.name,
             "file": self._file_name(len(self.files)),
             "record": len(self.records),
             "original_file": self._file_name(file_number),
             "original_record": record_number,
         }
-        self.add({**record, **(meta or {})}, rng, copy=True)
-        return planted
 
     def _file_name(self, number: int) -> str:
         return f"{self.name}/{self._pattern.format(number)}"
@@ -230,6 +262,22 @@ def _is_new(text: str, seen: set[bytes]) -> bool:
         return False
     seen.add(digest)
     return True
+
+
+def _change_words(text: str, rng: random.Random) -> tuple[str, int]:
+    """`text` with one word in every NEAR_EDIT_CHARS characters (at least one) replaced by another
+    of its words; returns it and how many words changed."""
+    words = list(_WORD.finditer(text))
+    picked = sorted(rng.sample(range(len(words)), min(len(words), max(1, len(text) // NEAR_EDIT_CHARS))))
+    pieces, start, changed = [], 0, 0
+    for index in picked:
+        word = words[index]
+        other = words[rng.randrange(len(words))].group()
+        if other.lower() == word.group().lower():  # the same shingles: no change
+            continue
+        pieces += [text[start : word.start()], other]
+        start, changed = word.end(), changed + 1
+    return "".join(pieces) + text[start:], changed
 
 
 def _source_slice(source: str, rng: random.Random) -> str:

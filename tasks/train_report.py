@@ -1,8 +1,9 @@
 """What a training run shows on its Prefect flow-run page, with no server beside Prefect's:
 
-- a live status per segment (one invocation of the training program): a progress bar from 0 to
-  100% of this segment's steps whose description reads
-  `step 120/2000 · segment 70→120 · loss 5.431 · 8.2k tokens/s · MFU 31.0% · ETA 1m05s`;
+- a live status per segment (one invocation of the training program, `max_steps_this_run` steps
+  at most): a progress bar from 0 to 100% of this segment's steps, not of the run's, whose
+  description says both:
+  `step 120 of 2000 (this segment: 50/100) · loss 5.431 · 8.2k tokens/s · MFU 31.0% · ETA 1m05s`;
 - the final metrics, rounded, times readable;
 - the loss curve as an image embedded in a markdown artifact (a data: URI: the browser shows it
   whatever the store is; a `file://` link it would refuse).
@@ -43,7 +44,8 @@ class SegmentStatus:
 
     def describe(self, record: dict | None) -> str:
         step = record["step"] if record else self.start_step
-        parts = [f"step {step}/{self.max_steps}", f"segment {self.start_step}→{self.stop_step}"]
+        segment = f"{step - self.start_step}/{self.stop_step - self.start_step}"
+        parts = [f"step {step} of {self.max_steps} (this segment: {segment})"]
         if record:
             if (loss := record.get("loss")) is not None:
                 parts.append(f"loss {loss:.3f}")

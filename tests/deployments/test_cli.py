@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,6 +23,8 @@ from tasks.sample_corpus import make_sample_corpus
 from tests.builds import build_objects
 
 TEMPORARY_SERVER_LINE = "starting a temporary Prefect server"
+COMMANDS = ["make-corpus", "build-dataset", "inspect", "train", "plan-train", "export-hf", "evaluate", "demo", "serve",
+            "submit-build", "train-epoch"]
 INTERRUPT_DEADLINE_S = 15
 ORPHAN_DEADLINE_S = 10
 
@@ -198,3 +201,27 @@ def test_a_store_that_refuses_access_fails_at_once_naming_it(build_yaml, s3_buck
         f"error: cannot read {missing}/datasets/sample/"
     ) and "the bucket 'no-such-bucket-tinyllama' does not exist" in done.stderr
     assert "Retry 1/" not in done.stdout + done.stderr  # a retry would fail the same way
+
+
+def test_help_shows_flags_as_flags_and_says_which_server_a_submission_needs():
+    helps = {}
+    for command in ["", *COMMANDS]:
+        done = cli(*([command] if command else []), "--help", env=without_prefect(COLUMNS="200"))
+        assert done.returncode == 0, done.stderr
+        helps[command] = done.stdout
+        assert "<bool>" not in done.stdout, command  # a flag takes no value
+    assert re.search(r"│ --debug +Show tracebacks", helps[""]) and re.search(r"│ --data +<path> +Where", helps[""])
+    assert re.search(r"│ --wait +Wait for the run to finish", helps["submit-build"])
+    assert re.search(r"│ --epochs-on +--no-epochs-on +Start the hourly", helps["serve"])
+    for command in ("submit-build", "train-epoch"):  # they need `tinyllama serve`'s server: they start none
+        assert "temporary" not in helps[command] and "none is started" in helps[command], helps[command]
+        assert "the server `tinyllama serve` runs" in helps[command]
+    assert "else a temporary one" in helps["build-dataset"]  # a command that runs its flows here starts one
+
+
+def test_a_commands_runs_show_in_the_ui_of_the_server_it_was_given(prefect_server, tmp_path):
+    """What the demo's summary names (a temporary server has no UI: tests/deployments/test_demo.py)."""
+    from deployments.serve import server_for_command
+
+    with server_for_command(tmp_path / "data", prefect_server) as server:
+        assert server == (prefect_server, prefect_server.removesuffix("/api"))

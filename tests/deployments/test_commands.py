@@ -27,6 +27,7 @@ import yaml
 from deployments.deploy import BUILD, EVALUATE, PRETRAIN, TRAIN_EPOCH, TRAIN_ON_BUILD, submit
 from deployments.serve import SERVED_FILE, healthy
 from flows.pretrain import manifest_uri
+from model.checkpoint import latest_checkpoint
 from model.metrics import METRICS_FILE, read_metrics
 from storage.store import open_object, open_store
 from tasks.config import BuildConfig
@@ -273,7 +274,15 @@ def test_export_hf_writes_a_folder_transformers_loads_with_the_checkpoints_logit
 
     run_uri = str(corpus.data / "runs" / CLI_RUN)
     out = tmp_path / "hf"
-    assert cli("export-hf", run_uri, str(out)).stdout.strip() == str(out)
+    # under umask 027 every file of the export is rw-r-----, the weights too (safetensors writes 0600)
+    exported = run_cli("export-hf", run_uri, str(out), env=without_prefect(), preexec_fn=lambda: os.umask(0o027))
+    assert exported.returncode == 0, exported.stderr
+    newest = latest_checkpoint(open_store(run_uri))
+    assert exported.stdout.splitlines() == [
+        f"exported {open_store(run_uri).url(newest.prefix)} (step {newest.step})", str(out)]
+    assert newest.step == CLI_STEPS
+    modes = {path.name: oct(path.stat().st_mode & 0o777) for path in out.iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {oct(0o640)}, modes
 
     exported = AutoModelForCausalLM.from_pretrained(out).eval()
     tokens = AutoTokenizer.from_pretrained(out)("def main():\n    return 42", return_tensors="pt")["input_ids"]
@@ -288,6 +297,13 @@ def test_export_hf_writes_a_folder_transformers_loads_with_the_checkpoints_logit
 
 def test_submit_build_and_train_epoch_find_serves_server_and_complete(cli_trained, corpus, serve):
     submitted = cli("--data", str(corpus.data), "submit-build", str(corpus.build_yaml), "--train-run", CLI_RUN, "--wait")
+    progress = waited_lines(submitted)
+    build_name = f"build-{corpus.build.name}"
+    assert progress[0] == f"waiting for the run to end: {submitted.stdout.split(': ', 1)[1].strip()}"
+    assert progress[-1] == f"{build_name}: Completed"
+    assert f"{build_name}: Running" in progress
+    for stage in ("plan", "ingest", "exact-dedup", "tokenizer", "tokenize", "manifest"):  # a line as each ends
+        assert any(re.fullmatch(rf"{build_name} › {stage}-\w+: Completed", line) for line in progress), (stage, progress)
     (line,) = submitted.stdout.splitlines()
     match = re.fullmatch(rf"Completed: {re.escape(serve.api_url.removesuffix('/api'))}/runs/flow-run/([0-9a-f-]+)", line)
     assert match, submitted.stdout
@@ -296,12 +312,23 @@ def test_submit_build_and_train_epoch_find_serves_server_and_complete(cli_traine
     assert build_run.state.is_completed()
 
     epoch = cli("--data", str(corpus.data), "train-epoch", CLI_RUN, "--steps", str(EPOCH_STEPS), "--wait")
+    progress = waited_lines(epoch)
+    assert progress[-1] == f"train-epoch-{CLI_RUN}: Completed" and f"train-{CLI_RUN}: Completed" in progress
+    end = CLI_STEPS + EPOCH_STEPS
+    segment_done = f"{CLI_RUN}: step {end} of 100000 (this segment: {EPOCH_STEPS}/{EPOCH_STEPS})"
+    assert any(line.startswith(segment_done) and line.endswith("segment done (100%)") for line in progress), progress
     match = re.fullmatch(r"Completed: http://\S+/runs/flow-run/([0-9a-f-]+)", epoch.stdout.strip())
     assert match, epoch.stdout
     epoch_run = flow_run(UUID(match[1]))
     assert epoch_run.parameters == {"run": CLI_RUN, "output": str(corpus.data), "steps": EPOCH_STEPS}  # --data's store
     records = read_metrics(open_store(corpus.data).child(f"runs/{CLI_RUN}").get_text(METRICS_FILE))
     assert [r["step"] for r in records] == list(range(1, CLI_STEPS + EPOCH_STEPS + 1))  # continued, not restarted
+
+
+def waited_lines(done: subprocess.CompletedProcess) -> list[str]:
+    """What a command printed on stderr while it waited for its run (without the elapsed times)."""
+    lines = done.stderr.splitlines()
+    return [lines[0]] + [re.sub(r"^ *\d+s  ", "", line) for line in lines[1:] if re.match(r" *\d+s  ", line)]
 
 
 def test_serve_stops_on_ctrl_c_and_leaves_the_server_it_attached_to_running(serve, corpus, prefect_server):

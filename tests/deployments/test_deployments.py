@@ -7,6 +7,7 @@ second epoch that continues where the first stopped.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -150,6 +151,7 @@ def test_a_build_submitted_with_a_run_name_trains_that_run_and_a_mismatch_is_ski
         capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
     )
     assert done.returncode == 0 and done.stdout.startswith("Completed: http"), done.stdout + done.stderr + served.log_tail()
+    assert re.search(r"\d+s  build-sample › ingest-\w+: Completed\n", done.stderr), done.stderr  # --wait shows progress
     def triggered_by_it() -> list[FlowRun]:
         return [run for run in served.call(_runs_of, TRAIN_ON_BUILD) if run.parameters["build"]["name"] == "sample"]
 

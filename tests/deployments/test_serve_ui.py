@@ -101,7 +101,7 @@ def test_a_training_run_shows_its_loss_curve_and_live_status(served, finished_bu
         page.screenshot(path=shots / "loss-curve.png", full_page=True)
 
         page.goto(f"{ui}/artifacts/artifact/{progress.id}")
-        expect(page.get_by_text(re.compile(r"step \d+/100000 · segment \d+→\d+ · loss \d"))).to_be_visible()
+        expect(page.get_by_text(re.compile(r"step \d+ of 100000 \(this segment: (\d+)/\1\) · loss \d"))).to_be_visible()
         page.screenshot(path=shots / "train-progress.png")
 
         page.goto(f"{ui}/runs/flow-run/{progress.flow_run_id}")  # the training run: both cards, with the metrics

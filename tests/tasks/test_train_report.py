@@ -14,9 +14,20 @@ def test_a_segment_runs_from_0_to_100_percent_of_its_own_steps():
     assert [segment.percent(step) for step in (1000, 1025, 1050)] == [0.0, 50.0, 100.0]
     record = {"step": 1025, "loss": 5.43219, "tokens_per_s": 8213.7, "mfu": 0.3104}
     text = segment.describe(record)
-    assert text.startswith("step 1025/2000 · segment 1000→1050 · loss 5.432 · 8.2k tokens/s · MFU 31.0% · ETA ")
+    assert text.startswith("step 1025 of 2000 (this segment: 25/50) · loss 5.432 · 8.2k tokens/s · MFU 31.0% · ETA ")
     assert "MFU" not in segment.describe({**record, "mfu": None})  # unknown on CPU: left out
     assert segment.describe({**record, "step": 1050}).endswith("segment done")
+
+
+def test_a_first_segment_of_a_long_run_is_done_at_its_own_last_step_not_the_runs():
+    """The demo's first segment: 120 steps of a 2000-step run reads 100% with the run's step beside it."""
+    segment = SegmentStatus.of(start_step=0, max_steps=2000, max_steps_this_run=120)
+    assert segment.describe(None) == "step 0 of 2000 (this segment: 0/120)"
+    assert segment.percent(60) == 50.0 and segment.percent(120) == 100.0
+    done = segment.describe({"step": 120, "loss": 6.0})
+    assert done == "step 120 of 2000 (this segment: 120/120) · loss 6.000 · segment done"
+    whole_run = SegmentStatus.of(start_step=0, max_steps=2000, max_steps_this_run=None)
+    assert whole_run.percent(120) == 6.0 and whole_run.describe({"step": 120}).startswith("step 120 of 2000 (this segment: 120/2000)")
 
 
 def test_final_metrics_are_rounded_and_times_readable():
