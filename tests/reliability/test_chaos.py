@@ -1,6 +1,7 @@
 """Chaos: a seeded loop SIGKILLs the build process or a busy Ray worker at random moments of a
 build, restarting the build whenever it died, then lets it finish; the result must be the same
-bytes as an undisturbed build.
+bytes as an undisturbed build. And three short rounds of benchmarks/chaos.py (store faults and
+SIGKILLs over build and training).
 
 TINYLLAMA_CHAOS_KILLS (default 5) sets the number of kills, TINYLLAMA_CHAOS_SEED the seed.
 A moment is "after 0, 1 or 2 more receipts, then up to half a second": it lands in Ray's start,
@@ -24,6 +25,7 @@ from tests.reliability.cluster import RayCluster, finish_build, ray_workers, sta
 KILLS = int(os.environ.get("TINYLLAMA_CHAOS_KILLS", "5"))
 SEED = int(os.environ.get("TINYLLAMA_CHAOS_SEED", "16"))
 MOMENT_TIMEOUT_S = 240
+CHAOS_ROUNDS_SEED = 7  # its 3 rounds hold a SIGKILL and faults of several kinds
 
 
 @pytest.fixture(scope="module")
@@ -79,3 +81,18 @@ def test_seeded_kills_of_the_build_or_a_worker_then_a_rerun_give_identical_bytes
     assert len(kills) == KILLS, kills
     assert_reconciles(manifest_uri, corpus)
     assert build_objects(config.output, receipts=False) == reference
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+def test_three_seeded_rounds_of_store_faults_and_kills_over_build_and_train(prefect_server, tmp_path):
+    """benchmarks/chaos.py, short: a reference build + training on SeaweedFS, then 3 rounds of
+    seeded proxy faults (bursts, cut bodies, stalls, refusals of up to 15 s) and SIGKILLs of a
+    command's whole tree; each round's build bytes, losses and weights equal the reference's,
+    no process is left and nothing lands outside the round's prefix."""
+    from benchmarks.chaos import run_chaos
+
+    report = run_chaos(tmp_path, rounds=3, seed=CHAOS_ROUNDS_SEED, max_outage=15, prefect_api_url=prefect_server)
+    assert report.passed, [(r.index, r.problems) for r in report.rounds]
+    assert sum(report.injected.values()) >= 3 and any(r.killed for r in report.rounds), report
+    assert not sum(r.reruns for r in report.rounds), "a store fault made a command fail"
