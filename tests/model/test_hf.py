@@ -7,12 +7,10 @@ import json
 import random
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 import sentencepiece as spm
 import torch
 import transformers
-import zstandard
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaForCausalLM
 from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
@@ -20,8 +18,8 @@ from model import Llama, LlamaConfig
 from model.hf import hf_config, load_hf, save_hf
 from storage.manifest import DocumentConvention, TokenizerInfo
 from tasks.config import TokenizerTrain
-from tasks.sample_corpus import make_sample_corpus
 from tasks.tokenizer import train_model
+from tests.tasks.tokenizer_texts import corpus_texts
 
 # GQA and a non-default RoPE base, so that a dropped rope_theta or a head mix-up would show.
 CONFIG = LlamaConfig.preset("tiny", vocab_size=320, rope_theta=500000.0)
@@ -178,13 +176,8 @@ HOSTILE_TEXTS = [
 
 def build_documents(root) -> list[str]:
     """The documents of the sample corpus the build tokenizes (prose and code)."""
-    corpus = make_sample_corpus(root, target_bytes=2 << 20, seed=3)
-    texts = []
-    for path in sorted(root.rglob("*.jsonl.zst")):
-        with zstandard.ZstdDecompressor().stream_reader(path.open("rb")) as reader:
-            texts += [json.loads(line)["text"] for line in reader.read().splitlines()]
-    for path in sorted(root.rglob("*.parquet")):
-        texts += pq.read_table(path, columns=["content"]).column("content").to_pylist()
+    texts = corpus_texts(root)
+    corpus = json.loads((root / "corpus.json").read_text())
     assert len(texts) == sum(source["documents"] for source in corpus["sources"].values())
     return texts
 
