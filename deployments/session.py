@@ -98,8 +98,7 @@ def flow_session(data_dir: Path, api_url: str | None = None) -> Iterator[FlowSes
     try:
         with server_for_command(data_dir, api_url) as server:
             session.ui_url = server.ui_url
-            if not debug_enabled():
-                _console_without_tracebacks()
+            _quiet_console(tracebacks=debug_enabled(), run_links=server.ui_url is not None)
             try:
                 yield session
             except BaseException as error:
@@ -121,27 +120,36 @@ def flow_session(data_dir: Path, api_url: str | None = None) -> Iterator[FlowSes
         signal.signal(signal.SIGALRM, signal.SIG_DFL)
 
 
-class _WithoutTraceback(logging.Formatter):
-    """A console formatter that leaves out tracebacks: the CLI ends with one line saying what
-    failed; the run's logs in the UI (and --debug) keep them."""
+class _QuietConsole(logging.Formatter):
+    """A console formatter that leaves out tracebacks (the CLI ends with one line saying what
+    failed; the run's logs in the UI and --debug keep them) and, with a temporary server, the
+    engine's "View at <url>" lines: that server stops with the command (the summary says how to
+    see the runs)."""
 
-    def __init__(self, inner: logging.Formatter | None):
+    def __init__(self, inner: logging.Formatter | None, tracebacks: bool, run_links: bool):
         super().__init__()
         self.inner = inner or logging.Formatter()
+        self.tracebacks, self.run_links = tracebacks, run_links
 
     def format(self, record: logging.LogRecord) -> str:
-        bare = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None, "stack_info": None})
-        return self.inner.format(bare)
+        if not self.tracebacks:
+            record = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None, "stack_info": None})
+        return self.inner.format(record)
+
+    def shown(self, record: logging.LogRecord) -> bool:
+        return self.run_links or not record.getMessage().startswith("View at ")
 
 
-def _console_without_tracebacks() -> None:
+def _quiet_console(tracebacks: bool, run_links: bool) -> None:
     import prefect.main  # noqa: F401  (sets up Prefect's logging, console handler included)
     from prefect.logging.handlers import PrefectConsoleHandler
 
     loggers = [logging.getLogger(), *(logging.getLogger(name) for name in list(logging.root.manager.loggerDict))]
     for handler in {h for logger in loggers for h in getattr(logger, "handlers", [])}:
-        if isinstance(handler, PrefectConsoleHandler) and not isinstance(handler.formatter, _WithoutTraceback):
-            handler.setFormatter(_WithoutTraceback(handler.formatter))
+        if isinstance(handler, PrefectConsoleHandler) and not isinstance(handler.formatter, _QuietConsole):
+            quiet = _QuietConsole(handler.formatter, tracebacks, run_links)
+            handler.setFormatter(quiet)
+            handler.addFilter(quiet.shown)
 
 
 def _is_interrupt(error: BaseException) -> bool:

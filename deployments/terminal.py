@@ -77,12 +77,12 @@ def wait_for_run(flow_run_id: UUID):
             else:
                 print(line, file=sys.stderr, flush=True)
 
-        states: dict[UUID, str] = {}
+        last_state_at: dict[UUID, object] = {}  # run -> the time of its last state said
         progress_said: dict[UUID, tuple[float, float]] = {}  # artifact -> (when, percent) last said
         while True:
             # The states first: once a run has ended, the progress read next is its last. Printed
             # the other way round: a stage's progress, then its end.
-            changes = tree.state_changes([flow_run_id], states)
+            changes = tree.state_changes([flow_run_id], last_state_at)
             run = tree.runs[flow_run_id]
             if not print_above_bars:
                 for artifact in tree.progress_artifacts([flow_run_id]):
@@ -130,9 +130,12 @@ class _RunTree:
         )
         return sorted(artifacts, key=lambda artifact: artifact.created)
 
-    def state_changes(self, roots: list[UUID], states: dict[UUID, str]) -> list[str]:
-        """`<flow run>: <state>` and `<flow run> › <task run>: <state>` for each run whose state name is
-        not the one in `states` (which is updated); a subflow's own task run is left out."""
+    def state_changes(self, roots: list[UUID], said: dict[UUID, object]) -> list[str]:
+        """`<flow run>: <state>` and `<flow run> › <task run>: <state>` for each state a run reached
+        since the last call (`said` keeps, per run, the time of the last state said); a subflow's
+        own task run is left out. A flow run's states come from its history, so a state between two
+        polls (a short build's Running) is said too, under the run's current name (a deployment's
+        run is renamed by its flow as it starts)."""
         from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterFlowRunId
 
         flow_runs = self.flow_runs(roots)
@@ -141,12 +144,18 @@ class _RunTree:
         task_runs = self.client.read_task_runs(
             task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=list(names)))
         )
+        reached = []  # (run, state)
+        for run in [*flow_runs, *task_runs]:
+            if run.state is None or run.id in subflow_task_runs or said.get(run.id) == run.state.timestamp:
+                continue
+            states = self.client.read_flow_run_states(run.id) if run.id in names else [run.state]
+            reached += [(run, state) for state in states if said.get(run.id) is None or state.timestamp > said[run.id]]
+            said[run.id] = run.state.timestamp
         changes = []
-        changed = [run for run in [*flow_runs, *task_runs] if run.state is not None and run.id not in subflow_task_runs
-                   and states.get(run.id) != run.state.name]
-        for run in sorted(changed, key=lambda run: run.state.timestamp):  # in the order they happened
-            states[run.id] = run.state.name
+        for run, state in sorted(reached, key=lambda pair: pair[1].timestamp):  # in the order they happened
             subject = names[run.id] if run.id in names else f"{names.get(run.flow_run_id, '?')} › {run.name}"
-            message = f" ({run.state.message})" if run.state.is_final() and not run.state.is_completed() else ""
-            changes.append(f"{subject}: {run.state.name}{message}")
+            message = f" ({state.message})" if state.is_final() and not state.is_completed() else ""
+            line = f"{subject}: {state.name}{message}"
+            if not changes or changes[-1] != line:
+                changes.append(line)
         return changes

@@ -2,9 +2,10 @@
 
 Prefect's engine logs two INFO lines per hook call ("Running hook 'x' in response to entering
 state 'Completed'", "Hook 'x' finished running successfully") and a line per completed task
-run. The project's hooks are bookkeeping (a stage's run time, a command's list of its runs) and
-each flow logs its own summary of its tasks, so those lines are dropped from the terminal and
-the UI alike; a hook that fails and a task that does not complete are still logged.
+or flow run. The project's hooks are bookkeeping (a stage's run time, a command's list of its
+runs) and each flow logs its own summary of its work, so those lines are dropped from the
+terminal and the UI alike (which shows each run's state); a hook that fails and a run that does
+not complete are still logged.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ class _WithoutEngineChatter(logging.Filter):
         return not (
             message.startswith("Running hook ")
             or (message.startswith("Hook ") and message.endswith(" finished running successfully"))
-            or (record.name == "prefect.task_runs" and message == "Finished in state Completed()")
+            or message == "Finished in state Completed()"
         )
 
 
