@@ -45,7 +45,8 @@ ONE_AT_A_TIME = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLi
 
 def sample_training(data_dir: Path, name: str = SAMPLE_RUN) -> TrainSettings:
     """The defaults of the training deployments (and the demo's run): the `tiny` model on 2 CPU
-    processes, 8192 tokens a step, 50 steps a segment."""
+    processes, 8192 tokens a step, 50 steps a segment, a checkpoint at each segment's end (and every
+    50 steps), a log line every 25."""
     from flows.pretrain import TrainSettings
 
     return TrainSettings(
@@ -58,7 +59,8 @@ def sample_training(data_dir: Path, name: str = SAMPLE_RUN) -> TrainSettings:
         lr={"max": 1e-3, "min": 1e-4, "warmup_steps": 20},
         max_steps=2000,
         max_steps_this_run=EPOCH_STEPS,
-        checkpoint_every=25,
+        checkpoint_every=EPOCH_STEPS,
+        log_every=25,
         launcher={"kind": "torchrun", "nproc": 2},
     )
 

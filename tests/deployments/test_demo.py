@@ -23,11 +23,12 @@ from tests.deployments.test_cli import cli, without_prefect
 GENERATED = re.compile(r'"(.*)"  \(sampled, seed \d+\)')
 
 
-# What the quick demo printed before these were silenced: Prefect's hook and task-completion
-# lines, Ray's start-up notices, transformers' generation warning (from the export's own
-# generation_config.json) and tqdm redraws.
+# What the quick demo printed before these were silenced: Prefect's hook and run-completion
+# lines, links to the temporary server's UI (it stops with the command), Ray's start-up
+# notices, transformers' generation warning (from the export's own generation_config.json) and
+# tqdm redraws.
 NOISE = re.compile(
-    r"Running hook|finished running successfully|Task run '[^']*' - Finished in state Completed\(\)"
+    r"Running hook|finished running successfully|Finished in state Completed\(\)|View at http"
     r"|Token authentication|Started a local Ray instance|max_new_tokens|it/s\]|\r"
 )
 
@@ -91,16 +92,16 @@ def test_the_quick_demo_runs_the_whole_path_and_its_summary_says_what_it_made(qu
 
 @pytest.mark.slow
 def test_the_quick_demo_prints_what_a_user_wants_and_nothing_else(quick_demo):
-    """Within 42 lines (the summary's two of dedup included): no engine chatter, library notices or
-    progress-bar redraws, in the terminal or in the Prefect logs the UI shows."""
+    """Within 40 lines (the summary's two of dedup included): no engine chatter, library notices or
+    progress-bar redraws, in the terminal or in the Prefect logs the UI shows (which keep the
+    links to the runs' pages: `tinyllama serve` shows them later)."""
     done, data = quick_demo
     output = done.stdout + done.stderr
-    assert len(output.splitlines()) <= 42, output
+    assert len(output.splitlines()) <= 40, output
     assert not NOISE.search(output), NOISE.search(output)
     with sqlite3.connect(data / "prefect" / "prefect.db") as db:
         logged = [f"{name}: {message}" for name, message in db.execute("select name, message from log")]
-    assert logged and not [line for line in logged if NOISE.search(line) or line.endswith("Completed()")
-                           and line.startswith("prefect.task_runs")]
+    assert logged and not [line for line in logged if NOISE.search(line) and "View at http" not in line]
 
 
 def summary(capsys, **changes) -> str:
