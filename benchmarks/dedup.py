@@ -21,6 +21,8 @@ last two).
      char 13-gram shingles (the project's `normalize`, then every 13-character slice);
    - datatrove's MinhashDedupSignature (get_shingles + get_signature, its defaults: word
      5-grams, 14 x 8 hashes, xxhash64).
+   The project's numba kernels are compiled (or loaded from numba's cache) before the clock;
+   what that costs a fresh process, cold and from the cache, is printed with the table.
 3. Truth: every pair with Jaccard >= 0.8 over character 13-gram sets (shingles hashed with
    xxh3 in plain Python, independent of the project's hashing), found exactly by prefix
    filtering (Bayardo et al. 2007: a pair with J >= t shares one of the |A| - ceil(t|A|) + 1
@@ -43,6 +45,8 @@ import platform
 import random
 import resource
 import statistics
+import subprocess
+import sys
 import sysconfig
 import tempfile
 import time
@@ -56,6 +60,7 @@ import numpy as np
 import pyarrow as pa
 import xxhash
 
+from benchmarks import datatrove_compat
 from storage import build_layout as layout
 from storage.manifest import ShardResult
 from storage.store import LocalStore, Store
@@ -267,6 +272,23 @@ def throughput_table(runs: dict[str, tuple[float, np.ndarray]], texts: Sequence[
         print(f"| {name} | {len(texts) / seconds:,.0f} | {megabytes / seconds:.2f} | {runs[base][0] / seconds:.2f}x |")
 
 
+def kernel_start_up() -> tuple[float, float]:
+    """CPU seconds a fresh process takes to import numba and the module and sign its first
+    documents, ASCII and not (numba compiling the kernels, or loading them), with an empty numba
+    cache and then with the cache that run left. The stage's other imports come before the clock."""
+    first_call = (
+        "import time, tasks.removals, tasks.stage; started = time.process_time(); "
+        "from tasks.near_dedup.minhash import MinHasher; hasher = MinHasher(13, False, 128, 1); "
+        "[hasher.signatures([text]) for text in ('the first document', 'déjà vu')]; print(time.process_time() - started)"
+    )
+    root = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "NUMBA_CACHE_DIR": cache}
+        runs = [subprocess.run([sys.executable, "-c", first_call], cwd=root, env=env, capture_output=True, text=True, check=True) for _ in range(2)]
+        cold, cached = (float(run.stdout) for run in runs)
+    return cold, cached
+
+
 def project_signatures(texts: Sequence[str], words: bool) -> np.ndarray:
     hasher = MinHasher(5 if words else 13, words, 112 if words else 128, seed=1)
     bands, rows = (14, 8) if words else (9, 13)
@@ -277,12 +299,11 @@ def project_signatures(texts: Sequence[str], words: bool) -> np.ndarray:
 
 @cache
 def datatrove_step():
-    import datatrove.utils.hashes.xxhash as datatrove_xxhash
     from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupSignature
 
-    # datatrove 0.10.1 hands str to xxhash, which xxhash 4.x (this project's pin) refuses
-    datatrove_xxhash.xxhash64 = lambda data: xxhash.xxh64_intdigest(data.encode() if isinstance(data, str) else data)
-    return MinhashDedupSignature(output_folder=tempfile.mkdtemp(), config=MinhashConfig())
+    step = MinhashDedupSignature(output_folder=tempfile.mkdtemp(), config=MinhashConfig())
+    step._hash_func = datatrove_compat.xxhash64
+    return step
 
 
 def datatrove_signatures(texts: Sequence[str]) -> np.ndarray:
@@ -410,10 +431,13 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.signatures_only:
-        print(f"python {platform.python_version()}, numpy {version('numpy')}, rensa {version('rensa')}, datasketch {version('datasketch')}")
+        print(f"python {platform.python_version()}, numpy {version('numpy')}, numba {version('numba')}, rensa {version('rensa')}, datasketch {version('datasketch')}")
+        cold, cached = kernel_start_up()
+        print(f"numba kernels in a fresh process: {cold:.1f} CPU s compiling (empty cache), {cached:.1f} CPU s from the cache")
         texts = code_corpus(args.sample)
         print(f"\nsample: {len(texts)} documents, {sum(len(t.encode()) for t in texts) / 1e6:.1f} MB (stdlib sources, 25% edited copies)")
         implementations = {PROJECT_CHARS: lambda chunk: project_signatures(chunk, words=False), RENSA: rensa_signatures, DATASKETCH: datasketch_signatures}
+        project_signatures(texts[:8], words=False)  # the kernels, compiled or loaded before the clock
         throughput_table(interleaved(implementations, texts), texts, RENSA)
         return
 
@@ -440,6 +464,8 @@ def sample_benchmarks(count: int) -> None:
     texts = code_corpus(count)
     megabytes = sum(len(t.encode()) for t in texts) / 1e6
     print(f"\nsample: {len(texts)} documents, {megabytes:.1f} MB (stdlib sources, 25% edited copies)")
+    for words in (False, True):  # the kernels, compiled or loaded before the clock
+        project_signatures(texts[:8], words)
 
     implementations = {
         PROJECT_CHARS: lambda chunk: project_signatures(chunk, words=False),

@@ -1,5 +1,5 @@
-"""MinHash signatures and shingle sets, vectorized with numpy over batches of documents (no
-per-shingle Python work).
+"""MinHash signatures and shingle sets over batches of documents, with numba kernels for the
+per-character work (no per-shingle Python work).
 
 A signature is a pure function of the text and the config (n-gram size, shingle kind,
 permutations, seed): every constant below is fixed, the per-seed parameters come from a
@@ -21,11 +21,13 @@ Pipeline per document (SlimPajama's recipe by default):
    binomial error of ideal permutations (see tests).
 
 Documents are processed in batches of about PIECE_CHARS code points laid end to end. An
-ASCII text is lowercased and loses its punctuation in one bytes.translate, and the batch's
-runs of spaces are collapsed at once in numpy (any other text goes through `normalize`); one
-prefix sum hashes every n-gram of the batch, character n-grams straight from two contiguous
-slices of it (the n-grams that cross a piece's end are masked out); the permutations run
-over blocks of the batch's shingles, one minimum per document in the block (reduceat).
+ASCII text is lowercased and loses its punctuation in one bytes.translate (any other text
+goes through `normalize`); compiled kernels then collapse the batch's runs of spaces, hash
+every character n-gram with a rolling polynomial hash (word n-grams: numpy prefix sums), and
+take each document's minimum under every permutation, the permutations innermost so that
+they run in SIMD lanes. The kernels are compiled on first use and cached on disk
+(numba's cache=True: next to this file, or in the user's cache directory where that is
+read-only; NUMBA_CACHE_DIR overrides), so a worker pays the compilation once, not per task.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import string
 from collections.abc import Iterator, Sequence
 from functools import lru_cache
 
+import numba
 import numpy as np
 
 _MASK64 = (1 << 64) - 1
@@ -42,9 +45,9 @@ _PUNCTUATION_BYTES = string.punctuation.encode()
 _ASCII_WHITESPACE = bytes(c for c in range(128) if chr(c).isspace())  # str.split()'s, \x1c-\x1f too
 _TO_SPACE = bytes.maketrans(_ASCII_WHITESPACE, b" " * len(_ASCII_WHITESPACE))
 _SPACE = 32
+_SHIFT32, _SHIFT33 = np.uint64(32), np.uint64(33)
 PIECE_CHARS = 1 << 18  # texts are shingled in batches of about this many code points
 PIECE_WORDS = 1 << 17  # a longer text is cut into overlapping pieces of this many words
-_BLOCK_VALUES = 1 << 20  # a permutation block holds about this many uint32 (num_perm x shingles)
 
 
 def normalize(text: str) -> str:
@@ -60,31 +63,71 @@ def _spaced(text: str) -> str:
     return text.encode().lower().translate(_TO_SPACE, _PUNCTUATION_BYTES).decode()
 
 
+@numba.njit(cache=True, nogil=True)
 def _collapse_spaces(codes: np.ndarray, lengths: np.ndarray, strip: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Pieces laid end to end with each run of spaces made one space, and the pieces marked
     `strip` without spaces at either end (the others are normalized already and may begin or
     end with a space where a long text was cut); the codes and lengths after."""
-    ends = np.cumsum(lengths)
-    starts = ends - lengths
-    space = codes == _SPACE
-    drop = np.empty_like(space)
-    drop[:1] = False
-    np.logical_and(space[1:], space[:-1], out=drop[1:])
-    first = starts[lengths > 0]  # a piece's first space is a repeat only if the piece is stripped
-    drop[first] = space[first] & strip[lengths > 0]
-    kept = np.zeros(len(codes) + 1, dtype=np.int64)
-    np.cumsum(~drop, out=kept[1:])
-    codes = codes[~drop]
-    lengths = kept[ends] - kept[starts]
-    # a stripped piece's trailing spaces are now one space, its last character
-    last = np.cumsum(lengths) - 1
-    trailing = strip & (lengths > 0)
-    trailing[trailing] = codes[last[trailing]] == _SPACE
-    if trailing.any():
-        keep = np.ones(len(codes), dtype=bool)
-        keep[last[trailing]] = False
-        codes, lengths = codes[keep], lengths - trailing
-    return codes, lengths
+    out = np.empty_like(codes)
+    kept = np.empty_like(lengths)
+    size, start = 0, 0
+    for piece in range(len(lengths)):
+        first = size
+        after_space = strip[piece]  # a stripped piece's leading spaces all go
+        for code in codes[start : start + lengths[piece]]:
+            if code != _SPACE or not after_space:
+                out[size] = code
+                size += 1
+            after_space = code == _SPACE
+        if strip[piece] and size > first and out[size - 1] == _SPACE:
+            size -= 1
+        kept[piece] = size - first
+        start += lengths[piece]
+    return out[:size], kept
+
+
+@numba.njit(cache=True, nogil=True)
+def _char_shingle_hashes(codes, lengths, n, base, base_inverse, length_key, shingle_key):
+    """fmix64-finalized hashes of the character n-grams of pieces laid end to end, piece by
+    piece, and each piece's shingle count (a piece shorter than n is one shingle: itself).
+    A window's hash sum_t code[s+t] * base^t moves on by one subtraction, one multiplication
+    by base's inverse and one addition, exactly (arithmetic mod 2^64)."""
+    hashes = np.empty(len(codes) + len(lengths), dtype=np.uint64)
+    counts = np.empty(len(lengths), dtype=np.int64)
+    top_power = np.uint64(1)
+    for _ in range(n - 1):
+        top_power *= base
+    size, start = 0, 0
+    for piece in range(len(lengths)):
+        length = lengths[piece]
+        window = min(length, n)
+        h, power = np.uint64(0), np.uint64(1)
+        for t in range(window):
+            h += np.uint64(codes[start + t]) * power
+            power *= base
+        counts[piece] = max(length - n + 1, 1)
+        for s in range(start, start + counts[piece]):
+            hashes[size] = fmix64((h + np.uint64(window) * length_key) ^ shingle_key)
+            size += 1
+            if s + n < start + length:
+                h = (h - np.uint64(codes[s])) * base_inverse + np.uint64(codes[s + n]) * top_power
+        start += length
+    return hashes[:size], counts
+
+
+@numba.njit(cache=True, nogil=True)
+def _min_permutations(hashes, firsts, docs, a, b, signatures):
+    """signatures[docs[d]] lowered to the minimum, under each permutation, of the top 32 bits of
+    hashes[firsts[d]:firsts[d+1]] (the last document's run ends with the hashes)."""
+    row = np.empty(len(a), dtype=np.uint32)
+    for d in range(len(firsts)):
+        end = firsts[d + 1] if d + 1 < len(firsts) else len(hashes)
+        row[:] = signatures[docs[d]]
+        for j in range(firsts[d], end):
+            x = np.uint32(hashes[j] >> _SHIFT32)
+            for i in range(len(a)):
+                row[i] = min(row[i], np.uint32(a[i] * x + b[i]))
+        signatures[docs[d]] = row
 
 
 def splitmix64(seed: int) -> Iterator[int]:
@@ -98,24 +141,15 @@ def splitmix64(seed: int) -> Iterator[int]:
         yield z ^ (z >> 31)
 
 
-def fmix64(h: np.ndarray) -> np.ndarray:
-    """murmur3's 64-bit finalizer, in place on a uint64 array (and returned)."""
-    return _last_xorshift(_mix_top(h))
-
-
-def _mix_top(h: np.ndarray) -> np.ndarray:
-    """fmix64 but its last xorshift, which leaves the top 32 bits as they are (all that
-    signatures use), in place."""
-    shifted = np.empty_like(h)
-    for multiplier in (0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53):
-        h ^= np.right_shift(h, np.uint64(33), out=shifted)
-        h *= np.uint64(multiplier)
-    return h
-
-
-def _last_xorshift(h: np.ndarray) -> np.ndarray:
-    h ^= h >> np.uint64(33)
-    return h
+@numba.vectorize(["uint64(uint64)"], cache=True)
+def fmix64(h):
+    """murmur3's 64-bit finalizer: a ufunc on uint64 arrays (`out=` for in place), and a
+    function of one uint64 inside the kernels."""
+    h ^= h >> _SHIFT33
+    h *= np.uint64(0xFF51AFD7ED558CCD)
+    h ^= h >> _SHIFT33
+    h *= np.uint64(0xC4CEB9FE1A85EC53)
+    return h ^ (h >> _SHIFT33)
 
 
 @lru_cache(maxsize=8)
@@ -202,32 +236,6 @@ class MinHasher:
         raw += (ends - starts).astype(np.uint64) * self._length_key
         return raw
 
-    def _char_hashes(self, codes: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Unfinalized hashes of the character n-grams of pieces laid end to end, piece by
-        piece, and each piece's shingle count. The windows at every position come from two
-        contiguous slices of the prefix sums; those crossing a piece's end are masked out."""
-        n, total = self.ngram, len(codes)
-        ends = np.cumsum(lengths)
-        starts = ends - lengths
-        counts = np.maximum(lengths - n + 1, 1)
-        prefix = self._prefix(codes)
-        windows = max(total - n + 1, 0)
-        raw = np.subtract(prefix[n:], prefix[:windows])
-        raw *= _powers(self._base_inverse, windows)
-        full = lengths >= n
-        # +1 where a piece's n-grams begin, -1 past its last one: the running sum marks them
-        edges = np.zeros(windows + 1, dtype=np.int8)
-        edges[starts[full]] = 1
-        edges[ends[full] - n + 1] -= 1
-        hashes = raw[np.cumsum(edges[:-1], dtype=np.int8).view(bool)]
-        hashes += np.uint64(n * int(self._length_key) & _MASK64)
-        if not full.all():  # a piece shorter than n is one shingle, placed where it belongs
-            short = ~full
-            whole = self._span_hashes(prefix, starts[short], ends[short])
-            position = (np.cumsum(counts) - counts)[short]
-            hashes = np.insert(hashes, position - np.arange(len(position)), whole)
-        return hashes, counts
-
     def _word_spans(self, codes: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """[start, end) code-point spans of every word n-gram of pieces laid end to end, and
         each piece's shingle count. A piece shorter than one n-gram is one span: the whole piece."""
@@ -255,9 +263,8 @@ class MinHasher:
         return starts, ends, count
 
     def _shingle_batches(self, texts: Sequence[str]) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """(shingle hashes in document order but for fmix64's last xorshift, the documents
-        present, the index of each one's first hash), batch by batch; every present document
-        has at least one shingle."""
+        """(shingle hashes in document order, the documents present, the index of each one's
+        first hash), batch by batch; every present document has at least one shingle."""
         for pieces, owners, spaced in self._batches(texts):
             joined = "".join(pieces)
             if joined.isascii():
@@ -268,19 +275,22 @@ class MinHasher:
             codes, lengths = _collapse_spaces(codes, lengths, np.array(spaced))
             if self.words:
                 starts, ends, counts = self._word_spans(codes, lengths)
-                raw = self._span_hashes(self._prefix(codes), starts, ends)
+                hashes = self._span_hashes(self._prefix(codes), starts, ends)
+                hashes ^= self._shingle_key
+                fmix64(hashes, out=hashes)
             else:
-                raw, counts = self._char_hashes(codes, lengths)
-            raw ^= self._shingle_key
+                hashes, counts = _char_shingle_hashes(
+                    codes, lengths, self.ngram, np.uint64(self._base), np.uint64(self._base_inverse), self._length_key, self._shingle_key
+                )
             owner = np.asarray(owners, dtype=np.int64)
             new_doc = np.flatnonzero(np.concatenate([[True], owner[1:] != owner[:-1]]))  # a long text's pieces are adjacent
-            yield _mix_top(raw), owner[new_doc], (np.cumsum(counts) - counts)[new_doc]
+            yield hashes, owner[new_doc], (np.cumsum(counts) - counts)[new_doc]
 
     def shingle_sets(self, texts: Sequence[str]) -> list[np.ndarray]:
         """Each text's shingles as a sorted array of unique 64-bit hashes."""
         parts: list[list[np.ndarray]] = [[] for _ in texts]
         for hashes, docs, firsts in self._shingle_batches(texts):
-            for doc, chunk in zip(docs, np.split(_last_xorshift(hashes), firsts[1:])):
+            for doc, chunk in zip(docs, np.split(hashes, firsts[1:])):
                 parts[doc].append(chunk)
         return [_sorted_unique(np.concatenate(p)) if p else np.empty(0, np.uint64) for p in parts]
 
@@ -295,25 +305,9 @@ class MinHasher:
         its distinct shingles, which is what verification holds per candidate)."""
         signatures = np.full((len(texts), self.num_perm), np.iinfo(np.uint32).max, dtype=np.uint32)
         sizes = np.zeros(len(texts), dtype=np.int64)
-        width = max(1, _BLOCK_VALUES // self.num_perm)
-        # permutations x shingles: each permutation's values are contiguous, so the minima
-        # are contiguous reductions (several times faster than reducing along columns)
-        block = np.empty((self.num_perm, width), dtype=np.uint32)
-        a, b = self._a[:, None], self._b[:, None]
         for hashes, docs, firsts in self._shingle_batches(texts):
             sizes[docs] += np.diff(np.append(firsts, len(hashes)))
-            keys = (hashes >> np.uint64(32)).astype(np.uint32)
-            for column in range(0, len(keys), width):
-                x = keys[column : column + width]
-                # the documents with shingles in this block, and where each one begins in it
-                low = np.searchsorted(firsts, column, side="right") - 1
-                high = np.searchsorted(firsts, column + len(x))
-                values = block[:, : len(x)]
-                np.multiply(a, x, out=values)
-                values += b
-                minima = np.minimum.reduceat(values, np.maximum(firsts[low:high] - column, 0), axis=1).T
-                present = docs[low:high]
-                signatures[present] = np.minimum(signatures[present], minima)
+            _min_permutations(hashes, firsts, docs, self._a, self._b, signatures)
         return signatures, sizes
 
     def band_hashes(self, signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
@@ -326,7 +320,7 @@ class MinHasher:
         hashes = np.broadcast_to(keys, (len(signatures), bands)).copy()
         for row in range(rows):
             hashes ^= values[:, :, row]
-            fmix64(hashes)
+            fmix64(hashes, out=hashes)
         return hashes
 
 
