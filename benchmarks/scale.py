@@ -22,11 +22,15 @@
    and the largest growth of a task over its worker's RSS at its start (the task's own data),
    and the driver's own peak RSS while the stages ran. `--doc-words` sets the documents'
    median length. One process per N.
+
+benchmarks/scale_model.py sweeps the whole flow over documents, budgets and files and fits each
+stage's cost exponents (docs/scaling.md, "The scale model").
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -38,6 +42,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
@@ -159,17 +164,7 @@ def metadata(files: int, s3_uri: str | None) -> None:
     from tests.builds import tiny_corpus
 
     work = Path(tempfile.mkdtemp(prefix="bench-metadata-"))
-    server = None
-    if s3_uri is None:
-        from tests.fixtures.s3 import SeaweedServer
-
-        server = SeaweedServer(work / "seaweedfs")
-        server.start()
-        os.environ.update(server.env())  # this process and the child talk to it
-        bucket = f"bench-{uuid.uuid4().hex[:8]}"
-        server.client().create_bucket(Bucket=bucket)
-        s3_uri = f"s3://{bucket}"
-    try:
+    with s3_bucket(s3_uri, work) as s3_uri:
         root = f"{s3_uri.rstrip('/')}/metadata-{uuid.uuid4().hex[:8]}"
         corpus = tiny_corpus(work / "raw", files, METADATA_DOCS_PER_FILE, seed=0)
         inputs = open_store(f"{root}/raw")
@@ -179,11 +174,8 @@ def metadata(files: int, s3_uri: str | None) -> None:
             [sys.executable, "-m", "benchmarks.scale", "--metadata-one", f"{root}/raw", f"{root}/out"],
             stdout=subprocess.PIPE, text=True, check=True,  # the child's stderr shows, so a failure names its cause
         ).stdout
-    finally:
-        if server is not None:
-            server.stop()
     result = json.loads(out.strip().splitlines()[-1])
-    print(f"\nmetadata: {files} input files x {METADATA_DOCS_PER_FILE} documents on {'SeaweedFS' if server else s3_uri}\n")
+    print(f"\nmetadata: {files} input files x {METADATA_DOCS_PER_FILE} documents on {s3_uri}\n")
     print("| stage | build: driver S3 calls | build: wall s | rerun: driver S3 calls | rerun: wall s |")
     print("| --- | ---: | ---: | ---: | ---: |")
     first, rerun = result["build"], result["rerun"]
@@ -197,6 +189,26 @@ def metadata(files: int, s3_uri: str | None) -> None:
         print(f"| **{label} total** | {sum(calls.values())} | {run['wall']:.1f} | | |" if label == "build"
               else f"| **rerun total** | | | {sum(calls.values())} | {run['wall']:.1f} |")
     print("\nby operation: build " + json.dumps(first["operations"]) + ", rerun " + json.dumps(rerun["operations"]))
+
+
+@contextlib.contextmanager
+def s3_bucket(s3_uri: str | None, work: Path) -> Iterator[str]:
+    """`s3_uri`, or a fresh bucket on a SeaweedFS server started here (in `work`) for as long as
+    the block runs; this process and its children talk to it through the AWS environment."""
+    if s3_uri is not None:
+        yield s3_uri
+        return
+    from tests.fixtures.s3 import SeaweedServer
+
+    server = SeaweedServer(work / "seaweedfs")
+    server.start()
+    try:
+        os.environ.update(server.env())
+        bucket = f"bench-{uuid.uuid4().hex[:8]}"
+        server.client().create_bucket(Bucket=bucket)
+        yield f"s3://{bucket}"
+    finally:
+        server.stop()
 
 
 def metadata_one(inputs: str, output: str) -> None:
@@ -273,9 +285,17 @@ def dedup_scale(docs: int, cpus: int, budget: int, doc_words: int) -> None:
             print(f"| {stage} | {step} | {tasks} | {files} | {seconds:.1f} | {peak} | {growth} |")
 
 
-def _rss(field: str) -> int:
+def rss_mib(field: str) -> int:
+    """This process's VmRSS, or VmHWM (its peak), in MiB."""
     with open("/proc/self/status") as status:
         return int(next(line for line in status if line.startswith(f"{field}:")).split()[1]) // 1024
+
+
+def reset_peak_rss() -> int:
+    """Reset this process's VmHWM to its current RSS; returns that RSS in MiB."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return rss_mib("VmRSS")
 
 
 def _write_chunk(store, log_words: float, chunk: tuple[int, int]) -> tuple[list, float]:
@@ -307,9 +327,7 @@ def dedup_one(docs: int, cpus: int, budget: int, doc_words: int) -> None:
     megabytes = sum(mb for _, mb in written)
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     plan, sizes = [s.file for s in shards], {s.shard: s.size for s in shards}
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # the driver's peak from here on: the stages, not the corpus it wrote
-    start_mib = _rss("VmRSS")
+    start_mib = reset_peak_rss()  # the driver's peak from here on: the stages, not the corpus it wrote
     ranges = partitions(docs, EXACT_ROW_BYTES, budget)
     exact = StageRun(store)
     run_exact_dedup(store, plan, sizes, ranges, budget, exact)
@@ -329,7 +347,7 @@ def dedup_one(docs: int, cpus: int, budget: int, doc_words: int) -> None:
     print(json.dumps({
         "megabytes": megabytes, "shards": len(shards), "exact_ranges": ranges,
         "bucket_partitions": cfg.bucket_partitions, "component_partitions": cfg.component_partitions,
-        "driver_start_mib": start_mib, "driver_peak_mib": _rss("VmHWM"), **steps,
+        "driver_start_mib": start_mib, "driver_peak_mib": rss_mib("VmHWM"), **steps,
     }))
 
 
