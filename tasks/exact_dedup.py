@@ -10,8 +10,7 @@ files (tasks.removals), so a range writes blocks files, not one per docs shard.
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -25,7 +24,7 @@ from storage.store import Store
 from tasks.fanout import read_summary, run_stage
 from tasks.parquet_io import read_partition_of_each, read_table, write_partitions
 from tasks.partitioning import EXACT_ROW_BYTES, batch_bytes, batches, ingested_documents, partitions, rows_by_partition
-from tasks.plan import Build, PlannedFile, ordinal_of
+from tasks.plan import Build, PlannedFile, SourceRanges
 from tasks.removals import merge_stage, write_removed
 from tasks.reporting import stage_totals
 from tasks.stage import Run, Stage, stage_task
@@ -44,10 +43,22 @@ def text_digests(texts: pa.Array) -> np.ndarray:
     return np.frombuffer(joined, dtype=np.uint8).reshape(-1, 16)
 
 
-def hash_batch(store: Store, files: Sequence[PlannedFile], ranges: int, batch: int) -> ShardResult:
+@dataclass(frozen=True)
+class FileBatch:
+    """Consecutive plan files whose docs shards one hashing task reads: its own slice of the plan."""
+
+    index: int
+    files: tuple[PlannedFile, ...]
+
+
+def _batch_name(batch: FileBatch) -> str:
+    return batch_name(batch.index)
+
+
+def hash_batch(store: Store, ranges: int, batch: FileBatch) -> ShardResult:
     """The (id, hash) rows of a batch of docs shards, a partition per hash range in one object."""
     ids, digests = [], []
-    for file in files:
+    for file in batch.files:
         docs = read_table(store, layout.docs(file.source, file.shard), columns=["id", "text"])
         ids.append(docs.column("id").to_numpy())
         digests.append(text_digests(docs.column("text").combine_chunks()))
@@ -57,11 +68,11 @@ def hash_batch(store: Store, files: Sequence[PlannedFile], ranges: int, batch: i
     for rows in rows_by_partition(range_of, ranges):
         hashes = pa.FixedSizeBinaryArray.from_buffers(pa.binary(16), len(rows), [None, pa.py_buffer(digests[rows].tobytes())])
         tables.append(pa.table({"id": pa.array(ids[rows], pa.int64()), "hash": hashes}, schema=HASH_SCHEMA))
-    outputs = [write_partitions(store, layout.exact_hashes(batch), tables)]
+    outputs = [write_partitions(store, layout.exact_hashes(batch.index), tables)]
     return ShardResult(outputs=outputs, counts={"documents": len(ids)})
 
 
-def find_duplicates(store: Store, plan: list[PlannedFile], batch_count: int, partition: int) -> ShardResult:
+def find_duplicates(store: Store, sources: SourceRanges, batch_count: int, partition: int) -> ShardResult:
     """Within one hash range: every document whose hash was seen at a smaller id is removed."""
     tables = read_partition_of_each(store, [layout.exact_hashes(b) for b in range(batch_count)], partition, HASH_SCHEMA)
     table = pa.concat_tables(tables).sort_by([("hash", "ascending"), ("id", "ascending")])
@@ -74,12 +85,8 @@ def find_duplicates(store: Store, plan: list[PlannedFile], batch_count: int, par
     group_first = np.maximum.accumulate(np.where(first, np.arange(len(ids)), 0))
     removed, kept = ids[~first], ids[group_first[~first]]
     outputs = write_removed(store, layout.exact_removed, partition_name(partition), removed, kept)
-    ordinals, counts = np.unique(ordinal_of(removed), return_counts=True)
-    per_source = Counter()
-    for ordinal, count in zip(ordinals.tolist(), counts.tolist()):
-        per_source[plan[ordinal].source] += count
-    sources = {source: SourceAccounting(exact_dup=n) for source, n in sorted(per_source.items())}
-    return ShardResult(outputs=outputs, counts={"exact_dup": len(removed)}, sources=sources)
+    accounting = {source: SourceAccounting(exact_dup=n) for source, n in sources.count(removed).items()}
+    return ShardResult(outputs=outputs, counts={"exact_dup": len(removed)}, sources=accounting)
 
 
 def run_exact_dedup(
@@ -87,14 +94,12 @@ def run_exact_dedup(
 ) -> StageSummary:
     """Hash every batch of docs shards, find the duplicates of each hash range, then merge the
     removed ids per block of plan files; returns the summary of the second step (its receipts
-    carry the per-source exact_dup counts)."""
+    carry the per-source exact_dup counts). Each task is given its own slice of the plan, or
+    a few values for all of it, never the plan."""
     members = batches([sizes[f.shard] for f in plan], batch_bytes(budget))
-
-    def hash_one(batch: int) -> ShardResult:
-        return hash_batch(store, plan[members[batch].start : members[batch].stop], ranges, batch)
-
-    run(Stage("exact-hash", list(range(len(members))), batch_name, hash_one, (layout.EXACT_HASHES,)))
-    find = partial(find_duplicates, store, plan, len(members))
+    file_batches = [FileBatch(i, tuple(plan[r.start : r.stop])) for i, r in enumerate(members)]
+    run(Stage("exact-hash", file_batches, _batch_name, partial(hash_batch, store, ranges), (layout.EXACT_HASHES,)))
+    find = partial(find_duplicates, store, SourceRanges.of(plan), len(members))
     found = run(Stage("exact-dedup", list(range(ranges)), partition_name, find, (layout.EXACT_REMOVED,)))
     run(merge_stage("exact-merge", store, layout.exact_removed, layout.exact_merged, layout.EXACT_MERGED, len(plan)))
     return found

@@ -27,13 +27,14 @@ import os
 import signal
 import threading
 import time
+from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import ray
 from pydantic import ValidationError
-from ray.exceptions import RayTaskError
+from ray.exceptions import RayError, RayTaskError
 
 from storage import build_layout as layout
 from storage.manifest import Receipt, ShardResult, StageSummary, read_record, write_record
@@ -48,6 +49,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 READ_THREADS = 32  # receipts read at once when the summary does not have them
 NAMED_SHARDS = 5  # shards a message names before it counts the rest
+SHARD_ATTEMPTS = 3  # runs of a shard whose worker dies (crash, OOM kill, lost node); the last one alone
+
+
+class ShardFailed(RuntimeError):
+    """A shard's worker died on every attempt; the stage's other shards are committed."""
 
 
 def ensure_ray() -> None:
@@ -184,7 +190,7 @@ def commit(store: Store, stage_name: str, prefixes: tuple[str, ...], shard: str,
 # Test-only hook (tests/reliability/test_multinode.py SIGKILLs a worker inside each stage): with
 # TINYLLAMA_TEST_HOLD_WORK=FOLDER set and FOLDER present, every task appends "STAGE SHARD PID" to
 # FOLDER/attempts, and the first task of each stage also creates FOLDER/STAGE (holding "SHARD PID")
-# and blocks for good, until it is killed; Ray's retry finds FOLDER/STAGE and works. Else a no-op.
+# and blocks for good, until it is killed; its retry (run_stage's) finds FOLDER/STAGE and works. Else a no-op.
 HOLD_WORK_ENV = "TINYLLAMA_TEST_HOLD_WORK"
 
 
@@ -221,8 +227,10 @@ def run_stage(
     item order). With the build's config, its step's progress artifact in Prefect follows it.
     `inline` runs the work in this process, one item after another (tests, benchmarks).
 
-    A worker that dies is retried by Ray; an exception from `work` (bad input, say) is raised
-    here unchanged after the tasks already running have finished and committed.
+    A shard whose worker dies is retried alone, up to SHARD_ATTEMPTS runs, while its siblings
+    go on; then ShardFailed names it (a rerun redoes only shards without a receipt). An exception
+    from `work` (bad input, say) is raised here unchanged after the tasks already running have
+    finished and committed.
     """
     receipts, summary = finished_receipts(store, stage)
     total = len(stage.items)
@@ -252,26 +260,53 @@ def _run_inline(store, stage, todo, receipts, total, on_progress, _max_in_flight
 
 
 def _fan_out(store, stage, todo, receipts, total, on_progress, max_in_flight) -> None:
+    """Run `todo` on Ray, at most `window` at once. A shard whose worker dies (a crash, an OOM
+    kill, a lost node) goes to the back of the queue while its siblings go on; its last attempt
+    runs alone, once nothing else is in flight (a shard killed for memory gets the node to
+    itself). An exception from the work itself stops new submissions, as bad input fails the
+    same way every time."""
     ensure_ray()
-    remote = ray.remote(num_cpus=1, max_retries=3)(_work_and_commit)
+    remote = ray.remote(num_cpus=1, max_retries=0)(_work_and_commit)  # attempts are counted here
     window = max_in_flight or 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
-    store_ref, work_ref = ray.put(store), ray.put(stage.work)
-    queue = list(reversed(todo))
-    pending: list = []
+    store_ref, work_ref = ray.put(store), ray.put(stage.work)  # put once: each task gets refs
+    queue, alone = deque(todo), deque()
+    attempts: Counter[str] = Counter()
+    pending: dict = {}  # ref: item
     failure: RayTaskError | None = None
+    died: dict[str, str] = {}  # shard: why its last attempt failed
+
+    def submit(item) -> None:
+        shard = stage.shard_of(item)
+        attempts[shard] += 1
+        pending[remote.remote(store_ref, stage.name, stage.outputs, work_ref, shard, item)] = item
+
     try:
         with interrupts_unwrapped():
-            while queue or pending:
-                while queue and failure is None and len(pending) < window:
-                    item = queue.pop()
-                    pending.append(remote.remote(store_ref, stage.name, stage.outputs, work_ref, stage.shard_of(item), item))
+            while True:
+                if failure is None:
+                    while queue and len(pending) < window:
+                        submit(queue.popleft())
+                    if alone and not queue and not pending:
+                        submit(alone.popleft())
                 if not pending:
                     break
-                ready, pending = ray.wait(pending, num_returns=1)
+                [ready], _ = ray.wait(list(pending), num_returns=1)
+                item = pending.pop(ready)
                 try:
-                    receipt = ray.get(ready[0])
+                    receipt = ray.get(ready)
                 except RayTaskError as error:
                     failure = failure or error
+                    continue
+                except RayError as error:
+                    shard, reason = stage.shard_of(item), _first_line(error)
+                    if attempts[shard] >= SHARD_ATTEMPTS:
+                        died[shard] = reason
+                        continue
+                    log.warning(
+                        "%s: shard %s failed on attempt %d of %d (%s); retried", stage.name, shard, attempts[shard],
+                        SHARD_ATTEMPTS, reason,
+                    )
+                    (alone if attempts[shard] == SHARD_ATTEMPTS - 1 else queue).append(item)
                     continue
                 receipts[receipt.shard] = receipt
                 if on_progress:
@@ -287,4 +322,16 @@ def _fan_out(store, stage, todo, receipts, total, on_progress, max_in_flight) ->
         # The work's own exception (an IngestError naming the file, say), with Ray's remote
         # traceback chained to it.
         raise (failure.cause or failure) from failure
+    if died:
+        shards = sorted(died)
+        more = f" (and {len(shards) - 1} more)" if len(shards) > 1 else ""
+        raise ShardFailed(
+            f"{stage.name}: shard {shards[0]}{more} failed {SHARD_ATTEMPTS} times ({died[shards[0]]}); "
+            f"the other shards are committed and a rerun redoes only the failed ones"
+        )
 
+
+def _first_line(error: BaseException) -> str:
+    """`WorkerCrashedError: The worker died unexpectedly ...`: Ray's messages run on for lines."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")

@@ -8,20 +8,30 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import cached_property
 
+import numpy as np
+import ray
 from pydantic import BaseModel, ConfigDict, Field
+from ray.exceptions import RayTaskError
 
 from storage.manifest import canonical_json
 from storage.store import COPY_BUFFER_BYTES, ListedObject, ObjectNotFound, Store, join_key, open_object, open_store
 from tasks.config import BuildConfig, Format, SourceConfig, check_output_outside_inputs
+from tasks.fanout import ensure_ray
 from tasks.globs import GLOB_CHARS, glob_regex, split_glob
+from tasks.partitioning import batches
+from tasks.reach import build_paths, check_reach_on_ray
 from tasks.stage import stage_task
 
 PLAN_KEY = "plan.json"
 HF_ROWS_PER_UNIT = 100_000
-HASH_THREADS = 16  # inputs hashed at once when a source pins content (I/O bound)
+HASH_THREADS = 16  # inputs one task hashes at once when a source pins content (I/O bound)
+HASH_TASK_BYTES = 1 << 30  # inputs one hashing task reads
 REBUILD_HINT = "to build from the inputs as they are now, start a new build (set build_id)"
 
 
@@ -56,6 +66,28 @@ class PlannedFile(BaseModel):
 def shard_of(file: PlannedFile) -> str:
     """A per-file stage's shard name (Stage.shard_of for ingest and tokenize)."""
     return file.shard
+
+
+@dataclass(frozen=True)
+class SourceRanges:
+    """Which source each plan ordinal belongs to, in a few values: the plan lists each source's
+    files together, so a task that counts ids per source is given this, never the plan."""
+
+    starts: tuple[int, ...]  # the first ordinal of each run of one source's files
+    names: tuple[str, ...]
+
+    @classmethod
+    def of(cls, files: Sequence[PlannedFile]) -> SourceRanges:
+        runs = [(f.ordinal, f.source) for i, f in enumerate(files) if i == 0 or files[i - 1].source != f.source]
+        return cls(tuple(ordinal for ordinal, _ in runs), tuple(name for _, name in runs))
+
+    def count(self, ids: np.ndarray) -> dict[str, int]:
+        """How many of the document `ids` each source holds (sources holding some), by name."""
+        runs, counts = np.unique(np.searchsorted(self.starts, ordinal_of(ids), side="right") - 1, return_counts=True)
+        per_source: Counter[str] = Counter()
+        for run, count in zip(runs.tolist(), counts.tolist()):
+            per_source[self.names[run]] += count
+        return dict(sorted(per_source.items()))
 
 
 def document_id(ordinal: int, record: int) -> int:
@@ -118,12 +150,30 @@ def _hf_units(source: SourceConfig) -> list[tuple[str, int, tuple[int, int], dic
     ]
 
 
+def content_sha256s(uris: list[str]) -> list[str]:
+    """The sha256 of each input, HASH_THREADS at a time (I/O bound): one Ray task's share."""
+    with ThreadPoolExecutor(min(HASH_THREADS, max(len(uris), 1))) as pool:
+        return list(pool.map(content_sha256, uris))
+
+
+def hash_inputs(listed: list[tuple[str, ListedObject]]) -> list[str]:
+    """The sha256 of every input, hashed in Ray tasks of about HASH_TASK_BYTES each; the driver
+    only collects the digests (its bytes never pass through it)."""
+    ensure_ray()
+    remote = ray.remote(num_cpus=1)(content_sha256s)
+    shares = batches([info.size for _, info in listed], HASH_TASK_BYTES)
+    refs = [remote.remote([uri for uri, _ in listed[share.start : share.stop]]) for share in shares]
+    try:
+        return [digest for ref in refs for digest in ray.get(ref)]
+    except RayTaskError as error:
+        raise (error.cause or error) from error  # ObjectNotFound naming the input, say
+
+
 def _file_units(source: SourceConfig) -> list[tuple[str, int, None, dict[str, str]]]:
     listed = list_source(source)
     if not source.pin_content:
         return [(uri, info.size, None, info.version) for uri, info in listed]
-    with ThreadPoolExecutor(HASH_THREADS) as pool:
-        digests = list(pool.map(content_sha256, [uri for uri, _ in listed]))
+    digests = hash_inputs(listed)
     return [(uri, info.size, None, {"sha256": digest}) for (uri, info), digest in zip(listed, digests)]
 
 
@@ -238,6 +288,7 @@ class Build(BaseModel):
 
 @stage_task("plan")
 def plan(config: BuildConfig) -> Build:
+    check_reach_on_ray(build_paths(config))  # on a Ray cluster, no local folder that a node lacks
     build = Build(config=config)
     freeze_plan(config, build.store)
     return build

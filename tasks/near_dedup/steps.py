@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -73,7 +72,7 @@ from tasks.parquet_io import (
     write_table,
 )
 from tasks.partitioning import VERIFY_SPAN_GROUPS, batches, partitions, rows_by_partition, verify_member_bytes
-from tasks.plan import PlannedFile, ordinal_of
+from tasks.plan import PlannedFile, SourceRanges, ordinal_of
 from tasks.stage import Run, Stage
 
 STAGE = "near-dedup"  # the step whose receipts carry the per-source near_dup counts
@@ -207,12 +206,15 @@ def _read_docs(store: Store, shard: DocsShard, wanted: np.ndarray | None = None)
 # -- steps --------------------------------------------------------------------------------
 
 
-def _batch_index(ids: np.ndarray, batches: Sequence[DocsBatch]) -> np.ndarray:
+def batch_starts(batches: Sequence[DocsBatch]) -> np.ndarray:
+    """The first plan ordinal of each batch: all a task needs to know the batches (they are runs
+    of consecutive docs shards), one int64 each, passed zero-copy, never the shards."""
+    return np.array([b.shards[0].file.ordinal for b in batches], dtype=np.int64)
+
+
+def _batch_index(ids: np.ndarray, first_ordinals: np.ndarray) -> np.ndarray:
     """The index of the batch of docs shards each id belongs to."""
-    ordinals = [s.file.ordinal for b in batches for s in b.shards]
-    index = np.array([b.index for b in batches for _ in b.shards], dtype=np.int64)
-    order = np.argsort(ordinals)
-    return index[order][np.searchsorted(np.asarray(ordinals)[order], ordinal_of(ids))]
+    return np.searchsorted(first_ordinals, ordinal_of(ids), side="right") - 1
 
 
 def compute_signatures(store: Store, cfg: MinHashConfig, batch: DocsBatch) -> ShardResult:
@@ -245,12 +247,13 @@ def compute_signatures(store: Store, cfg: MinHashConfig, batch: DocsBatch) -> Sh
 
 
 def find_buckets(
-    store: Store, batches: Sequence[DocsBatch], cfg: MinHashConfig, member_bytes: int, budget: int, partition: int
+    store: Store, first_ordinals: np.ndarray, cfg: MinHashConfig, member_bytes: int, budget: int, partition: int
 ) -> ShardResult:
     """Documents that share a band bucket within one hash range; with verification, the
     buckets split into groups of whole buckets that each hold at most `budget` when verified
-    (`member_bytes` per bucket membership)."""
-    table = _read_partition(store, [layout.near_bands(b.index) for b in batches], partition, BANDS_SCHEMA)
+    (`member_bytes` per bucket membership). `first_ordinals`: batch_starts of the docs batches."""
+    bands = [layout.near_bands(b) for b in range(len(first_ordinals))]
+    table = _read_partition(store, bands, partition, BANDS_SCHEMA)
     members, starts = lsh.group_buckets(table.column("hash").to_numpy(), table.column("id").to_numpy())
     members, starts = lsh.distinct_buckets(members, starts)
     counts = {"buckets": len(starts), "members": len(members)}
@@ -276,7 +279,7 @@ def find_buckets(
     ids, group_of_id = ids[order], group_of_id[order]
     tables = [
         pa.table([ids[rows], group_of_id[rows]], schema=CANDIDATES_SCHEMA)
-        for rows in rows_by_partition(_batch_index(ids, batches), len(batches))
+        for rows in rows_by_partition(_batch_index(ids, first_ordinals), len(first_ordinals))
     ]
     outputs.append(write_partitions(store, layout.near_candidates(partition), tables))
     counts["verify_groups"] = groups
@@ -318,16 +321,15 @@ def _take_ascending(chunks: Sequence[pa.Array], rows: np.ndarray) -> pa.ChunkedA
     return pa.chunked_array(taken, SHINGLES_SCHEMA.field("shingles").type)
 
 
-def collect_shingles(store: Store, cfg: MinHashConfig, groups: Sequence[str], batch: DocsBatch) -> ShardResult:
+def collect_shingles(store: Store, cfg: MinHashConfig, groups: VerifyGroups, batch: DocsBatch) -> ShardResult:
     """Hashed shingles of a batch's candidate documents, a partition per verify group (in the
-    order of `groups`) in one object."""
-    group_index = {name: i for i, name in enumerate(groups)}
+    order of their numbers) in one object."""
     ranges = [layout.near_candidates(p) for p in range(cfg.bucket_partitions)]
     wanted_by_group: dict[int, np.ndarray] = {}
     for partition, table in enumerate(read_partition_of_each(store, ranges, batch.index, CANDIDATES_SCHEMA)):
         candidates, group = table.column("id").to_numpy(), table.column("group").to_numpy()
         for g in np.unique(group).tolist():  # ids ascend within a group
-            wanted_by_group[group_index[verify_group_name(partition, g)]] = candidates[group == g]
+            wanted_by_group[groups.number(partition, g)] = candidates[group == g]
     wanted = _union(list(wanted_by_group.values()))
     # one list array per docs shard, so the batch's shingles are held once, never copied whole
     found_ids, found_sets = [], []
@@ -417,18 +419,19 @@ def _verify_group(
     return lsh.verified_edges(members, starts, similarity, cfg.threshold, cfg.verify_anchors)
 
 
-def verify_span(store: Store, cfg: MinHashConfig, batches: Sequence[DocsBatch], groups: Sequence[str], span: range) -> ShardResult:
+def verify_span(store: Store, cfg: MinHashConfig, batch_count: int, groups: VerifyGroups, span: range) -> ShardResult:
     """The edges of a span of verify groups: the span's part of each batch's shingles is read
     once (two range reads) into a local file, then each group is verified in turn, so memory
     holds one group's candidates and the requests do not grow with the groups."""
-    keys = [layout.near_shingles(b.index) for b in batches]
+    keys = [layout.near_shingles(b) for b in range(batch_count)]
     first, second, comparisons = [], [], 0
     with tempfile.TemporaryFile() as spill:
         where = _spill_span(store, keys, span, spill)
         for offset, group in enumerate(span):
             names = [f"{store.url(key)}: partition {group}" for key in keys]
-            found = _shingle_table(_spilled_tables(spill, where, offset, names), f"verify group {groups[group]} in {layout.NEAR_SHINGLES}")
-            edges = _verify_group(store, cfg, groups[group], *found)
+            name = groups.name(group)
+            found = _shingle_table(_spilled_tables(spill, where, offset, names), f"verify group {name} in {layout.NEAR_SHINGLES}")
+            edges = _verify_group(store, cfg, name, *found)
             first.append(edges[0])
             second.append(edges[1])
             comparisons += edges[2]
@@ -437,11 +440,19 @@ def verify_span(store: Store, cfg: MinHashConfig, batches: Sequence[DocsBatch], 
     return ShardResult(outputs=outputs, counts={"groups": len(span), "comparisons": comparisons, "edges": len(first)})
 
 
-def large_star_step(store: Store, cfg: MinHashConfig, edge_sources: Sequence[str], round_: int, partition: int) -> ShardResult:
-    """One round's large-star; round 0 reads the edges every bucket range or verify group found."""
+def edge_sources(cfg: MinHashConfig, verify_groups: int) -> list[str]:
+    """What found the edges: a verify span each (of `verify_groups`), or without verification a
+    bucket range each; derived from two numbers, so no task is given a name per span."""
+    if cfg.verify:
+        return [_span_name(span) for span in verify_spans(verify_groups)]
+    return [partition_name(p) for p in range(cfg.bucket_partitions)]
+
+
+def large_star_step(store: Store, cfg: MinHashConfig, verify_groups: int, round_: int, partition: int) -> ShardResult:
+    """One round's large-star; round 0 reads the edges every bucket range or verify span found."""
     partitions = range(cfg.component_partitions)
     if round_ == 0:
-        inputs = [layout.near_edges(source) for source in edge_sources]
+        inputs = [layout.near_edges(source) for source in edge_sources(cfg, verify_groups)]
     else:
         inputs = [layout.near_star(round_ - 1, "small", q) for q in partitions]
     vertex, neighbor = _pairs(store, inputs, partition)
@@ -459,9 +470,7 @@ def small_star_step(store: Store, cfg: MinHashConfig, round_: int, partition: in
     return ShardResult(outputs=outputs, counts={"edges_in": len(larger), "changed": changed})
 
 
-def write_removed(
-    store: Store, shards: Sequence[DocsShard], cfg: MinHashConfig, final_round: int, partition: int
-) -> ShardResult:
+def write_removed(store: Store, sources: SourceRanges, cfg: MinHashConfig, final_round: int, partition: int) -> ShardResult:
     """From the converged stars: each non-center vertex is removed for its center, the
     smallest id of its component; written per docs shard for the tokenize stage."""
     keys = [layout.near_star(final_round, "small", q) for q in range(cfg.component_partitions)]
@@ -469,13 +478,8 @@ def write_removed(
     leaf = vertex > neighbor
     removed, kept = vertex[leaf], neighbor[leaf]
     outputs = removals.write_removed(store, layout.near_removed, vertex_partition_name(partition), removed, kept)
-    by_ordinal = _shard_of_ordinal(shards)
-    ordinals, counts = np.unique(ordinal_of(removed), return_counts=True)
-    per_source = Counter()
-    for ordinal, count in zip(ordinals.tolist(), counts.tolist()):
-        per_source[by_ordinal[ordinal].file.source] += count
-    sources = {source: SourceAccounting(near_dup=n) for source, n in sorted(per_source.items())}
-    return ShardResult(outputs=outputs, counts={"near_dup": len(removed)}, sources=sources)
+    accounting = {source: SourceAccounting(near_dup=n) for source, n in sources.count(removed).items()}
+    return ShardResult(outputs=outputs, counts={"near_dup": len(removed)}, sources=accounting)
 
 
 def write_sample(store: Store, shards: Sequence[DocsShard], cfg: MinHashConfig, rows: int = SAMPLE_ROWS) -> ShardResult:
@@ -526,10 +530,28 @@ def _span_name(span: range) -> str:
     return verify_span_name(span.start)
 
 
-def _verify_groups(buckets: StageSummary) -> list[str]:
-    """Every verify group the bucket ranges split into, in range order."""
-    groups = {r.shard: r.counts["verify_groups"] for r in buckets.receipts}
-    return [verify_group_name(p, g) for p in range(len(groups)) for g in range(groups[partition_name(p)])]
+@dataclass(frozen=True)
+class VerifyGroups:
+    """Every verify group the bucket ranges split into, numbered in range order: one int per
+    range for a task to hold (passed zero-copy), never a name per group."""
+
+    first: np.ndarray  # the number of each range's first group, then the number of groups
+
+    @classmethod
+    def of(cls, buckets: StageSummary) -> VerifyGroups:
+        groups = {r.shard: r.counts["verify_groups"] for r in buckets.receipts}
+        counts = [groups[partition_name(p)] for p in range(len(groups))]
+        return cls(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
+
+    def __len__(self) -> int:
+        return int(self.first[-1])
+
+    def number(self, partition: int, group: int) -> int:
+        return int(self.first[partition]) + group
+
+    def name(self, number: int) -> str:
+        partition = int(np.searchsorted(self.first, number, side="right")) - 1
+        return verify_group_name(partition, number - int(self.first[partition]))
 
 
 def run_near_dedup(
@@ -549,21 +571,22 @@ def run_near_dedup(
     bucket_outputs = (layout.NEAR_BUCKETS, layout.NEAR_CANDIDATES) if cfg.verify else (layout.NEAR_EDGES,)
     buckets = run(
         Stage(
-            "near-buckets", partitions, partition_name, partial(find_buckets, store, batches, cfg, member_bytes, budget),
+            "near-buckets", partitions, partition_name,
+            partial(find_buckets, store, batch_starts(batches), cfg, member_bytes, budget),
             bucket_outputs,
         )
     )
-    edge_sources = [partition_name(p) for p in partitions]
+    verify_groups = 0
     if cfg.verify:
-        groups = _verify_groups(buckets)
+        groups = VerifyGroups.of(buckets)
         run(Stage("near-shingles", batches, _batch_name, partial(collect_shingles, store, cfg, groups), (layout.NEAR_SHINGLES,)))
         spans = verify_spans(len(groups))
-        verify = partial(verify_span, store, cfg, batches, groups)
+        verify = partial(verify_span, store, cfg, len(batches), groups)
         run(Stage("near-verify", spans, _span_name, verify, (layout.NEAR_EDGES,)))
-        edge_sources = [_span_name(span) for span in spans]
+        verify_groups = len(groups)
     for round_ in range(MAX_ROUNDS):
         changed = 0
-        large, small = partial(large_star_step, store, cfg, edge_sources), partial(small_star_step, store, cfg)
+        large, small = partial(large_star_step, store, cfg, verify_groups), partial(small_star_step, store, cfg)
         for step, work in (("large", large), ("small", small)):
             summary = run(
                 Stage(
@@ -578,7 +601,8 @@ def run_near_dedup(
         raise RuntimeError(f"near dedup: connected components did not converge in {MAX_ROUNDS} rounds")
     removed = run(
         Stage(
-            STAGE, vertex_partitions, vertex_partition_name, partial(write_removed, store, shards, cfg, round_),
+            STAGE, vertex_partitions, vertex_partition_name,
+            partial(write_removed, store, SourceRanges.of([s.file for s in shards]), cfg, round_),
             (layout.NEAR_REMOVED,),
         )
     )

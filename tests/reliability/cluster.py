@@ -55,16 +55,18 @@ class RayCluster:
     def env(self) -> dict[str, str]:
         return {**cluster_env(None), **self.extra_env}
 
-    def start_node(self, head: bool = False, cpus: int = 1) -> subprocess.Popen:
+    def start_node(self, head: bool = False, cpus: int = 1, wrap: list[str] = (), ip: str = "127.0.0.1") -> subprocess.Popen:
+        """`wrap`: a command prefix the node runs under (e.g. unshare: a node with disks of its own);
+        `ip`: another loopback address makes it a machine of its own to Ray Train too."""
         where = ["--head", f"--port={self.port}", "--include-dashboard=false"] if head else [f"--address={self.address}"]
         ports = [f"--{name}={free_port()}" for name in (
             "node-manager-port", "object-manager-port", "dashboard-agent-listen-port",
             "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port",
         )]
-        command = [RAY, "start", "--block", *where, "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}",
+        command = [RAY, "start", "--block", *where, f"--node-ip-address={ip}", f"--num-cpus={cpus}",
                    f"--object-store-memory={OBJECT_STORE_BYTES}", f"--temp-dir={self.temp_dir}",
                    "--disable-usage-stats", *ports]
-        node = subprocess.Popen(command, cwd=REPO, env=self.env(), start_new_session=True,
+        node = subprocess.Popen([*wrap, *command], cwd=REPO, env=self.env(), start_new_session=True,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.nodes.append(node)
         self.wait_for_nodes(len([n for n in self.nodes if n.poll() is None]))
