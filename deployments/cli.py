@@ -18,8 +18,9 @@ import click
 import typer
 from typer.core import TyperOption
 
-from deployments.errors import DEBUG_ENV, INTERRUPTED, Interrupted, debug_enabled, describe, exit_code, read_config
+from deployments.errors import DEBUG_ENV, INTERRUPTED, Interrupted, debug_enabled, describe, exit_code
 from deployments.settings import configure_prefect
+from storage.config_file import read_config
 
 
 class _Cli(typer.Typer):
@@ -139,7 +140,7 @@ def build_dataset(
     """Run the build-dataset flow; prints a summary and, as the last line, the manifest URI."""
     from tasks.config import BuildConfig
 
-    build_config = read_config(config, BuildConfig, {"output": output} if output else None)
+    build_config = read_config(config, BuildConfig, {"output": absolute(output)} if output else None)
     with flow_session(ctx, api_url) as session:
         from flows.build_dataset import build_dataset as flow
 

@@ -47,9 +47,16 @@ Generated from the config models by `{COMMAND}`; do not edit by hand
 A config is a YAML file. Unknown keys are refused with the closest known one
 (`error: my.yaml: sources.0.text_feild: unknown key (did you mean 'text_field'?)`), before
 Prefect, Ray or torch start. A key written `a.b` below is `b` inside the section `a`; `a[]` is
-each entry of the list `a`. Local paths are read from the folder the command runs in; a URI is
-`file:///path` or `s3://bucket/prefix` (endpoint and credentials come from the AWS environment,
-never from the URI: a URI holding credentials is refused).
+each entry of the list `a`. A URI is `file:///path` or `s3://bucket/prefix` (endpoint and
+credentials come from the AWS environment, never from the URI: a URI holding credentials is refused).
+
+A relative path in a config file (a source's `uri`, `output`, `tokenizer.model`, a `manifest`,
+`init_from`, `eval.include_path`, `work_dir`; `output` when left out too) is read from the config
+file's folder, not from the folder the command runs in: `../data` in `examples/train-demo.yaml` is the
+repository's `data/`. Absolute paths and URIs are taken as written. An input that a relative path
+names must exist (`error: <file>: <key>: <path> does not exist ('<as written>' is read from the config
+file's folder, <folder>)`). A config made in Python rather than read from a file keeps relative paths
+relative to the working folder.
 
 Types are strict where coercion would hide a mistake: whole numbers and flags refuse other types
 (`seed: true`, `seed: "7"`, `max_steps: 100.0` and `compile: 1` are errors, not coerced); decimal
@@ -152,8 +159,6 @@ def _table(model: type[BaseModel], path: str, required: str = "required") -> lis
 def _type_cell(field: FieldInfo, key: str) -> str:
     described = _describe_type(field.annotation, key)
     constraints = _constraints([*field.metadata, *_nested_metadata(field.annotation)], field.annotation)
-    if field.json_schema_extra == {"pattern": NO_CREDENTIALS_PATTERN} and NO_CREDENTIALS not in constraints:
-        constraints.append(NO_CREDENTIALS)
     return described + (f" ({', '.join(constraints)})" if constraints else "")
 
 

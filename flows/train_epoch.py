@@ -13,13 +13,13 @@ from prefect import flow, get_run_logger
 from flows.cancellation import cancel_task_and_subflow_runs
 from flows.train import train
 from model.checkpoint import latest_checkpoint
+from storage.config_fields import OutputPath
 from storage.store import open_store
-from tasks.config import StoreUri
 from tasks.train import run_config
 
 
 @flow(name="train-epoch", flow_run_name="train-epoch-{run}", on_cancellation=[cancel_task_and_subflow_runs])
-def train_epoch(run: str, output: StoreUri = "./data", steps: int = 50) -> str:
+def train_epoch(run: str, output: OutputPath = "./data", steps: int = 50) -> str:
     """Continue a training run from its newest checkpoint for `steps` more optimizer steps.
 
     Args:

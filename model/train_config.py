@@ -31,27 +31,27 @@ import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 from model.config import LlamaConfig
 from storage.config_fields import (
     MAX_NAME_CHARS,
+    InputPath,
     NonNegativeFloat,
     NonNegativeInt,
+    OutputPath,
     PositiveFloat,
     PositiveInt,
     Real,
     Seed,
 )
+from storage.config_file import read_config
+from storage.reach import SharedPath
 from storage.run_layout import RunLayout
-from storage.store import NO_CREDENTIALS_PATTERN, check_name, check_uri_has_no_credentials, open_object
+from storage.store import check_name
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 MAX_RUN_NAME_CHARS = 2 * MAX_NAME_CHARS + 1  # room for the `<build name>-<build id>` a pretrain run is named
-# The URI fields' schema: the Prefect server refuses credentials in a deployment run's parameters
-# (the model validator below refuses them wherever the config is read).
-NO_CREDENTIALS = {"pattern": NO_CREDENTIALS_PATTERN}
 
 
 class Section(BaseModel):
@@ -66,9 +66,7 @@ class DataSource(Section):
 
     model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
-    manifest: str = Field(
-        min_length=1, description="URI of a manifest.json: a path, file:// or s3://", json_schema_extra=NO_CREDENTIALS
-    )
+    manifest: InputPath = Field(description="URI of a manifest.json: a path, file:// or s3://")
     weight: Real = Field(1.0, gt=0, description="Mixture weight, normalized over sources")
     source: str | None = Field(
         None, max_length=MAX_NAME_CHARS, description="Only the shards of this source within the manifest"
@@ -92,10 +90,15 @@ class LRSchedule(Section):
         return self
 
 
+# The lr schedule a preset was trained with, the default of `lr` for it: TinyLlama's (arXiv 2401.02385;
+# its other settings are the defaults: AdamW (0.9, 0.95), weight decay 0.1, grad clip 1.0).
+PRESET_LR = {"tinyllama-1.1b": LRSchedule(max=4e-4, min=4e-5, warmup_steps=2000)}
+
+
 class Validation(Section):
     """Mean loss over the first `batches` micro-batches per rank of a held-out build, every `every` steps."""
 
-    manifest: str = Field(min_length=1, json_schema_extra=NO_CREDENTIALS)
+    manifest: InputPath
     every: PositiveInt
     batches: PositiveInt = 8
 
@@ -104,7 +107,7 @@ class Evaluation(Section):
     """lm-evaluation-harness tasks scored on the checkpoint each training segment ends with."""
 
     tasks: list[str] = Field(min_length=1, description="lm-eval task names (registry or include_path)")
-    include_path: str | None = Field(None, description="Folder of task YAMLs (local data)")
+    include_path: InputPath | None = Field(None, description="Folder of task YAMLs (local data)")
     num_fewshot: NonNegativeInt | None = None
     limit: PositiveInt | None = Field(None, description="At most this many items per task")
     batch_size: PositiveInt = 8
@@ -156,11 +159,11 @@ class TrainConfig(Section):
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), hide_input_in_errors=True)
 
     name: str = Field(max_length=MAX_RUN_NAME_CHARS, description="Run name: the run lives in <output>/runs/<name>/")
-    output: str = Field(min_length=1, description="Store URI or path that holds runs/", json_schema_extra=NO_CREDENTIALS)
+    output: OutputPath = Field(description="Store URI or path that holds runs/")
     model: str = Field(description="Model preset name")
     model_overrides: dict[str, Any] = Field(default_factory=dict, description="LlamaConfig fields that replace the preset's")
-    init_from: str | None = Field(
-        None, min_length=1, description="Hugging Face Llama folder (a path or store URI) whose weights a new run "
+    init_from: InputPath | None = Field(
+        None, description="Hugging Face Llama folder (a path or store URI) whose weights a new run "
         "starts from; its architecture must be the run's (model, model_overrides, vocab_size), its tokenizer the "
         "datasets'. A resume loads the run's checkpoint instead."
     )
@@ -171,7 +174,10 @@ class TrainConfig(Section):
     seq_len: PositiveInt
     global_batch_tokens: PositiveInt
     micro_batch: PositiveInt = Field(description="Sequences per rank per forward/backward")
-    lr: LRSchedule
+    lr: LRSchedule | None = Field(
+        None, description="Default: the schedule the preset's paper trained it with (tinyllama-1.1b: 4e-4 to 4e-5 "
+        "after 2,000 warmup steps); required for the other presets"
+    )
     weight_decay: NonNegativeFloat = 0.1
     betas: tuple[Beta, Beta] = (0.9, 0.95)
     eps: PositiveFloat = 1e-8
@@ -190,14 +196,15 @@ class TrainConfig(Section):
     launcher: Launcher = Field(default_factory=TorchrunLauncher)
     data_nodes: PositiveInt | None = Field(
         None, description="Nodes that share out the data, each fetching ~1/data_nodes of it (default: the "
-        "torchrun launcher's nnodes, 1 on Ray); a resumed run keeps the count it started with"
+        "torchrun launcher's nnodes, or the nodes Ray Train placed the workers on); a resumed run keeps the count it "
+        "started with"
     )
     seed: Seed = 42
     compile: StrictBool = False
     activation_checkpointing: StrictBool = False
     dtype: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 on GPUs, fp32 on CPUs")
     data_parallel: Literal["auto", "fsdp", "ddp"] = Field("auto", description="auto: FSDP2 on GPUs, DDP on CPUs")
-    work_dir: str | None = Field(
+    work_dir: OutputPath | None = Field(
         None, description="Local folder of each node for metrics, TensorBoard and the shard cache (<work_dir>/shard-cache)"
     )
 
@@ -208,13 +215,6 @@ class TrainConfig(Section):
             raise ValueError(f"run name {name!r} must be letters, digits, '.', '_' or '-' (it becomes a folder name)")
         return check_name(name)
 
-    @model_validator(mode="after")
-    def _no_credentials_in_uris(self) -> TrainConfig:
-        for uri in [self.output, *(d.manifest for d in self.data), *([self.val.manifest] if self.val else []),
-                    *([self.init_from] if self.init_from else [])]:
-            check_uri_has_no_credentials(uri)
-        return self
-
     @field_validator("model")
     @classmethod
     def _known_preset(cls, name: str) -> str:
@@ -224,6 +224,10 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
+        if self.lr is None:
+            if self.model not in PRESET_LR:
+                raise ValueError(f"lr: required for model {self.model!r} (a default comes with: {', '.join(PRESET_LR)})")
+            self.lr = PRESET_LR[self.model].model_copy()
         self.llama_config(self.vocab_size or LlamaConfig.preset(self.model).vocab_size)  # shapes and overrides
         self.accum_steps(self.launcher.world_size)
         if self.lr.decay_steps is None and self.lr.warmup_steps >= self.max_steps:
@@ -232,19 +236,8 @@ class TrainConfig(Section):
 
     @classmethod
     def from_yaml(cls, path_or_uri: str | os.PathLike) -> TrainConfig:
-        """Read a YAML (or JSON) config from a local path or a store URI."""
-        store, key = open_object(path_or_uri)
-        text = store.get_text(key)
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise ValueError(f"{store.url(key)}: not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{store.url(key)}: expected a mapping of config keys, got {type(data).__name__}")
-        try:
-            return cls.model_validate(data)
-        except ValueError as e:
-            raise ValueError(f"{store.url(key)}: invalid training config:\n{e}") from None
+        """Read a YAML (or JSON) config from a local path or a store URI; its relative paths from its folder."""
+        return read_config(path_or_uri, cls)
 
     def with_absolute_paths(self) -> TrainConfig:
         """The same config with local paths made absolute (a launcher's workers may run elsewhere)."""
@@ -296,16 +289,29 @@ class TrainConfig(Section):
 
     @property
     def local_dir(self) -> Path:
-        """Rank 0's local run folder (metrics.jsonl, TensorBoard, plots) and the shard cache's parent."""
+        """Rank 0's local run folder (TensorBoard, plots) and the shard cache's parent."""
         if self.work_dir:
             return Path(self.work_dir).expanduser().resolve()
         return Path(tempfile.gettempdir()) / "tinyllama-runs" / self.name
 
     @property
     def loader_nodes(self) -> int:
+        """`data_nodes`, else torchrun's `nnodes`; on Ray the launcher sets `data_nodes` from Ray Train's
+        context (tasks/train.py train_worker), so 1 here only outside Ray Train."""
         if self.data_nodes is not None:
             return self.data_nodes
         return self.launcher.nnodes if self.launcher.kind == "torchrun" else 1
+
+    def shared_paths(self, with_init_from: bool) -> list[SharedPath]:
+        """The local paths every node reads or writes: the output, the manifests, and `init_from` when a
+        new run reads it (storage/reach.py; remote store URIs need no check)."""
+        paths = [SharedPath.of("output", self.output, output=True)]
+        paths += [SharedPath.of(f"data.{i}.manifest", d.manifest, is_file=True) for i, d in enumerate(self.data)]
+        if self.val:
+            paths.append(SharedPath.of("val.manifest", self.val.manifest, is_file=True))
+        if self.init_from and with_init_from:
+            paths.append(SharedPath.of("init_from", self.init_from))
+        return [path for path in paths if path is not None]
 
     @property
     def shard_cache_dir(self) -> Path:

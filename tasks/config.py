@@ -4,25 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from enum import Enum
-from pathlib import Path
 from typing import Annotated
 
-import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, WithJsonSchema, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, model_validator
 
-from storage.config_fields import MAX_NAME_CHARS, Real, Seed
-from storage.store import NO_CREDENTIALS_PATTERN, StoreError, check_name, check_uri_has_no_credentials, open_store
+from storage.config_fields import MAX_NAME_CHARS, InputPath, OutputPath, Real, Seed
+from storage.config_file import read_config
+from storage.store import StoreError, check_name, open_store
 from tasks.globs import could_match_below
 
-# A URI or path to read or write; credentials in it would be stored with the flow run's parameters
-# (the schema's pattern has the Prefect server refuse them in a deployment run's parameters).
-StoreUri = Annotated[
-    str,
-    Field(min_length=1),
-    AfterValidator(check_uri_has_no_credentials),
-    WithJsonSchema({"type": "string", "minLength": 1, "pattern": NO_CREDENTIALS_PATTERN}),
-]
 # A name that becomes one folder of the output store.
 FolderName = Annotated[str, Field(max_length=MAX_NAME_CHARS), AfterValidator(check_name)]
 
@@ -54,7 +46,7 @@ class SourceConfig(Config):
     name: str = Field(
         pattern=r"^[A-Za-z0-9_-]+$", max_length=MAX_NAME_CHARS, description="Short name, used in keys and accounting"
     )
-    uri: StoreUri = Field(description="A file, a glob, or (format hf) a dataset folder; local or s3://")
+    uri: InputPath = Field(description="A file, a glob, or (format hf) a dataset folder; local or s3://")
     format: Format
     pin_content: StrictBool = Field(
         False,
@@ -133,7 +125,7 @@ class TokenizerTrain(Config):
 
 
 class TokenizerConfig(Config):
-    model: StoreUri | None = Field(None, description="Path or URI of a SentencePiece .model")
+    model: InputPath | None = Field(None, description="Path or URI of a SentencePiece .model")
     train: TokenizerTrain | None = None
 
     @model_validator(mode="after")
@@ -145,7 +137,9 @@ class TokenizerConfig(Config):
 
 class BuildConfig(Config):
     name: FolderName = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    output: StoreUri = Field("./data", description="Store URI: a folder or s3://bucket/prefix")
+    output: OutputPath = Field(
+        "./data", validate_default=True, description="Store URI: a folder or s3://bucket/prefix"
+    )
     sources: list[SourceConfig] = Field(min_length=1)
     tokenizer: TokenizerConfig = Field(default_factory=lambda: TokenizerConfig(train=TokenizerTrain()))
     filters: Filters = Field(default_factory=Filters)
@@ -178,8 +172,9 @@ class BuildConfig(Config):
         return self
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> BuildConfig:
-        return cls.model_validate(yaml.safe_load(Path(path).read_text()))
+    def from_yaml(cls, path_or_uri: str | os.PathLike) -> BuildConfig:
+        """Read a YAML config from a local path or a store URI; its relative paths from its folder."""
+        return read_config(path_or_uri, cls)
 
     def content(self) -> dict:
         """What determines the outputs: everything but where they go and how many workers run."""

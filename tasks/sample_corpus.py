@@ -361,7 +361,7 @@ def _sample_config(root: Path, target_bytes: int, seed: int) -> str:
     shard_tokens = 1 << max(14, (target_bytes // 64).bit_length() - 1)  # ~16 token shards (~4 bytes a token)
     config = {
         "name": "sample",
-        "output": "./data",
+        "output": str(root.parent),  # data/ for the default data/raw, as the demo and `tinyllama serve` use it
         "sources": [
             {
                 "name": "slimpajama",
