@@ -293,14 +293,14 @@ def outcome_of(server, env: dict) -> Outcome:
 
     from model.checkpoint import load_model
     from model.metrics import read_metrics
+    from storage.store import open_store
     from tests.builds import RECORDS
 
     client = server.client()
     objects = {key: client.get_object(Bucket=BUCKET, Key=key)["Body"].read() for key in bucket_keys(server)
                if key.startswith(f"{PREFIX}/datasets/") and not any(r in key for r in RECORDS)}
-    metrics = client.get_object(Bucket=BUCKET, Key=f"{PREFIX}/runs/chaos/metrics.jsonl")["Body"].read().decode()
-    losses = {record["step"]: record["loss"] for record in read_metrics(metrics)}
     with environment({**server.env()}):
+        losses = {record["step"]: record["loss"] for record in read_metrics(open_store(f"s3://{BUCKET}/{PREFIX}/runs/chaos"))}
         model, _ = load_model(f"s3://{BUCKET}/{PREFIX}/runs/chaos")
     weights = {name: tensor.detach().to(torch.float32).numpy().tobytes() for name, tensor in model.state_dict().items()}
     return Outcome(objects, losses, weights)

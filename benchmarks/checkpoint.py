@@ -18,11 +18,24 @@ Per method: save time (call to committed, mean per checkpoint), training stall p
 was in flight than the median step without one), and bytes written per rank. A preset is run
 only if its estimated peak memory (both ranks' training state, plus the async CPU copy or the
 baseline's full copy on rank 0) fits in 80% of this machine's memory.
+
+    .venv/bin/python -m benchmarks.checkpoint --reads --presets tiny small   # export/evaluate reads
+
+`--reads` measures instead what reading a checkpoint's model costs (`tinyllama export-hf` and the
+evaluate task: model/checkpoint.py load_model) on S3: a SeaweedFS server started here, unless
+`--store s3://...`. The 2 ranks save one checkpoint (`--saves` and `--steps-between` unused), then
+this process reads its model twice, the S3 calls counted by botocore's event hooks:
+- before (the earlier behaviour, re-enacted here as the baseline): every file of the checkpoint
+  hashed one after another, optimizer state included, then one ranged GET per model tensor chunk;
+- now: load_model, which fetches only the files that hold the model's tensors, whole and in
+  parallel, and verifies those.
+Per method: GETs, bytes read, files (and bytes) hashed, seconds.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import statistics
@@ -33,7 +46,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from model.checkpoint import Checkpointer, RNGState, commit_checkpoint, latest_checkpoint, prune_checkpoints
+from model.checkpoint import (
+    Checkpointer, RNGState, commit_checkpoint, latest_checkpoint, load_model, prune_checkpoints, read_metadata,
+    read_values, resolve_checkpoint, sha256_mismatches,
+)
 from model.config import LlamaConfig
 from model.llama import Llama
 from model.train import (
@@ -152,6 +168,111 @@ def run_method(method: str, trainer: Trainer, layout: RunLayout, args, rank: int
             "quiet_step_s": quiet, "bytes_per_rank": [written.get(r, 0) for r in range(WORLD_SIZE)]}
 
 
+def save_for_reads(rank: int, args, init_file: str, results_dir: str) -> None:
+    """One rank: a checkpoint of each preset after one training step, in `<store>/reads-<preset>`."""
+    torch.set_num_threads(threads_per_rank())
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
+    try:
+        for preset in args.presets:
+            config = bench_config(preset, args.store)
+            trainer = Trainer(config, rank)
+            trainer.step()  # AdamW state exists from here
+            layout = RunLayout(open_store(args.store).child(f"reads-{preset}"))
+            states = training_states(trainer.model, trainer.optimizer, trainer.scheduler, {"position": 0},
+                                     trainer.progress, trainer.llama_config, RNGState(rank))
+            checkpointer = Checkpointer(layout, states, keep=None, staging_dir=Path(results_dir) / f"staging-{rank}")
+            checkpointer.save(trainer.progress.step)
+            checkpointer.close()
+            if rank == 0:
+                layout.write_config(config.model_copy(update={"name": f"reads-{preset}"}).to_json())
+            del trainer
+    finally:
+        dist.destroy_process_group()
+
+
+def load_model_as_before(run_uri: str) -> None:
+    """The earlier read of a checkpoint's model, re-enacted: every file hashed one after another,
+    then one ranged GET per model chunk (DCP's reader over the store, as it was)."""
+    layout, checkpoint = resolve_checkpoint(run_uri)
+    store = layout.store
+    if mismatches := sha256_mismatches(store, checkpoint, checkpoint.files):
+        raise RuntimeError(mismatches[0])
+    read_values(store, checkpoint, "architecture")
+    for index, info in read_metadata(store, checkpoint).storage_data.items():
+        if index.fqn.startswith("model."):
+            data = store.get_range(checkpoint.key(info.relative_path), info.offset, info.length)
+            torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    layout.read_config()
+
+
+class GetLog:
+    """This process's GetObject calls on S3 (botocore's event hooks): key, Range, bytes answered."""
+
+    def __init__(self):
+        from storage.s3 import s3_client
+
+        self.calls: list[dict] = []
+        events = s3_client().meta.events
+        events.register("provide-client-params.s3.GetObject", self._sent, unique_id="bench-get-sent")
+        events.register("after-call.s3.GetObject", self._answered, unique_id="bench-get-answered")
+
+    def _sent(self, params, context, **_):
+        context["bench_call"] = {"key": params["Key"], "range": params.get("Range"), "bytes": 0}
+        self.calls.append(context["bench_call"])  # calls come from several threads: matched by their context
+
+    def _answered(self, parsed, context, **_):
+        context["bench_call"]["bytes"] = int(parsed.get("ContentLength", 0))
+
+    def take(self) -> list[dict]:
+        taken, self.calls = self.calls, []
+        return taken
+
+
+def measure_reads(run_uri: str, log: GetLog) -> list[dict]:
+    """Both ways of reading the model: GETs, bytes read, files and bytes hashed, seconds."""
+    _, checkpoint = resolve_checkpoint(run_uri)
+    sizes = {f.key: f.size for f in checkpoint.files}
+    rows = []
+    for method, read in (("before", load_model_as_before), ("now", load_model)):
+        log.take()
+        started = time.perf_counter()
+        read(run_uri)
+        seconds = time.perf_counter() - started
+        calls = log.take()
+        # A file is hashed where it is read whole: both ways verify by reading every byte of a file.
+        hashed = {c["key"].rsplit("/", 1)[1] for c in calls if c["range"] is None and f"/{checkpoint.prefix}/" in c["key"]}
+        hashed &= sizes.keys()
+        rows.append({"method": method, "gets": len(calls), "bytes": sum(c["bytes"] for c in calls),
+                     "files_hashed": len(hashed), "bytes_hashed": sum(sizes[name] for name in hashed),
+                     "files": len(sizes), "checkpoint_bytes": sum(sizes.values()), "seconds": seconds})
+    return rows
+
+
+def main_reads(args) -> None:
+    from benchmarks.scale import s3_bucket  # a SeaweedFS server for as long as the block runs
+
+    with tempfile.TemporaryDirectory(prefix="checkpoint-reads-") as tmp, s3_bucket(args.store, Path(tmp)) as bucket:
+        args.store = f"{bucket}/checkpoint-reads"
+        torch.multiprocessing.spawn(save_for_reads, args=(args, str(Path(tmp) / "init"), tmp), nprocs=WORLD_SIZE,
+                                    join=True)
+        log = GetLog()
+        results = {preset: measure_reads(f"{args.store}/reads-{preset}", log) for preset in args.presets}
+
+    print(f"\nReading a checkpoint's model (export-hf, evaluate) written by {WORLD_SIZE} FSDP2 ranks, on S3; "
+          "GetObject calls counted by botocore's event hooks\n")
+    print("| preset | checkpoint files | checkpoint bytes | method | GETs | bytes read | files hashed | "
+          "bytes hashed | seconds |")
+    print("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+    for preset, rows in results.items():
+        for r in rows:
+            print(f"| {preset} | {r['files']} | {r['checkpoint_bytes']:,} | {r['method']} | {r['gets']} | "
+                  f"{r['bytes']:,} | {r['files_hashed']} | {r['bytes_hashed']:,} | {r['seconds']:.2f} |")
+        before, now = rows
+        print(f"| {preset} | | | now / before | {now['gets'] / before['gets']:.3f} | {now['bytes'] / before['bytes']:.3f} | "
+              f"{now['files_hashed'] / before['files_hashed']:.3f} | {now['bytes_hashed'] / before['bytes_hashed']:.3f} | "
+              f"{now['seconds'] / before['seconds']:.2f} |")
+
+
 def threads_per_rank() -> int:
     return max(1, (os.cpu_count() or 2) // WORLD_SIZE)
 
@@ -189,16 +310,21 @@ def default_presets(memory_bytes: int) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--presets", nargs="+", help="default: small and the largest preset that fits")
+    parser.add_argument("--presets", nargs="+", help="default: small and the largest preset that fits (with --reads: tiny and small)")
     parser.add_argument("--saves", type=int, default=3, help="checkpoints per method")
     parser.add_argument("--steps-between", type=int, default=4, help="training steps between checkpoints")
-    parser.add_argument("--store", help="where the checkpoints go (default: a temporary folder)")
+    parser.add_argument("--store", help="where the checkpoints go (default: a temporary folder; "
+                        "with --reads, a SeaweedFS server started here)")
+    parser.add_argument("--reads", action="store_true", help="measure export/evaluate reads instead of saves")
     args = parser.parse_args()
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    args.presets = args.presets or default_presets(memory)
+    args.presets = args.presets or (["tiny", "small"] if args.reads else default_presets(memory))
     for preset in args.presets:
         if not fits(preset, memory):
             parser.error(f"preset {preset} does not fit in 80% of this machine's {memory / 2**30:.0f} GiB")
+    if args.reads:
+        main_reads(args)
+        return
 
     with tempfile.TemporaryDirectory(prefix="checkpoint-bench-") as tmp:
         args.store = args.store or str(Path(tmp) / "store")

@@ -10,7 +10,7 @@ AdamW and clipping, and the same threads:
 - harness: model/train.py's `train_step` as its training loop calls it: batches from the
   BlockLoader (a synthetic build in a local folder), the DDP wrapper (gloo, world size 1),
   gradient-sync control, lr schedule, loss all-reduce, deterministic algorithms, and the
-  metrics.jsonl + TensorBoard record of every step (with the log line every log_every steps and
+  metrics + TensorBoard record of every step (with the log line every log_every steps and
   the progress record put on the store every 10 s, as rank 0 does).
 
 The machine may be shared and its load drifts, so the two alternate step by step (which goes

@@ -108,7 +108,7 @@ def run_demo(data_dir: Path = Path("data"), size: DemoSize = FULL, run_flow=None
     from model.metrics import read_metrics
     from storage.build_layout import NEAR_SAMPLE
     from storage.manifest import DatasetManifest, read_record
-    from storage.run_layout import HF_DIR, METRICS_FILE, RunLayout
+    from storage.run_layout import HF_DIR, RunLayout
     from storage.store import open_object
     from tasks.parquet_io import read_table
     from tasks.config import BuildConfig
@@ -122,7 +122,7 @@ def run_demo(data_dir: Path = Path("data"), size: DemoSize = FULL, run_flow=None
     run_uri = (run_flow or _call)(pretrain, build, train)  # build (a rerun finishes in seconds), then the first segment
 
     run = RunLayout.at(run_uri)
-    records = read_metrics(run.store.get_text(METRICS_FILE))
+    records = read_metrics(run.store)
     export = export_hf(run_uri, run.store.local_path(HF_DIR))  # the demo's store is data_dir
     build_store, manifest_key = open_object(manifest_uri(build))
     manifest = read_record(build_store, manifest_key, DatasetManifest)
@@ -178,7 +178,7 @@ Demo finished in {minutes}m{seconds:02d}s.
   dataset        {result.manifest}
                  {kept}
   training run   {result.run}  (step {result.step}, loss {result.first_loss:.2f} -> {result.last_loss:.2f};
-                 metrics.jsonl, tensorboard/, plots/loss.png, checkpoints/)
+                 metrics/, tensorboard/, plots/loss.png, checkpoints/)
   HF export      {result.export}  (AutoModelForCausalLM.from_pretrained)
   generated      "{oneline(result.generated)}"  (sampled, seed {GENERATION_SEED})
   evaluation     {scores}  (lm-evaluation-harness, 40 items, chance 0.25;

@@ -2,7 +2,9 @@
 and never trusted before their COMMIT marker.
 
     <run>/checkpoints/step-0000040/
-        __0_0.distcp, __1_0.distcp ...  torch.distributed.checkpoint (DCP) shards, one file per rank
+        __0_0.distcp, __1_0.distcp ...  torch.distributed.checkpoint (DCP) shards: each rank's model
+                                        shards and values
+        __0_optimizer_0.distcp ...      and, in files of their own, each rank's optimizer shards
         .metadata                       DCP's index of every tensor chunk and value (coordinator)
         COMMIT                          written last: the step and every file's size and sha256
 
@@ -24,12 +26,21 @@ are set aside under `step-NNNNNNN.corrupt-<UTC time>` (out of the names that res
 and saves use, the files unchanged); when none verifies and the run does not start over, the
 resume refuses and changes nothing. Loading is `weights_only` throughout: tensors and values
 with `torch.load(weights_only=True)`, DCP's metadata through an unpickler that admits only
-DCP's own metadata classes.
+DCP's own metadata classes, once its sha256 matches the COMMIT's.
+
+Reading (StoreReader) fetches the files a load needs with a bounded pool of threads. A resume
+merges the ranges it wants of each file into few GETs; reading the model alone (`load_model`:
+export-hf, evaluate) reads only the files that hold its tensors, each whole in one streaming GET,
+and checks their sha256s as they pass: never an optimizer byte (checkpoints written before the
+optimizer had files of its own: its bytes pass through the hash, never into memory).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
+import hashlib
 import io
 import logging
 import os
@@ -46,7 +57,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -57,7 +68,9 @@ from torch import nn
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed._shard._utils import narrow_tensor_by_index  # DCP's own reader narrows with it
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem, SavePlan, SavePlanner
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -65,11 +78,12 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.checkpoint.stateful import Stateful
+from torch.futures import Future as TorchFuture
 
 from model.config import LlamaConfig
 from model.llama import Llama
 from model.train_config import TrainConfig
-from storage.manifest import ObjectInfo, Record, read_record, sha256_stream, write_record
+from storage.manifest import ObjectInfo, Record, read_record, sha256_bytes, sha256_stream, write_record
 from storage.run_layout import COMMIT, RunLayout
 from storage.store import ObjectNotFound, Store, join_key, open_store
 
@@ -77,6 +91,13 @@ log = logging.getLogger(__name__)
 
 METADATA_FILE = ".metadata"
 LEGACY_MODEL_FILE = "model.safetensors"  # the full-state format of earlier versions
+OPTIMIZER_KEY = "optimizer"  # its entries go to files of their own (_ModelApartWriter)
+# Reading a checkpoint: files fetched at once, and how ranges of one file are merged into one GET
+# (resumes; a verified read fetches whole files).
+READ_THREADS = 8
+COALESCE_GAP = 1 << 20
+COALESCE_SPAN = 64 << 20
+HASH_PIECE = 8 << 20
 # Collectives (a checkpoint's barrier and gathers among them) fail after this long; a save must
 # finish within it, and one taking over half of it is logged as a warning.
 DIST_TIMEOUT = timedelta(minutes=30)
@@ -286,10 +307,18 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 def read_metadata(store: Store, checkpoint: Checkpoint) -> Metadata:
+    """DCP's index of the checkpoint's files, checked against its COMMIT's sha256, unpickled by
+    _MetadataUnpickler."""
+    key = checkpoint.key(METADATA_FILE)
+    data = store.get_bytes(key)
+    listed = next((info.sha256 for info in checkpoint.files if info.key == METADATA_FILE), "no such file")
+    if (actual := sha256_bytes(data)) != listed:
+        raise CheckpointError(f"corrupt checkpoint {store.url(checkpoint.prefix)}: {store.url(key)}: "
+                              f"sha256 {actual}, its COMMIT lists {listed}")
     try:
-        return _MetadataUnpickler(io.BytesIO(store.get_bytes(checkpoint.key(METADATA_FILE)))).load()
+        return _MetadataUnpickler(io.BytesIO(data)).load()
     except Exception as e:  # whatever a crafted pickle makes the allowed classes raise
-        raise CheckpointError(f"{store.url(checkpoint.key(METADATA_FILE))}: refused to load: {e}") from None
+        raise CheckpointError(f"{store.url(key)}: refused to load: {e}") from None
 
 
 # The reason torch gives after its advice to retry with weights_only=False (advice never passed on:
@@ -332,51 +361,177 @@ class _SafeLoadPlanner(DefaultLoadPlanner):
             self.state_dict[read_item.dest_index.fqn] = loaded
 
 
-class _StoreFiles:
-    """The part of DCP's file-system interface its reader uses, over a store folder: each chunk
-    DCP reads is one ranged GET (so a rank fetches only its own shards' bytes)."""
+class _ModelApartWriter(FileSystemWriter):
+    """DCP's file-system writer, each rank's optimizer state in a file of its own: `__R_0.distcp`
+    holds the rank's model shards and small values, `__R_optimizer_0.distcp` its optimizer shards,
+    so reading the model (an export, an evaluation) fetches and verifies none of the optimizer's."""
 
-    def __init__(self, store: Store):
-        self.store = store
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> TorchFuture:
+        prefix = plan.storage_data.prefix  # "__R_": DCP's own naming of this rank's files
+        optimizer = [item for item in plan.items if item.index.fqn.startswith(OPTIMIZER_KEY + ".")]
+        rest = [item for item in plan.items if not item.index.fqn.startswith(OPTIMIZER_KEY + ".")]
+        results = []
+        for items, file_prefix in ((rest, prefix), (optimizer, f"{prefix}{OPTIMIZER_KEY}_")):
+            if items:
+                part = dataclasses.replace(plan, items=items,
+                                           storage_data=dataclasses.replace(plan.storage_data, prefix=file_prefix))
+                results += super().write_data(part, planner).wait()
+        written: TorchFuture = TorchFuture()
+        written.set_result(results)
+        return written
 
-    def concat_path(self, path: str, suffix: str) -> str:
-        return join_key(path, suffix)
 
-    def create_stream(self, key: str, mode: str):
-        return _KeyHandle(key)
+@dataclass(frozen=True)
+class _StoredItem:
+    """One chunk or value of a DCP file and the read requests that want it (several when resharding
+    reads parts of one stored chunk into several local ones)."""
 
+    offset: int
+    length: int
+    requests: tuple[ReadItem, ...]
 
-@dataclass
-class _KeyHandle:
-    key: str
-
-    def __enter__(self) -> _KeyHandle:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        pass
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
 
 
 class StoreReader(FileSystemReader):
-    """DCP's file-system reader over a checkpoint folder on any store, weights_only throughout."""
+    """DCP's file-system reader over a checkpoint folder on any store, weights_only throughout.
 
-    def __init__(self, store: Store, checkpoint: Checkpoint):
+    The files DCP asks from are fetched by a bounded pool of threads. With `verify`, each is read
+    whole as one streaming GET, hashed as it passes and checked against its COMMIT's sha256 (the
+    files no requested tensor lies in, e.g. the optimizer's for an export, are neither read nor
+    hashed); without, the requested ranges of a file are coalesced into few ranged GETs (ranges at
+    most COALESCE_GAP apart, spans of at most COALESCE_SPAN). Each chunk's bytes are handed to DCP as
+    soon as they arrive: memory beyond the state loaded into is, per thread, one span or one chunk
+    (twice: its bytes and the tensor torch.load makes of them)."""
+
+    def __init__(self, store: Store, checkpoint: Checkpoint, metadata: Metadata | None = None, verify: bool = False):
         super().__init__(checkpoint.prefix)
-        self.store, self.checkpoint = store, checkpoint
-        self.fs, self.path = _StoreFiles(store), checkpoint.prefix
+        self.store, self.checkpoint, self.verify = store, checkpoint, verify
+        self._metadata = metadata
+        self._listed = {info.key: info for info in checkpoint.files}
+        self._bytes_lock = threading.Lock()  # DCP's load_bytes builds nested containers: one at a time
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        return read_metadata(self.store, self.checkpoint)
+        return self._metadata or read_metadata(self.store, self.checkpoint)
 
-    def _slice_file(self, handle: _KeyHandle, sinfo) -> io.BytesIO:
-        return io.BytesIO(self.store.get_range(handle.key, sinfo.offset, sinfo.length))
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> TorchFuture:
+        by_file: dict[str, dict[Any, list[ReadItem]]] = {}
+        for request in plan.items:
+            name = self.storage_data[request.storage_index].relative_path
+            by_file.setdefault(name, {}).setdefault(request.storage_index, []).append(request)
+        jobs = []
+        for name, by_chunk in by_file.items():
+            items = sorted((_StoredItem(self.storage_data[index].offset, self.storage_data[index].length, tuple(requests))
+                            for index, requests in by_chunk.items()), key=lambda item: item.offset)
+            if self.verify:
+                jobs.append(functools.partial(self._read_verified, name, items, planner))
+            else:
+                jobs += [functools.partial(self._read_span, name, span, planner) for span in _coalesce(items)]
+        with ThreadPoolExecutor(max(1, min(READ_THREADS, len(jobs))), thread_name_prefix="checkpoint-read") as pool:
+            futures = [pool.submit(job) for job in jobs]
+            try:
+                for future in futures:
+                    future.result()
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
+        done: TorchFuture = TorchFuture()
+        done.set_result(None)
+        return done
+
+    def _read_span(self, name: str, span: list[_StoredItem], planner: LoadPlanner) -> None:
+        start = span[0].offset
+        data = memoryview(self.store.get_range(self.checkpoint.key(name), start, max(i.end for i in span) - start))
+        for item in span:
+            self._deliver(item, data[item.offset - start : item.end - start], planner)
+
+    def _read_verified(self, name: str, items: list[_StoredItem], planner: LoadPlanner) -> None:
+        """The file read whole, its chunks handed over as they pass, then its sha256 checked; a chunk
+        that fails to load in a file that does not verify is reported as the corruption it is."""
+        key = self.checkpoint.key(name)
+        if (listed := self._listed.get(name)) is None:
+            raise CheckpointError(f"{self.store.url(key)}: named by the checkpoint's metadata, not listed in its COMMIT")
+        digest, position, failure = hashlib.sha256(), 0, None
+        with self.store.open_read(key) as stream:
+            for item in items:
+                if item.offset < position:  # DCP writes each chunk once; a stream cannot go back
+                    raise CheckpointError(f"{self.store.url(key)}: overlapping entries in the checkpoint's metadata")
+                _hash_through(stream, digest, item.offset - position)
+                data = stream.read(item.length)
+                digest.update(data)
+                position = item.end
+                if failure is not None:
+                    continue
+                if len(data) < item.length:
+                    failure = CheckpointError(f"{self.store.url(key)}: ends within {item.requests[0].storage_index.fqn}")
+                    continue
+                try:
+                    self._deliver(item, data, planner)
+                except Exception as error:  # noqa: BLE001 - reported below, once the file's sha256 is known
+                    failure = error
+            _hash_through(stream, digest, None)
+        if (actual := digest.hexdigest()) != listed.sha256:
+            raise CheckpointError(f"corrupt checkpoint {self.store.url(self.checkpoint.prefix)}: "
+                                  f"{self.store.url(key)}: sha256 {actual}, its COMMIT lists {listed.sha256}")
+        if failure is not None:
+            raise failure
+
+    def _deliver(self, item: _StoredItem, data: bytes | memoryview, planner: LoadPlanner) -> None:
+        """Hand a stored chunk's bytes to each request of it, as FileSystemReader.read_data does."""
+        first = item.requests[0]
+        stream = io.BytesIO(data)  # no copy of bytes
+        if descriptors := self.storage_data[first.storage_index].transform_descriptors:  # DCP's extensions
+            stream = io.BytesIO(self.transforms.transform_load_stream(first, descriptors, stream).read())
+        if first.type == LoadItemType.BYTE_IO:
+            with self._bytes_lock:
+                for request in item.requests:
+                    stream.seek(0)
+                    planner.load_bytes(request, stream)
+            return
+        stored = torch.load(stream, map_location="cpu", weights_only=True)
+        for request in item.requests:
+            piece = narrow_tensor_by_index(stored, request.storage_offsets, request.lengths)
+            target = planner.resolve_tensor(request).detach()
+            if target.size() != piece.size():
+                raise CheckpointError(f"{self.store.url(self.checkpoint.prefix)}: {request.dest_index.fqn} is "
+                                      f"{tuple(piece.size())} in the checkpoint, {tuple(target.size())} in the model")
+            target.copy_(piece)
+            planner.commit_tensor(request, target)
 
 
-def _load_safely(states: dict[str, Any], store: Store, checkpoint: Checkpoint, **options: Any) -> None:
+def _coalesce(items: list[_StoredItem]) -> list[list[_StoredItem]]:
+    """Items (sorted by offset) grouped into spans that one ranged GET each reads."""
+    spans: list[list[_StoredItem]] = []
+    for item in items:
+        if spans and item.offset - spans[-1][-1].end <= COALESCE_GAP and item.end - spans[-1][0].offset <= COALESCE_SPAN:
+            spans[-1].append(item)
+        else:
+            spans.append([item])
+    return spans
+
+
+def _hash_through(stream: BinaryIO, digest: Any, length: int | None) -> None:
+    """Read `length` bytes (None: to the end) of `stream` into `digest` only, a piece at a time."""
+    while length is None or length > 0:
+        piece = stream.read(HASH_PIECE if length is None else min(HASH_PIECE, length))
+        if not piece:
+            return
+        digest.update(piece)
+        if length is not None:
+            length -= len(piece)
+
+
+def _load_safely(
+    states: dict[str, Any], store: Store, checkpoint: Checkpoint, *, metadata: Metadata | None = None,
+    verify: bool = False, **options: Any,
+) -> None:
     """dcp.load through StoreReader and _SafeLoadPlanner; a refused value raises its own CheckpointError
     (DCP wraps every rank's errors in a CheckpointException, a BaseException with their tracebacks)."""
     try:
-        dcp.load(states, storage_reader=StoreReader(store, checkpoint),
+        dcp.load(states, storage_reader=StoreReader(store, checkpoint, metadata, verify),
                  planner=_SafeLoadPlanner(store.url(checkpoint.prefix)), **options)
     except CheckpointException as e:
         refused = [error for error, _ in e.failures.values() if isinstance(error, CheckpointError)]
@@ -396,9 +551,9 @@ def sha256_mismatches(store: Store, checkpoint: Checkpoint, files: Sequence[Obje
     return mismatches
 
 
-def read_values(store: Store, checkpoint: Checkpoint, prefix: str) -> dict[str, Any]:
+def read_values(store: Store, checkpoint: Checkpoint, prefix: str, metadata: Metadata | None = None) -> dict[str, Any]:
     """The plain values (not tensors) saved under `prefix` ("progress", "loader", ...), by flat key."""
-    metadata = read_metadata(store, checkpoint)
+    metadata = metadata or read_metadata(store, checkpoint)
     values = {}
     for index, info in metadata.storage_data.items():
         fqn = index.fqn
@@ -537,7 +692,7 @@ class Checkpointer:
             for stale in folder.glob(f"__{self.rank}_*"):
                 stale.unlink()
         dist.barrier(group=self.group)
-        writer = FileSystemWriter(folder, sync_files=self.staging_dir is None)
+        writer = _ModelApartWriter(folder, sync_files=self.staging_dir is None)
         if self._executor is None:
             dcp.save(self.states, storage_writer=writer, process_group=self.group)
             self._finish(step, folder, started)
@@ -704,14 +859,11 @@ def resolve_checkpoint(uri: str) -> tuple[RunLayout, Checkpoint]:
     return RunLayout(store), checkpoint
 
 
-def _check_sha256(store: Store, checkpoint: Checkpoint) -> None:
-    if mismatches := sha256_mismatches(store, checkpoint, checkpoint.files):
-        raise CheckpointError(f"corrupt checkpoint {store.url(checkpoint.prefix)}: {mismatches[0]}")
-
-
 def load_model(checkpoint_uri: str) -> tuple[Llama, TrainConfig]:
     """The trained model (fp32, CPU) and run config of a checkpoint folder or a run's newest
-    checkpoint: the shards consolidated in this one process, whatever world size wrote them."""
+    checkpoint: the shards consolidated in this one process, whatever world size wrote them.
+    Reads and verifies (sha256) only the files that hold the model's tensors, never the optimizer's;
+    the model is allocated on the meta device and filled from them, never initialized first."""
     layout, checkpoint = resolve_checkpoint(checkpoint_uri)
     store = layout.store
     if checkpoint.is_legacy:
@@ -719,19 +871,22 @@ def load_model(checkpoint_uri: str) -> tuple[Llama, TrainConfig]:
             f"{store.url(checkpoint.prefix)} is in the full-state format of earlier versions; convert it with "
             f"`python -m model.convert_checkpoint {store.url(checkpoint.prefix)}`"
         )
-    _check_sha256(store, checkpoint)
-    architecture = read_values(store, checkpoint, "architecture")["config"]
+    metadata = read_metadata(store, checkpoint)
+    architecture = read_values(store, checkpoint, "architecture", metadata)["config"]
     with torch.device("meta"):
         model = Llama(LlamaConfig.model_validate_json(architecture))
     model.to_empty(device="cpu")
-    state = {"model": model.state_dict()}
+    # The architecture again, from within the files read: the value the model was built from is verified with them.
+    state = {"model": model.state_dict(), "architecture": {"config": ""}}
     try:
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.simplefilter("ignore", UserWarning)
-            _load_safely(state, store, checkpoint, no_dist=True)
+            _load_safely(state, store, checkpoint, metadata=metadata, verify=True, no_dist=True)
     except CheckpointError:
         raise
     except (RuntimeError, ValueError) as e:
         raise CheckpointError(f"{store.url(checkpoint.prefix)}: does not fit its model config: {e}") from None
+    if state["architecture"]["config"] != architecture:
+        raise CheckpointError(f"{store.url(checkpoint.prefix)}: its architecture value changed while it was read")
     model.reset_rope_cache()
     return model, TrainConfig.model_validate_json(layout.read_config())

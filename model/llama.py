@@ -12,11 +12,13 @@ bf16/fp16, else PyTorch's scaled_dot_product_attention; both take (B, T, H, D) t
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
 from model.config import LlamaConfig
@@ -138,7 +140,7 @@ class Block(nn.Module):
 
 class Llama(nn.Module):
     """A causal language model. Build it under `torch.device("meta")` to get shapes without memory;
-    then `to_empty(device=...)` and `init_weights()` (or load weights and `reset_rope_cache()`)."""
+    then `to_empty(device=...)` and `init_weights(seed)` (or load weights and `reset_rope_cache()`)."""
 
     def __init__(
         self,
@@ -170,20 +172,58 @@ class Llama(nn.Module):
         self.rope_cos, self.rope_sin = rope_cache(c.head_dim, c.max_seq_len, c.rope_theta, self.lm_head.weight.device)
 
     @torch.no_grad()
-    def init_weights(self) -> None:
+    def init_weights(self, seed: int | None = None) -> None:
         """TinyLlama's initialization (lit-gpt): normal(0, sqrt(2 / 5d)) for embeddings and linear
-        layers, 1/sqrt(d)/n_layers for the projections into the residual stream, norms at 1."""
+        layers, 1/sqrt(d)/n_layers for the projections into the residual stream, norms at 1.
+
+        Without `seed`, drawn in place from the global generator (the constructor of an eager model).
+        With `seed`, the parameters (allocated by `to_empty`, possibly FSDP2 shards) get the values an
+        eager `Llama(config)` gets after `torch.manual_seed(seed)`: the constructors' own draws are
+        replayed first, one full parameter at a time on the CPU, and only this rank's shard is kept,
+        so memory beyond the shards is one parameter, never the model."""
+        if seed is None:
+            for param, fill in self._initialization(generator=None, replay_constructors=False):
+                fill(param)
+        else:
+            for param, fill in self._initialization(torch.Generator().manual_seed(seed), replay_constructors=True):
+                full = torch.empty(param.shape)  # DTensor.shape is the global shape
+                fill(full)
+                if isinstance(param, DTensor):
+                    param.to_local().copy_(distribute_tensor(full, param.device_mesh, param.placements).to_local())
+                else:
+                    param.copy_(full)
+        self.reset_rope_cache()
+
+    def _initialization(
+        self, generator: torch.Generator | None, replay_constructors: bool
+    ) -> Iterator[tuple[nn.Parameter, Callable[[torch.Tensor], object]]]:
+        """(parameter, fill) in the order an eager model draws the values from one generator: with
+        `replay_constructors`, first what nn.Linear's and nn.Embedding's own constructors draw
+        (kaiming-uniform, normal; nn.Linear has no bias here), then TinyLlama's initialization."""
         std = math.sqrt(2.0 / (5 * self.config.dim))
         residual_std = 1.0 / math.sqrt(self.config.dim) / self.config.n_layers
+        initialized: set[int] = set()
+
+        def step(param: nn.Parameter, fill: Callable[[torch.Tensor], object]):
+            initialized.add(id(param))
+            return param, fill
+
+        if replay_constructors:
+            for module in self.modules():
+                if isinstance(module, nn.Linear):
+                    yield step(module.weight, lambda t: nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator))
+                elif isinstance(module, nn.Embedding):
+                    yield step(module.weight, lambda t: nn.init.normal_(t, generator=generator))
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
+                yield step(module.weight, lambda t: nn.init.normal_(t, mean=0.0, std=std, generator=generator))
             elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
+                yield step(module.weight, nn.init.ones_)
         for block in self.model.layers:
-            nn.init.normal_(block.self_attn.o_proj.weight, mean=0.0, std=residual_std)
-            nn.init.normal_(block.mlp.down_proj.weight, mean=0.0, std=residual_std)
-        self.reset_rope_cache()
+            for weight in (block.self_attn.o_proj.weight, block.mlp.down_proj.weight):
+                yield step(weight, lambda t: nn.init.normal_(t, mean=0.0, std=residual_std, generator=generator))
+        if missing := [name for name, p in self.named_parameters() if id(p) not in initialized]:
+            raise RuntimeError(f"no initialization for {missing}")  # a new kind of parameter
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         """Parameter count; `exclude_embedding` drops the input table only (torchtitan's FLOPs convention)."""

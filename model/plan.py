@@ -19,7 +19,7 @@ group at the planned world size, so the per-rank numbers are the real shard shap
 
 The checkpoint is fp32 weights and AdamW moments: 12 bytes per parameter, split over the ranks.
 Step time is FLOPs per step (model/flops.py, torchtitan's convention) over world size x peak x
-MFU; the MFU is the run's measured median when its metrics.jsonl has one, else 40%.
+MFU; the MFU is the run's measured median when its metrics have one, else 40%.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from torch.distributed.fsdp import fully_shard
 
 from model.flops import flops_per_token
 from model.llama import Llama
-from model.metrics import METRICS_FILE, read_metrics
+from model.metrics import read_metrics
 from model.train_config import TrainConfig
 from storage.store import StoreError, open_store
 
@@ -153,7 +153,7 @@ def activation_bytes(config: TrainConfig, llama: Llama) -> int:
 def measured_mfu(config: TrainConfig) -> float | None:
     """The median MFU of the run's recorded steps, if it has trained on GPUs."""
     try:
-        records = read_metrics(open_store(config.run_uri).get_text(METRICS_FILE))
+        records = read_metrics(open_store(config.run_uri))
     except StoreError:  # no such run yet, or its metrics are not readable: assume
         return None
     values = [r["mfu"] for r in records if r.get("mfu")]

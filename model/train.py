@@ -11,11 +11,12 @@ biases); warmup + cosine on optimizer steps; gradient accumulation to `global_ba
 clipping; checkpoints (model/checkpoint.py) every `checkpoint_every` steps and when this
 invocation stops, at `max_steps` or after `max_steps_this_run` steps.
 
-The model is built on the meta device, sharded, then materialized and initialized shard by
-shard (`materialize`): no rank ever holds the whole fp32 model, and the weights equal an eager
-`Llama(config)` after `torch.manual_seed(seed)`. A resume then loads its checkpoint; a new run
+The model is built on the meta device, sharded, then allocated shard by shard (`materialize`):
+no rank ever holds the whole fp32 model. A resume then loads its checkpoint into it; a new run
 with `init_from` the weights of that Hugging Face folder (`load_init_from`: only rank 0 holds
-them whole, on the CPU). What a resume needs is the components' own state (model, optimizer, lr
+them whole, on the CPU); any other new run initializes each shard with the values of an eager
+`Llama(config)` after `torch.manual_seed(seed)` (`Llama.init_weights(seed)`). No weights are
+drawn only to be overwritten. What a resume needs is the components' own state (model, optimizer, lr
 scheduler, loader, progress counters, RNG), gathered at save time by one `Checkpointer`.
 """
 
@@ -39,7 +40,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.optim.lr_scheduler import LambdaLR
@@ -51,8 +52,9 @@ from model.config import LlamaConfig
 from model.data import BlockLoader, DataError, DataSource, load_manifests
 from model.flops import flops_per_token, mfu, peak_bf16_flops
 from model.hf import check_init_from, load_hf, local_hf_folder
-from model.llama import Llama, RMSNorm
+from model.llama import Llama
 from model.metrics import MetricsLog
+from model.reach import read_config_on_every_node, spans_nodes
 from model.train_config import LRSchedule, TrainConfig
 from storage.processes import die_with_parent
 from storage.run_layout import RunLayout
@@ -108,9 +110,10 @@ def learning_rate(step: int, lr: LRSchedule, max_steps: int) -> float:
     return lr.min + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr.max - lr.min)
 
 
-def build_model(model: Llama, cluster: Cluster, fsdp: bool, bf16: bool, compile: bool, seed: int) -> nn.Module:
+def build_model(model: Llama, cluster: Cluster, fsdp: bool, bf16: bool, compile: bool, seed: int | None) -> nn.Module:
     """Wrap `model` (built on the meta device) for data parallelism, FSDP2 (one unit per block, then
-    the root) or DDP, and materialize it on the cluster's device with the initial weights of `seed`."""
+    the root) or DDP, and materialize it on the cluster's device with the initial weights of `seed`
+    (uninitialized with None: weights about to be loaded)."""
     if compile:
         for block in model.model.layers:
             block.compile()  # per block, as torchtitan: parameter names stay unchanged
@@ -126,47 +129,15 @@ def build_model(model: Llama, cluster: Cluster, fsdp: bool, bf16: bool, compile:
 
 
 @torch.no_grad()
-def materialize(model: Llama, device: torch.device, seed: int) -> None:
-    """Allocate the (possibly sharded) meta-device parameters on `device` and give each rank's shard
-    the values an eager `Llama(config)` gets after `torch.manual_seed(seed)`.
-
-    The eager model's values come from one CPU generator, in order: the draws of nn.Linear's and
-    nn.Embedding's own constructors (kaiming-uniform, normal), then `Llama.init_weights`. The same
-    sequence is replayed one full parameter at a time on the CPU, and only this rank's shard kept:
-    memory beyond the shards is one parameter, never the model.
-    """
+def materialize(model: Llama, device: torch.device, seed: int | None) -> None:
+    """Allocate the (possibly sharded) meta-device parameters on `device`; with a `seed`, give each
+    rank's shard the values an eager `Llama(config)` gets after `torch.manual_seed(seed)`
+    (`Llama.init_weights`). Without, the weights are left for a checkpoint or `init_from` to fill."""
     model.to_empty(device=device)
-    generator = torch.Generator().manual_seed(seed)
-    initialized: set[int] = set()
-
-    def draw(param: nn.Parameter, init) -> None:
-        initialized.add(id(param))
-        full = torch.empty(param.shape)  # DTensor.shape is the global shape
-        init(full)
-        if isinstance(param, DTensor):
-            full = distribute_tensor(full, param.device_mesh, param.placements).to_local()
-            param.to_local().copy_(full)
-        else:
-            param.copy_(full)
-
-    for module in model.modules():  # what the constructors drew (nn.Linear has no bias here)
-        if isinstance(module, nn.Linear):
-            draw(module.weight, lambda t: nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator))
-        elif isinstance(module, nn.Embedding):
-            draw(module.weight, lambda t: nn.init.normal_(t, generator=generator))
-    std = math.sqrt(2.0 / (5 * model.config.dim))
-    residual_std = 1.0 / math.sqrt(model.config.dim) / model.config.n_layers
-    for module in model.modules():  # Llama.init_weights, with the generator
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            draw(module.weight, lambda t: nn.init.normal_(t, mean=0.0, std=std, generator=generator))
-        elif isinstance(module, RMSNorm):
-            draw(module.weight, nn.init.ones_)
-    for block in model.model.layers:
-        for weight in (block.self_attn.o_proj.weight, block.mlp.down_proj.weight):
-            draw(weight, lambda t: nn.init.normal_(t, mean=0.0, std=residual_std, generator=generator))
-    if missing := [name for name, p in model.named_parameters() if id(p) not in initialized]:
-        raise RuntimeError(f"materialize: no initialization for {missing}")  # a new kind of parameter
-    model.reset_rope_cache()
+    if seed is None:
+        model.reset_rope_cache()
+    else:
+        model.init_weights(seed)
 
 
 def load_init_from(model: nn.Module, config: TrainConfig, cluster: Cluster, llama_config: LlamaConfig) -> None:
@@ -345,8 +316,8 @@ def _train_loop(
         raw_model = Llama(llama_config, activation_checkpointing=config.activation_checkpointing)
     flops = flops_per_token(raw_model, config.seq_len)
     fsdp = config.data_parallel == "fsdp" or (config.data_parallel == "auto" and on_gpu)
-    # The same initial weights on every rank, whatever the world size.
-    model = build_model(raw_model, cluster, fsdp, bf16, config.compile, config.seed)
+    # Allocated only: a resume or init_from fills the weights, a new run initializes them below.
+    model = build_model(raw_model, cluster, fsdp, bf16, config.compile, seed=None)
     optimizer = build_optimizer(model, config, cluster.device)
     scheduler = build_scheduler(optimizer, config)
     seed_everything(config.seed + cluster.rank)
@@ -360,8 +331,11 @@ def _train_loop(
         async_save=config.async_checkpoint,
     )
     try:
-        if checkpointer.load(start_over=config.start_over) is None and config.init_from:
-            load_init_from(model, config, cluster, llama_config)
+        if checkpointer.load(start_over=config.start_over) is None:
+            if config.init_from:
+                load_init_from(model, config, cluster, llama_config)
+            else:  # the same initial weights on every rank, whatever the world size
+                raw_model.init_weights(config.seed)
         _run_steps(config, cluster, model, optimizer, scheduler, loader, val_loader, progress, checkpointer,
                    accum=accum, flops=flops, bf16=bf16, layout=layout, num_params=raw_model.num_params())
     finally:
@@ -441,10 +415,15 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stdout,
     )
     try:
-        train(TrainConfig.from_yaml(args.config))
+        if spans_nodes():  # every node checks the config's local paths before training (model/reach.py)
+            init_distributed()
+        train(read_config_on_every_node(args.config))
     except ValueError as error:
         log.error("%s", deterministic_failure_line(error))
         return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

@@ -4,9 +4,12 @@
         config.json                 the run config: written once per launch by the launcher,
                                     read from here by every training process
         lease.json                  who trains the run now (storage/lease.py)
-        metrics.jsonl               one JSON object per optimizer step (model/metrics.py)
-        progress.json               rank 0's latest step, put every ~10 s: what the Prefect task reports
-        tensorboard/                TensorBoard event files
+        metrics/FFFFFFFFFF-LLLLLLLLLL.jsonl  one JSON object per optimizer step, steps F..L: a segment
+                                    appended at each checkpoint, never rewritten (model/metrics.py)
+        metrics.jsonl               the whole run's records in one file (runs from before segments)
+        progress.json               rank 0's latest step and recent logged ones, put every ~10 s:
+                                    what the Prefect task reports
+        tensorboard/events.out.tfevents.step-FFFFFFFFFF-LLLLLLLLLL  TensorBoard's events of steps F..L
         plots/loss.png              the loss curve
         checkpoints/step-NNNNNNN/   one checkpoint (model/checkpoint.py), its COMMIT marker last
         checkpoints/step-NNNNNNN.corrupt-<UTC time>/  a corrupt checkpoint set aside, files unchanged
@@ -21,14 +24,17 @@ Plain keys and a store, no torch: the CLI, flows and tasks read a run without pa
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from storage.store import Store, join_key, open_store
 
 RUNS = "runs"
 CONFIG_FILE = "config.json"
 LEASE_FILE = "lease.json"
-METRICS_FILE = "metrics.jsonl"
+METRICS_DIR = "metrics"
+LEGACY_METRICS_FILE = "metrics.jsonl"
 PROGRESS_FILE = "progress.json"
 TENSORBOARD_DIR = "tensorboard"
 LOSS_PLOT = "plots/loss.png"
@@ -39,6 +45,16 @@ EVAL_LOG = "eval.jsonl"
 EVAL_PLOT = "plots/eval.png"
 COMMIT = "COMMIT"
 _STEP_FOLDER = re.compile(r"^step-(\d+)$")
+_METRICS_SEGMENT = re.compile(rf"^{METRICS_DIR}/(\d+)-(\d+)\.jsonl$")
+_TENSORBOARD_SEGMENT = re.compile(rf"^{TENSORBOARD_DIR}/events\.out\.tfevents\.step-(\d+)-(\d+)$")
+
+
+class Segment(NamedTuple):
+    """One appended piece of a run's metrics or TensorBoard events: steps `first` to `last`."""
+
+    first: int
+    last: int
+    key: str
 
 
 @dataclass(frozen=True)
@@ -90,6 +106,27 @@ class RunLayout:
         return join_key(EVAL_DIR, f"step-{step:07d}.json")
 
     @staticmethod
+    def metrics_segment(first: int, last: int) -> str:
+        """The key of the metrics records of steps `first` to `last` (zero-padded: listed in step order)."""
+        return join_key(METRICS_DIR, f"{first:010d}-{last:010d}.jsonl")
+
+    @staticmethod
+    def tensorboard_segment(first: int, last: int) -> str:
+        """The key of the TensorBoard events of steps `first` to `last`. TensorBoard reads a folder's
+        event files in name order: "step-" sorts after the timestamps of the files of earlier runs."""
+        return join_key(TENSORBOARD_DIR, f"events.out.tfevents.step-{first:010d}-{last:010d}")
+
+    def metrics_segments(self) -> tuple[list[Segment], bool]:
+        """The run's metrics segments by first step, and whether it has a LEGACY_METRICS_FILE (older
+        than every segment): one listing of both."""
+        listed = list(self.store.list(METRICS_DIR))
+        return _segments(listed, _METRICS_SEGMENT), LEGACY_METRICS_FILE in listed
+
+    def tensorboard_segments(self) -> list[Segment]:
+        """The run's TensorBoard segments by first step (event files of older runs are not segments)."""
+        return _segments(self.store.list(TENSORBOARD_DIR + "/"), _TENSORBOARD_SEGMENT)
+
+    @staticmethod
     def commit_marker(folder: str) -> str:
         return join_key(folder, COMMIT)
 
@@ -110,3 +147,8 @@ class RunLayout:
         if not run_uri or not match:
             return None
         return run_uri, int(match.group(1))
+
+
+def _segments(keys: Iterable[str], pattern: re.Pattern) -> list[Segment]:
+    found = [Segment(int(m.group(1)), int(m.group(2)), key) for key in keys if (m := pattern.match(key))]
+    return sorted(found)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from prefect.artifacts import create_table_artifact
 
 from model.checkpoint import CheckpointError, read_values, resolve_checkpoint
 from model.export import export_hf
-from model.metrics import read_metrics
+from model.metrics import parse_records
 from model.train_config import Evaluation
 from storage.run_layout import EVAL_LOG, EVAL_PLOT, RunLayout
 from storage.store import ObjectNotFound, Store
@@ -72,8 +73,19 @@ def task_manager(tasks: list[str], include_path: str | None):
     return manager
 
 
+def chance_by_task(requests) -> dict[str, float]:
+    """Random-guess accuracy per task, the mean over its items of 1 / choices, from the harness's
+    loglikelihood requests (one per choice of an item; acc_mutual_info's extra ones have no context)."""
+    choices = Counter((r.task_name, r.doc_id) for r in requests if r.args[0])
+    by_task: dict[str, list[float]] = {}
+    for (task_name, _), count in choices.items():
+        by_task.setdefault(task_name, []).append(1 / count)
+    return {task_name: sum(values) / len(values) for task_name, values in by_task.items()}
+
+
 def metric_rows(results: dict) -> list[dict]:
-    """One row per (task, metric): value, stderr, and the paper's acc_norm for its seven tasks."""
+    """One row per (task, metric): value, stderr, chance (accuracies of multiple-choice tasks) and the
+    paper's acc_norm for its seven tasks."""
     rows = []
     for name, metrics in results["results"].items():
         for key, value in metrics.items():
@@ -85,6 +97,7 @@ def metric_rows(results: dict) -> list[dict]:
             rows.append({
                 "task": name, "metric": metric, "value": float(value),
                 "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
+                "chance": results.get("chance", {}).get(name) if metric in ("acc", "acc_norm") else None,
                 "paper": paper / 100 if paper is not None else None,
             })
     return rows
@@ -100,11 +113,15 @@ def run_harness(
     import torch
     from lm_eval.models.huggingface import HFLM
 
+    chance: dict[str, float] = {}
+
     class QuietHFLM(HFLM):
         """HFLM without its tqdm bars (lm-eval passes disable=False explicitly, over TQDM_DISABLE):
-        in a log stream or the Prefect UI each redraw is another garbled line."""
+        in a log stream or the Prefect UI each redraw is another garbled line. It notes each task's
+        chance accuracy from the requests it scores."""
 
         def loglikelihood(self, requests, disable_tqdm=True):
+            chance.update(chance_by_task(requests))
             return super().loglikelihood(requests, disable_tqdm=True)
 
         def loglikelihood_rolling(self, requests, disable_tqdm=True):
@@ -120,7 +137,10 @@ def run_harness(
         model=model, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
         log_samples=False, bootstrap_iters=1000,
     )
-    return {key: results[key] for key in ("results", "n-shot", "versions", "n-samples") if key in results}
+    multiple_choice = {name for name, config in results.get("configs", {}).items()
+                       if config.get("output_type") == "multiple_choice"}
+    return {**{key: results[key] for key in ("results", "n-shot", "versions", "n-samples") if key in results},
+            "chance": {name: value for name, value in chance.items() if name in multiple_choice}}
 
 
 def evaluate_checkpoint(
@@ -153,7 +173,7 @@ def evaluate_checkpoint(
 
 def read_evaluations(store: Store) -> list[dict]:
     try:
-        return read_metrics(store.get_text(EVAL_LOG))
+        return parse_records(store.get_text(EVAL_LOG))
     except ObjectNotFound:
         return []
 
@@ -203,15 +223,21 @@ def evaluate_task(
     record = evaluate_checkpoint(checkpoint_uri, tasks, include_path, num_fewshot, limit, batch_size)
     run = record["run"]
     create_table_artifact(
-        [
-            {"task": r["task"], "metric": r["metric"], "value": percent(r["value"]), "stderr": percent(r["stderr"]),
-             "TinyLlama 1.1B (3T tokens)": percent(r["paper"])}
-            for r in record["metrics"]
-        ],
+        eval_table(record["metrics"]),
         key=artifact_key(run, "eval"),
         description=f"{run}: lm-evaluation-harness at step {record['step']} ({record['tokens']} tokens), percent",
     )
     return record
+
+
+def eval_table(metrics: list[dict]) -> list[dict]:
+    """The rows of an evaluation's table artifact, in percent: value, stderr, chance (random guessing)
+    and the paper's."""
+    return [
+        {"task": r["task"], "metric": r["metric"], "value": percent(r["value"]), "stderr": percent(r["stderr"]),
+         "chance": percent(r.get("chance")), "TinyLlama 1.1B (3T tokens)": percent(r["paper"])}
+        for r in metrics
+    ]
 
 
 def evaluate_segment(run_uri: str, evaluation: Evaluation) -> dict | None:

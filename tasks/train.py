@@ -13,9 +13,10 @@
   resumes from the newest checkpoint on the store (never from Ray's own checkpoints).
 
 Either way the task streams progress (read from the run folder's progress.json, which rank 0
-keeps current wherever it runs) into a Prefect progress artifact, ends with a table artifact of
-the final metrics and the loss curve shown inline (tasks/train_report.py), and a retry (or the
-next run of the same config) resumes from the newest checkpoint.
+keeps current wherever it runs) into a Prefect progress artifact and a live card of the loss and
+throughput (with the commands to export and evaluate it once done); the flow ends with a table
+artifact of the final metrics and the loss curve shown inline (tasks/train_report.py), and a retry
+(or the next run of the same config) resumes from the newest checkpoint.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import contextvars
 import logging
 import os
 import re
+import shlex
 import subprocess
 import sys
 import threading
@@ -31,30 +33,33 @@ import uuid
 from collections.abc import Callable
 from typing import IO
 
-from prefect import get_run_logger
+from prefect import get_client, get_run_logger
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.client.schemas.actions import ArtifactUpdate
+from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
 
 from model.checkpoint import latest_checkpoint
 from model.data import DataError, load_manifests
 from model.hf import check_init_from
-from model.metrics import read_metrics, read_progress
+from model.metrics import last_record, read_progress
 from model.train import DETERMINISTIC_FAILURE, deterministic_failure_line
 from model.train_config import DataSource, TorchrunLauncher, TrainConfig
 from storage.lease import acquire_lease
 from storage.processes import stop_process_tree
-from storage.run_layout import CONFIG_FILE, LEASE_FILE, LOSS_PLOT, METRICS_FILE, RunLayout
+from storage.run_layout import CONFIG_FILE, LEASE_FILE, LOSS_PLOT, RunLayout
 from storage.retry import retry_deadline
 from storage.store import ObjectNotFound, StoreError, open_store
 from tasks.fanout import ensure_ray, interrupts_unwrapped
+from tasks.reach import check_reach_on_ray
 from tasks.reporting import artifact_key
 from tasks.stage import stage_task
-from tasks.train_report import SegmentStatus, loss_curve_markdown, metrics_rows
+from tasks.train_report import LiveView, SegmentStatus, loss_curve_markdown, metrics_rows, next_steps
 
 POLL_S = 2.0
 
@@ -87,9 +92,14 @@ def prepare_config(config: TrainConfig) -> TrainConfig:
             f"vocab_size {config.vocab_size} is below the datasets' tokenizer vocabulary {tokenizer.vocab_size}"
         )
     config = TrainConfig.model_validate({**config.model_dump(), "vocab_size": config.vocab_size or tokenizer.vocab_size})
-    if config.init_from and latest_checkpoint(open_store(config.run_uri)) is None:  # a resume never reads it
+    if reads_init_from(config):
         check_init_from(config.init_from, config.llama_config(), tokenizer, manifests[0].documents)
     return config
+
+
+def reads_init_from(config: TrainConfig) -> bool:
+    """Whether this start reads `init_from`: a new run's does, a resume never."""
+    return bool(config.init_from) and latest_checkpoint(open_store(config.run_uri)) is None
 
 
 def run_config(output: str, run: str) -> TrainConfig:
@@ -113,12 +123,17 @@ def run_config(output: str, run: str) -> TrainConfig:
 _LEADING_TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[,.]\d+ ")
 
 
-def _forward_lines(stream: IO[str], on_line: Callable[[str], None], failures: list[str]) -> None:
+def _forward_lines(
+    stream: IO[str], on_line: Callable[[str], None], failures: list[str], stopping: threading.Event
+) -> None:
+    """Each line of the job's output to `on_line`, until the job is being stopped: then its
+    workers' tracebacks of the signal are not news (the task says in one line what was kept)."""
     for line in stream:
         line = _LEADING_TIMESTAMP.sub("", line.rstrip("\n"))
         if DETERMINISTIC_FAILURE in line:
             failures.append(line)
-        on_line(line)
+        if not stopping.is_set():
+            on_line(line)
 
 
 # `python -m torch.distributed.run ARGS` that the kernel kills if its launcher dies, even by SIGKILL
@@ -132,15 +147,23 @@ runpy.run_module("torch.distributed.run", run_name="__main__", alter_sys=True)
 """
 
 
-def torchrun_arguments(launcher: TorchrunLauncher, run_id: str) -> list[str]:
-    """torchrun's options for this node: standalone on one node, else a c10d rendezvous at
-    `rdzv_endpoint` that every node's agent joins with the same `run_id`."""
+def torchrun_arguments(launcher: TorchrunLauncher, run_id: str, node_rank: int | str | None = None) -> list[str]:
+    """torchrun's options for node `node_rank` (default the launcher's): standalone on one node, else
+    a c10d rendezvous at `rdzv_endpoint` that every node's agent joins with the same `run_id`."""
     if launcher.nnodes == 1 and launcher.rdzv_endpoint is None:
         return ["--standalone", f"--nproc-per-node={launcher.nproc}"]
+    node_rank = launcher.node_rank if node_rank is None else node_rank
     return [
-        f"--nnodes={launcher.nnodes}", f"--node-rank={launcher.node_rank}", f"--nproc-per-node={launcher.nproc}",
+        f"--nnodes={launcher.nnodes}", f"--node-rank={node_rank}", f"--nproc-per-node={launcher.nproc}",
         "--rdzv-backend=c10d", f"--rdzv-endpoint={launcher.rdzv_endpoint}", f"--rdzv-id={run_id}",
     ]
+
+
+def other_nodes_command(config_uri: str, launcher: TorchrunLauncher, run_id: str) -> str:
+    """What every other node runs (NODE_RANK set to its rank): the run's own config.json on the store,
+    the one copy the launching task wrote, so no node trains on a config of its own."""
+    arguments = torchrun_arguments(launcher, run_id, node_rank="NODE_RANK")
+    return shlex.join(["torchrun", *arguments, "-m", "model.train", config_uri]).replace("NODE_RANK", "$NODE_RANK")
 
 
 def launch_torchrun(
@@ -171,11 +194,12 @@ def launch_torchrun(
         start_new_session=True,
     )
     failures: list[str] = []
+    stopping = threading.Event()
     # The reader logs in the caller's context: Prefect's settings (which server) and run live in
     # contextvars, which a new thread would not see.
     context = contextvars.copy_context()
     reader = threading.Thread(
-        target=context.run, args=(_forward_lines, process.stdout, on_line, failures), daemon=True
+        target=context.run, args=(_forward_lines, process.stdout, on_line, failures, stopping), daemon=True
     )
     reader.start()
     try:
@@ -188,6 +212,7 @@ def launch_torchrun(
                     on_poll()
     finally:
         if process.poll() is None:
+            stopping.set()
             stop_process_tree(process)
         reader.join(timeout=10)
     if process.returncode != 0:
@@ -208,9 +233,25 @@ def train_worker(config_uri: str) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        train(TrainConfig.from_yaml(config_uri), device=ray.train.torch.get_device())
+        config = TrainConfig.from_yaml(config_uri)
+        device = ray.train.torch.get_device()
+        if config.data_nodes is None:  # the nodes Ray Train placed the workers on share out the data
+            config = config.model_copy(update={"data_nodes": ray_train_nodes(device)})
+        train(config, device=device)
     except ValueError as error:  # Ray Train reports a worker's error by its text: keep the cause findable
         raise ValueError(deterministic_failure_line(error)) from None
+
+
+def ray_train_nodes(device) -> int:
+    """How many nodes this Ray Train worker group spans: one more than the largest node rank, agreed by
+    every worker (each sees only its own)."""
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    nodes = torch.tensor(ray.train.get_context().get_node_rank() + 1, device=device)
+    dist.all_reduce(nodes, op=dist.ReduceOp.MAX)
+    return int(nodes.item())
 
 
 def _fit(config_uri: str) -> None:
@@ -274,7 +315,8 @@ def launch_ray(config: TrainConfig, config_uri: str, on_poll: Callable[[], None]
 def latest_record(config: TrainConfig) -> dict | None:
     """The last step's record rank 0 put on the run folder (None before the first step),
     whichever launcher runs the job and wherever rank 0 is."""
-    return read_progress(open_store(config.run_uri))
+    progress = read_progress(open_store(config.run_uri))
+    return progress.latest if progress else None
 
 
 def latest_step(config: TrainConfig) -> int:
@@ -282,8 +324,9 @@ def latest_step(config: TrainConfig) -> int:
     return record["step"] if record else 0
 
 
-def progress_reporter(config: TrainConfig) -> Callable[[], None]:
-    """A callback that moves this segment's progress artifact to the latest step (tasks/train_report.py).
+def progress_reporter(config: TrainConfig) -> Callable[..., None]:
+    """A callback that moves this segment's progress artifact to the latest step and refreshes the
+    run's live card (tasks/train_report.py); `final=True` (the job is done) adds the next steps to it.
 
     Its reads are for display and never stop or fail the job: each poll gives the store at most
     POLL_S of retries (the next poll tries again), and a failed read is logged once per spell of
@@ -312,19 +355,34 @@ def progress_reporter(config: TrainConfig) -> Callable[[], None]:
     artifact_id = create_progress_artifact(
         0.0, key=artifact_key(config.name, "train-progress"), description=f"{config.name}: {segment.describe(None)}"
     )
+    live = LiveView(config.name, segment)
+    live_id = create_markdown_artifact(
+        live.markdown(), key=artifact_key(config.name, "train-live"), description=f"{config.name}: training, live"
+    )
     last = -1
 
-    def update() -> None:
+    def update(final: bool = False, cancelled: bool = False) -> None:
         nonlocal last
-        record = display_read(lambda: latest_record(config), unread)
-        if record is unread:
+        progress = display_read(lambda: read_progress(open_store(config.run_uri)), unread)
+        if progress is unread:
             return
+        record = progress.latest if progress else None
         step = record["step"] if record else segment.start_step
+        if cancelled:  # one line, in the log and on the progress card, instead of the job's tracebacks
+            kept = display_read(lambda: latest_checkpoint(open_store(config.run_uri)), None)
+            line = f"cancelled at step {step}; checkpoint step {kept.step if kept else 0} kept (a rerun resumes from it)"
+            logger.info(line)
+            update_progress_artifact(artifact_id, segment.percent(step), description=f"{config.name}: {line}")
+            return
         if step != last:
             last = step
             update_progress_artifact(
                 artifact_id, segment.percent(step), description=f"{config.name}: {segment.describe(record)}"
             )
+        if (progress and live.add(progress.latest, progress.logged)) or final:
+            steps = next_steps(config.run_uri, config.name, config.eval) if final else None
+            with get_client(sync_client=True) as client:  # the card's data edited in place: no version per poll
+                client.update_artifact(live_id, ArtifactUpdate(data=live.markdown(steps)))
 
     return update
 
@@ -333,11 +391,7 @@ def report_final(config: TrainConfig) -> dict:
     """Table artifact of the last step's metrics and the loss curve (inline); returns that record.
     Called by the flow, so the cards sit in the flow run's own group in the UI."""
     run_store = open_store(config.run_uri)
-    try:
-        records = read_metrics(run_store.get_text(METRICS_FILE))
-    except ObjectNotFound:
-        records = []
-    final = records[-1] if records else {}
+    final = last_record(run_store) or {}
     create_table_artifact(
         metrics_rows(final),
         key=artifact_key(config.name, "train-metrics"),
@@ -364,19 +418,27 @@ def train_task(config: TrainConfig) -> str:
     config = prepare_config(config)
     layout = RunLayout.of(config.output, config.name)
     launcher = config.launcher
+    if launcher.kind == "ray":  # torchrun's nodes check theirs when they start (model/reach.py)
+        check_reach_on_ray(config.shared_paths(with_init_from=reads_init_from(config)))
     with acquire_lease(layout.store, LEASE_FILE, owner=f"train task of flow run {flow_run.name!r}") as lease:
         config_uri = layout.write_config(config.to_json())  # the one copy every process reads
         logger.info("training %s on %s (world size %d)", config.run_uri, launcher.kind, launcher.world_size)
+        if launcher.kind == "torchrun" and launcher.nnodes > 1:
+            logger.info("the other nodes run: %s", other_nodes_command(config_uri, launcher, config.name))
         report_progress = progress_reporter(config)
 
         def on_poll() -> None:
             lease.check()  # LeaseLost stops the job: another holder may be training this run now
             report_progress()
 
-        if launcher.kind == "torchrun":
-            launch_torchrun(config_uri, launcher, config.name, on_line=logger.info, on_poll=on_poll)
-        else:
-            launch_ray(config, config_uri, on_poll=on_poll)
-        report_progress()
+        try:
+            if launcher.kind == "torchrun":
+                launch_torchrun(config_uri, launcher, config.name, on_line=logger.info, on_poll=on_poll)
+            else:
+                launch_ray(config, config_uri, on_poll=on_poll)
+        except (TerminationSignal, KeyboardInterrupt):  # a Cancel in the UI, or Ctrl-C: the job was stopped
+            report_progress(cancelled=True)
+            raise
+        report_progress(final=True)
     logger.info("run %s at step %d", config.run_uri, latest_step(config))
     return config.run_uri

@@ -4,6 +4,9 @@
   at most): a progress bar from 0 to 100% of this segment's steps, not of the run's, whose
   description says both:
   `step 120 of 2000 (this segment: 50/100) · loss 5.431 · 8.2k tokens/s · MFU 31.0% · ETA 1m05s`;
+- a live card per run (a markdown artifact that each poll edits in place, a version per segment):
+  the segment's status, the loss (and validation loss) as a sparkline and a table of the logged
+  steps, with tokens/s and MFU; once the segment is done, the commands that export and evaluate it;
 - the final metrics, rounded, times readable;
 - the loss curve as an image embedded in a markdown artifact (a data: URI: the browser shows it
   whatever the store is; a `file://` link it would refuse).
@@ -13,14 +16,19 @@ from __future__ import annotations
 
 import base64
 import math
+import shlex
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+from model.train_config import Evaluation
 from storage.store import Store
+from tasks.evaluate import PAPER_ACC_NORM
 
 # An embedded plot beyond this size is linked instead (artifacts live in Prefect's database).
 MAX_EMBEDDED_PLOT_BYTES = 2 << 20
+LIVE_ROWS = 30
+SPARKS = "▁▂▃▄▅▆▇█"
 
 
 @dataclass
@@ -60,6 +68,92 @@ class SegmentStatus:
         if step >= self.stop_step:
             parts.append("segment done")
         return " · ".join(parts)
+
+
+@dataclass
+class LiveView:
+    """The live card of run `name` for one segment: the logged steps read from its progress."""
+
+    name: str
+    segment: SegmentStatus
+    latest: dict | None = None
+    rows: dict[int, dict] = field(default_factory=dict)  # logged step -> its record
+
+    def add(self, latest: dict, logged: list[dict]) -> bool:
+        """Take in what a poll of the run's progress read; True if the card has changed."""
+        changed = latest != self.latest
+        self.latest = latest
+        for record in logged:
+            if self.segment.start_step < record["step"] and self.rows.get(record["step"]) != record:
+                self.rows[record["step"]] = record
+                changed = True
+        # Steps past the latest are a crashed invocation's, read before this one's first progress.
+        for step in [step for step in self.rows if step > latest["step"]]:
+            del self.rows[step]
+        return changed
+
+    def markdown(self, next_steps: list[str] | None = None) -> str:
+        """The card: status, sparklines, the logged steps (LIVE_ROWS at most, evenly spread, the
+        newest always), and `next_steps` (commands) when given."""
+        lines = [f"### {self.name}: training", "", self.segment.describe(self.latest)]
+        records = [self.rows[step] for step in sorted(self.rows)]
+        for label, name in (("loss", "loss"), ("validation loss", "val_loss")):
+            values = [r[name] for r in records if r.get(name) is not None]
+            if values:
+                lines += ["", f"{label} `{sparkline(values)}` {values[0]:.3f} → {values[-1]:.3f}"]
+        if records:
+            columns = [("step", "step"), ("loss", "loss"), ("validation loss", "val_loss"),
+                       ("tokens/s", "tokens_per_s"), ("MFU", "mfu")]
+            columns = [(label, name) for label, name in columns if any(r.get(name) is not None for r in records)]
+            lines += ["", "| " + " | ".join(label for label, _ in columns) + " |",
+                      "|" + " ---: |" * len(columns)]
+            for record in thin(records, LIVE_ROWS):
+                lines.append("| " + " | ".join(_cell(name, record.get(name)) for _, name in columns) + " |")
+        if next_steps:
+            lines += ["", "#### Next steps", "", "```bash", *next_steps, "```"]
+        return "\n".join(lines)
+
+
+def next_steps(run_uri: str, name: str, evaluation: Evaluation | None) -> list[str]:
+    """The commands that export the run's newest checkpoint and score it (the paper's tasks, or the
+    run's own evaluation section)."""
+    if evaluation is None:
+        evaluate = f"--tasks {','.join(PAPER_ACC_NORM)} --num-fewshot 0"
+    else:
+        evaluate = f"--tasks {','.join(evaluation.tasks)}"
+        for option, value in (("include-path", evaluation.include_path), ("num-fewshot", evaluation.num_fewshot),
+                              ("limit", evaluation.limit)):
+            if value is not None:
+                evaluate += f" --{option} {shlex.quote(str(value))}"
+    run = shlex.quote(run_uri)
+    return [f"tinyllama export-hf {run} {shlex.quote(f'./{name}-hf')}", f"tinyllama evaluate {run} {evaluate}"]
+
+
+def sparkline(values: list[float], width: int = 60) -> str:
+    """`values` (at most `width` of them, evenly spread) as block characters, low to high."""
+    values = thin(values, width)
+    low, high = min(values), max(values)
+    top = len(SPARKS) - 1
+    return "".join(SPARKS[round(top * (v - low) / (high - low)) if high > low else 0] for v in values)
+
+
+def thin(items: list, most: int) -> list:
+    """At most `most` of `items`, evenly spread, the first and the last kept."""
+    if len(items) <= most:
+        return items
+    return [items[round(i * (len(items) - 1) / (most - 1))] for i in range(most)]
+
+
+def _cell(name: str, value) -> str:
+    if value is None:
+        return ""
+    if name == "step":
+        return f"{value:,}"
+    if name == "mfu":
+        return f"{100 * value:.1f}%"
+    if name == "tokens_per_s":
+        return _si(value)
+    return f"{value:.4f}"
 
 
 def metrics_rows(record: dict) -> list[dict[str, str]]:

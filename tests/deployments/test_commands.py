@@ -28,7 +28,7 @@ from deployments.deploy import BUILD, EVALUATE, PRETRAIN, TRAIN_EPOCH, TRAIN_ON_
 from deployments.serve import SERVED_FILE, healthy
 from flows.pretrain import manifest_uri
 from model.checkpoint import latest_checkpoint
-from model.metrics import METRICS_FILE, read_metrics
+from model.metrics import read_metrics
 from storage.store import open_object, open_store
 from tasks.config import BuildConfig
 from tasks.sample_corpus import make_sample_corpus
@@ -213,7 +213,7 @@ def test_the_pretrain_deployment_builds_then_trains_on_the_build(pretrained, ser
 
     manifest_store, manifest_key = open_object(manifest_uri(corpus.build))
     assert manifest_store.exists(manifest_key)
-    records = read_metrics(open_store(corpus.data).child(f"runs/{train_name}").get_text(METRICS_FILE))
+    records = read_metrics(open_store(corpus.data).child(f"runs/{train_name}"))
     assert [r["step"] for r in records] == list(range(1, SEGMENT + 1))
 
 
@@ -253,7 +253,7 @@ def cli_trained(pretrained, corpus, serve) -> subprocess.CompletedProcess:
 def test_train_prints_the_run_its_steps_and_records_on_serves_server(cli_trained, corpus, serve):
     run = open_store(corpus.data).child(f"runs/{CLI_RUN}")
     assert cli_trained.stdout.splitlines()[-1] == run.uri
-    records = read_metrics(run.get_text(METRICS_FILE))
+    records = read_metrics(run)
     assert [r["step"] for r in records] == list(range(1, CLI_STEPS + 1))
     logged, last = cli_trained.stdout + cli_trained.stderr, records[-1]
     max_steps = tiny_training(corpus.data, corpus.root)["max_steps"]
@@ -321,7 +321,7 @@ def test_submit_build_and_train_epoch_find_serves_server_and_complete(cli_traine
     assert match, epoch.stdout
     epoch_run = flow_run(UUID(match[1]))
     assert epoch_run.parameters == {"run": CLI_RUN, "output": str(corpus.data), "steps": EPOCH_STEPS}  # --data's store
-    records = read_metrics(open_store(corpus.data).child(f"runs/{CLI_RUN}").get_text(METRICS_FILE))
+    records = read_metrics(open_store(corpus.data).child(f"runs/{CLI_RUN}"))
     assert [r["step"] for r in records] == list(range(1, CLI_STEPS + EPOCH_STEPS + 1))  # continued, not restarted
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from deployments.demo import BUILD_ID, PROMPT, QUICK, DemoResult, generate, print_summary
 from flows.pretrain import manifest_uri
-from model.metrics import METRICS_FILE, read_metrics
+from model.metrics import read_metrics
 from storage.manifest import DatasetManifest, SourceAccounting, read_record
 from storage.store import open_object, open_store
 from tasks.config import BuildConfig
@@ -62,7 +62,7 @@ def test_the_quick_demo_runs_the_whole_path_and_its_summary_says_what_it_made(qu
     assert re.search(r"a near duplicate \(Jaccard 0\.(8|9)\d with the one kept\): \"", summary)
 
     run = open_store(data).child(f"runs/{QUICK.run}")
-    records = read_metrics(run.get_text(METRICS_FILE))
+    records = read_metrics(run)
     assert [r["step"] for r in records] == list(range(1, QUICK.steps + 1))
     assert printed["training run"] == (
         f"{run.uri}  (step {QUICK.steps}, loss {records[0]['loss']:.2f} -> {records[-1]['loss']:.2f};"

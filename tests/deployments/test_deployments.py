@@ -19,7 +19,7 @@ from deployments.serve import epoch_schedule_was_active
 from flows.pretrain import TrainSettings, check_same_data, manifest_uri
 from flows.train import train
 from model.checkpoint import latest_checkpoint
-from model.metrics import METRICS_FILE, read_metrics
+from model.metrics import read_metrics
 from storage.lease import LeaseHeld, read_lease
 from storage.store import open_object, open_store
 from tasks.train import LEASE_FILE, run_config
@@ -124,7 +124,7 @@ def test_a_second_job_is_refused_and_consecutive_epochs_continue_the_run(served,
     end = start + LONG_EPOCH + SEGMENT
     assert newest_step(served) == end
 
-    records = read_metrics(served.run_store().get_text(METRICS_FILE))
+    records = read_metrics(served.run_store())
     assert [r["step"] for r in records] == list(range(1, end + 1))  # each epoch resumed, none restarted
     assert records[-1]["tokens"] == end * GLOBAL_BATCH_TOKENS
     assert read_lease(served.run_store(), LEASE_FILE) is None  # released after each job

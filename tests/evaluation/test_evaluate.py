@@ -43,6 +43,7 @@ def test_harness_scores_a_multiple_choice_task_reproducibly(trained_run, monkeyp
     assert first["metrics"] == second["metrics"]  # same checkpoint, same numbers
     rows = {row["metric"]: row for row in first["metrics"]}
     assert {"acc", "acc_norm"} <= rows.keys()
+    assert rows["acc"]["chance"] == rows["acc_norm"]["chance"] == 0.25  # 4 choices an item
     for row in rows.values():
         assert 0 <= row["value"] <= 1 and 0 < row["stderr"] <= 1
         assert row["value"] * ITEMS == pytest.approx(round(row["value"] * ITEMS))  # a count of items right

@@ -15,6 +15,7 @@ tests/flows/test_train_flow.py.)
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -27,7 +28,8 @@ import torch
 import yaml
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
-    FlowRunFilter, FlowRunFilterParentTaskRunId, TaskRunFilter, TaskRunFilterFlowRunId,
+    ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterParentTaskRunId, LogFilter, LogFilterFlowRunId,
+    TaskRunFilter, TaskRunFilterFlowRunId,
 )
 from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.client.schemas.responses import SetStateStatus
@@ -132,15 +134,32 @@ def cancel(flow_run_id) -> None:
 
 def child_runs(flow_run_id) -> dict[str, StateType]:
     """The states of a flow run's task runs and subflow runs (and theirs), by name."""
+    return {run.name: run.state.type for run in descendants(flow_run_id)}
+
+
+def descendants(flow_run_id) -> list:
+    """A flow run's task runs and subflow runs, and theirs."""
     with get_client(sync_client=True) as client:
         tasks = client.read_task_runs(task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[flow_run_id])))
         subflows = client.read_flow_runs(
             flow_run_filter=FlowRunFilter(parent_task_run_id=FlowRunFilterParentTaskRunId(any_=[t.id for t in tasks]))
         ) if tasks else []
-    states = {run.name: run.state.type for run in [*tasks, *subflows]}
-    for subflow in subflows:
-        states.update(child_runs(subflow.id))
-    return states
+    return [*tasks, *subflows, *(run for subflow in subflows for run in descendants(subflow.id))]
+
+
+def logged(flow_run_id) -> list[str]:
+    """The log lines of a flow run and of its subflow runs, as the UI shows them."""
+    ids = [flow_run_id, *(run.id for run in descendants(flow_run_id) if isinstance(run, FlowRun))]
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=ids)))
+    return [log.message for log in logs]
+
+
+def artifact_descriptions(flow_run_id) -> list[str]:
+    ids = [flow_run_id, *(run.id for run in descendants(flow_run_id) if isinstance(run, FlowRun))]
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=ids)))
+    return [artifact.description or "" for artifact in artifacts]
 
 
 def assert_cancelled_and_gone(served: Served, flow_run_id) -> FlowRun:
@@ -195,6 +214,14 @@ def test_cancelling_a_running_training_stops_torchrun_and_its_ranks_and_a_rerun_
     served.wait_for(training, RUN_TIMEOUT_S, "training past its first checkpoint")
     cancel(run.id)
     assert_cancelled_and_gone(served, run.id)
+    # One line says what was kept, in the log and on the progress card; the ranks' tracebacks of the
+    # signal that stopped them are not logged.
+    kept = latest_checkpoint(run_store).step
+    said = re.compile(rf"cancelled at step \d+; checkpoint step {kept} kept")
+    lines = logged(run.id)
+    assert [line for line in lines if said.search(line)], lines
+    assert not [line for line in lines if "Traceback" in line or "SignalException" in line], lines
+    assert [text for text in artifact_descriptions(run.id) if said.search(text)], artifact_descriptions(run.id)
 
     steps = latest_checkpoint(run_store).step + MORE_STEPS
     train(config.model_copy(update={"max_steps_this_run": MORE_STEPS}))  # the rerun, here: it resumes

@@ -67,8 +67,15 @@ def test_train_flow_trains_checkpoints_and_reports(prefect_server, bucket_prefix
     saved = store.get_text("config.json")
     assert '"vocab_size": 512' in saved and '"output": "s3://' in saved
 
-    found = artifacts(["flow-run-train-progress", "flow-run-train-metrics", "flow-run-loss-curve"])
+    found = artifacts(["flow-run-train-progress", "flow-run-train-metrics", "flow-run-loss-curve", "flow-run-train-live"])
     assert found["flow-run-train-progress"].data == 100.0
+    live = found["flow-run-train-live"].data  # the live card, as the flow last edited it
+    rows = re.findall(r"^\| ([\d,]+) \| ([\d.]+) \| ([\d.]*) \|", live, re.MULTILINE)
+    assert [(int(s), float(loss)) for s, loss, _ in rows] == [(r["step"], round(r["loss"], 4)) for r in records
+                                                              if r["step"] in (1, 4, STEPS)]  # the logged steps
+    assert [(int(s), float(val)) for s, _, val in rows if val] == [(r["step"], round(r["val_loss"], 4)) for r in records
+                                                                   if "val_loss" in r]
+    assert f"step {STEPS} of {STEPS}" in live and f"tinyllama export-hf {run_uri} ./flow-run-hf" in live
     table = {row["metric"]: row["value"] for row in json.loads(found["flow-run-train-metrics"].data)}
     assert table["step"] == f"{STEPS:,}" and table["loss"] == f"{records[-1]['loss']:.4g}"
     assert run_uri + "/plots/loss.png" in found["flow-run-loss-curve"].data

@@ -17,7 +17,7 @@ import sentencepiece as spm
 
 from model.checkpoint import complete_checkpoints, read_values
 from model.data import read_manifest
-from model.metrics import METRICS_FILE, read_metrics
+from model.metrics import read_metrics
 from model.train_config import TrainConfig
 from storage.manifest import sha256_bytes, write_record
 from storage.run_layout import RunLayout
@@ -154,7 +154,7 @@ def flow_run_logs(flow_run_name: str) -> str:
 
 
 def metrics(run_uri: str) -> list[dict]:
-    return read_metrics(open_store(run_uri).get_text(METRICS_FILE))
+    return read_metrics(open_store(run_uri))
 
 
 def train_state(run_uri: str) -> dict:

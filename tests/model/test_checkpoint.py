@@ -311,8 +311,12 @@ def test_metadata_with_a_pickled_object_is_refused(store, tmp_path, lone_process
     assert read_metadata(store, checkpoint).state_dict_metadata  # DCP's own classes load
     evil = pickle.dumps(NotATensor())
     store.put_bytes(checkpoint.key(METADATA_FILE), evil)
-    with pytest.raises(CheckpointError, match="refused to load.*builtins.eval"):
-        read_metadata(store, checkpoint)
+    with pytest.raises(CheckpointError, match=r"\.metadata: sha256 .*, its COMMIT lists"):
+        read_metadata(store, checkpoint)  # checked against its COMMIT before it is unpickled
+    committed = commit_checkpoint(store, 1, [f if f.key != METADATA_FILE else ObjectInfo(
+        key=METADATA_FILE, size=len(evil), sha256=sha256_bytes(evil)) for f in checkpoint.files])
+    with pytest.raises(CheckpointError, match="refused to load.*builtins.eval"):  # committed, as an attacker would
+        read_metadata(store, committed)
 
 
 def test_a_checkpoint_in_the_old_full_state_format_fails_saying_how_to_convert(store, tmp_path, lone_process_group):
@@ -401,7 +405,7 @@ def test_convert_rewrites_a_full_state_checkpoint_as_a_sharded_one(store, tmp_pa
 
     checkpoint = latest_checkpoint(store)
     assert checkpoint.step == 4 and not checkpoint.is_legacy
-    assert {f.key for f in checkpoint.files} == {METADATA_FILE, "__0_0.distcp"}
+    assert {f.key for f in checkpoint.files} == {METADATA_FILE, "__0_0.distcp", "__0_optimizer_0.distcp"}
     assert not store.exists(checkpoint.key(LEGACY_MODEL_FILE))
     assert read_values(store, checkpoint, "progress") == {"step": 4, "tokens_seen": 2048, "world_size": 2}
     assert read_values(store, checkpoint, "loader") == {"position": 64, "seed": 7, "seq_len": 32}

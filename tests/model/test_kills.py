@@ -98,7 +98,8 @@ def test_sigkilled_training_resumes_bit_exactly(point, where, straight, dataset,
         assert [c.step for c in complete_checkpoints(store)] == [2]
         in_flight = {Path(key).name for key in store.list(RunLayout.checkpoint(HELD_STEP) + "/")}
         if point == "commit":
-            assert in_flight == {"__0_0.distcp", "__1_0.distcp", METADATA_FILE}
+            assert in_flight == {"__0_0.distcp", "__1_0.distcp", "__0_optimizer_0.distcp",
+                                 "__1_optimizer_0.distcp", METADATA_FILE}
         else:
             assert in_flight == set()
             assert [r["step"] for r in metrics(config.run_uri)] == [1, 2, 3, 4]

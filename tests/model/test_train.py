@@ -20,7 +20,6 @@ import torch
 from model.checkpoint import complete_checkpoints, load_model, read_metadata
 from model.export import export_hf
 from model.hf import load_hf
-from model.metrics import METRICS_FILE
 from model.config import LlamaConfig
 from model.llama import Llama
 from model.train import learning_rate, materialize
@@ -76,16 +75,20 @@ def copy_checkpoint(from_run: str, to_run: str, step: int) -> None:
 
 
 def plant_crash_leftovers(run_uri: str, step: int) -> None:
-    """What a job killed after step+1 but mid-save leaves: a checkpoint without COMMIT, a metrics line."""
+    """What a job killed after step+1 but mid-save leaves: a checkpoint without COMMIT, the metrics
+    and TensorBoard segments uploaded before it."""
     store = open_store(run_uri)
     store.put_bytes(join_key(RunLayout.checkpoint(step + 1), "__0_0.distcp"), b"half written")
-    lines = store.get_text(METRICS_FILE)
-    store.put_text(METRICS_FILE, lines + '{"step": %d, "loss": 99.0}\n' % (step + 1))
+    store.put_text(RunLayout.metrics_segment(step + 1, step + 1), '{"step": %d, "loss": 99.0}\n' % (step + 1))
+    store.put_bytes(RunLayout.tensorboard_segment(step + 1, step + 1), b"events of a lost step")
 
 
 def test_resume_is_bit_exact(runs):
     straight, segmented = metrics(runs["straight"]), metrics(runs["segmented"])
     assert [r["step"] for r in segmented] == list(range(1, STEPS + 1))  # no duplicate, no planted line
+    layout = RunLayout.at(runs["segmented"])
+    segments = [(s.first, s.last) for s in layout.metrics_segments()[0]]
+    assert segments == [(1, 2), (3, 4)] == [(s.first, s.last) for s in layout.tensorboard_segments()]
     assert [r["loss"] for r in segmented] == [r["loss"] for r in straight]
     assert [r["grad_norm"] for r in segmented] == [r["grad_norm"] for r in straight]
     straight_model, _ = load_model(runs["straight"])
@@ -134,7 +137,8 @@ def test_fsdp_ranks_write_their_own_shards(runs):
         if index.fqn in files_by_tensor:
             files_by_tensor[index.fqn].add(info.relative_path)
     assert all(files == {"__0_0.distcp", "__1_0.distcp"} for files in files_by_tensor.values()), files_by_tensor
-    assert {f.key for f in newest.files} == {".metadata", "__0_0.distcp", "__1_0.distcp"}
+    assert {f.key for f in newest.files} == {".metadata", "__0_0.distcp", "__1_0.distcp",
+                                             "__0_optimizer_0.distcp", "__1_optimizer_0.distcp"}
 
 
 @pytest.mark.parametrize("activation_checkpointing", [False, True])
@@ -226,10 +230,11 @@ def test_config_errors_are_explicit(tmp_path):
     assert config.accum_steps(1) == 4 and config.accum_steps(2) == 2
     with pytest.raises(ValueError, match="world size 3"):
         config.accum_steps(3)
+    (tmp_path / "m.json").touch()  # a relative input is read from the config's folder and must be there
     (tmp_path / "run.yaml").write_text(
         "name: y\noutput: out\nmodel: tiny\ndata: [{manifest: m.json, weight: 1.0}]\nseq_len: 64\n"
         "global_batch_tokens: 1024\nmicro_batch: 8\nlr: {max: 4.0e-4, min: 4.0e-5, warmup_steps: 2}\n"
         "max_steps: 4\ncheckpoint_every: 2\nlauncher: {kind: ray, workers: 2, gpus_per_worker: 0}\n"
     )
     loaded = TrainConfig.from_yaml(tmp_path / "run.yaml")
-    assert loaded.launcher.world_size == 2 and loaded.run_uri.endswith("/out/runs/y")
+    assert loaded.launcher.world_size == 2 and loaded.run_uri == f"file://{tmp_path}/out/runs/y"

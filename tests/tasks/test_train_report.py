@@ -1,10 +1,12 @@
-"""What a training run shows in the Prefect UI: the segment status, rounded metrics, the inline loss curve."""
+"""What a training run shows in the Prefect UI: the segment status, the live card, rounded metrics, the
+inline loss curve."""
 
 from __future__ import annotations
 
 import base64
 
-from tasks.train_report import SegmentStatus, duration, loss_curve_markdown, metrics_rows
+from model.train_config import Evaluation
+from tasks.train_report import LIVE_ROWS, LiveView, SegmentStatus, duration, loss_curve_markdown, metrics_rows, next_steps
 
 
 def test_a_segment_runs_from_0_to_100_percent_of_its_own_steps():
@@ -50,3 +52,40 @@ def test_the_loss_curve_is_embedded_as_a_data_uri(store):
     text = loss_curve_markdown(store, "plots/loss.png", "r: loss curve")
     assert f"![loss curve](data:image/png;base64,{base64.b64encode(png).decode()})" in text
     assert store.url("plots/loss.png") in text
+
+
+def step(n: int, **extra) -> dict:
+    return {"step": n, "loss": 6.0 - n / 100, "tokens_per_s": 8200.0, "mfu": None, **extra}
+
+
+def test_the_live_card_shows_the_segments_logged_steps_thinned_and_the_next_steps_at_the_end():
+    live = LiveView("r", SegmentStatus.of(start_step=100, max_steps=1000, max_steps_this_run=None))
+    assert live.add(step(110), [step(100), step(110)])  # 100: the previous segment's
+    assert not live.add(step(110), [step(110)])  # nothing new: no edit
+    assert live.add(step(120, val_loss=5.5), [step(110), step(120, val_loss=5.5)])
+    text = live.markdown()
+    assert text.splitlines()[2].startswith("step 120 of 1000 (this segment: 20/900) · loss 4.800 · 8.2k tokens/s")
+    assert "| step | loss | validation loss | tokens/s |" in text and "MFU" not in text  # unknown MFU left out
+    assert "| 110 | 4.9000 |  | 8.2k |" in text and "| 120 | 4.8000 | 5.5000 | 8.2k |" in text
+    assert "| 100 |" not in text and "validation loss `▁` 5.500 → 5.500" in text
+
+    for n in range(130, 1010, 10):
+        live.add(step(n), [step(n)])
+    rows = [line for line in live.markdown().splitlines() if line[:3].strip("| ").isdigit()]
+    assert len(rows) == LIVE_ROWS and rows[0].startswith("| 110 |") and rows[-1].startswith("| 1,000 |")
+    assert "loss `█" in live.markdown() and "▁` 5.900 → 4.000" not in live.markdown()
+
+    steps = next_steps("s3://b/runs/r", "r", None)
+    assert steps == ["tinyllama export-hf s3://b/runs/r ./r-hf",
+                     "tinyllama evaluate s3://b/runs/r --tasks hellaswag,openbookqa,winogrande,arc_challenge,arc_easy,"
+                     "boolq,piqa --num-fewshot 0"]
+    assert live.markdown(steps).endswith("#### Next steps\n\n```bash\n" + "\n".join(steps) + "\n```")
+    own = next_steps("/runs/r", "r", Evaluation(tasks=["tiny_mc"], include_path="/t", limit=8))
+    assert own[1] == "tinyllama evaluate /runs/r --tasks tiny_mc --include-path /t --limit 8"
+
+
+def test_the_live_card_drops_a_crashed_invocations_steps_past_the_resumed_one():
+    live = LiveView("r", SegmentStatus.of(start_step=20, max_steps=100, max_steps_this_run=None))
+    live.add(step(35), [step(30), step(35)])  # progress.json as the crash left it
+    live.add(step(22), [step(21), step(22)])  # this invocation's first
+    assert sorted(live.rows) == [21, 22]
