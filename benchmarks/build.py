@@ -2,7 +2,7 @@
 
     .venv/bin/python -m benchmarks.build [--bytes 1G] [--repeats 3] [--no-datatrove]
 
-Makes the sample corpus (tasks/sample_corpus.py: SlimPajama-style prose as jsonl.zst, 70% of
+Makes the sample corpus (demo/sample_corpus.py: SlimPajama-style prose as jsonl.zst, 70% of
 the bytes, and Starcoder-style code as parquet) and trains one SentencePiece model on a sample
 of it (as the build trains one), before any clock. Then, `--repeats` times, taking turns:
 - project: the build-dataset flow on local Ray with every core into a fresh local folder:
@@ -65,7 +65,7 @@ def main() -> None:
     import flows.build_dataset as flow_module
     from tasks.config import BuildConfig
     from tasks.fanout import ensure_ray
-    from tasks.sample_corpus import make_sample_corpus
+    from demo.sample_corpus import make_sample_corpus
 
     started = time.perf_counter()
     corpus = make_sample_corpus(work / "raw", target_bytes=args.bytes)
@@ -171,7 +171,7 @@ def train_tokenizer(root: Path) -> bytes:
 
 def manifest_tokens(manifest_uri: str) -> int:
     manifest = orjson.loads(Path(manifest_uri.removeprefix("file://")).read_bytes())
-    return sum(shard["tokens"] for shard in manifest["shards"])
+    return manifest["total_tokens"]
 
 
 def time_stages(flow_module, seconds: dict[str, list[float]]) -> None:

@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_chaos(work: Path, rounds: int, seed: int, max_outage: float, prefect_api_url: str | None = None) -> Report:
     """The reference round, then `rounds` rounds with faults; each Round lists its problems (none: it passed)."""
-    from tasks.sample_corpus import make_sample_corpus
+    from demo.sample_corpus import make_sample_corpus
     from tests.fixtures.faulty_proxy import faulty_proxy_in_front
     from tests.fixtures.s3 import SeaweedServer
 
@@ -236,7 +236,7 @@ def fault_schedule(rng: random.Random, max_outage: float) -> list:
 def run_command(command: str, configs: dict[str, Path], env: dict, mark: str,
                 kill_after: float | None = None) -> subprocess.CompletedProcess:
     """`tinyllama <command> <config>` in a session of its own; SIGKILL its whole tree after `kill_after` s."""
-    from storage.processes import process_tree
+    from runtime.processes import process_tree
 
     config = configs["build" if command == "build-dataset" else "train"]
     process = subprocess.Popen([sys.executable, "-m", "deployments.cli", command, str(config)], cwd=REPO,

@@ -10,7 +10,7 @@ steps apart, to a local folder (or `--store s3://...`), once per method:
 - full-state (the earlier format, re-enacted here as the baseline): the full model and AdamW
   state gathered on rank 0 (cpu_offload), written as model.safetensors + optimizer.pt, uploaded
   and committed by rank 0 while the other rank waits at a barrier;
-- dcp-sync: model/checkpoint.py's Checkpointer, every rank writing its own shards;
+- dcp-sync: model/checkpoint's Checkpointer, every rank writing its own shards;
 - dcp-async: the same with async_save: the loop goes on while the shards are written.
 
 Per method: save time (call to committed, mean per checkpoint), training stall per checkpoint
@@ -22,7 +22,7 @@ baseline's full copy on rank 0) fits in 80% of this machine's memory.
     .venv/bin/python -m benchmarks.checkpoint --reads --presets tiny small   # export/evaluate reads
 
 `--reads` measures instead what reading a checkpoint's model costs (`tinyllama export-hf` and the
-evaluate task: model/checkpoint.py load_model) on S3: a SeaweedFS server started here, unless
+evaluate task: model/checkpoint load_model) on S3: a SeaweedFS server started here, unless
 `--store s3://...`. The 2 ranks save one checkpoint (`--saves` and `--steps-between` unused), then
 this process reads its model twice, the S3 calls counted by botocore's event hooks:
 - before (the earlier behaviour, re-enacted here as the baseline): every file of the checkpoint

@@ -3,6 +3,7 @@ against exact all-pairs Jaccard, and the whole stage's wall time and per-task pe
 
     .venv/bin/python -m benchmarks.dedup [--sample 20000] [--scales 10000,100000] [--cpus 2]
     .venv/bin/python -m benchmarks.dedup --signatures-only [--sample 4000]
+    .venv/bin/python -m benchmarks.dedup --verify-requests [--sample 20000] [--budgets 1M,2M,4M,8M] [--shard-docs 50]
 
 Benchmark-only packages, the `bench` extra: datatrove==0.10.1 (its English word tokenizer
 needs spacy==3.8.18), datasketch==2.0.0 and rensa==0.5.0 (--signatures-only needs only the
@@ -33,6 +34,10 @@ last two).
    20% planted near-duplicates; wall time and the largest per-task peak RSS (VmHWM reset
    at each task's start), with partitions sized from the documents as the build sizes them
    (tasks.partitioning, 1 GiB per task).
+5. Verify requests (`--verify-requests`): the stage in-process on a local store that counts its
+   reads (one per S3 GET), on `--sample` Zipf-word documents in small docs shards, at each of
+   `--budgets`; the range reads of the verify path (candidates, shingles and their merge levels under runs/)
+   against data / budget, with the fitted exponent (benchmarks.scale_model's least squares).
 """
 
 from __future__ import annotations
@@ -50,9 +55,10 @@ import sys
 import sysconfig
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, partial
 from importlib.metadata import version
 from pathlib import Path
 
@@ -61,6 +67,7 @@ import pyarrow as pa
 import xxhash
 
 from benchmarks import datatrove_compat
+from benchmarks.tokenize import parse_bytes
 from storage import build_layout as layout
 from storage.manifest import ShardResult
 from storage.store import LocalStore, Store
@@ -140,12 +147,12 @@ def zipf_corpus(count: int, seed: int = 0, log_words: float = 5.2) -> list[str]:
     return texts
 
 
-def write_shards(store: Store, texts: Sequence[str], first_ordinal: int = 0) -> list[DocsShard]:
-    """Docs shards of DOCS_PER_SHARD texts, plan ordinals from `first_ordinal` on."""
+def write_shards(store: Store, texts: Sequence[str], first_ordinal: int = 0, per_shard: int = DOCS_PER_SHARD) -> list[DocsShard]:
+    """Docs shards of `per_shard` texts, plan ordinals from `first_ordinal` on."""
     shards = []
-    for offset, start in enumerate(range(0, len(texts), DOCS_PER_SHARD)):
+    for offset, start in enumerate(range(0, len(texts), per_shard)):
         ordinal = first_ordinal + offset
-        chunk = texts[start : start + DOCS_PER_SHARD]
+        chunk = texts[start : start + per_shard]
         file = PlannedFile(source="bench", uri=f"bench://{ordinal}", size=0, ordinal=ordinal)
         ids = pa.array([document_id(ordinal, r) for r in range(len(chunk))], pa.int64())
         key = f"docs/bench/{file.shard}.parquet"
@@ -419,6 +426,53 @@ def measure_near_dedup(store: Store, shards: list[DocsShard], cfg: MinHashConfig
     return run
 
 
+class CountingStore(LocalStore):
+    """A local store that counts the reads of each folder under dedup/near/ (a read is an S3 GET)."""
+
+    def __init__(self, root):
+        super().__init__(root)
+        self.reads: Counter[str] = Counter()
+
+    def _count(self, key: str) -> None:
+        if key.startswith(layout.NEAR):
+            self.reads[key.removeprefix(layout.NEAR).split("/")[1]] += 1
+
+    def get_bytes(self, key: str) -> bytes:
+        self._count(key)
+        return super().get_bytes(key)
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        self._count(key)
+        return super().get_range(key, start, length)
+
+
+VERIFY_FOLDERS = ("candidates", "shingles", "runs")  # what the verify path reads
+def verify_requests(count: int, budgets: Sequence[int], shard_docs: int) -> None:
+    from benchmarks.scale_model import exponent
+
+    texts = zipf_corpus(count)
+    text_bytes = sum(len(t.encode()) for t in texts)
+    print(f"\n{count:,} documents, {text_bytes / 1e6:.1f} MB, {shard_docs} a docs shard; range reads by folder of dedup/near/")
+    print("\n| budget | data/budget | batches | verify groups | " + " | ".join(VERIFY_FOLDERS) + " | verify path | removed |")
+    print("| ---: | ---: | ---: | ---: |" + " ---: |" * (len(VERIFY_FOLDERS) + 2))
+    points = []
+    for budget in budgets:
+        with tempfile.TemporaryDirectory() as tmp:
+            store = CountingStore(tmp)
+            shards = write_shards(store, texts, per_shard=shard_docs)
+            run = partial(run_stage, store, inline=True)
+            run_near_dedup(store, shards, sized(MinHashConfig(), count, budget), run, batch_bytes(budget), budget)
+            batches = len(list(store.list(layout.NEAR_BANDS)))
+            groups = len(list(store.list(layout.NEAR_BUCKETS)))
+            removed = sum(len(removed_pairs(store, layout.near_merged, s.file)[0]) for s in shards)
+        verify = sum(store.reads[f] for f in VERIFY_FOLDERS)
+        points.append((text_bytes / budget, verify))
+        print(f"| {budget >> 10} KiB | {text_bytes / budget:.1f} | {batches} | {groups} | "
+              + " | ".join(str(store.reads[f]) for f in VERIFY_FOLDERS) + f" | {verify} | {removed} |")
+    fitted = exponent(*zip(*points))
+    print(f"\nverify-path reads vs data/budget: exponent {fitted:.2f}" if fitted is not None else "")
+
+
 # -- main -----------------------------------------------------------------------------------
 
 
@@ -428,7 +482,14 @@ def main() -> None:
     parser.add_argument("--scales", default="10000,100000", help="corpus sizes for the whole stage")
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--signatures-only", action="store_true", help="only the char 13-gram throughput: project, rensa, datasketch")
+    parser.add_argument("--verify-requests", action="store_true", help="only the verify path's reads at each of --budgets")
+    parser.add_argument("--budgets", default="1M,2M,4M,8M", help="task memory budgets for --verify-requests")
+    parser.add_argument("--shard-docs", type=int, default=50, help="documents a docs shard for --verify-requests (small: many batches)")
     args = parser.parse_args()
+
+    if args.verify_requests:
+        verify_requests(args.sample, [parse_bytes(b) for b in args.budgets.split(",")], args.shard_docs)
+        return
 
     if args.signatures_only:
         print(f"python {platform.python_version()}, numpy {version('numpy')}, numba {version('numba')}, rensa {version('rensa')}, datasketch {version('datasketch')}")

@@ -1,8 +1,20 @@
 """Loader throughput: tokens/s per rank at seq_len 2048, from a local store, a warm cache and S3;
-and (--fetch) the bytes each node fetches per epoch, before and after node-aware loading.
+(--fetch) the bytes each node fetches per epoch, before and after node-aware loading; and
+(--manifest) what the manifest costs a node's ranks to start and the build to write.
 
     .venv/bin/python -m benchmarks.loader [--tokens 64M] [--windows 5] [--batches 200]
     .venv/bin/python -m benchmarks.loader --fetch [--shards 1024] [--world-sizes 8,64] [--gpus-per-node 1,8]
+    .venv/bin/python -m benchmarks.loader --manifest [--shards 240000] [--ranks-per-node 8,64]
+
+--manifest writes the manifest of `shards` token shards (records only, no data) to a SeaweedFS
+server started here, in both formats: the old whole JSON (every shard inline, as version 1 was)
+and the header + shard table. Then it starts a node's ranks, processes sharing one cache folder
+and started together: with the table, each builds its BlockLoader (the real path: header GET,
+table fetched once per node, verified, keys checked, streams built); with the old JSON, each
+GETs and parses it into pydantic records, as the old loader began (a lower bound of its start).
+The old path is the same work on every rank, so it runs `--old-sample` ranks at a time and
+counts the node's bytes as ranks x a rank's (this machine could not hold 64 copies in memory).
+Bytes are what the S3 client received (GetObject bodies); memory is the rank's resident growth.
 
 --fetch simulates: a manifest of `shards` 4M-token shards (no data: the loader's plan is a pure
 function of the manifest), and for each world size and GPUs per node, the shards whose tokens
@@ -27,16 +39,24 @@ rank from cache.
 from __future__ import annotations
 
 import argparse
+import gc
+import hashlib
+import multiprocessing
+import os
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from model.data import BlockLoader, DataSource
-from storage.manifest import DatasetManifest, ObjectInfo, SourceAccounting, TokenizerInfo, TokenShard, write_record
-from storage.store import open_store
+from storage.build_layout import MANIFEST, SHARD_TABLE
+from storage.manifest import (
+    DocumentConvention, ObjectInfo, Record, ShardTable, SourceAccounting, TokenizerInfo, TokenShard, new_manifest, put_manifest, record_bytes,
+)
+from storage.store import open_object, open_store
 from tests.fixtures.s3 import SeaweedServer, aws_environment
 from tests.model.synthetic import write_synthetic_build
 
@@ -75,19 +95,31 @@ def time_loader(manifest: str, cache_dir: Path, world_size: int, windows: int, b
     return first_batch, rates[0], statistics.median(rates[1:])
 
 
+HEADER = dict(
+    name="fetch", build_id="simulated", config={}, config_hash="0" * 64, dtype="uint16",
+    tokenizer=TokenizerInfo(key="unused", sha256="0" * 64, vocab_size=32000, bos_id=1, eos_id=2, trained=False),
+)
+
+
+def token_shards(shards: int) -> list[TokenShard]:
+    """`shards` full 4M-token shards whose files do not exist (never read here), distinct checksums."""
+    def info(prefix: str, ext: str) -> ObjectInfo:
+        return ObjectInfo.model_construct(key=f"{prefix}.{ext}", size=2 * SHARD_TOKENS, sha256=hashlib.sha256(f"{prefix}.{ext}".encode()).hexdigest())
+
+    prefixes = [f"tokens/web/{i // 4:06d}-{i % 4:04d}" for i in range(shards)]
+    return [TokenShard.model_construct(prefix=p, source="web", documents=4000, tokens=SHARD_TOKENS, bin=info(p, "bin"),
+                                       idx=info(p, "idx")) for p in prefixes]  # unvalidated: only the writers are timed
+
+
+def sources_of(shards: int) -> dict[str, SourceAccounting]:
+    return {"web": SourceAccounting(docs_in=shards, kept=shards, tokens=shards * SHARD_TOKENS)}
+
+
 def metadata_manifest(folder: Path, shards: int) -> str:
     """A manifest of `shards` full 4M-token shards whose files do not exist (never read here)."""
-    fake = ObjectInfo(key="unused", size=0, sha256="0" * 64)
-    manifest = DatasetManifest(
-        name="fetch", build_id="simulated", config={}, config_hash="0" * 64, dtype="uint16",
-        tokenizer=TokenizerInfo(key="unused", sha256="0" * 64, vocab_size=32000, bos_id=1, eos_id=2, trained=False),
-        shards=[TokenShard(prefix=f"tokens/web/web-{i:06d}", source="web", documents=1, tokens=SHARD_TOKENS,
-                           bin=fake, idx=fake) for i in range(shards)],
-        sources={"web": SourceAccounting(docs_in=shards, kept=shards, tokens=shards * SHARD_TOKENS)},
-    )
     store = open_store(str(folder))
-    write_record(store, "manifest.json", manifest)
-    return store.url("manifest.json")
+    put_manifest(store, MANIFEST, *new_manifest(ShardTable.of(token_shards(shards)), SHARD_TABLE, sources=sources_of(shards), **HEADER))
+    return store.url(MANIFEST)
 
 
 def fetched_per_node(manifest: str, cache: Path, world_size: int, gpus_per_node: int, data_nodes: int) -> list[float]:
@@ -110,10 +142,10 @@ def fetched_per_node(manifest: str, cache: Path, world_size: int, gpus_per_node:
     return shares
 
 
-def fetch_table(args) -> None:
+def fetch_table(shards: int, args) -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="loader-fetch-") as tmp:
-        manifest = metadata_manifest(Path(tmp) / "store", args.shards)
+        manifest = metadata_manifest(Path(tmp) / "store", shards)
         for world_size in args.world_sizes:
             for gpus in args.gpus_per_node:
                 if world_size % gpus:
@@ -122,8 +154,8 @@ def fetch_table(args) -> None:
                 before = fetched_per_node(manifest, Path(tmp) / "cache", world_size, gpus, 1)
                 after = fetched_per_node(manifest, Path(tmp) / "cache", world_size, gpus, nodes)
                 rows.append((world_size, gpus, nodes, max(before), statistics.mean(after), max(after)))
-    size = args.shards * SHARD_TOKENS * 2
-    print(f"\nShards fetched per node per epoch: {args.shards} shards of {SHARD_TOKENS >> 20}M tokens "
+    size = shards * SHARD_TOKENS * 2
+    print(f"\nShards fetched per node per epoch: {shards} shards of {SHARD_TOKENS >> 20}M tokens "
           f"({size / 2**30:.0f} GiB as uint16), seq_len {SEQ_LEN}; x = fraction of the dataset\n")
     print("| world size | GPUs per node | nodes | before (max over nodes) | after (mean) | after (max) | ideal 1/nodes |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
@@ -132,18 +164,146 @@ def fetch_table(args) -> None:
               f"| {mean_after:.3f}x | {max_after:.3f}x ({max_after * size / 2**30:,.2f} GiB) | {1 / nodes:.3f}x |")
 
 
+class InlineManifest(Record):
+    """The old format (version 1), the baseline: every shard inline in the JSON."""
+
+    version: int = 1
+    name: str
+    build_id: str
+    config: dict
+    config_hash: str
+    tokenizer: TokenizerInfo
+    documents: DocumentConvention = DocumentConvention()
+    dtype: str
+    shards: list[TokenShard]
+    sources: dict[str, SourceAccounting]
+
+
+class ReceivedBytes:
+    """Bytes of every GetObject body this process's S3 client receives (botocore's event hooks)."""
+
+    def __init__(self):
+        from storage.s3 import s3_client
+
+        self.bytes = 0
+        self.events = s3_client().meta.events
+        self.events.register("after-call.s3.GetObject", self, unique_id="benchmark-loader-bytes")
+
+    def __call__(self, parsed, **_):
+        self.bytes += parsed.get("ContentLength", 0)
+
+    def close(self) -> None:
+        self.events.unregister("after-call.s3.GetObject", unique_id="benchmark-loader-bytes")
+
+
+def resident_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def start_rank(uri: str, cache: Path, old: bool, barrier) -> tuple[float, float, int, int]:
+    """One rank's start (a forked process): (seconds, CPU seconds, bytes received, resident growth)."""
+    received, before = ReceivedBytes(), resident_bytes()
+    barrier.wait()
+    started, cpu = time.perf_counter(), time.process_time()
+    if old:
+        store, key = open_object(uri)
+        kept = InlineManifest.model_validate_json(store.get_bytes(key))
+    else:
+        kept = BlockLoader([DataSource(manifest=uri)], SEQ_LEN, seed=0, cache_dir=cache, prefetch=0)
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+    grown = resident_bytes() - before
+    received.close()
+    del kept
+    return seconds, cpu, received.bytes, grown
+
+
+def start_node(uri: str, cache: Path, ranks: int, old: bool, at_once: int) -> list[tuple[float, float, int, int]]:
+    """A node's ranks started together (`at_once` at a time), sharing the cache folder."""
+    context = multiprocessing.get_context("fork")
+    results = []
+    with context.Manager() as manager:
+        for first in range(0, ranks, at_once):
+            count = min(at_once, ranks - first)
+            barrier = manager.Barrier(count)
+            with ProcessPoolExecutor(count, mp_context=context) as pool:
+                results += pool.map(start_rank, [uri] * count, [cache] * count, [old] * count, [barrier] * count)
+    return results
+
+
+def timed(write) -> float:
+    started = time.perf_counter()
+    write()
+    return time.perf_counter() - started
+
+
+def manifest_table(shards: int, ranks_per_node: list[int], old_sample: int) -> None:
+    records = token_shards(shards)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="loader-manifest-") as tmp:
+        work = Path(tmp)
+        server = SeaweedServer(work / "seaweedfs")
+        server.start()
+        try:
+            with aws_environment(server):
+                server.client().create_bucket(Bucket="loader-bench")
+                old_store, new_store = open_store("s3://loader-bench/old"), open_store("s3://loader-bench/new")
+
+                def write_old():
+                    old_store.put_bytes(MANIFEST, record_bytes(InlineManifest(shards=records, sources=sources_of(shards), **HEADER)))
+
+                def write_new():
+                    put_manifest(new_store, MANIFEST, *new_manifest(ShardTable.of(records), SHARD_TABLE, sources=sources_of(shards), **HEADER))
+
+                writes = {"old": timed(write_old), "new": timed(write_new)}
+                written = {"old": old_store.size(MANIFEST), "new": new_store.size(MANIFEST) + new_store.size(SHARD_TABLE)}
+                records.clear()
+                gc.collect()
+                # the old path is the same work on every rank, whatever their number: one sample serves each row
+                old_ranks = start_node(old_store.url(MANIFEST), work / "cache-old", old_sample, True, old_sample)
+                for ranks in ranks_per_node:
+                    new_ranks = start_node(new_store.url(MANIFEST), work / f"cache-{ranks}", ranks, False, ranks)
+                    for name, started in (("old: whole JSON", old_ranks), ("new: header + table", new_ranks)):
+                        seconds, cpu, received, grown = zip(*started)
+                        node_bytes = sum(received) * ranks // len(started)  # old: ranks x a rank's
+                        rows.append((ranks, name, node_bytes, statistics.median(seconds), max(seconds),
+                                     statistics.median(cpu), max(grown)))
+        finally:
+            server.stop()
+
+    print(f"\nManifest of {shards:,} token shards on SeaweedFS (S3)\n")
+    print("| format | bytes written | write s |")
+    print("| --- | ---: | ---: |")
+    for name in ("old", "new"):
+        print(f"| {name} | {written[name] / 2**20:,.1f} MiB | {writes[name]:.2f} |")
+    print(f"| ratio old/new | {written['old'] / written['new']:.1f}x | {writes['old'] / writes['new']:.1f}x |")
+    print(f"\nranks started together: all (new), {old_sample} (old); {os.cpu_count()} CPUs here\n")
+    print("| ranks per node | manifest | bytes fetched per node | rank start s (median) | (max) | rank CPU s (median) | rank memory growth (max) |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+    for ranks, name, node_bytes, median, slowest, cpu, grown in rows:
+        print(f"| {ranks} | {name} | {node_bytes / 2**20:,.1f} MiB | {median:.2f} | {slowest:.2f} | {cpu:.2f} | {grown / 2**20:,.0f} MiB |")
+    for old, new in zip(rows[::2], rows[1::2]):
+        ratios = [old[i] / max(new[i], 1e-9) for i in (2, 3, 4, 5, 6)]
+        print(f"| {old[0]} | ratio old/new | " + " | ".join(f"{r:,.1f}x" for r in ratios) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=parse_tokens, default=parse_tokens("64M"), help="dataset size")
     parser.add_argument("--windows", type=int, default=5, help="timed windows after the first")
     parser.add_argument("--batches", type=int, default=200, help="micro-batches per window")
     parser.add_argument("--fetch", action="store_true", help="simulate the bytes fetched per node instead")
-    parser.add_argument("--shards", type=int, default=1024, help="--fetch: shards in the simulated dataset")
+    parser.add_argument("--shards", type=int, help="shards in the simulated dataset (--fetch: 1024, --manifest: 240,000)")
     parser.add_argument("--world-sizes", type=lambda t: [int(x) for x in t.split(",")], default=[8, 64])
     parser.add_argument("--gpus-per-node", type=lambda t: [int(x) for x in t.split(",")], default=[1, 8])
+    parser.add_argument("--manifest", action="store_true", help="time the manifest's write and the ranks' start instead")
+    parser.add_argument("--ranks-per-node", type=lambda t: [int(x) for x in t.split(",")], default=[8, 64])
+    parser.add_argument("--old-sample", type=int, default=2, help="--manifest: old-format ranks run at once")
     args = parser.parse_args()
     if args.fetch:
-        fetch_table(args)
+        fetch_table(args.shards or 1024, args)
+        return
+    if args.manifest:
+        manifest_table(args.shards or 240_000, args.ranks_per_node, args.old_sample)
         return
 
     lengths = {"web": documents(args.tokens, seed=0)}

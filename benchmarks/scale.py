@@ -85,7 +85,7 @@ def main() -> None:
 
 
 def throughput(args) -> None:
-    from tasks.sample_corpus import make_sample_corpus
+    from demo.sample_corpus import make_sample_corpus
 
     work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     corpus = make_sample_corpus(work / "raw", target_bytes=args.bytes)
@@ -312,7 +312,6 @@ def dedup_one(docs: int, cpus: int, budget: int, doc_words: int) -> None:
     import ray
 
     from benchmarks.dedup import DOCS_PER_SHARD, StageRun, sized
-    from storage import build_layout as layout
     from storage.store import LocalStore
     from tasks.config import MinHashConfig
     from tasks.exact_dedup import run_exact_dedup

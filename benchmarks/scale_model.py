@@ -256,7 +256,7 @@ def build_one(spec: dict) -> None:
     flow_traffic = traffic_since(before, driver.snapshot())
     manifest = load_manifest(manifest_uri)
     print(json.dumps({
-        "wall_s": wall, "stages": stages, "token_shards": len(manifest.shards), "documents_kept": manifest.total_documents,
+        "wall_s": wall, "stages": stages, "token_shards": manifest.shard_table.rows, "documents_kept": manifest.total_documents,
         "tokens": manifest.total_tokens,
         # the flow's own calls outside its stages (the build's summary)
         "driver_requests_outside_stages": sum(flow_traffic["requests"].values()) - sum(s["driver_requests"] for s in stages.values()),

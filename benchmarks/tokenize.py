@@ -247,7 +247,7 @@ def stage_vs_raw(args: argparse.Namespace, work: Path) -> None:
     from tasks.parquet_io import read_table
     from tasks.plan import Build, shard_of
     from tasks.removals import deduplicated_ids
-    from tasks.sample_corpus import make_sample_corpus
+    from demo.sample_corpus import make_sample_corpus
     from tasks.stage import Stage
     from tasks.tokenize import CACHE_SHARE, tokenize_shard
 

@@ -123,7 +123,7 @@ def make_corpus(
     seed: Annotated[int, typer.Option(help="Seed of the generated documents")] = 42,
 ) -> None:
     """Make the sample corpus (SlimPajama-style jsonl.zst + Starcoder-style parquet) and its build config."""
-    from tasks.sample_corpus import make_sample_corpus
+    from demo.sample_corpus import make_sample_corpus
 
     summary = make_sample_corpus(out_dir, target_bytes=target_bytes, seed=seed)
     typer.echo(f"sample corpus in {out_dir}: {summary['documents']}")
@@ -215,7 +215,7 @@ def export_hf(
     typer.echo(str(exported))
 
 
-@app.command(epilog="Example: tinyllama evaluate data/runs/sample-tiny --tasks tiny_mc --include-path tests/evaluation/tiny_mc")
+@app.command(epilog="Example: tinyllama evaluate data/runs/sample-tiny --tasks tiny_mc --include-path demo/tiny_mc")
 def evaluate(
     ctx: typer.Context,
     run_or_checkpoint: Annotated[str, typer.Argument(help="A checkpoint folder, or a run folder (its newest checkpoint)")],
@@ -241,12 +241,13 @@ def evaluate(
 
 
 def print_manifest(uri: str, shards: bool = False) -> None:
-    from storage.manifest import DatasetManifest, read_record
+    from storage.manifest import read_manifest, read_shard_table
     from storage.store import open_object
 
-    manifest = read_record(*open_object(uri), DatasetManifest)
+    store, key = open_object(uri)
+    manifest = read_manifest(store, key)
     typer.echo(f"build {manifest.name}/{manifest.build_id}: {manifest.total_documents} documents, "
-               f"{manifest.total_tokens} tokens in {len(manifest.shards)} shards ({manifest.dtype}), "
+               f"{manifest.total_tokens} tokens in {manifest.shard_table.rows} shards ({manifest.dtype}), "
                f"tokenizer {manifest.tokenizer.sha256[:12]} vocab {manifest.tokenizer.vocab_size}")
     header = ["source", "docs_in", "kept", "filtered", "exact_dup", "near_dup", "malformed", "tokens"]
     typer.echo("  ".join(f"{h:>10}" for h in header))
@@ -255,7 +256,8 @@ def print_manifest(uri: str, shards: bool = False) -> None:
         typer.echo("  ".join(f"{v:>10}" for v in values))
     if shards:
         typer.echo(f"{'shard':<40} {'documents':>10} {'tokens':>12} sha256(bin)")
-        for shard in manifest.shards:
+        table = read_shard_table(store, key, manifest)
+        for shard in map(table.shard, range(len(table))):
             typer.echo(f"{shard.prefix:<40} {shard.documents:>10} {shard.tokens:>12} {shard.bin.sha256[:16]}")
 
 

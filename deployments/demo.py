@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from deployments.settings import SAMPLE_RUN
@@ -23,7 +24,7 @@ PROMPT = "The history of"
 NEW_TOKENS = 24
 GENERATION_SEED = 0
 NEWLINE = "⏎"  # how the summary shows a generated line break
-EVAL_TASK = Path(__file__).resolve().parents[1] / "tests" / "evaluation" / "tiny_mc"
+EVAL_TASK = resources.files("demo") / "tiny_mc"  # package data: there in an installed package too
 
 
 @dataclass(frozen=True)
@@ -83,13 +84,14 @@ def generate(export: Path, prompt: str = PROMPT, new_tokens: int = NEW_TOKENS) -
 
 
 def demo_task(data_dir: Path) -> Path:
-    """The multiple-choice test task as an include folder whose data_files is absolute (lm-eval
-    reads data_files relative to the working folder, and the demo runs from any)."""
+    """The multiple-choice test task copied into an include folder whose data_files is absolute
+    (lm-eval reads data_files relative to the working folder, and the demo runs from any)."""
     folder = data_dir / "eval-tasks"
     folder.mkdir(parents=True, exist_ok=True)
-    relative = "tests/evaluation/tiny_mc/tiny_mc.jsonl"
-    config = (EVAL_TASK / "tiny_mc.yaml").read_text().replace(relative, str(EVAL_TASK / "tiny_mc.jsonl"))
-    (folder / "tiny_mc.yaml").write_text(config)
+    data = folder / "tiny_mc.jsonl"
+    data.write_bytes((EVAL_TASK / "tiny_mc.jsonl").read_bytes())
+    relative = "demo/tiny_mc/tiny_mc.jsonl"
+    (folder / "tiny_mc.yaml").write_text((EVAL_TASK / "tiny_mc.yaml").read_text().replace(relative, str(data)))
     return folder
 
 
@@ -107,12 +109,12 @@ def run_demo(data_dir: Path = Path("data"), size: DemoSize = FULL, run_flow=None
     from model.export import export_hf
     from model.metrics import read_metrics
     from storage.build_layout import NEAR_SAMPLE
-    from storage.manifest import DatasetManifest, read_record
+    from storage.manifest import read_manifest
     from storage.run_layout import HF_DIR, RunLayout
     from storage.store import open_object
     from tasks.parquet_io import read_table
     from tasks.config import BuildConfig
-    from tasks.sample_corpus import make_sample_corpus
+    from demo.sample_corpus import make_sample_corpus
 
     started = time.monotonic()
     data_dir = data_dir.resolve()
@@ -125,7 +127,7 @@ def run_demo(data_dir: Path = Path("data"), size: DemoSize = FULL, run_flow=None
     records = read_metrics(run.store)
     export = export_hf(run_uri, run.store.local_path(HF_DIR))  # the demo's store is data_dir
     build_store, manifest_key = open_object(manifest_uri(build))
-    manifest = read_record(build_store, manifest_key, DatasetManifest)
+    manifest = read_manifest(build_store, manifest_key)
     near_sample = read_table(build_store, NEAR_SAMPLE).slice(0, 1).to_pylist() if build.dedup.near else []
     result = DemoResult(
         corpus=data_dir / size.corpus,

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from deployments.settings import configure_prefect
-from storage.processes import become_subreaper, die_with_parent, stop_descendants, stop_process_tree
+from runtime.processes import become_subreaper, die_with_parent, stop_descendants, stop_process_tree
 
 STARTUP_TIMEOUT_S = 180.0
 DEFAULT_API_URL = "http://127.0.0.1:4200/api"
@@ -42,8 +42,10 @@ class ServeError(RuntimeError):
     """The Prefect server could not be reached or started; the message says why."""
 
 
-def healthy(api_url: str, timeout_s: float = 2.0) -> bool:
-    """Whether a Prefect API answers its health check at `api_url` (…/api)."""
+def healthy(api_url: str, timeout_s: float = 15.0) -> bool:
+    """Whether a Prefect API answers its health check at `api_url` (…/api). No server there is
+    known at once (connection refused); a busy one may take seconds on a loaded machine (2 s was
+    too short at a load of ~6, and a command refused a server that was up)."""
     try:
         with urllib.request.urlopen(f"{api_url.rstrip('/')}/health", timeout=timeout_s) as response:
             return response.status == 200
@@ -174,7 +176,7 @@ def server_for_command(data_dir: Path, api_url: str | None = None) -> Iterator[C
             if not healthy(api_url):
                 raise ServeError(f"no Prefect server answers at {api_url} (--api-url / PREFECT_API_URL)")
         elif not (api_url := served_api_url(data_dir)):
-            server = PrefectServer("127.0.0.1", _free_port(), Path(PREFECT_HOME.value()) / "temporary-server.log", ui=False)
+            server = PrefectServer("127.0.0.1", free_port(), Path(PREFECT_HOME.value()) / "temporary-server.log", ui=False)
             print(
                 f"starting a temporary Prefect server (`tinyllama serve` keeps one, with the UI; log: {server.log_path})",
                 file=sys.stderr, flush=True,
@@ -197,7 +199,7 @@ def _drain_prefect_workers(timeout_s: float = 30) -> None:
         worker.drain_all(timeout=timeout_s)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -337,7 +339,7 @@ def epoch_schedule_was_active() -> bool:
 
 def sample_build_config(data_dir: Path) -> Path:
     """The sample corpus's build config under data_dir/raw (making the corpus if it is not there)."""
-    from tasks.sample_corpus import make_sample_corpus
+    from demo.sample_corpus import make_sample_corpus
 
     config = data_dir / "raw" / "sample.yaml"
     if not config.exists():

@@ -7,7 +7,7 @@
   (deployments/serve.py `server_for_command`).
 - Nothing outlives it: the command is a child subreaper (orphaned grandchildren, such as Ray's
   agents, are re-parented to it and stopped at the end) and a guardian process stops its whole
-  tree if it dies, even by SIGKILL (storage/processes.py).
+  tree if it dies, even by SIGKILL (runtime/processes.py).
 - Ctrl-C or SIGTERM stops the work (the flow's tasks, Ray, training processes), marks its
   Prefect runs Cancelled (the flow run, its task runs and subflow runs), and exits 130 with a
   one-line message. Whatever was half-written is redone by the next run (receipts, COMMIT markers).
@@ -29,11 +29,12 @@ from deployments.errors import Interrupted, debug_enabled
 from deployments.serve import server_for_command
 from deployments.terminal import progress_bars
 from flows.cancellation import cancel_runs
-from storage.processes import become_subreaper, guard_process_tree, stop_descendants
+from runtime.processes import become_subreaper, guard_process_tree, stop_descendants
 
 CLEANUP_GRACE_S = 5.0
 REINTERRUPT_S = 3.0  # an interrupt not yet seen by the clean-up is raised again this often
 INTERRUPTED = "Cancelled by an interrupt of the command line (Ctrl-C or SIGTERM)"
+FAILURE_RESTATED = ("Encountered exception during execution:", "Finished in state Failed(")  # Prefect's engine
 
 
 _interrupted_at: list[datetime] = []  # when this command was first interrupted
@@ -48,9 +49,25 @@ def _interrupt(signum, frame) -> None:
         _interrupted_at.append(datetime.now(timezone.utc))
     signal.signal(signal.SIGALRM, _interrupt)
     signal.setitimer(signal.ITIMER_REAL, REINTERRUPT_S, REINTERRUPT_S)
-    if signum == signal.SIGALRM and _handling_an_interrupt():
+    if _deferring or (signum == signal.SIGALRM and _handling_an_interrupt()):
         return
     raise KeyboardInterrupt
+
+
+_deferring: list[bool] = []  # inside _interrupts_deferred
+
+
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """An interrupt inside is raised on the way out, once what was made inside is known (a flow
+    run created on the server, say)."""
+    _deferring.append(True)
+    try:
+        yield
+    finally:
+        _deferring.pop()
+    if _interrupted_at:
+        raise KeyboardInterrupt
 
 
 def _handling_an_interrupt() -> bool:
@@ -75,15 +92,27 @@ class FlowSession:
         self.ui_url: str | None = None  # the Prefect UI that shows them (None: a temporary server's)
 
     def run(self, flow, *args: Any, **kwargs: Any) -> Any:
-        """Call `flow` here, remembering its run (for the progress bars, and so that an interrupt can
-        cancel it)."""
+        """Call `flow` here, as `flow(*args, **kwargs)` does, on a flow run this session creates and
+        remembers first (for the progress bars, and so that an interrupt cancels it): an interrupt at
+        any moment after finds it. (Remembered once Running, as before, an interrupt between the
+        engine's creating the run and its Running hook, a window of seconds on a loaded machine, found
+        no run to cancel: the run ended Crashed, or stayed Running where the engine's own report of
+        the crash did not reach a busy server.)"""
+        from prefect.client.orchestration import get_client
+        from prefect.context import TagsContext
+        from prefect.flow_engine import run_flow
+        from prefect.states import Pending
+        from prefect.utilities.callables import get_call_parameters
 
-        def remember_flow_run(_flow, flow_run, _state) -> None:
-            if flow_run.id not in self.flow_runs:
-                self.flow_runs.append(flow_run.id)
-
+        parameters = get_call_parameters(flow.fn, args, kwargs)
+        with _interrupts_deferred(), get_client(sync_client=True) as client:
+            flow_run = client.create_flow_run(
+                flow, parameters=flow.serialize_parameters(parameters), state=Pending(),
+                tags=TagsContext.get().current_tags,
+            )
+            self.flow_runs.append(flow_run.id)
         with progress_bars(self.flow_runs):
-            return flow.with_options(on_running=[*flow.on_running_hooks, remember_flow_run])(*args, **kwargs)
+            return run_flow(flow, flow_run=flow_run, parameters=parameters)
 
 
 @contextlib.contextmanager
@@ -107,8 +136,10 @@ def flow_session(data_dir: Path, api_url: str | None = None) -> Iterator[FlowSes
                 if not (_is_interrupt(error) or _interrupted_at):
                     raise
                 _ignore_interrupts()
-                _stop_work()
+                # the runs' states first: they are what is left to see if the command is killed while
+                # Ray stops (seconds on a loaded machine)
                 cancelled = cancel_runs(session.flow_runs, INTERRUPTED, failed_since=_interrupted_at[0] if _interrupted_at else None)
+                _stop_work()
                 raise Interrupted(f"interrupted: the work stopped; {cancelled} Prefect run(s) marked Cancelled "
                                   f"on {server.api_url} (a rerun redoes only what was not finished)") from None
     finally:
@@ -121,10 +152,11 @@ def flow_session(data_dir: Path, api_url: str | None = None) -> Iterator[FlowSes
 
 
 class _QuietConsole(logging.Formatter):
-    """A console formatter that leaves out tracebacks (the CLI ends with one line saying what
-    failed; the run's logs in the UI and --debug keep them) and, with a temporary server, the
-    engine's "View at <url>" lines: that server stops with the command (the summary says how to
-    see the runs)."""
+    """A console formatter that leaves out tracebacks and the engine's restatements of a run's
+    failure ("Encountered exception during execution: X", "Finished in state Failed(... X)"): the
+    CLI ends with one line saying what failed, where X was printed four times; the run's logs in
+    the UI and --debug keep them. With a temporary server, the engine's "View at <url>" lines go
+    too: that server stops with the command (the summary says how to see the runs)."""
 
     def __init__(self, inner: logging.Formatter | None, tracebacks: bool, run_links: bool):
         super().__init__()
@@ -137,7 +169,10 @@ class _QuietConsole(logging.Formatter):
         return self.inner.format(record)
 
     def shown(self, record: logging.LogRecord) -> bool:
-        return self.run_links or not record.getMessage().startswith("View at ")
+        message = record.getMessage()
+        if message.startswith(FAILURE_RESTATED):
+            return self.tracebacks
+        return self.run_links or not message.startswith("View at ")
 
 
 def _quiet_console(tracebacks: bool, run_links: bool) -> None:

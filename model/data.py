@@ -32,6 +32,9 @@ positions: no two ranks overlap, none is skipped (TinyLlama's issue 67), and a r
 another world size (or micro-batch) continues the same global sequence (it stays node-local
 when the new world size is a multiple of N).
 
+Each manifest (its header, and its shard table: a row per shard, as columns) reaches a node once:
+the first of its ranks downloads it into the cache folder, the others read that copy
+(storage/shard_cache.py).
 Shards come from the store into a local cache bounded in bytes (least recently opened shards
 are evicted first; downloads atomic and sha256-verified), fetched in the background by a
 thread pool ahead of the blocks that need them, and read through memory maps. A local-folder store is read in place without copying.
@@ -46,12 +49,14 @@ from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
 from pydantic import ValidationError
 
 from model.train_config import DataSource
-from storage.manifest import DatasetManifest, TokenizerInfo, read_record
-from storage.shard_cache import ShardCache, ShardLocation
+from storage import manifest as manifests
+from storage.manifest import DatasetManifest, ManifestError, ShardTable, TokenizerInfo
+from storage.shard_cache import ShardCache, ShardLocation, node_copy, node_fetch
 from storage.shards import ShardError
 from storage.store import InvalidKey, ObjectNotFound, Store, StoreAccessError, check_key, open_object
 
@@ -65,6 +70,13 @@ SHUFFLE_RUN_TOKENS = 1 << 25
 # How often (in global positions) the prefetcher replans; it looks two mixture chunks ahead.
 PLAN_EVERY_BLOCKS = 256
 
+# The keys storage.store.check_key refuses (empty, absolute, a folder, a '.', '..' or empty segment,
+# a backslash or NUL), as one regex over a shard table's column: a call per shard costs seconds.
+UNSAFE_KEY = r"[\\\x00]|(^|/)\.{0,2}(/|$)"
+
+# The cache folder's subfolder of shard tables (outside the shards' byte budget: they are small).
+MANIFESTS_DIR = "manifests"
+
 # Tags that keep the random streams of the different decisions independent.
 _MIXTURE_STREAM, _SHARD_ORDER_STREAM, _WINDOW_STREAM = 0, 1, 2
 
@@ -73,24 +85,50 @@ class DataError(ValueError):
     """The training data cannot be used as configured; the message names the manifest or shard."""
 
 
-def read_manifest(uri: str) -> tuple[Store, DatasetManifest]:
-    """The manifest at `uri` and the store of its folder (shard keys are relative to it; one that
-    would leave that folder is refused here, naming the manifest, before any shard is read)."""
+def read_manifest(uri: str, cache_dir: Path | None = None) -> tuple[Store, DatasetManifest]:
+    """The manifest's header at `uri` and the store of its folder (keys are relative to it; one
+    that would leave that folder is refused here, naming the manifest, before anything is read).
+    With `cache_dir`, a folder the node's ranks share, the header is fetched once per node."""
     try:
         store, key = open_object(uri)
-        manifest = read_record(store, key, DatasetManifest)
+        fetched = None if cache_dir is None or store.local_path(key) else node_fetch(store, key, cache_dir / MANIFESTS_DIR)
+        manifest = manifests.read_manifest(store, key, fetched)
     except ValidationError as e:
         raise DataError(f"{uri}: not a valid dataset manifest:\n{e}") from None
     except (ObjectNotFound, StoreAccessError, InvalidKey) as e:  # an outage past the store's retries is retried
         raise DataError(f"cannot read dataset manifest {uri}: {e}") from None
-    keys = [("tokenizer", manifest.tokenizer.key)]
-    keys += [(f"shard {s.prefix!r}", k) for s in manifest.shards for k in (s.prefix, s.bin.key, s.idx.key)]
-    for what, shard_key in keys:
+    except ManifestError as e:
+        raise DataError(str(e)) from None
+    for what, shard_key in (("tokenizer", manifest.tokenizer.key), ("shard table", manifest.shard_table.key)):
         try:
             check_key(shard_key)
         except InvalidKey as e:
             raise DataError(f"{uri}: {what}: {e}") from None
     return store, manifest
+
+
+def read_shards(uri: str, store: Store, manifest: DatasetManifest, cache_dir: Path) -> ShardTable:
+    """The manifest's shard table, verified; fetched once per node into `cache_dir`, which the
+    node's ranks share (a local-folder store's is read in place). Its shard keys are checked."""
+    info = manifest.shard_table
+    try:
+        local = store.local_path(info.key) or node_copy(store, info, cache_dir / MANIFESTS_DIR)
+        table = manifests.read_shard_table(store, open_object(uri)[1], manifest, local.read_bytes())
+    except FileNotFoundError:
+        raise DataError(f"{uri}: its shard table {store.url(info.key)} is missing") from None
+    except (ShardError, ObjectNotFound, StoreAccessError, InvalidKey) as e:
+        raise DataError(f"{uri}: shard table: {e}") from None
+    except ManifestError as e:
+        raise DataError(str(e)) from None
+    prefixes = table.table["prefix"]
+    unsafe = prefixes.filter(pc.or_kleene(pc.is_null(prefixes), pc.match_substring_regex(prefixes, UNSAFE_KEY)))
+    if len(unsafe):
+        prefix = unsafe[0].as_py()
+        try:
+            check_key(prefix)  # raises, with the store's own words
+        except InvalidKey as e:
+            raise DataError(f"{uri}: shard {prefix!r}: {e}") from None
+    return table
 
 
 def shared_tokenizer(manifests: Sequence[tuple[str, DatasetManifest]]) -> TokenizerInfo:
@@ -135,13 +173,13 @@ def _piece(size: int, node: int, nodes: int) -> tuple[int, int]:
 class _SourceStream:
     """One data source's blocks and its per-epoch two-level permutation."""
 
-    def __init__(self, index: int, shards: list[ShardLocation], block_len: int, seed: int, name: str):
+    def __init__(self, index: int, store: Store, shards: ShardTable, block_len: int, seed: int, name: str):
         self.index, self.name, self.seed = index, name, seed
-        self.shards = shards
+        self.store, self.shards = store, shards
         self.block_len = block_len
         # Token offset where each shard starts in the source stream, plus the total at the end.
         self.starts = np.zeros(len(shards) + 1, dtype=np.int64)
-        np.cumsum([s.tokens for s in shards], out=self.starts[1:])
+        np.cumsum(shards.tokens, out=self.starts[1:])
         self.num_blocks = int(self.starts[-1]) // block_len
         if self.num_blocks == 0:
             raise DataError(
@@ -150,7 +188,13 @@ class _SourceStream:
             )
         # Block b belongs to the shard holding its first token: shard s owns [first[s], first[s+1]).
         self.first_block = np.minimum(-(-self.starts // block_len), self.num_blocks)
+        self.location = functools.lru_cache(maxsize=4096)(self._location)
         self.set_nodes(1)
+
+    def _location(self, shard: int) -> ShardLocation:
+        """Shard `shard` of this source, as the cache fetches it (made when needed, not per shard up front)."""
+        row = self.shards.shard(shard)
+        return ShardLocation(self.store, row.prefix, row.bin, row.idx, row.tokens)
 
     def set_nodes(self, nodes: int) -> None:
         """Share the blocks among `nodes`: each one's shuffle windows hold SHUFFLE_WINDOW_TOKENS."""
@@ -290,18 +334,17 @@ class BlockLoader:
         self.block_len = seq_len + 1
         self.prefetch = prefetch
 
-        read = [read_manifest(s.manifest) for s in sources]
+        read = [read_manifest(s.manifest, Path(cache_dir)) for s in sources]
         self.tokenizer = shared_tokenizer([(s.manifest, m) for s, (_, m) in zip(sources, read)])
         self.vocab_size = self.tokenizer.vocab_size
+        self._cache = ShardCache(Path(cache_dir), cache_bytes)
         self.sources = [
-            _SourceStream(j, self._shards(source, store, manifest), self.block_len, seed, self._label(source))
+            _SourceStream(j, store, self._shards(source, store, manifest), self.block_len, seed, self._label(source))
             for j, (source, (store, manifest)) in enumerate(zip(sources, read))
         ]
         self._mixture = _Mixture([s.weight for s in sources], seed)
-        # Global shard ids: source j's shard s is self._all_shards[self._shard_base[j] + s].
-        self._all_shards = [shard for source in self.sources for shard in source.shards]
+        # Global shard ids: source j's shard s has id self._shard_base[j] + s.
         self._shard_base = np.cumsum([0] + [len(s.shards) for s in self.sources])
-        self._cache = ShardCache(Path(cache_dir), cache_bytes)
         self.position = 0
         self._set_nodes(nodes)
 
@@ -328,12 +371,19 @@ class BlockLoader:
     def _label(source: DataSource) -> str:
         return source.manifest + (f" (source {source.source!r})" if source.source else "")
 
-    def _shards(self, source: DataSource, store: Store, manifest: DatasetManifest) -> list[ShardLocation]:
-        shards = [s for s in manifest.shards if source.source is None or s.source == source.source]
-        if source.source is not None and not shards:
-            present = sorted({s.source for s in manifest.shards})
-            raise DataError(f"{source.manifest}: no shards of source {source.source!r}; it has {present}")
-        return [ShardLocation(store, s.prefix, s.bin, s.idx, s.tokens) for s in shards]
+    def _shards(self, source: DataSource, store: Store, manifest: DatasetManifest) -> ShardTable:
+        shards = read_shards(source.manifest, store, manifest, self._cache.dir)
+        if source.source is None:
+            return shards
+        selected = shards.of_source(source.source)
+        if not len(selected):
+            raise DataError(f"{source.manifest}: no shards of source {source.source!r}; it has {sorted(shards.source_names())}")
+        return selected
+
+    def _location(self, shard: int) -> ShardLocation:
+        """The shard of a global shard id."""
+        j = int(np.searchsorted(self._shard_base, shard, side="right")) - 1
+        return self.sources[j].location(shard - int(self._shard_base[j]))
 
     def _compute_chunk(self, node: int, chunk: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """A node's chunk: its start, then per position: source, block, first and last global shard id."""
@@ -385,7 +435,7 @@ class BlockLoader:
         needed, when = np.concatenate(needed), np.concatenate(when)
         by_need = np.argsort(when, kind="stable")
         ids, first_seen = np.unique(needed[by_need], return_index=True)
-        upcoming = [self._all_shards[i] for i in ids[np.argsort(first_seen)][: max(self.prefetch, 1)]]
+        upcoming = [self._location(int(i)) for i in ids[np.argsort(first_seen)][: max(self.prefetch, 1)]]
         self._cache.set_wanted(upcoming)
         if self.prefetch:
             self._cache.prefetch(upcoming)
@@ -418,7 +468,7 @@ class BlockLoader:
             local = shard_id - self._shard_base[stream.index]
             offset = token + filled - int(stream.starts[local])
             try:
-                shard = self._cache.get(self._all_shards[shard_id])
+                shard = self._cache.get(stream.location(local))
             except ShardError as e:  # corrupt or changed since the build: the same every time
                 raise DataError(str(e)) from None
             except InvalidKey as e:  # e.g. a symlink out of a local store

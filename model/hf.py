@@ -31,7 +31,7 @@ from model.checkpoint import weights_only_refusal
 from model.config import LlamaConfig
 from model.llama import Llama
 from storage.manifest import DocumentConvention, TokenizerInfo, sha256_file
-from storage.store import LocalStore, StoreError, open_store
+from storage.store import StoreError, open_store
 
 WEIGHTS_FILE = "model.safetensors"
 HF_CONFIG, TOKENIZER_CONFIG, TOKENIZER_MODEL = "config.json", "tokenizer_config.json", "tokenizer.model"
@@ -338,8 +338,8 @@ def local_hf_folder(source: str, staging_dir: str | Path | None = None, weights:
     from another store its config and tokenizer files and, with `weights`, its weight files, downloaded
     into a temporary folder in `staging_dir` that is removed afterwards."""
     store = open_store(source)
-    if isinstance(store, LocalStore):
-        yield store.root
+    if (folder := store.local_path()) is not None:
+        yield folder
         return
     names = {key for key in store.list() if "/" not in key}
     wanted = [name for name in (HF_CONFIG, TOKENIZER_CONFIG, TOKENIZER_MODEL) if name in names]

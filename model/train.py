@@ -8,7 +8,7 @@ Inside a Ray Train worker (or anywhere the process group already exists) call
 CPUs: gloo, DDP (FSDP2 on request), fp32 and deterministic algorithms, so a resumed run
 repeats the uninterrupted one bit for bit. AdamW without decay on 1-D parameters (norms,
 biases); warmup + cosine on optimizer steps; gradient accumulation to `global_batch_tokens`;
-clipping; checkpoints (model/checkpoint.py) every `checkpoint_every` steps and when this
+clipping; checkpoints (model/checkpoint/) every `checkpoint_every` steps and when this
 invocation stops, at `max_steps` or after `max_steps_this_run` steps.
 
 The model is built on the meta device, sharded, then allocated shard by shard (`materialize`):
@@ -16,8 +16,9 @@ no rank ever holds the whole fp32 model. A resume then loads its checkpoint into
 with `init_from` the weights of that Hugging Face folder (`load_init_from`: only rank 0 holds
 them whole, on the CPU); any other new run initializes each shard with the values of an eager
 `Llama(config)` after `torch.manual_seed(seed)` (`Llama.init_weights(seed)`). No weights are
-drawn only to be overwritten. What a resume needs is the components' own state (model, optimizer, lr
-scheduler, loader, progress counters, RNG), gathered at save time by one `Checkpointer`.
+drawn only to be overwritten. The loop is a `Trainer` (torchtitan's shape): what it needs as fields,
+and what a resume needs, the components' own state (model, optimizer, lr scheduler, loader,
+progress counters, RNG), gathered at save time by its one `Checkpointer`.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ from model.llama import Llama
 from model.metrics import MetricsLog
 from model.reach import read_config_on_every_node, spans_nodes
 from model.train_config import LRSchedule, TrainConfig
-from storage.processes import die_with_parent
+from runtime.processes import die_with_parent
 from storage.run_layout import RunLayout
 
 log = logging.getLogger("model.train")  # not __name__: that is __main__ under -m
@@ -304,96 +305,117 @@ def _train(config: TrainConfig, cluster: Cluster) -> TrainProgress:
 def _train_loop(
     config: TrainConfig, cluster: Cluster, loader: BlockLoader, val_loader: BlockLoader | None
 ) -> TrainProgress:
-    on_gpu = cluster.device.type == "cuda"
-    bf16 = config.dtype == "bf16" or (config.dtype == "auto" and on_gpu)
-    accum = config.accum_steps(cluster.world_size)
-    layout = RunLayout.of(config.output, config.name)
-    llama_config = config.llama_config(loader.vocab_size)
-    if llama_config.vocab_size < loader.vocab_size:
-        raise ValueError(f"vocab_size {llama_config.vocab_size} is below the datasets' tokenizer vocabulary {loader.vocab_size}")
-
-    with torch.device("meta"):
-        raw_model = Llama(llama_config, activation_checkpointing=config.activation_checkpointing)
-    flops = flops_per_token(raw_model, config.seq_len)
-    fsdp = config.data_parallel == "fsdp" or (config.data_parallel == "auto" and on_gpu)
-    # Allocated only: a resume or init_from fills the weights, a new run initializes them below.
-    model = build_model(raw_model, cluster, fsdp, bf16, config.compile, seed=None)
-    optimizer = build_optimizer(model, config, cluster.device)
-    scheduler = build_scheduler(optimizer, config)
-    seed_everything(config.seed + cluster.rank)
-
-    progress = TrainProgress(world_size=cluster.world_size)
-    checkpointer = Checkpointer(
-        layout,
-        training_states(model, optimizer, scheduler, loader, progress, llama_config, RNGState(cluster.rank)),
-        keep=config.keep_checkpoints,
-        staging_dir=config.local_dir / "staging",
-        async_save=config.async_checkpoint,
-    )
+    trainer = Trainer(config, cluster, loader, val_loader)
     try:
-        if checkpointer.load(start_over=config.start_over) is None:
-            if config.init_from:
-                load_init_from(model, config, cluster, llama_config)
-            else:  # the same initial weights on every rank, whatever the world size
-                raw_model.init_weights(config.seed)
-        _run_steps(config, cluster, model, optimizer, scheduler, loader, val_loader, progress, checkpointer,
-                   accum=accum, flops=flops, bf16=bf16, layout=layout, num_params=raw_model.num_params())
+        trainer.resume_or_initialize()
+        trainer.run()
     finally:
-        checkpointer.close()  # the last checkpoint committed before the program ends
-    return progress
+        trainer.checkpointer.close()  # the last checkpoint committed before the program ends
+    return trainer.progress
 
 
-def _run_steps(config, cluster, model, optimizer, scheduler, loader, val_loader, progress, checkpointer, *,
-               accum: int, flops: float, bf16: bool, layout: RunLayout, num_params: int) -> None:
-    stop_at = config.max_steps
-    if config.max_steps_this_run:
-        stop_at = min(stop_at, progress.step + config.max_steps_this_run)
-    peak = peak_bf16_flops() if cluster.device.type == "cuda" else None
-    metrics = (MetricsLog(config.local_dir, layout.store, progress.step, config.log_every, config.max_steps)
-               if cluster.is_main else None)
-    autocast = torch.autocast(cluster.device.type, dtype=torch.bfloat16, enabled=bf16)
-    if cluster.is_main:
-        log.info(
-            "run %s: %s model, %.1fM parameters, world size %d x %d micro-batches of %dx%d, steps %d -> %d of %d",
-            layout.uri, config.model, num_params / 1e6, cluster.world_size, accum,
-            config.micro_batch, config.seq_len, progress.step, stop_at, config.max_steps,
+class Trainer:
+    """The training loop and the state it needs, as torchtitan's Trainer: the model (built on the
+    meta device, wrapped and allocated), optimizer, lr scheduler, loaders and progress counters
+    as fields, their Stateful parts handed to the one `Checkpointer` that saves and restores them."""
+
+    def __init__(self, config: TrainConfig, cluster: Cluster, loader: BlockLoader, val_loader: BlockLoader | None):
+        self.config, self.cluster, self.loader, self.val_loader = config, cluster, loader, val_loader
+        on_gpu = cluster.device.type == "cuda"
+        self.bf16 = config.dtype == "bf16" or (config.dtype == "auto" and on_gpu)
+        self.accum = config.accum_steps(cluster.world_size)
+        self.layout = RunLayout.of(config.output, config.name)
+        self.llama_config = config.llama_config(loader.vocab_size)
+        if self.llama_config.vocab_size < loader.vocab_size:
+            raise ValueError(f"vocab_size {self.llama_config.vocab_size} is below the datasets' tokenizer "
+                             f"vocabulary {loader.vocab_size}")
+
+        with torch.device("meta"):
+            self.raw_model = Llama(self.llama_config, activation_checkpointing=config.activation_checkpointing)
+        self.flops = flops_per_token(self.raw_model, config.seq_len)
+        self.peak_flops = peak_bf16_flops() if on_gpu else None  # one device's (no MFU on CPUs)
+        fsdp = config.data_parallel == "fsdp" or (config.data_parallel == "auto" and on_gpu)
+        # Allocated only: a resume or init_from fills the weights, a new run initializes them then.
+        self.model = build_model(self.raw_model, cluster, fsdp, self.bf16, config.compile, seed=None)
+        self.optimizer = build_optimizer(self.model, config, cluster.device)
+        self.scheduler = build_scheduler(self.optimizer, config)
+        self.autocast = torch.autocast(cluster.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+        seed_everything(config.seed + cluster.rank)
+
+        self.progress = TrainProgress(world_size=cluster.world_size)
+        self.checkpointer = Checkpointer(
+            self.layout,
+            training_states(self.model, self.optimizer, self.scheduler, loader, self.progress, self.llama_config,
+                            RNGState(cluster.rank)),
+            keep=config.keep_checkpoints,
+            staging_dir=config.local_dir / "staging",
+            async_save=config.async_checkpoint,
         )
 
-    start_step = progress.step
-    while progress.step < stop_at:
+    def resume_or_initialize(self) -> None:
+        """Load the newest checkpoint that verifies; a new run takes `init_from` or the seed's weights."""
+        if self.checkpointer.load(start_over=self.config.start_over) is None:
+            if self.config.init_from:
+                load_init_from(self.model, self.config, self.cluster, self.llama_config)
+            else:  # the same initial weights on every rank, whatever the world size
+                self.raw_model.init_weights(self.config.seed)
+
+    def run(self) -> None:
+        """Train to this invocation's last step, checkpointing every `checkpoint_every` steps and at it."""
+        config, cluster, progress = self.config, self.cluster, self.progress
+        stop_at = config.max_steps
+        if config.max_steps_this_run:
+            stop_at = min(stop_at, progress.step + config.max_steps_this_run)
+        metrics = (MetricsLog(config.local_dir, self.layout.store, progress.step, config.log_every, config.max_steps)
+                   if cluster.is_main else None)
+        if cluster.is_main:
+            log.info(
+                "run %s: %s model, %.1fM parameters, world size %d x %d micro-batches of %dx%d, steps %d -> %d of %d",
+                self.layout.uri, config.model, self.raw_model.num_params() / 1e6, cluster.world_size, self.accum,
+                config.micro_batch, config.seq_len, progress.step, stop_at, config.max_steps,
+            )
+        start_step = progress.step
+        while progress.step < stop_at:
+            record = self.step()
+            if self.val_loader is not None and (progress.step % config.val.every == 0 or progress.step == stop_at):
+                record["val_loss"] = evaluate(self.model, self.val_loader, config, cluster, self.autocast)
+            checkpointing = progress.step % config.checkpoint_every == 0 or progress.step == stop_at
+            if metrics is not None:
+                metrics.log(record, checkpoint=checkpointing)
+            if checkpointing:
+                if metrics is not None:
+                    metrics.upload()  # before the commit: a committed step's metrics are always on the store
+                self.checkpointer.save(progress.step)
+
+        if metrics is not None:
+            if progress.step == start_step:
+                log.info("run %s is already at step %d: nothing to do", self.layout.uri, progress.step)
+            metrics.plot()
+            metrics.close()
+
+    def step(self) -> dict[str, Any]:
+        """One optimizer step; returns its metrics record."""
+        config, progress = self.config, self.progress
         started = time.perf_counter()
-        lr = scheduler.get_last_lr()[0]
-        loss_value, grad_norm = train_step(model, optimizer, loader, config, accum, autocast, cluster.device)
-        scheduler.step()
+        lr = self.scheduler.get_last_lr()[0]
+        loss_value, grad_norm = train_step(self.model, self.optimizer, self.loader, config, self.accum, self.autocast,
+                                           self.cluster.device)
+        self.scheduler.step()
         seconds = time.perf_counter() - started
         progress.step += 1
         progress.tokens_seen += config.global_batch_tokens
-        record = {
+        peak = self.peak_flops
+        return {
             "step": progress.step,
             "loss": loss_value,
             "lr": lr,
             "tokens": progress.tokens_seen,
             "tokens_per_s": config.global_batch_tokens / seconds,
             "grad_norm": grad_norm,
-            "mfu": mfu(config.global_batch_tokens / seconds, flops, peak * cluster.world_size) if peak else None,
+            "mfu": mfu(config.global_batch_tokens / seconds, self.flops, peak * self.cluster.world_size) if peak else None,
             "step_time_s": seconds,
             "time": time.time(),
         }
-        if val_loader is not None and (progress.step % config.val.every == 0 or progress.step == stop_at):
-            record["val_loss"] = evaluate(model, val_loader, config, cluster, autocast)
-        checkpointing = progress.step % config.checkpoint_every == 0 or progress.step == stop_at
-        if metrics is not None:
-            metrics.log(record, checkpoint=checkpointing)
-        if checkpointing:
-            if metrics is not None:
-                metrics.upload()  # before the commit: a committed step's metrics are always on the store
-            checkpointer.save(progress.step)
-
-    if metrics is not None:
-        if progress.step == start_step:
-            log.info("run %s is already at step %d: nothing to do", layout.uri, progress.step)
-        metrics.plot()
-        metrics.close()
 
 
 def _die_with_torchrun() -> None:

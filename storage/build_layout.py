@@ -13,6 +13,9 @@ dedup/near/buckets/p<P>-g<G>.parquet          LSH buckets of one range, in verif
 dedup/near/candidates/p<P>.parts              a range's candidates (id, group), a partition per batch
 dedup/near/shingles/b<batch>.parts            32-bit hashed shingles of a batch's candidates, a partition per verify group (in
                                               range order, so a verify span's groups are one byte range)
+dedup/near/runs/<shuffle>/lNN/r<run>-k<block>.parts
+                                              merge level NN of the candidates or shingles shuffle: a run of
+                                              FAN_IN^NN map objects, the partitions of a block of reduce tasks
 dedup/near/edges/<source>.parts               similar pairs from range p<P> (or verify span v<first group>), a partition per vertex partition
 dedup/near/components/rNNN/{large,small}/q<from>.parts   connected-components rounds, a partition per vertex partition
 dedup/near/removed/k<block>/q<Q>.parquet      ids near dedup removed (id, kept_id), per block of 64 plan files
@@ -22,8 +25,9 @@ tokenizer/sample/<shard>.txt                  the tokenizer's training sample, p
 tokenizer/tokenizer.model, tokenizer.json     the SentencePiece model and its fingerprint
 tokens/<source>/<shard>-NNNN.{bin,idx}        Megatron indexed token shards
 receipts/<stage>/<shard>.json                 one per finished shard of a stage: outputs, versions, counts
-summaries/<stage>.json                        every receipt of a completed stage, in one object
-manifest.json                                 the build: shards, checksums, tokenizer, accounting
+summaries/<stage>.parquet                     every receipt of a completed stage, a typed row each (storage.stage_summary)
+manifest.json                                 the build's header: tokenizer, config, accounting, totals, the shard table's checksum
+manifest.shards.parquet                       the shard table: a row per token shard (counts, sizes, sha256s), in build order
 ```
 
 A `.parts` object is one map task's output of a shuffle, one parquet table per partition
@@ -40,6 +44,7 @@ from storage.store import join_key
 
 PLAN = "plan.json"
 MANIFEST = "manifest.json"
+SHARD_TABLE = "manifest.shards.parquet"
 TOKENIZER_MODEL = "tokenizer/tokenizer.model"
 TOKENIZER_INFO = "tokenizer/tokenizer.json"
 TOKENIZER_SAMPLE = "tokenizer/sample/"
@@ -50,6 +55,7 @@ EXACT = "dedup/exact"
 NEAR = "dedup/near"
 NEAR_SAMPLE = join_key(NEAR, "sample.parquet")
 SUMMARIES = "summaries/"
+SUMMARY_SUFFIX = ".parquet"
 
 
 def docs(source: str, shard: str) -> str:
@@ -78,7 +84,7 @@ def receipt(stage: str, shard: str) -> str:
 
 
 def summary(stage: str) -> str:
-    return join_key(SUMMARIES, f"{stage}.json")
+    return join_key(SUMMARIES, f"{stage}{SUMMARY_SUFFIX}")
 
 
 def batch_name(batch: int) -> str:
@@ -156,6 +162,7 @@ NEAR_BANDS = join_key(NEAR, "bands") + "/"
 NEAR_BUCKETS = join_key(NEAR, "buckets") + "/"
 NEAR_CANDIDATES = join_key(NEAR, "candidates") + "/"
 NEAR_SHINGLES = join_key(NEAR, "shingles") + "/"
+NEAR_RUNS = join_key(NEAR, "runs") + "/"
 NEAR_EDGES = join_key(NEAR, "edges") + "/"
 NEAR_REMOVED = join_key(NEAR, "removed") + "/"
 NEAR_MERGED = join_key(NEAR, "merged") + "/"
@@ -175,6 +182,16 @@ def near_candidates(partition: int) -> str:
 
 def near_shingles(batch: int) -> str:
     return join_key(NEAR_SHINGLES, f"{batch_name(batch)}.parts")
+
+
+def near_runs(shuffle: str, level: int) -> str:
+    return join_key(NEAR_RUNS, shuffle, f"l{level:02d}") + "/"
+
+
+def near_run(shuffle: str, level: int, run: int, block: int) -> str:
+    """Merge level `level` of a shuffle: a run of consecutive map objects, for one block of
+    consecutive reduce tasks."""
+    return join_key(near_runs(shuffle, level), f"r{run:06d}-k{block:06d}.parts")
 
 
 def near_edges(source: str) -> str:

@@ -2,25 +2,34 @@
 dataset manifest.
 
 A receipt is written only after every object it names, so "has a receipt" means "done".
-A stage summary (every receipt of a stage, written once the stage completes) lets a rerun
-and the later stages read one object instead of one per shard.
-A build *is* its manifest: everything a reader needs (shards, counts, checksums, tokenizer,
-config) is in that one JSON document.
+A stage summary (every receipt of a stage as a row of one table, storage.stage_summary,
+written once the stage completes) lets a rerun and the later stages read one object instead
+of one per shard.
+A build *is* its manifest: a small JSON header (tokenizer, config, accounting, totals) and the
+compact shard table it names and checksums (one parquet object, a row per token shard), so a
+reader of the header never parses 240,000 shard records, and one of the table holds columns,
+not objects.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+from collections.abc import Sequence
 from typing import BinaryIO, TypeVar
 
+import numpy as np
 import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
 from storage.store import Store
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 1: every shard inline in manifest.json
 
 Model = TypeVar("Model", bound=BaseModel)
 
@@ -116,7 +125,8 @@ class Receipt(ShardResult):
     checksum: str = ""  # sha256 of the receipt's JSON (keys sorted) without this field (see `sealed`)
 
     def content_checksum(self) -> str:
-        # orjson, not canonical_json: a summary's every receipt is checked when it is read (10x faster)
+        # orjson, not canonical_json: a summary's every row is checked when it is read (10x faster);
+        # storage.stage_summary.row_intact computes the same checksum from a row
         content = orjson.dumps(self.model_dump(mode="json", exclude={"checksum"}), option=orjson.OPT_SORT_KEYS)
         return sha256_bytes(content)
 
@@ -130,24 +140,15 @@ class Receipt(ShardResult):
         return self.checksum == self.content_checksum()
 
 
-class StageSummary(Record):
-    """Every receipt of a completed stage, and the version of each receipt object it was read
-    from: a rerun re-reads only the receipts whose listed version differs."""
+class ShardTableInfo(ObjectInfo):
+    """The manifest's shard table object, and how many shards (rows) it holds."""
 
-    stage: str
-    receipts: list[Receipt]
-    receipt_versions: dict[str, dict[str, str]]  # shard -> version of receipts/<stage>/<shard>.json
-
-    def sources(self) -> dict[str, SourceAccounting]:
-        """The per-source accounting of every shard, summed."""
-        totals: dict[str, SourceAccounting] = {}
-        for receipt in self.receipts:
-            for name, share in receipt.sources.items():
-                totals[name] = totals.get(name, SourceAccounting()) + share
-        return totals
+    rows: int
 
 
 class DatasetManifest(Record):
+    """A build's header: everything but the shard table, which it names and checksums."""
+
     version: int = MANIFEST_VERSION
     name: str
     build_id: str
@@ -156,16 +157,156 @@ class DatasetManifest(Record):
     tokenizer: TokenizerInfo
     documents: DocumentConvention = Field(default_factory=lambda: UNRECORDED_CONVENTION.model_copy())
     dtype: str  # numpy dtype name of the tokens: "uint16" or "int32"
-    shards: list[TokenShard]
     sources: dict[str, SourceAccounting]
+    shard_table: ShardTableInfo
+    total_documents: int
+    total_tokens: int
+
+
+class ManifestError(ValueError):
+    """A manifest or shard table that cannot be used; the one-line message names its key."""
+
+
+SHARD_TABLE_SCHEMA = pa.schema([
+    ("prefix", pa.string()),  # relative to the build folder: the shard's files are <prefix>.bin, <prefix>.idx
+    ("source", pa.string()),
+    ("documents", pa.int64()),
+    ("tokens", pa.int64()),
+    ("bin_size", pa.int64()),
+    ("bin_sha256", pa.binary(32)),
+    ("idx_size", pa.int64()),
+    ("idx_sha256", pa.binary(32)),
+])
+# Pinned, so equal shards give equal bytes (the header records their sha256) whatever the defaults.
+_PARQUET_OPTIONS = dict(
+    compression="zstd", compression_level=3, use_dictionary=["source"], write_statistics=False,
+    version="2.6", data_page_version="1.0", data_page_size=1 << 20, write_page_index=False, store_schema=False,
+)
+
+
+class ShardTable:
+    """Every token shard of a build as columns (arrow; numbers as numpy), one row per shard in
+    the build's order. A reader takes the columns it needs or one row at a time (`shard`), so
+    240,000 shards cost a few tens of MB, not a pydantic object each."""
+
+    def __init__(self, table: pa.Table):
+        self.table = table
+
+    @classmethod
+    def of(cls, shards: Sequence[TokenShard]) -> ShardTable:
+        for shard in shards:
+            if (shard.bin.key, shard.idx.key) != (f"{shard.prefix}.bin", f"{shard.prefix}.idx"):
+                raise ValueError(f"token shard {shard.prefix!r}: its files {shard.bin.key}, {shard.idx.key} are not <prefix>.bin/.idx")
+        columns = {
+            "prefix": [s.prefix for s in shards],
+            "source": [s.source for s in shards],
+            "documents": [s.documents for s in shards],
+            "tokens": [s.tokens for s in shards],
+            "bin_size": [s.bin.size for s in shards],
+            "bin_sha256": [bytes.fromhex(s.bin.sha256) for s in shards],
+            "idx_size": [s.idx.size for s in shards],
+            "idx_sha256": [bytes.fromhex(s.idx.sha256) for s in shards],
+        }
+        return cls(pa.table(columns, schema=SHARD_TABLE_SCHEMA))
+
+    def to_parquet(self) -> bytes:
+        out = io.BytesIO()
+        pq.write_table(self.table, out, row_group_size=max(len(self), 1), **_PARQUET_OPTIONS)
+        return out.getvalue()
+
+    @classmethod
+    def from_parquet(cls, data: bytes) -> ShardTable:
+        table = pq.read_table(pa.BufferReader(data))
+        if not table.schema.equals(SHARD_TABLE_SCHEMA):
+            raise ValueError(f"its columns are {table.schema.names} of types {table.schema.types}, not the shard table's")
+        return cls(table.combine_chunks())
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def column(self, name: str) -> np.ndarray:
+        return self.table[name].to_numpy()
 
     @property
-    def total_tokens(self) -> int:
-        return sum(s.tokens for s in self.shards)
+    def tokens(self) -> np.ndarray:
+        return self.column("tokens")
 
     @property
-    def total_documents(self) -> int:
-        return sum(s.documents for s in self.shards)
+    def prefixes(self) -> list[str]:
+        return self.table["prefix"].to_pylist()
+
+    def source_names(self) -> list[str]:
+        """The sources with shards here, in order of first shard."""
+        return pc.unique(self.table["source"]).to_pylist()
+
+    def of_source(self, source: str) -> ShardTable:
+        return ShardTable(self.table.filter(pc.equal(self.table["source"], source)))
+
+    def shard(self, row: int) -> TokenShard:
+        r = {name: self.table[name][row].as_py() for name in self.table.column_names}
+        return TokenShard(
+            prefix=r["prefix"], source=r["source"], documents=r["documents"], tokens=r["tokens"],
+            bin=ObjectInfo(key=f"{r['prefix']}.bin", size=r["bin_size"], sha256=r["bin_sha256"].hex()),
+            idx=ObjectInfo(key=f"{r['prefix']}.idx", size=r["idx_size"], sha256=r["idx_sha256"].hex()),
+        )
+
+
+def new_manifest(shards: ShardTable, table_key: str, **header) -> tuple[DatasetManifest, bytes]:
+    """A manifest header (its `header` fields, the totals and the table's checksum) and the shard
+    table's bytes, to be stored at `table_key` before the header (put_manifest)."""
+    data = shards.to_parquet()
+    manifest = DatasetManifest(
+        shard_table=ShardTableInfo(key=table_key, size=len(data), sha256=sha256_bytes(data), rows=len(shards)),
+        total_documents=int(shards.column("documents").sum()),
+        total_tokens=int(shards.tokens.sum()),
+        **header,
+    )
+    return manifest, data
+
+
+def put_manifest(store: Store, key: str, manifest: DatasetManifest, table: bytes) -> None:
+    """The shard table, then the header naming it (`store` is the build folder's)."""
+    store.put_bytes(manifest.shard_table.key, table)
+    write_record(store, key, manifest)
+
+
+def read_manifest(store: Store, key: str, data: bytes | None = None) -> DatasetManifest:
+    """A build's manifest header (its bytes from the store, or `data` already fetched). One of
+    version 1 (every shard inline) is refused: it is the cost this format removes, and a rerun of
+    its build rewrites only the manifest."""
+    if data is None:
+        data = store.get_bytes(key)
+    try:
+        version = orjson.loads(data).get("version")
+    except (orjson.JSONDecodeError, AttributeError):
+        version = None  # not a JSON object: the validation below says what is wrong
+    if isinstance(version, int) and version < MANIFEST_VERSION:
+        raise ManifestError(
+            f"{store.url(key)}: manifest version {version} lists every shard inline, which is no longer read; "
+            "rerun its build with the same config to rewrite it (every stage is complete: only the manifest is written)"
+        )
+    return DatasetManifest.model_validate_json(data)
+
+
+def read_shard_table(store: Store, manifest_key: str, manifest: DatasetManifest, data: bytes | None = None) -> ShardTable:
+    """The manifest's shard table (its bytes from the store, or `data` already fetched),
+    verified against the size and sha256 the header records."""
+    info = manifest.shard_table
+    if data is None:
+        data = store.get_bytes(info.key)
+    actual = sha256_bytes(data)
+    if len(data) != info.size or actual != info.sha256:
+        raise ManifestError(
+            f"{store.url(info.key)} ({len(data)} bytes, sha256 {actual[:12]}) is not the shard table "
+            f"{store.url(manifest_key)} records ({info.size} bytes, sha256 {info.sha256[:12]}): rerun the build"
+        )
+    try:
+        table = ShardTable.from_parquet(data)
+    except (ValueError, OSError, pa.ArrowException) as e:
+        raise ManifestError(f"{store.url(info.key)}: not a shard table: {e}") from None
+    if len(table) != info.rows:
+        raise ManifestError(f"{store.url(info.key)}: {len(table)} shards, {store.url(manifest_key)} records {info.rows}")
+    return table
 
 
 def canonical_json(data) -> bytes:

@@ -11,7 +11,7 @@
                                     what the Prefect task reports
         tensorboard/events.out.tfevents.step-FFFFFFFFFF-LLLLLLLLLL  TensorBoard's events of steps F..L
         plots/loss.png              the loss curve
-        checkpoints/step-NNNNNNN/   one checkpoint (model/checkpoint.py), its COMMIT marker last
+        checkpoints/step-NNNNNNN/   one checkpoint (model/checkpoint/), its COMMIT marker last
         checkpoints/step-NNNNNNN.corrupt-<UTC time>/  a corrupt checkpoint set aside, files unchanged
         hf/                         `export-hf`'s default output
         eval/step-NNNNNNN.json      lm-eval's results for a checkpoint (tasks/evaluate.py)

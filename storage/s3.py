@@ -59,13 +59,14 @@ from storage.retry import (
     deadline_setting,
     one_line,
 )
-from storage.store import (
+from storage.store_base import (
     CREDENTIALS_IN_URI,
     ListedObject,
     ObjectNotFound,
     Store,
     StoreAccessError,
     StoreError,
+    VersionConflict,
     atomic_output,
     check_key,
     check_prefix,
@@ -217,7 +218,7 @@ def _public_endpoint(client: BaseClient) -> str:
 class S3Store(Store):
     """Objects under `s3://bucket/prefix`; writes are single PUTs or completed multipart uploads.
 
-    Every call goes through `_call`: the transient-fault policy of storage/retry.py, then the
+    Every call goes through `call`: the transient-fault policy of storage/retry.py, then the
     translation of what is left into StoreErrors that name the object."""
 
     def __init__(self, bucket: str, prefix: str = "", transfer: TransferConfig = DEFAULT_TRANSFER):
@@ -240,26 +241,21 @@ class S3Store(Store):
         settings = {name: getattr(self.transfer, name) for name in _TRANSFER_SETTINGS}
         return _unpickle_s3store, (self.bucket, self.prefix, settings)
 
-    def _key(self, key: str) -> str:
+    def bucket_key(self, key: str) -> str:
+        """The object's key in the bucket: the store's prefix and `key`."""
         return f"{self.prefix}/{check_key(key)}" if self.prefix else check_key(key)
 
-    def _call(
+    def call(
         self,
         action: str,
         uri: str,
         operation: Callable[[BaseClient], T],
         on_retry: Callable[[], None] | None = None,
     ) -> T:
-        """operation(client) under the transient-fault policy; `on_retry` runs before each retry."""
+        """operation(client) under the transient-fault policy, with what is left of its boto3 errors
+        turned into StoreErrors that name `uri`; `on_retry` runs before each retry."""
         with self._errors(action, uri) as connection:
             return connection.policy.call(lambda: operation(connection.client), connection.endpoint, f"{action} {uri}", on_retry)
-
-    def request(self, action: str, key: str, send: Callable[[BaseClient, dict[str, str]], T]) -> T:
-        """send(client, {"Bucket": ..., "Key": ...}) for the object `key`, retried and translated
-        like the store's own calls: for requests the store does not make itself (a lease's
-        conditional writes). Exceptions that are not botocore's pass through unchanged."""
-        target = {"Bucket": self.bucket, "Key": self._key(key)}
-        return self._call(action, self.url(key), lambda client: send(client, target))
 
     @contextlib.contextmanager
     def _errors(self, action: str, uri: str) -> Iterator[_Connection]:
@@ -322,19 +318,19 @@ class S3Store(Store):
             with create_transfer_manager(client, self.transfer) as manager:
                 run(manager).result()
 
-        self._call(action, self.url(key), attempt)
+        self.call(action, self.url(key), attempt)
 
     def put_bytes(self, key: str, data: bytes) -> None:
         if len(data) < self.transfer.multipart_threshold:
-            self._call(
-                "write", self.url(key), lambda client: client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+            self.call(
+                "write", self.url(key), lambda client: client.put_object(Bucket=self.bucket, Key=self.bucket_key(key), Body=data)
             )
         else:
-            self._transfer("write", key, lambda manager: manager.upload(io.BytesIO(data), self.bucket, self._key(key)))
+            self._transfer("write", key, lambda manager: manager.upload(io.BytesIO(data), self.bucket, self.bucket_key(key)))
 
     def put_file(self, key: str, path: str | os.PathLike) -> None:
         os.stat(path)  # a missing source fails here naming the file; inside s3transfer it is not named
-        self._transfer("write", key, lambda manager: manager.upload(os.fspath(path), self.bucket, self._key(key)))
+        self._transfer("write", key, lambda manager: manager.upload(os.fspath(path), self.bucket, self.bucket_key(key)))
 
     def get_bytes(self, key: str) -> bytes:
         with _ObjectReader(self, key) as reader:
@@ -363,7 +359,7 @@ class S3Store(Store):
         while "NextContinuationToken" in page:
             # A failed page is asked for again with the same token: the listing resumes there.
             more = {"ContinuationToken": page["NextContinuationToken"]} if page["NextContinuationToken"] else {}
-            page = self._call(
+            page = self.call(
                 "list", uri, lambda client: client.list_objects_v2(Bucket=self.bucket, Prefix=root + prefix, **more)
             )
             found.extend(
@@ -380,7 +376,7 @@ class S3Store(Store):
         return ListedObject(key, int(head["ContentLength"]), {"etag": head["ETag"].strip('"')})
 
     def _head(self, key: str) -> dict:
-        return self._call("read", self.url(key), lambda client: client.head_object(Bucket=self.bucket, Key=self._key(key)))
+        return self.call("read", self.url(key), lambda client: client.head_object(Bucket=self.bucket, Key=self.bucket_key(key)))
 
     def exists(self, key: str) -> bool:
         # A HEAD answer has no body, so a missing bucket also reads as a missing key here.
@@ -394,16 +390,16 @@ class S3Store(Store):
         return int(self._head(key)["ContentLength"])
 
     def delete(self, key: str) -> None:
-        self._call("delete", self.url(key), lambda client: client.delete_object(Bucket=self.bucket, Key=self._key(key)))
+        self.call("delete", self.url(key), lambda client: client.delete_object(Bucket=self.bucket, Key=self.bucket_key(key)))
 
     def delete_many(self, keys: Iterable[str]) -> None:
         """DeleteObjects, DELETE_BATCH keys a request, in order."""
         keys = list(keys)
         for start in range(0, len(keys), DELETE_BATCH):
             batch = keys[start : start + DELETE_BATCH]
-            objects = {"Objects": [{"Key": self._key(key)} for key in batch], "Quiet": True}
+            objects = {"Objects": [{"Key": self.bucket_key(key)} for key in batch], "Quiet": True}
             what = self.url(batch[0]) + (f" and {len(batch) - 1} more" if len(batch) > 1 else "")
-            answer = self._call("delete", what, lambda client: client.delete_objects(Bucket=self.bucket, Delete=objects))
+            answer = self.call("delete", what, lambda client: client.delete_objects(Bucket=self.bucket, Delete=objects))
             if failed := answer.get("Errors"):
                 raise StoreError(f"cannot delete s3://{self.bucket}/{failed[0]['Key']}: "
                                  f"{failed[0].get('Code')} ({len(failed)} of {len(batch)} keys failed)")
@@ -416,7 +412,7 @@ class S3Store(Store):
                     for piece in iter(reader.read_piece, b""):
                         out.write(piece)
             else:  # parallel ranged GETs
-                self._transfer("download", key, lambda manager: manager.download(self.bucket, self._key(key), os.fspath(tmp)))
+                self._transfer("download", key, lambda manager: manager.download(self.bucket, self.bucket_key(key), os.fspath(tmp)))
         return dest
 
     @property
@@ -424,7 +420,57 @@ class S3Store(Store):
         return _connection().policy.deadline_s
 
     def child(self, prefix: str) -> S3Store:
-        return S3Store(self.bucket, self._key(prefix.removesuffix("/")), self.transfer)
+        return S3Store(self.bucket, self.bucket_key(prefix.removesuffix("/")), self.transfer)
+
+    # Conditional requests: PUT If-None-Match: * creates only a missing object; If-Match: <ETag>
+    # replaces or deletes only the version read. AWS S3, SeaweedFS (checked: 412 on a lost race)
+    # and MinIO honour them; a server that ignored them would reopen a race of one round trip.
+    def _conditional(self, action: str, key: str, send: Callable[[BaseClient, dict[str, str]], T]) -> T:
+        """send(client, {"Bucket", "Key"}) under the store's retries and error translation, with a
+        failed precondition (or the object deleted meanwhile) turned into VersionConflict."""
+        target = {"Bucket": self.bucket, "Key": self.bucket_key(key)}
+
+        def attempt(client: BaseClient) -> T:
+            try:
+                return send(client, target)
+            except ClientError as error:
+                if _precondition_failed(error):
+                    raise VersionConflict(f"{self.url(key)} changed since it was read") from None
+                raise
+
+        try:
+            return self.call(action, self.url(key), attempt)
+        except ObjectNotFound:
+            if action == "read":
+                raise
+            raise VersionConflict(f"{self.url(key)} was deleted since it was read") from None
+
+    def get_versioned(self, key: str) -> tuple[bytes, str] | None:
+        def get(client: BaseClient, target: dict[str, str]) -> tuple[bytes, str]:
+            response = client.get_object(**target)
+            return response["Body"].read(), response["ETag"]
+
+        try:
+            return self._conditional("read", key, get)
+        except ObjectNotFound:
+            return None
+
+    def create(self, key: str, data: bytes) -> str:
+        return self._conditional("create", key, lambda client, target: client.put_object(**target, Body=data, IfNoneMatch="*")["ETag"])
+
+    def replace(self, key: str, data: bytes, version: str) -> str:
+        return self._conditional("write", key, lambda client, target: client.put_object(**target, Body=data, IfMatch=version)["ETag"])
+
+    def delete_version(self, key: str, version: str) -> None:
+        self._conditional("delete", key, lambda client, target: client.delete_object(**target, IfMatch=version))
+
+
+def _precondition_failed(error: ClientError) -> bool:
+    # 412: the If-Match / If-None-Match condition did not hold; 409: AWS's answer to a
+    # conditional write racing another one on the same key.
+    status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    code = error.response.get("Error", {}).get("Code")
+    return status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict")
 
 
 class _ObjectReader(io.RawIOBase):
@@ -439,11 +485,11 @@ class _ObjectReader(io.RawIOBase):
 
     def __init__(self, store: S3Store, key: str, start: int = 0, end: int | None = None):
         self._store, self._uri = store, store.url(key)
-        self._request = {"Bucket": store.bucket, "Key": store._key(key)}
+        self._request = {"Bucket": store.bucket, "Key": store.bucket_key(key)}
         self._offset, self._end = start, end
         self._etag: str | None = None
         self._body = None
-        store._call("read", self._uri, self._get, on_retry=self._drop)
+        store.call("read", self._uri, self._get, on_retry=self._drop)
 
     def _get(self, client: BaseClient) -> None:
         """A GET of the bytes from the offset reached, unless one is open."""
@@ -487,7 +533,7 @@ class _ObjectReader(io.RawIOBase):
         size = min(size, self._end - self._offset)
         if size <= 0:
             return b""
-        piece = self._store._call("read", self._uri, lambda client: self._read(client, size), on_retry=self._drop)
+        piece = self._store.call("read", self._uri, lambda client: self._read(client, size), on_retry=self._drop)
         self._offset += len(piece)
         return piece
 

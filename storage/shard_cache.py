@@ -4,12 +4,17 @@ The training loader asks it for shards (`get`, or `prefetch` ahead of need) by `
 where a shard lives on the store and what its files must hash to. A local-folder store is read
 in place; any other store's shards are downloaded into `cache_dir`, named by content, verified
 by sha256 against the manifest, and evicted least recently used first when over `cache_bytes`.
+
+A manifest comes to a node the same way, once: its header (`node_fetch`) and shard table
+(`node_copy`) are downloaded by the first of the node's ranks to take their lock; the others
+read that local file.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import logging
 import os
 import shutil
@@ -21,6 +26,8 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
 
 from storage.manifest import ObjectInfo, sha256_file
 from storage.shards import IndexedShard, ShardError
@@ -58,6 +65,65 @@ class ShardLocation:
     def local_prefix(self) -> Path | None:
         """The shard's own files when the store is a local folder (read in place), else None."""
         return self.store.local_path(self.prefix)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _intact(path: Path, info: ObjectInfo) -> bool:
+    try:
+        return path.stat().st_size == info.size and sha256_file(path) == info.sha256
+    except FileNotFoundError:
+        return False
+
+
+def node_copy(store: Store, info: ObjectInfo, folder: Path) -> Path:
+    """A verified local copy of a small object (a manifest's shard table) shared by the processes
+    of a node: named by its sha256, downloaded by exactly one of them (under a file lock, moved in
+    by an atomic rename); the rest read the file. ShardError naming the key if the store's object
+    is not the one described."""
+    path = folder / f"{info.sha256}{Path(info.key).suffix}"
+    if _intact(path, info):  # no lock: a copy is only ever replaced whole, so the node's ranks check it at once
+        return path
+    (folder / ".locks").mkdir(parents=True, exist_ok=True)
+    with _file_lock(folder / ".locks" / path.name):
+        if _intact(path, info):  # fetched by another process while this one waited
+            return path
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".fetch-") as tmp:
+            staged = store.download(info.key, Path(tmp) / path.name)
+            if not _intact(staged, info):
+                raise ShardError(
+                    f"{store.url(info.key)}: downloaded {staged.stat().st_size} bytes with sha256 "
+                    f"{sha256_file(staged)[:12]}, not the {info.size} bytes and sha256 {info.sha256[:12]} expected"
+                )
+            os.replace(staged, path)
+    return path
+
+
+def node_fetch(store: Store, key: str, folder: Path) -> bytes:
+    """A small object (a manifest's header) fetched once by the processes of a node started
+    together: the first to take its lock GETs it and leaves a copy, which the others read if it
+    was written after they started. A later start fetches it again, so a rewritten object is
+    never missed (process start times are exact to about a second)."""
+    path = folder / f"{hashlib.sha256(store.url(key).encode()).hexdigest()[:32]}{Path(key).suffix}"
+    started = psutil.Process().create_time()
+    (folder / ".locks").mkdir(parents=True, exist_ok=True)
+    with _file_lock(folder / ".locks" / path.name):
+        with contextlib.suppress(FileNotFoundError):
+            if path.stat().st_mtime >= started:
+                return path.read_bytes()
+        data = store.get_bytes(key)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".fetch-", delete=False) as staged:
+            staged.write(data)
+        os.replace(staged.name, path)
+    return data
 
 
 def _with_ext(prefix: Path, ext: str) -> Path:
@@ -133,7 +199,7 @@ class ShardCache:
         if local is not None:
             return self._open_verified(shard, local, refetchable=False)
         prefix = self.dir / shard.cache_name
-        with self._file_lock(shard.cache_name):
+        with _file_lock(self.dir / ".locks" / shard.cache_name):
             if _with_ext(prefix, ".bin").exists() and _with_ext(prefix, ".idx").exists():
                 try:
                     opened = self._open_verified(shard, prefix, refetchable=True)
@@ -146,11 +212,7 @@ class ShardCache:
     def _open_verified(self, shard: ShardLocation, prefix: Path, refetchable: bool) -> IndexedShard:
         for info, ext in ((shard.idx, ".idx"), (shard.bin, ".bin")):
             path = _with_ext(prefix, ext)
-            try:
-                intact = path.stat().st_size == info.size and sha256_file(path) == info.sha256
-            except FileNotFoundError:
-                intact = False
-            if not intact:
+            if not _intact(path, info):
                 copy = f" (cached copy of {shard.store.url(info.key)})" if refetchable else ""
                 message = (
                     f"{path}{copy} is missing or does not match the manifest's size {info.size} "
@@ -231,15 +293,6 @@ class ShardCache:
                 except FileNotFoundError:  # evicted meanwhile by another process
                     continue
                 yield name, stat.st_mtime, stat.st_size + idx_size
-
-    @contextlib.contextmanager
-    def _file_lock(self, name: str) -> Iterator[None]:
-        with open(self.dir / ".locks" / name, "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

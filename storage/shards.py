@@ -13,7 +13,7 @@ The `.bin` is every document's tokens back to back, nothing else. The `.idx` des
     document indices   int64[n+1] sequence index where each document starts, then n
 
 We write one sequence per document, so document indices are 0..n. Shards written here load
-unmodified in Megatron-Core's IndexedDataset; both readers here accept any valid shard.
+unmodified in Megatron-Core's IndexedDataset; the reader here accepts any valid shard.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import operator
 import os
 import struct
 import tempfile
-from abc import ABC, abstractmethod
 from array import array
 from dataclasses import dataclass
 from functools import cached_property
@@ -32,7 +31,6 @@ from types import TracebackType
 
 import numpy as np
 
-from storage.store import Store
 
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
@@ -274,11 +272,23 @@ class ShardWriter:
             self.abort()
 
 
-class _ShardReader(ABC):
-    """The reading API shared by local and remote shards; subclasses fetch token ranges."""
+class IndexedShard:
+    """A local shard; the `.bin` is memory-mapped, so reads return read-only views."""
 
-    name: str  # the .bin's path or URI, for messages
-    index: Index
+    def __init__(self, path_prefix: str | os.PathLike):
+        prefix = os.fspath(path_prefix)
+        idx_path, bin_path = Path(prefix + ".idx"), Path(prefix + ".bin")
+        self.name = str(bin_path)
+        try:
+            self.index = read_index(idx_path.read_bytes(), str(idx_path))
+            size = bin_path.stat().st_size
+        except FileNotFoundError as e:
+            raise ShardError(f"{e.filename}: missing shard file") from None
+        self.index.check_data_size(size, str(bin_path))
+        # numpy cannot map an empty file; a shard of empty documents has no bytes to map.
+        self._data = (
+            np.memmap(bin_path, dtype=self.dtype, mode="r") if size else np.zeros(0, self.dtype)
+        )
 
     def __len__(self) -> int:
         return len(self.index.sequence_lengths)
@@ -317,51 +327,5 @@ class _ShardReader(ABC):
             )
         return self._read(start, length)
 
-    @abstractmethod
-    def _read(self, start: int, length: int) -> np.ndarray:
-        """`length` tokens from token offset `start`, already bounds-checked."""
-
-
-class IndexedShard(_ShardReader):
-    """A local shard; the `.bin` is memory-mapped, so reads return read-only views."""
-
-    def __init__(self, path_prefix: str | os.PathLike):
-        prefix = os.fspath(path_prefix)
-        idx_path, bin_path = Path(prefix + ".idx"), Path(prefix + ".bin")
-        self.name = str(bin_path)
-        try:
-            self.index = read_index(idx_path.read_bytes(), str(idx_path))
-            size = bin_path.stat().st_size
-        except FileNotFoundError as e:
-            raise ShardError(f"{e.filename}: missing shard file") from None
-        self.index.check_data_size(size, str(bin_path))
-        # numpy cannot map an empty file; a shard of empty documents has no bytes to map.
-        self._data = (
-            np.memmap(bin_path, dtype=self.dtype, mode="r") if size else np.zeros(0, self.dtype)
-        )
-
     def _read(self, start: int, length: int) -> np.ndarray:
         return np.asarray(self._data[start : start + length])
-
-
-class RemoteShard(_ShardReader):
-    """A shard in a Store: the `.idx` is fetched whole, tokens by ranged reads of the `.bin`."""
-
-    def __init__(self, store: Store, prefix_key: str):
-        self.store = store
-        self.bin_key, idx_key = f"{prefix_key}.bin", f"{prefix_key}.idx"
-        self.name = store.url(self.bin_key)
-        self.index = read_index(store.get_bytes(idx_key), store.url(idx_key))
-        self.index.check_data_size(store.size(self.bin_key), self.name)
-
-    def _read(self, start: int, length: int) -> np.ndarray:
-        if length == 0:
-            return np.zeros(0, self.dtype)
-        itemsize = self.dtype.itemsize
-        data = self.store.get_range(self.bin_key, start * itemsize, length * itemsize)
-        if len(data) != length * itemsize:
-            raise ShardError(
-                f"{self.name}: short read of {len(data)} bytes at byte {start * itemsize}, "
-                f"expected {length * itemsize} (object changed since its index was read?)"
-            )
-        return np.frombuffer(data, dtype=self.dtype)

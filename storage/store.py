@@ -13,215 +13,52 @@ caller retries; a local folder needs none.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import os
-import re
-import secrets
 import shutil
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
+
+# The interface and its errors live in storage/store_base.py (which storage/s3.py builds on
+# too); callers import them from here, with the stores.
+from storage.store_base import (
+    CREDENTIALS_IN_URI,
+    NO_CREDENTIALS_PATTERN,
+    InvalidKey,
+    ListedObject,
+    ObjectNotFound,
+    Store,
+    StoreAccessError,
+    StoreError,
+    VersionConflict,
+    atomic_output,
+    check_key,
+    check_name,
+    check_prefix,
+    check_range,
+    check_uri_has_no_credentials,
+    join_key,
+)
+
+__all__ = [
+    "CREDENTIALS_IN_URI", "NO_CREDENTIALS_PATTERN", "COPY_BUFFER_BYTES", "InvalidKey", "ListedObject",
+    "LocalStore", "ObjectNotFound", "Store", "StoreAccessError", "StoreError", "VersionConflict",
+    "atomic_output", "check_key", "check_name", "check_prefix", "check_range", "check_uri_has_no_credentials",
+    "join_key", "open_object", "open_store",
+]
 
 COPY_BUFFER_BYTES = 8 << 20
 
 
-class StoreError(Exception):
-    """A store operation failed; the message names the object's URI."""
-
-
-class StoreAccessError(StoreError):
-    """The store refused in a way a retry does not change: access denied, no usable credentials,
-    no such bucket. The message says what to fix."""
-
-
-class ObjectNotFound(StoreError, FileNotFoundError):
-    """The key does not exist in the store."""
-
-
-class InvalidKey(StoreError, ValueError):
-    """The key is absolute, contains '..', or otherwise escapes the store root."""
-
-
-def check_key(key: str) -> str:
-    """Return the key, or raise InvalidKey if it could escape the root or names a folder."""
-    if not isinstance(key, str) or not key:
-        raise InvalidKey(f"empty or non-string key: {key!r}")
-    if "\\" in key or "\x00" in key:
-        raise InvalidKey(f"key contains a backslash or NUL: {key!r}")
-    if key.startswith("/"):
-        raise InvalidKey(f"key must be relative to the store root, got absolute {key!r}")
-    if key.endswith("/"):
-        raise InvalidKey(f"key must name an object, not a folder: {key!r}")
-    if any(part in ("", ".", "..") for part in key.split("/")):
-        raise InvalidKey(f"key must not contain '.', '..' or empty segments: {key!r}")
-    return key
-
-
-def check_name(name: str) -> str:
-    """Return a name that becomes one key segment (a build, run or source folder), or raise InvalidKey."""
-    if "/" in name:
-        raise InvalidKey(f"name {name!r} must not contain '/' (it becomes one folder name)")
-    return check_key(name)
-
-
-# Query parameters that carry credentials: presigned URLs (SigV4, SigV2) and the obvious names
-# (lowercase; matched in either case).
-_CREDENTIAL_PARAMETER_RE = r"[?&](x-amz-[a-z-]+|awsaccesskeyid|signature|[a-z_-]*(secret|token|password|credential)[a-z_-]*)="
-_CREDENTIAL_PARAMETER = re.compile(_CREDENTIAL_PARAMETER_RE, re.I)
-
-
-def _either_case(pattern: str) -> str:
-    """A lowercase regex made to match either case without flags: JSON Schema patterns have none."""
-    parts = re.split(r"(\[[^]]*\])", pattern)  # character classes, and the text between them
-    return "".join(
-        part.replace("a-z", "a-zA-Z") if part.startswith("[") else re.sub("[a-z]", lambda m: f"[{m[0]}{m[0].upper()}]", part)
-        for part in parts
-    )
-
-
-# check_uri_has_no_credentials as a JSON Schema pattern (Python and ECMA alike) for the URI fields
-# of flow parameters: the Prefect server refuses a deployment run whose parameters fail it before
-# it stores them, where pydantic runs only once the flow starts.
-NO_CREDENTIALS_PATTERN = rf"^(?![\s\S]*?://[^/]*@)(?![\s\S]*?://[\s\S]*{_either_case(_CREDENTIAL_PARAMETER_RE)})"
-CREDENTIALS_IN_URI = (
-    "store URIs must not hold credentials (user:password@ or a signed query string); use the AWS "
-    "environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) or a profile (AWS_PROFILE)"
-)
-
-
-def check_uri_has_no_credentials(uri: str) -> str:
-    """Return the URI, or raise ValueError (never echoing it) if it holds credentials."""
-    scheme, sep, rest = uri.partition("://")
-    if sep and ("@" in rest.partition("/")[0] or _CREDENTIAL_PARAMETER.search(rest)):
-        raise ValueError(CREDENTIALS_IN_URI)
-    return uri
-
-
-def check_prefix(prefix: str) -> str:
-    """Return a listing prefix ("" or a key prefix, a trailing '/' allowed), or raise InvalidKey."""
-    if prefix:
-        check_key(prefix.removesuffix("/"))
-    return prefix
-
-
-def check_range(start: int, length: int, uri: str) -> None:
-    if start < 0 or length < 0:
-        raise StoreError(f"invalid range start={start} length={length} for {uri}")
-
-
-def join_key(*parts: str) -> str:
-    """Join key segments with '/', ignoring empty ones."""
-    return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
-
-
-@contextmanager
-def atomic_output(path: Path) -> Iterator[Path]:
-    """A fresh temp file beside `path`, renamed onto it if the block succeeds, removed if not.
-
-    The temp name is hidden and ends in ".tmp", so LocalStore.list never shows it.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    # os.open rather than mkstemp: the result gets the usual umask permissions, not 0600.
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-@dataclass(frozen=True)
-class ListedObject:
-    """What a listing tells about an object at no extra request: its size and a version stamp."""
-
-    key: str
-    size: int
-    version: dict[str, str]  # S3: {"etag"}; a local file: {"mtime_ns", "inode"}
-
-
-class Store(ABC):
-    """The operations every object store offers. Keys are '/'-separated, relative to the root."""
-
-    uri: str  # the root, e.g. "file:///data" or "s3://bucket/prefix"; never holds credentials
-
-    def url(self, key: str) -> str:
-        """The full URI of a key, for messages and manifests."""
-        return f"{self.uri.removesuffix('/')}/{check_key(key)}"
-
-    @abstractmethod
-    def put_bytes(self, key: str, data: bytes) -> None: ...
-
-    @abstractmethod
-    def put_file(self, key: str, path: str | os.PathLike) -> None: ...
-
-    @abstractmethod
-    def get_bytes(self, key: str) -> bytes: ...
-
-    @abstractmethod
-    def get_range(self, key: str, start: int, length: int) -> bytes:
-        """`length` bytes from offset `start` (fewer only at the end of the object)."""
-
-    @abstractmethod
-    def open_read(self, key: str) -> BinaryIO:
-        """A streaming, file-like reader (not necessarily seekable); the caller closes it."""
-
-    @abstractmethod
-    def list(self, prefix: str = "") -> Iterator[str]:
-        """Keys under `prefix` (a key prefix, not only a folder), in sorted order."""
-
-    @abstractmethod
-    def list_info(self, prefix: str = "") -> Iterator[ListedObject]:
-        """Like `list`, with each object's size and version, from the listing itself (by the page on S3)."""
-
-    @abstractmethod
-    def info(self, key: str) -> ListedObject:
-        """One object's size and version (ObjectNotFound if it is missing)."""
-
-    @abstractmethod
-    def exists(self, key: str) -> bool: ...
-
-    @abstractmethod
-    def size(self, key: str) -> int: ...
-
-    @abstractmethod
-    def delete(self, key: str) -> None:
-        """Remove a key; removing a missing key is not an error."""
-
-    def delete_many(self, keys: Iterable[str]) -> None:
-        """Remove keys, in order (missing ones are not an error); a store that can batches them."""
-        for key in keys:
-            self.delete(key)
-
-    @abstractmethod
-    def download(self, key: str, path: str | os.PathLike) -> Path:
-        """Copy an object to a local file atomically and return its path."""
-
-    def local_path(self, key: str) -> Path | None:
-        """The object's file when the store is a local folder (to read in place), else None."""
-        return None
-
-    @property
-    def outage_tolerance_s(self) -> float:
-        """How long a call keeps retrying an unreachable store before it fails (storage/retry.py)."""
-        return 0.0
-
-    def child(self, prefix: str) -> Store:
-        """A store rooted at `prefix` inside this one (InvalidKey if `prefix` would leave this root)."""
-        return open_store(self.url(prefix.removesuffix("/")))
-
-    def get_text(self, key: str) -> str:
-        return self.get_bytes(key).decode("utf-8")
-
-    def put_text(self, key: str, text: str) -> None:
-        self.put_bytes(key, text.encode("utf-8"))
-
-
 class LocalStore(Store):
-    """A folder on the local file system; atomic writes by temp file + rename."""
+    """A folder on the local file system; atomic writes by temp file + rename.
+
+    Conditional writes are read-compare-write under an exclusive flock(2) on the object's folder,
+    which serializes the processes of one machine (not NFS clients on several machines); a
+    version is the content's sha256."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).expanduser().resolve()
@@ -231,8 +68,8 @@ class LocalStore(Store):
     def _inside(self, path: Path) -> bool:
         return path == self.root or self.root in path.parents
 
-    def local_path(self, key: str) -> Path:
-        return self._path(key)
+    def local_path(self, key: str = "") -> Path:
+        return self._path(key) if key else self.root
 
     def _path(self, key: str) -> Path:
         path = (self.root / check_key(key)).resolve()
@@ -330,6 +167,51 @@ class LocalStore(Store):
             shutil.copyfileobj(src, out, COPY_BUFFER_BYTES)
         return dest
 
+    @contextlib.contextmanager
+    def _folder_locked(self, key: str) -> Iterator[None]:
+        folder = self._path(key).parent
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # also releases the lock
+
+    def get_versioned(self, key: str) -> tuple[bytes, str] | None:
+        try:
+            data = self.get_bytes(key)
+        except ObjectNotFound:
+            return None
+        return data, hashlib.sha256(data).hexdigest()
+
+    def _version(self, key: str) -> str | None:
+        current = self.get_versioned(key)
+        return None if current is None else current[1]
+
+    def _conflict(self, key: str) -> VersionConflict:
+        return VersionConflict(f"{self.url(key)} changed since it was read")
+
+    def create(self, key: str, data: bytes) -> str:
+        with self._folder_locked(key):
+            if self.exists(key):
+                raise VersionConflict(f"{self.url(key)} exists already")
+            self.put_bytes(key, data)
+        return hashlib.sha256(data).hexdigest()
+
+    def replace(self, key: str, data: bytes, version: str) -> str:
+        with self._folder_locked(key):
+            if self._version(key) != version:
+                raise self._conflict(key)
+            self.put_bytes(key, data)
+        return hashlib.sha256(data).hexdigest()
+
+    def delete_version(self, key: str, version: str) -> None:
+        with self._folder_locked(key):
+            if self._version(key) != version:
+                raise self._conflict(key)
+            self.delete(key)
+
 
 def open_store(uri: str | os.PathLike) -> Store:
     """Open a store from a plain path, `file:///path`, or `s3://bucket/prefix`."""
@@ -338,7 +220,7 @@ def open_store(uri: str | os.PathLike) -> Store:
     if not sep:
         return LocalStore(uri)
     if scheme == "s3":
-        from storage.s3 import S3Store
+        from storage.s3 import S3Store  # boto3 is imported only when a bucket is opened
 
         bucket, _, prefix = rest.partition("/")
         return S3Store(bucket, prefix)

@@ -19,7 +19,8 @@ import xxhash
 
 from storage import build_layout as layout
 from storage.build_layout import batch_name, partition_name
-from storage.manifest import ShardResult, SourceAccounting, StageSummary
+from storage.manifest import ShardResult, SourceAccounting
+from storage.stage_summary import StageSummary
 from storage.store import Store
 from tasks.fanout import read_summary, run_stage
 from tasks.parquet_io import read_partition_of_each, read_table, write_partitions
@@ -112,4 +113,4 @@ def exact_dedup(build: Build) -> dict[str, int | float]:
     budget = config.task_memory_bytes
     ranges = partitions(documents, EXACT_ROW_BYTES, budget, config.dedup.exact_partitions)
     run = partial(run_stage, store, build_config=config, max_in_flight=config.parallelism)
-    return stage_totals(run_exact_dedup(store, build.plan, sizes, ranges, budget, run).receipts)
+    return stage_totals(run_exact_dedup(store, build.plan, sizes, ranges, budget, run))

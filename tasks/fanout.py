@@ -5,18 +5,21 @@ and returns the stage's summary. What is done is decided by the page, never by a
 per object in the driver:
 
 1. one paginated listing of `receipts/<stage>/` (keys, sizes, versions; 1,000 a request);
-2. one GET of `summaries/<stage>.json`: every receipt whose listed version is the one the
-   summary recorded is taken from it; the others (a stage cut short, a receipt rewritten or
-   damaged) are read in a thread pool, and an unreadable or invalid one counts as missing;
-   so does one whose content no longer matches its checksum (edited after it was written:
-   valid JSON with a count changed), wherever it was read;
+2. one GET of `summaries/<stage>.parquet` (a row per receipt, storage.stage_summary): every
+   row whose receipt's listed version is the one the summary recorded is taken from it; the
+   others (a stage cut short, a receipt rewritten or damaged) are read in a thread pool, and
+   an unreadable or invalid one counts as missing; so does one whose content no longer
+   matches its checksum (edited after it was written: valid JSON with a count changed),
+   wherever it was read;
 3. one paginated listing of the stage's output prefixes: a receipt is intact only if each of
    its outputs is listed at the size and version the task recorded when it committed, so an
    output deleted, truncated or rewritten (even at the same size) after its receipt is redone.
 
 A task writes its outputs, checks each one's size on the store and records its version, then
-writes its receipt last. When the stage completes, the summary is written once (unless a
-rerun found everything as its summary said, then nothing is written).
+writes its receipt last. The driver keeps the receipts that come back as rows of a table
+(never as objects: 60,000 of them would cost gigabytes); when the stage completes, the
+summary is written once (unless a rerun found everything as its summary said, then nothing
+is written).
 """
 
 from __future__ import annotations
@@ -32,14 +35,17 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
+import pyarrow as pa
 import ray
 from pydantic import ValidationError
 from ray.exceptions import RayError, RayTaskError
 
+from runtime.processes import guard_process_tree
 from storage import build_layout as layout
-from storage.manifest import Receipt, ShardResult, StageSummary, read_record, write_record
-from storage.processes import guard_process_tree
+from storage.manifest import Receipt, ShardResult, read_record, write_record
+from storage.stage_summary import ReceiptRows, StageSummary, in_order, receipt_row, row_intact, with_receipt_versions
 from storage.store import ObjectNotFound, ListedObject, Store, StoreError
+from tasks.code_version import check_ray_nodes, on_driver_code
 from tasks.reporting import progress
 from tasks.stage import Item, Stage
 
@@ -74,6 +80,8 @@ def ensure_ray() -> None:
             signal.signal(signal.SIGTERM, sigterm)
         if not address:
             guard_process_tree()
+        else:
+            check_ray_nodes()
 
 
 @contextlib.contextmanager
@@ -111,15 +119,22 @@ def read_receipt(store: Store, key: str) -> Receipt | None:
 
 
 def _read_stage_summary(store: Store, stage: str) -> StageSummary | None:
-    summary = read_valid(store, layout.summary(stage), StageSummary)
-    return summary if summary is not None and summary.stage == stage else None
+    """The stage's summary table, or None when it is missing or not a summary of the stage (logged)."""
+    key = layout.summary(stage)
+    try:
+        return StageSummary.from_parquet(stage, store.get_bytes(key))
+    except ObjectNotFound:
+        return None
+    except (ValueError, pa.ArrowException) as error:  # not parquet (ArrowInvalid), or not a summary (SummaryDamaged)
+        log.warning("%s is damaged and counts as missing (%s)", store.url(key), type(error).__name__)
+        return None
 
 
 def read_summary(store: Store, stage: str) -> StageSummary | None:
     """A completed stage's summary (None when the stage has not completed, or it is damaged: invalid,
-    or holding a receipt that fails its checksum)."""
+    or holding a row that fails its receipt's checksum)."""
     summary = _read_stage_summary(store, stage)
-    if summary is not None and (edited := [r.shard for r in summary.receipts if not r.intact]):
+    if summary is not None and (edited := summary.edited()):
         log.warning("%s: %s fail their checksum; it counts as missing", store.url(layout.summary(stage)), _receipts(edited))
         return None
     return summary
@@ -135,39 +150,51 @@ def _listing(store: Store, prefixes: tuple[str, ...]) -> dict[str, ListedObject]
     return {listed.key: listed for prefix in prefixes for listed in store.list_info(prefix)}
 
 
-def _intact(receipt: Receipt, outputs: dict[str, ListedObject]) -> bool:
-    for output in receipt.outputs:
-        listed = outputs.get(output.key)
-        if listed is None or listed.size != output.size or listed.version != receipt.versions.get(output.key):
-            log.warning("%s: output %s changed since its receipt; shard %s is redone", receipt.stage, output.key, receipt.shard)
+def _intact(stage: str, row: dict, outputs: dict[str, ListedObject]) -> bool:
+    for output in row["outputs"]:
+        listed = outputs.get(output["key"])
+        if listed is None or listed.size != output["size"] or output["version"] is None or listed.version != dict(output["version"]):
+            log.warning("%s: output %s changed since its receipt; shard %s is redone", stage, output["key"], row["shard"])
             return False
     return True
 
 
-def finished_receipts(store: Store, stage: Stage) -> tuple[dict[str, Receipt], StageSummary | None]:
-    """The intact receipts of the stage's shards, and the stage's summary when it holds them all."""
-    listed = {o.key: o for o in store.list_info(layout.receipts(stage.name))}
-    shards = [shard for item in stage.items if layout.receipt(stage.name, shard := stage.shard_of(item)) in listed]
-    version = {shard: listed[layout.receipt(stage.name, shard)].version for shard in shards}
-    summary = _read_stage_summary(store, stage.name) if shards else None
-    known = {r.shard: r for r in summary.receipts} if summary else {}
-    receipts = {s: known[s] for s in shards if s in known and summary.receipt_versions.get(s) == version[s]}
-    if edited := [s for s, receipt in receipts.items() if not receipt.intact]:
+def finished_rows(store: Store, stage: Stage) -> tuple[ReceiptRows, StageSummary | None]:
+    """The rows of the stage's intact receipts (the shards done), and the stage's summary when it
+    holds them all."""
+    listed = {o.key: o.version for o in store.list_info(layout.receipts(stage.name))}
+    version = {shard: listed[key] for item in stage.items if (key := layout.receipt(stage.name, shard := stage.shard_of(item))) in listed}
+    del listed
+    rows = ReceiptRows()
+    if not version:
+        return rows, None
+    summary = _read_stage_summary(store, stage.name)
+    outputs = _listing(store, stage.outputs)
+    read, edited, intact = set(), [], []  # shards the summary holds as they are; edited in it; row numbers kept
+    for number, row in enumerate(summary.rows() if summary else ()):
+        shard, recorded = row["shard"], row["receipt_version"]
+        if shard not in version or recorded is None or dict(recorded) != version[shard]:
+            continue
+        if not row_intact(row):
+            edited.append(shard)
+            continue
+        read.add(shard)
+        if _intact(stage.name, row, outputs):
+            intact.append(number)
+    if edited:
         summary_url = store.url(layout.summary(stage.name))
         log.warning("%s: %s fail their checksum; they are read from their objects", summary_url, _receipts(edited))
-        for shard in edited:
-            del receipts[shard]
-    unread = [s for s in shards if s not in receipts]
+    if intact:
+        rows.add_table(summary.table.take(intact))
+    unread = [shard for shard in version if shard not in read]
     if unread:
         with ThreadPoolExecutor(READ_THREADS) as pool:
             for shard, receipt in zip(unread, pool.map(lambda s: read_receipt(store, layout.receipt(stage.name, s)), unread)):
                 if receipt is not None and (receipt.stage, receipt.shard) == (stage.name, shard):
-                    receipts[shard] = receipt
-    if receipts:
-        outputs = _listing(store, stage.outputs)
-        receipts = {shard: r for shard, r in receipts.items() if _intact(r, outputs)}
-    current = summary is not None and not unread and len(receipts) == len(shards)
-    return receipts, summary if current else None
+                    if _intact(stage.name, row := receipt_row(receipt), outputs):
+                        rows.add(row)
+    current = summary is not None and not unread and len(rows) == len(version)
+    return rows, summary if current else None
 
 
 def commit(store: Store, stage_name: str, prefixes: tuple[str, ...], shard: str, result: ShardResult, seconds: float) -> Receipt:
@@ -187,33 +214,11 @@ def commit(store: Store, stage_name: str, prefixes: tuple[str, ...], shard: str,
     return receipt
 
 
-# Test-only hook (tests/reliability/test_multinode.py SIGKILLs a worker inside each stage): with
-# TINYLLAMA_TEST_HOLD_WORK=FOLDER set and FOLDER present, every task appends "STAGE SHARD PID" to
-# FOLDER/attempts, and the first task of each stage also creates FOLDER/STAGE (holding "SHARD PID")
-# and blocks for good, until it is killed; its retry (run_stage's) finds FOLDER/STAGE and works. Else a no-op.
-HOLD_WORK_ENV = "TINYLLAMA_TEST_HOLD_WORK"
-
-
-def _hold_for_test(stage_name: str, shard: str) -> None:
-    folder = os.environ.get(HOLD_WORK_ENV)
-    if not folder or not os.path.isdir(folder):
-        return
-    with open(os.path.join(folder, "attempts"), "a") as attempts:
-        attempts.write(f"{stage_name} {shard} {os.getpid()}\n")
-    try:
-        held = os.open(os.path.join(folder, stage_name), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return
-    os.write(held, f"{shard} {os.getpid()}".encode())
-    os.close(held)
-    threading.Event().wait()
-
-
-def _work_and_commit(store: Store, stage_name: str, prefixes: tuple[str, ...], work, shard: str, item) -> Receipt:
-    _hold_for_test(stage_name, shard)
+def _work_and_commit(store: Store, stage_name: str, prefixes: tuple[str, ...], work, shard: str, item) -> dict:
+    """Work, commit, and return the receipt as a row (storage.stage_summary): the driver keeps rows."""
     started = time.perf_counter()
     result = work(item)
-    return commit(store, stage_name, prefixes, shard, result, time.perf_counter() - started)
+    return receipt_row(commit(store, stage_name, prefixes, shard, result, time.perf_counter() - started))
 
 
 def run_stage(
@@ -223,50 +228,53 @@ def run_stage(
     max_in_flight: int | None = None,
     inline: bool = False,
 ) -> StageSummary:
-    """Run every shard of `stage` that is not done; returns the stage's summary (receipts in
-    item order). With the build's config, its step's progress artifact in Prefect follows it.
-    `inline` runs the work in this process, one item after another (tests, benchmarks).
+    """Run every shard of `stage` that is not done; returns the stage's summary (a row per
+    receipt, in item order). With the build's config, its step's progress artifact in Prefect follows it.
+    `inline` runs the work in this process, one item after another, through the same commits and
+    receipts: a runner without Ray (as datatrove's LocalPipelineExecutor), where a stage's own logic
+    is what is checked and a Ray start would cost more than the work (tests).
 
     A shard whose worker dies is retried alone, up to SHARD_ATTEMPTS runs, while its siblings
     go on; then ShardFailed names it (a rerun redoes only shards without a receipt). An exception
     from `work` (bad input, say) is raised here unchanged after the tasks already running have
     finished and committed.
     """
-    receipts, summary = finished_receipts(store, stage)
+    rows, summary = finished_rows(store, stage)
     total = len(stage.items)
     on_progress = progress(stage.name, build_config) if build_config else None
     if on_progress:
-        on_progress(len(receipts), total)
-    todo = [item for item in stage.items if stage.shard_of(item) not in receipts]
+        on_progress(len(rows), total)
+    done = set(rows.table().column("shard").to_pylist())
+    todo = [item for item in stage.items if stage.shard_of(item) not in done]
+    del done
     if todo:
-        log.info("%s: %d of %d shards to run (%d already done)", stage.name, len(todo), total, len(receipts))
+        log.info("%s: %d of %d shards to run (%d already done)", stage.name, len(todo), total, len(rows))
         run = _run_inline if inline else _fan_out
-        run(store, stage, todo, receipts, total, on_progress, max_in_flight)
-    ordered = [receipts[stage.shard_of(item)] for item in stage.items]
+        run(store, stage, todo, rows, total, on_progress, max_in_flight)
     if summary is None or todo:
         listed = {o.key: o.version for o in store.list_info(layout.receipts(stage.name))}
-        versions = {r.shard: listed[layout.receipt(stage.name, r.shard)] for r in ordered}
-        summary = StageSummary(stage=stage.name, receipts=ordered, receipt_versions=versions)
-        write_record(store, layout.summary(stage.name), summary)
+        shards = [stage.shard_of(item) for item in stage.items]
+        versions = [listed[layout.receipt(stage.name, shard)] for shard in shards]
+        summary = StageSummary(stage.name, with_receipt_versions(in_order(rows.table(), shards), versions))
+        store.put_bytes(layout.summary(stage.name), summary.to_parquet())
     return summary
 
 
-def _run_inline(store, stage, todo, receipts, total, on_progress, _max_in_flight) -> None:
+def _run_inline(store, stage, todo, rows: ReceiptRows, total, on_progress, _max_in_flight) -> None:
     for item in todo:
-        shard = stage.shard_of(item)
-        receipts[shard] = _work_and_commit(store, stage.name, stage.outputs, stage.work, shard, item)
+        rows.add(_work_and_commit(store, stage.name, stage.outputs, stage.work, stage.shard_of(item), item))
         if on_progress:
-            on_progress(len(receipts), total)
+            on_progress(len(rows), total)
 
 
-def _fan_out(store, stage, todo, receipts, total, on_progress, max_in_flight) -> None:
+def _fan_out(store, stage, todo, rows: ReceiptRows, total, on_progress, max_in_flight) -> None:
     """Run `todo` on Ray, at most `window` at once. A shard whose worker dies (a crash, an OOM
     kill, a lost node) goes to the back of the queue while its siblings go on; its last attempt
     runs alone, once nothing else is in flight (a shard killed for memory gets the node to
     itself). An exception from the work itself stops new submissions, as bad input fails the
     same way every time."""
     ensure_ray()
-    remote = ray.remote(num_cpus=1, max_retries=0)(_work_and_commit)  # attempts are counted here
+    remote = ray.remote(num_cpus=1, max_retries=0)(on_driver_code(_work_and_commit))  # attempts are counted here
     window = max_in_flight or 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
     store_ref, work_ref = ray.put(store), ray.put(stage.work)  # put once: each task gets refs
     queue, alone = deque(todo), deque()
@@ -293,7 +301,7 @@ def _fan_out(store, stage, todo, receipts, total, on_progress, max_in_flight) ->
                 [ready], _ = ray.wait(list(pending), num_returns=1)
                 item = pending.pop(ready)
                 try:
-                    receipt = ray.get(ready)
+                    row = ray.get(ready)
                 except RayTaskError as error:
                     failure = failure or error
                     continue
@@ -308,9 +316,9 @@ def _fan_out(store, stage, todo, receipts, total, on_progress, max_in_flight) ->
                     )
                     (alone if attempts[shard] == SHARD_ATTEMPTS - 1 else queue).append(item)
                     continue
-                receipts[receipt.shard] = receipt
+                rows.add(row)
                 if on_progress:
-                    on_progress(len(receipts), total)
+                    on_progress(len(rows), total)
     except BaseException:
         # Leaving early (the run cancelled, Ctrl-C, a failure here): stop the tasks in flight;
         # whatever they half wrote has no receipt, so a rerun redoes it.

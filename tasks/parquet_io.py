@@ -69,6 +69,14 @@ def read_partition_span(store: Store, key: str, first: int, stop: int) -> tuple[
     """Partitions [first, stop) of an object `write_partitions` wrote, in two range reads however
     many they are: their bytes, and stop - first + 1 offsets into them (partition i is
     data[offsets[i - first]:offsets[i - first + 1]], for `parse_partition`)."""
+    offsets = partition_offsets(store, key, first, stop)
+    data = store.get_range(key, offsets[0], offsets[-1] - offsets[0]) if offsets[-1] > offsets[0] else b""
+    return data, [offset - offsets[0] for offset in offsets]
+
+
+def partition_offsets(store: Store, key: str, first: int, stop: int) -> list[int]:
+    """Where partitions [first, stop) of an object `write_partitions` wrote begin, and where the
+    last ends: stop - first + 1 absolute offsets, in one range read."""
     name = f"partition {first}" if stop == first + 1 else f"partitions {first}..{stop - 1}"
     if not 0 <= first < stop:
         raise ValueError(f"{store.url(key)}: no {name}")
@@ -79,8 +87,7 @@ def read_partition_span(store: Store, key: str, first: int, stop: int) -> tuple[
     offsets = [offset for _, offset in header]
     if len(header) != entries or len(counts) != 1 or stop > counts.pop() or offsets != sorted(offsets):
         raise ValueError(f"{store.url(key)}: no {name} (not a partitioned object, or fewer partitions)")
-    data = store.get_range(key, offsets[0], offsets[-1] - offsets[0]) if offsets[-1] > offsets[0] else b""
-    return data, [offset - offsets[0] for offset in offsets]
+    return offsets
 
 
 def parse_partition(data: bytes, schema: pa.Schema, where: str) -> pa.Table:

@@ -13,16 +13,16 @@ import math
 import numpy as np
 
 from storage import build_layout as layout
-from storage.manifest import StageSummary
+from storage.stage_summary import StageSummary
 
 EXACT_ROW_BYTES = 96  # one (id, 16-byte hash) row in a hash-range task
 NEAR_BAND_ROW_BYTES = 64  # one (band hash, id) row in a bucket task: bands rows per document
 NEAR_EDGE_BYTES = 256  # one document's edges in a components task (both directions, two rounds' copies)
 VERIFY_SHINGLE_BYTES = 8  # one 32-bit shingle of a candidate in a verify task: the parquet read's copy, the list
 VERIFY_MEMBER_BYTES = 64  # one bucket membership in a verify task: (bucket, id) rows, id lookup, offsets
-# Verify groups one verify task handles in turn: it reads their part of each batch's shingles as
-# one byte range and spills it to local disk (about half a budget a group), so the verify
-# shuffle costs 2 x batches x groups / VERIFY_SPAN_GROUPS range reads, not 2 x batches x groups.
+# Verify groups one verify task handles in turn: it reads their part of each object it reads
+# (tasks.near_dedup.steps.MergedShuffle) as one byte range and spills it to local disk (about
+# half a budget a group).
 VERIFY_SPAN_GROUPS = 16
 BATCH_FRACTION = 8  # a map task reads docs parquet of budget / 8: texts inflate ~3-4x as strings
 HEADROOM = 1.25  # hash ranges are filled unevenly: plan for the fullest, not the average
@@ -63,7 +63,7 @@ def batches(sizes: list[int], limit: int) -> list[range]:
 def ingested_documents(summary: StageSummary) -> tuple[int, dict[str, int]]:
     """From the ingest summary: documents kept, and each docs shard's size in bytes."""
     documents = sum(acc.kept for acc in summary.sources().values())
-    sizes = {r.shard: sum(o.size for o in r.outputs if o.key.startswith(layout.DOCS)) for r in summary.receipts}
+    sizes = summary.outputs_size(layout.DOCS)
     return documents, sizes
 
 

@@ -21,6 +21,7 @@ from ray.exceptions import RayTaskError
 
 from storage.manifest import canonical_json
 from storage.store import COPY_BUFFER_BYTES, ListedObject, ObjectNotFound, Store, join_key, open_object, open_store
+from tasks.code_version import on_driver_code
 from tasks.config import BuildConfig, Format, SourceConfig, check_output_outside_inputs
 from tasks.fanout import ensure_ray
 from tasks.globs import GLOB_CHARS, glob_regex, split_glob
@@ -160,7 +161,7 @@ def hash_inputs(listed: list[tuple[str, ListedObject]]) -> list[str]:
     """The sha256 of every input, hashed in Ray tasks of about HASH_TASK_BYTES each; the driver
     only collects the digests (its bytes never pass through it)."""
     ensure_ray()
-    remote = ray.remote(num_cpus=1)(content_sha256s)
+    remote = ray.remote(num_cpus=1)(on_driver_code(content_sha256s))
     shares = batches([info.size for _, info in listed], HASH_TASK_BYTES)
     refs = [remote.remote([uri for uri, _ in listed[share.start : share.stop]]) for share in shares]
     try:

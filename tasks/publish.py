@@ -7,6 +7,9 @@ import hashlib
 from collections.abc import Sequence
 from functools import partial
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
@@ -16,14 +19,17 @@ from storage.manifest import (
     DatasetManifest,
     Receipt,
     ShardResult,
+    ShardTable,
     SourceAccounting,
-    StageSummary,
     TokenizerInfo,
     canonical_json,
-    read_record,
+    new_manifest,
+    put_manifest,
+    read_manifest,
     record_bytes,
 )
 from storage.shards import token_dtype
+from storage.stage_summary import StageSummary
 from storage.store import ObjectNotFound, Store, StoreError
 from tasks.fanout import read_summary, run_stage
 from tasks.parquet_io import read_table
@@ -76,18 +82,28 @@ def account(build: Build, tokenized: StageSummary) -> dict[str, SourceAccounting
 NAMED_RECEIPTS = 5  # receipts an AccountingError names before it counts the rest
 
 
-def _adds_up(share: SourceAccounting) -> bool:
-    """An ingest share (documents in) reconciles on its own; the other stages count losses or outputs only."""
-    return not share.docs_in or share.reconciles
+def _adds_up(shares: pa.Table) -> np.ndarray:
+    """Per share (SourceAccounting's columns): an ingest share (documents in) reconciles on its
+    own; the other stages count losses or outputs only."""
+    docs_in = shares["docs_in"].to_numpy()
+    where_they_went = sum(shares[name].to_numpy() for name in ("kept", "filtered", "exact_dup", "near_dup", "malformed"))
+    return (docs_in == 0) | (docs_in == where_they_went)
 
 
 def receipts_of(build: Build, summaries: list[StageSummary], source: str) -> str:
-    """The receipts that counted `source`, those whose own counts do not add up first."""
-    counted = [r for summary in summaries for r in summary.receipts if source in r.sources]
-    counted.sort(key=lambda r: _adds_up(r.sources[source]))  # stable: in stage and shard order otherwise
-    odd = sum(not _adds_up(r.sources[source]) for r in counted)
-    keys = ", ".join(build.store.url(layout.receipt(r.stage, r.shard)) for r in counted[:NAMED_RECEIPTS])
-    more = f" and {len(counted) - NAMED_RECEIPTS} more" if len(counted) > NAMED_RECEIPTS else ""
+    """The receipts that counted `source`, those whose own counts do not add up first (else in
+    stage and shard order), from the summaries' columns."""
+    counted = [(summary.stage, shares, _adds_up(shares)) for summary in summaries for shares in [summary.shares(source)]]
+    total = sum(len(adds_up) for _, _, adds_up in counted)
+    odd = sum(int((~adds_up).sum()) for _, _, adds_up in counted)
+    named = [
+        (stage, shard)
+        for wanted in (False, True)
+        for stage, shares, adds_up in counted
+        for shard in pc.filter(shares["shard"], pa.array(adds_up == wanted)).to_pylist()[:NAMED_RECEIPTS]
+    ][:NAMED_RECEIPTS]
+    keys = ", ".join(build.store.url(layout.receipt(stage, shard)) for stage, shard in named)
+    more = f" and {total - NAMED_RECEIPTS} more" if total > NAMED_RECEIPTS else ""
     return f"counted by {keys}{more} ({odd} of them do not add up on their own)"
 
 
@@ -125,7 +141,10 @@ def write_manifest(build: Build, tokenizer: TokenizerInfo) -> str:
     tokenized = completed(build, "tokenize")
     verify = Stage("verify-tokens", tokenized.receipts, verified_name, partial(verify_token_shards, store), ())
     run_stage(store, verify, config, config.parallelism)
-    manifest = DatasetManifest(
+    shards = ShardTable.of([shard for receipt in tokenized.receipts for shard in receipt.token_shards])
+    manifest, table = new_manifest(
+        shards,
+        layout.SHARD_TABLE,
         name=config.name,
         build_id=build.id,
         config=config.content(),
@@ -133,16 +152,14 @@ def write_manifest(build: Build, tokenizer: TokenizerInfo) -> str:
         tokenizer=tokenizer,
         documents=build.config.documents,
         dtype=token_dtype(tokenizer.vocab_size).name,
-        shards=[shard for receipt in tokenized.receipts for shard in receipt.token_shards],
         sources=account(build, tokenized),
     )
-    body = record_bytes(manifest)
-    try:
-        unchanged = store.get_bytes(layout.MANIFEST) == body
+    try:  # the header records the table's sha256: an equal header means an equal table
+        unchanged = store.get_bytes(layout.MANIFEST) == record_bytes(manifest)
     except ObjectNotFound:
         unchanged = False
     if not unchanged:  # a finished build's rerun rewrites nothing
-        store.put_bytes(layout.MANIFEST, body)
+        put_manifest(store, layout.MANIFEST, manifest, table)
     return store.url(layout.MANIFEST)
 
 
@@ -183,7 +200,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
 def step_rows(build: Build, manifest: DatasetManifest, seconds: dict[str, float]) -> list[list]:
     """One row per pipeline step that ran: stages, shards, documents in and out, work and wall seconds."""
     store = build.store
-    ran = sorted(key.removeprefix(layout.SUMMARIES).removesuffix(".json") for key in store.list(layout.SUMMARIES))
+    ran = sorted(key.removeprefix(layout.SUMMARIES).removesuffix(layout.SUMMARY_SUFFIX) for key in store.list(layout.SUMMARIES))
     accounting = sum(manifest.sources.values(), SourceAccounting())
     documents = accounting.docs_in
     out_of = {  # documents left after each step, from the manifest's reconciled accounting
@@ -198,15 +215,14 @@ def step_rows(build: Build, manifest: DatasetManifest, seconds: dict[str, float]
         stages = [s for s in ran if _of_step(s, prefixes)]
         if not stages:
             continue
-        receipts = [r for s in stages if (summary := read_summary(store, s)) for r in summary.receipts]
-        totals = stage_totals(receipts)
+        totals = stage_totals(*[summary for s in stages if (summary := read_summary(store, s))])
         docs_in = documents if step == "ingest" else kept
         if step in out_of:
             kept = out_of[step] if step == "ingest" else kept + out_of[step]
         note = {
             "tokenizer": f"vocab {manifest.tokenizer.vocab_size:,}",
             "tokenize": f"{manifest.total_tokens:,} tokens",
-            "manifest": f"{len(manifest.shards):,} token shards verified",
+            "manifest": f"{manifest.shard_table.rows:,} token shards verified",
         }.get(step, "")
         counted = step in out_of
         rows.append(
@@ -238,7 +254,7 @@ def summary_markdown(build: Build, manifest: DatasetManifest, uri: str, train_ru
     parts = [
         f"# Build `{manifest.name}/{manifest.build_id}`\n",
         f"Manifest: `{uri}`  \n"
-        f"{len(manifest.shards):,} token shards, {manifest.total_documents:,} documents, "
+        f"{manifest.shard_table.rows:,} token shards, {manifest.total_documents:,} documents, "
         f"{manifest.total_tokens:,} tokens ({manifest.dtype}), tokenizer `{manifest.tokenizer.sha256[:12]}` "
         f"(vocab {manifest.tokenizer.vocab_size:,}).  \n"
         f"Training: {training}; `tinyllama train-epoch <run>` trains it further.  \n"
@@ -288,7 +304,7 @@ def publish_summary(build: Build, manifest_uri: str, train_run: str = "") -> Non
     fails the build."""
     logger = get_run_logger()
     try:
-        manifest = read_record(build.store, layout.MANIFEST, DatasetManifest)
+        manifest = read_manifest(build.store, layout.MANIFEST)
         steps = step_rows(build, manifest, step_seconds())
         markdown = summary_markdown(build, manifest, manifest_uri, train_run, steps)
     except StoreError as error:

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 from uuid import UUID
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.context import FlowRunContext, TaskRunContext
 
-from storage.manifest import Receipt
+from storage.stage_summary import StageSummary
 
 if TYPE_CHECKING:
     from tasks.config import BuildConfig
@@ -70,14 +70,14 @@ def progress(stage: str, config: BuildConfig) -> Callable[[int, int], None]:
     return update
 
 
-def stage_totals(receipts: Sequence[Receipt]) -> dict[str, int | float]:
-    """The receipts' counts summed (what a stage's Prefect task returns: a small summary)."""
-    totals: dict[str, int | float] = {"shards": len(receipts)}
-    for receipt in receipts:
-        for name, value in receipt.counts.items():
+def stage_totals(*summaries: StageSummary) -> dict[str, int | float]:
+    """The stages' counts summed, from their columns (what a stage's Prefect task returns: a small summary)."""
+    totals: dict[str, int | float] = {"shards": sum(len(s) for s in summaries)}
+    for summary in summaries:
+        for name, value in summary.count_totals().items():
             totals[name] = totals.get(name, 0) + value
-    totals["bytes_out"] = sum(o.size for r in receipts for o in r.outputs)
-    totals["work_seconds"] = round(sum(r.seconds for r in receipts), 3)
+    totals["bytes_out"] = sum(s.bytes_out for s in summaries)
+    totals["work_seconds"] = round(sum(s.work_seconds for s in summaries), 3)
     return totals
 
 

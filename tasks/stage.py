@@ -15,7 +15,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from storage.lease import LeaseHeld
-from storage.manifest import ShardResult, StageSummary
+from storage.manifest import ShardResult
+from storage.stage_summary import StageSummary
 from storage.store import StoreAccessError
 from tasks.reporting import record_run_time
 

@@ -127,4 +127,4 @@ def tokenize(build: Build, tokenizer: TokenizerInfo) -> dict[str, int | float]:
         lambda f: tokenize_shard(store, f, tokenizer, config.documents, config.shard_tokens, config.seed, cache_bytes),
         (layout.TOKENS,),
     )
-    return stage_totals(run_stage(store, stage, config, config.parallelism).receipts)
+    return stage_totals(run_stage(store, stage, config, config.parallelism))

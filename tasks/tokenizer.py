@@ -155,7 +155,7 @@ def tokenizer(build: Build) -> TokenizerInfo:
     sample_keys: list[str] = []
     if config.tokenizer.train is not None:
         ingested = read_summary(store, "ingest")
-        kept_bytes = {r.shard: sum(a.bytes_in for a in r.sources.values()) for r in ingested.receipts}
+        kept_bytes = ingested.source_sum("bytes_in")
         sample_bytes = config.tokenizer.train.sample_bytes
         files = sampled_shards(build.plan, kept_bytes, sample_bytes, config.seed)
         rate = DEDUP_MARGIN * sample_bytes / max(1, sum(kept_bytes[f.shard] for f in files))

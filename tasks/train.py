@@ -50,11 +50,12 @@ from model.hf import check_init_from
 from model.metrics import last_record, read_progress
 from model.train import DETERMINISTIC_FAILURE, deterministic_failure_line
 from model.train_config import DataSource, TorchrunLauncher, TrainConfig
+from runtime.processes import stop_process_tree
 from storage.lease import acquire_lease
-from storage.processes import stop_process_tree
 from storage.run_layout import CONFIG_FILE, LEASE_FILE, LOSS_PLOT, RunLayout
 from storage.retry import retry_deadline
 from storage.store import ObjectNotFound, StoreError, open_store
+from tasks.code_version import check_code, code_hash
 from tasks.fanout import ensure_ray, interrupts_unwrapped
 from tasks.reach import check_reach_on_ray
 from tasks.reporting import artifact_key
@@ -140,7 +141,7 @@ def _forward_lines(
 # (PR_SET_PDEATHSIG survives exec; the training workers do the same towards torchrun).
 _TORCHRUN_BOUND_TO_PARENT = """\
 import runpy, signal, sys
-from storage.processes import die_with_parent
+from runtime.processes import die_with_parent
 die_with_parent(signal.SIGKILL)
 sys.argv[0] = "torchrun"
 runpy.run_module("torch.distributed.run", run_name="__main__", alter_sys=True)
@@ -172,15 +173,17 @@ def launch_torchrun(
     run_id: str = "tinyllama",
     on_line: Callable[[str], None] = print,
     on_poll: Callable[[], None] | None = None,
+    program: str = "model.train",
 ) -> None:
     """Run `torchrun ... -m model.train CONFIG_URI` (this node's agent) until it ends.
 
     Its output goes line by line to `on_line`; `on_poll` is called every POLL_S seconds. Any
     exception here (cancellation included) stops the whole process tree before propagating.
+    `program`: the module the workers run (a test's wrapper of model.train, say).
     """
     command = [
         sys.executable, "-c", _TORCHRUN_BOUND_TO_PARENT, *torchrun_arguments(launcher, run_id),
-        "-m", "model.train", config_uri,
+        "-m", program, config_uri,
     ]
     process = subprocess.Popen(
         command,
@@ -224,15 +227,18 @@ def launch_torchrun(
 # --- Ray Train --------------------------------------------------------------------------------------
 
 
-def train_worker(config_uri: str) -> None:
+def train_worker(job: tuple[str, str]) -> None:
     """Ray Train's per-worker function: the training program, in the process group Ray created,
-    on the run config it reads from the run folder (like torchrun's workers)."""
+    on the run config it reads from the run folder (like torchrun's workers); `job` is that
+    config's URI and the driver's code hash, which this worker's code must match."""
     import ray.train.torch
 
     from model.train import train
 
+    config_uri, driver_hash = job
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        check_code(driver_hash)
         config = TrainConfig.from_yaml(config_uri)
         device = ray.train.torch.get_device()
         if config.data_nodes is None:  # the nodes Ray Train placed the workers on share out the data
@@ -254,7 +260,7 @@ def ray_train_nodes(device) -> int:
     return int(nodes.item())
 
 
-def _fit(config_uri: str) -> None:
+def _fit(config_uri: str, driver_hash: str) -> None:
     """Build and run the TorchTrainer; runs as a Ray task, which owns (and so fate-shares) the run."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -267,7 +273,7 @@ def _fit(config_uri: str) -> None:
     resources = {"CPU": launcher.cpus_per_worker, **({"GPU": launcher.gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config=config_uri,
+        train_loop_config=(config_uri, driver_hash),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=int(DIST_TIMEOUT.total_seconds())),
         scaling_config=ScalingConfig(num_workers=launcher.workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
@@ -292,7 +298,7 @@ def launch_ray(config: TrainConfig, config_uri: str, on_poll: Callable[[], None]
     if config.launcher.kind != "ray":
         raise ValueError(f"launch_ray needs a ray launcher, the config has {config.launcher.kind!r}")
     ensure_ray()
-    job = ray.remote(num_cpus=0, max_retries=0)(_fit).remote(config_uri)
+    job = ray.remote(num_cpus=0, max_retries=0)(_fit).remote(config_uri, code_hash())
     finished = False
     try:
         with interrupts_unwrapped():
@@ -373,6 +379,8 @@ def progress_reporter(config: TrainConfig) -> Callable[..., None]:
             line = f"cancelled at step {step}; checkpoint step {kept.step if kept else 0} kept (a rerun resumes from it)"
             logger.info(line)
             update_progress_artifact(artifact_id, segment.percent(step), description=f"{config.name}: {line}")
+            with get_client(sync_client=True) as client:
+                client.update_artifact(live_id, ArtifactUpdate(data=live.markdown(status=line)))
             return
         if step != last:
             last = step

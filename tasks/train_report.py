@@ -5,7 +5,7 @@
   description says both:
   `step 120 of 2000 (this segment: 50/100) · loss 5.431 · 8.2k tokens/s · MFU 31.0% · ETA 1m05s`;
 - a live card per run (a markdown artifact that each poll edits in place, a version per segment):
-  the segment's status, the loss (and validation loss) as a sparkline and a table of the logged
+  the segment's status, the loss (and validation loss) as a chart and a table of the logged
   steps, with tokens/s and MFU; once the segment is done, the commands that export and evaluate it;
 - the final metrics, rounded, times readable;
 - the loss curve as an image embedded in a markdown artifact (a data: URI: the browser shows it
@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import math
 import shlex
 import time
@@ -28,7 +29,7 @@ from tasks.evaluate import PAPER_ACC_NORM
 # An embedded plot beyond this size is linked instead (artifacts live in Prefect's database).
 MAX_EMBEDDED_PLOT_BYTES = 2 << 20
 LIVE_ROWS = 30
-SPARKS = "▁▂▃▄▅▆▇█"
+CHART_INCHES, CHART_DPI = (7.0, 2.6), 90  # the live card's loss chart: 630 x 234 pixels, ~20 KB
 
 
 @dataclass
@@ -92,15 +93,17 @@ class LiveView:
             del self.rows[step]
         return changed
 
-    def markdown(self, next_steps: list[str] | None = None) -> str:
-        """The card: status, sparklines, the logged steps (LIVE_ROWS at most, evenly spread, the
-        newest always), and `next_steps` (commands) when given."""
-        lines = [f"### {self.name}: training", "", self.segment.describe(self.latest)]
+    def markdown(self, next_steps: list[str] | None = None, status: str | None = None) -> str:
+        """The card: status (the segment's progress unless given), a loss chart, the logged steps
+        (LIVE_ROWS at most, evenly spread, the newest always), and `next_steps` (commands) when given."""
+        lines = [f"### {self.name}: training", "", status or self.segment.describe(self.latest)]
         records = [self.rows[step] for step in sorted(self.rows)]
-        for label, name in (("loss", "loss"), ("validation loss", "val_loss")):
-            values = [r[name] for r in records if r.get(name) is not None]
-            if values:
-                lines += ["", f"{label} `{sparkline(values)}` {values[0]:.3f} → {values[-1]:.3f}"]
+        if records:
+            lines += ["", loss_chart(records)]
+        spans = [f"{label} {values[0]:.3f} → {values[-1]:.3f}" for label, name in (("loss", "loss"), ("validation loss", "val_loss"))
+                 if (values := [r[name] for r in records if r.get(name) is not None])]
+        if spans:
+            lines += ["", " · ".join(spans)]
         if records:
             columns = [("step", "step"), ("loss", "loss"), ("validation loss", "val_loss"),
                        ("tokens/s", "tokens_per_s"), ("MFU", "mfu")]
@@ -129,12 +132,26 @@ def next_steps(run_uri: str, name: str, evaluation: Evaluation | None) -> list[s
     return [f"tinyllama export-hf {run} {shlex.quote(f'./{name}-hf')}", f"tinyllama evaluate {run} {evaluate}"]
 
 
-def sparkline(values: list[float], width: int = 60) -> str:
-    """`values` (at most `width` of them, evenly spread) as block characters, low to high."""
-    values = thin(values, width)
-    low, high = min(values), max(values)
-    top = len(SPARKS) - 1
-    return "".join(SPARKS[round(top * (v - low) / (high - low)) if high > low else 0] for v in values)
+def loss_chart(records: list[dict]) -> str:
+    """The loss (and validation loss) of the logged steps `records` as a small chart: markdown
+    with the PNG inline. (Block-character sparklines, as before, came out a flat grey band in the
+    UI's code font.)"""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=CHART_INCHES, dpi=CHART_DPI)
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    ax.plot([r["step"] for r in records], [r["loss"] for r in records], label="loss", linewidth=1.2)
+    if val := [r for r in records if r.get("val_loss") is not None]:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss", markersize=3)
+    ax.set_xlabel("optimizer step")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right")
+    figure.tight_layout()
+    png = io.BytesIO()
+    figure.savefig(png, format="png")
+    return f"![loss curve](data:image/png;base64,{base64.b64encode(png.getvalue()).decode('ascii')})"
 
 
 def thin(items: list, most: int) -> list:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from storage.manifest import DatasetManifest, read_record
+from storage.manifest import DatasetManifest, ShardTable, read_manifest, read_shard_table
 from storage.store import open_object, open_store
 from tasks.config import BuildConfig
 
@@ -36,7 +36,12 @@ def build_objects(output: str, receipts: bool = True) -> dict[str, bytes]:
 
 
 def load_manifest(uri: str) -> DatasetManifest:
-    return read_record(*open_object(uri), DatasetManifest)
+    return read_manifest(*open_object(uri))
+
+
+def load_shards(uri: str) -> ShardTable:
+    store, key = open_object(uri)
+    return read_shard_table(store, key, read_manifest(store, key))
 
 
 def assert_reconciles(manifest_uri: str, corpus: dict) -> DatasetManifest:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from storage.store import LocalStore, open_store
+from storage.store import open_store
 from tasks.config import SourceConfig
 from tasks.ingest.reader import IngestError, Reader, Record, table_columns, table_rows
 
@@ -17,11 +17,12 @@ class HfReader(Reader):
     def records(self) -> Iterator[Record]:
         file = self.file
         store = open_store(file.uri)
-        if not isinstance(store, LocalStore):
+        if store.local_path() is None:
             raise IngestError(f"{file.uri}: format hf reads a local folder written by Dataset.save_to_disk")
         try:
-            state = json.loads((store.root / "state.json").read_text())
-            paths = [store.root / entry["filename"] for entry in state["_data_files"]]
+            state = json.loads(store.local_path("state.json").read_text())
+            # A key check too: a file name in state.json cannot point outside the folder.
+            paths = [store.local_path(entry["filename"]) for entry in state["_data_files"]]
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise IngestError(f"{file.uri}: not a dataset folder written by Dataset.save_to_disk: {error}") from None
         start, end = file.rows if file.rows is not None else (0, None)

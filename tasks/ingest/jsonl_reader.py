@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from codecs import BOM_UTF8
 from collections.abc import Iterator
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 import orjson
 
 from storage.store import open_object
-from tasks.ingest.reader import RAW_SAMPLE, Bad, Reader, Record
+from tasks.ingest.reader import RAW_SAMPLE, Bad, Location, Reader, Record
 from tasks.ingest.zstd_frames import CorruptStream, ZstdStream
 
 READ_CHUNK = 1 << 20  # bytes of (decompressed) input read at a time
@@ -32,15 +32,15 @@ class JsonlReader(Reader):
                 if number == 1 and line.startswith(BOM_UTF8):
                     line, start = line[len(BOM_UTF8) :], start + len(BOM_UTF8)
                 if problem is not None:
-                    yield number - 1, ("line", number), Bad(problem), line
+                    yield Record(number - 1, Location("line", number), Bad(problem), line)
                     continue
                 try:
-                    record = orjson.loads(line)
+                    value = orjson.loads(line)
                 except orjson.JSONDecodeError as error:
                     if not line.strip():
                         continue  # a blank line is not a record
-                    record = Bad(self._not_json(line, start, error))
-                yield number - 1, ("line", number), record, line
+                    value = Bad(self._not_json(line, start, error))
+                yield Record(number - 1, Location("line", number), value, line)
 
     def _not_json(self, line: bytes, start: int, error: orjson.JSONDecodeError) -> str:
         """Why a line is not JSON; for invalid UTF-8, where (orjson names no place for it)."""
@@ -63,13 +63,19 @@ def _too_long(size: int, max_bytes: int) -> str:
     return f"line of {size} bytes exceeds max_record_bytes={max_bytes}"
 
 
-def _lines(stream: BinaryIO, max_bytes: int) -> Iterator[tuple[int, int, bytes, str | None]]:
+class Line(NamedTuple):
+    number: int  # 1-based
+    start: int  # the byte offset of the line in the stream
+    data: bytes  # without its newline; only the first KiB of a line that is too long
+    problem: str | None  # why the line is bad (too long, the stream damaged), None if it is not
+
+
+def _lines(stream: BinaryIO, max_bytes: int) -> Iterator[Line]:
     """Split a byte stream into lines, holding at most max_bytes of any one line.
 
-    Yields (1-based line number, byte offset of the line in the stream, line, problem). A line
-    longer than max_bytes comes back as its first KiB with the problem named, its rest skipped
-    chunk by chunk. A damaged stream ends with one last bad line: whatever of the current line
-    was read, and the damage.
+    A line longer than max_bytes comes back as its first KiB with the problem named, its rest
+    skipped chunk by chunk. A damaged stream ends with one last bad line: whatever of the
+    current line was read, and the damage.
     """
     number = 0
     start = 0  # the offset of the line being read
@@ -81,7 +87,7 @@ def _lines(stream: BinaryIO, max_bytes: int) -> Iterator[tuple[int, int, bytes, 
             chunk = stream.read(READ_CHUNK)
         except CorruptStream as error:
             head = overlong_head if overlong_head is not None else b"".join(pending)[:RAW_SAMPLE]
-            yield number + 1, start, head, str(error)
+            yield Line(number + 1, start, head, str(error))
             return
         if not chunk:
             break
@@ -95,16 +101,16 @@ def _lines(stream: BinaryIO, max_bytes: int) -> Iterator[tuple[int, int, bytes, 
             else:
                 number += 1
                 head = overlong_head if overlong_head is not None else (b"".join(pending) + pieces[0])[:RAW_SAMPLE]
-                yield number, start, head, _too_long(size, max_bytes)
+                yield Line(number, start, head, _too_long(size, max_bytes))
                 start += size + 1
                 del pieces[0]
             pending, pending_size, overlong_head = [], 0, None
         for line in pieces:
             number += 1
             if len(line) > max_bytes:
-                yield number, start, line[:RAW_SAMPLE], _too_long(len(line), max_bytes)
+                yield Line(number, start, line[:RAW_SAMPLE], _too_long(len(line), max_bytes))
             else:
-                yield number, start, line, None
+                yield Line(number, start, line, None)
             start += len(line) + 1
         if tail:
             pending_size += len(tail)
@@ -116,6 +122,6 @@ def _lines(stream: BinaryIO, max_bytes: int) -> Iterator[tuple[int, int, bytes, 
             else:
                 pending.append(tail)
     if overlong_head is not None:
-        yield number + 1, start, overlong_head, _too_long(pending_size, max_bytes)
+        yield Line(number + 1, start, overlong_head, _too_long(pending_size, max_bytes))
     elif pending:
-        yield number + 1, start, b"".join(pending), None
+        yield Line(number + 1, start, b"".join(pending), None)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import orjson
 
-from tasks.ingest.reader import RAW_SAMPLE, IngestError
+from tasks.ingest.reader import RAW_SAMPLE, IngestError, Location
 
 
 class Quarantine:
@@ -17,13 +17,14 @@ class Quarantine:
         self._uri = uri
         self.count = 0
 
-    def add(self, location: tuple[str, int], reason: str, raw: bytes) -> None:
-        kind, number = location
+    def add(self, location: Location, reason: str, raw: bytes) -> None:
         if self._file is None:
             raise IngestError(
-                f"{self._uri} {kind} {number}: {reason} (set quarantine: true to count and quarantine bad records)"
+                f"{self._uri} {location.kind} {location.number}: {reason} "
+                "(set quarantine: true to count and quarantine bad records)"
             )
-        entry = {"uri": self._uri, kind: number, "reason": reason, "raw": raw[:RAW_SAMPLE].decode("utf-8", "replace")}
+        sample = raw[:RAW_SAMPLE].decode("utf-8", "replace")
+        entry = {"uri": self._uri, location.kind: location.number, "reason": reason, "raw": sample}
         self._file.write(orjson.dumps(entry) + b"\n")
         self.count += 1
 

@@ -1,24 +1,21 @@
 """The reader interface: one planned input file in, its records out, each with its place in the file.
 
-A reader yields `Record`s in file order: (index in the file, which gives the document id;
-("line", 1-based) or ("row", 0-based), for messages and the quarantine; the parsed record,
-or a `Bad` the reader already judged; the raw line, or None for a table row). A problem with
-the whole file is an IngestError naming it.
+A reader yields `Record`s in file order. A problem with the whole file is an IngestError naming it.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 
 from tasks.config import Filters, SourceConfig
 from tasks.plan import PlannedFile
 
-Record = tuple[int, tuple[str, int], Any, bytes | None]
 RAW_SAMPLE = 1024  # bytes of a bad record kept in the quarantine
 
 
@@ -26,13 +23,27 @@ class IngestError(ValueError):
     """An input file cannot be ingested; the message names the file (and the line or row)."""
 
 
+@dataclass(frozen=True, slots=True)
 class Bad:
     """A record the reader already found bad (unparseable, too long, cut off)."""
 
-    __slots__ = ("reason",)
+    reason: str
 
-    def __init__(self, reason: str):
-        self.reason = reason
+
+class Location(NamedTuple):
+    """Where a record is, for messages and the quarantine: ("line", 1-based) or ("row", 0-based)."""
+
+    kind: str
+    number: int
+
+
+class Record(NamedTuple):
+    """One record of a file, in file order."""
+
+    index: int  # its place among the file's records; with the file's ordinal, the document id
+    location: Location
+    value: Any  # the parsed record (a dict if well formed), or a Bad the reader already judged
+    raw: bytes | None  # the line as read; None for a table row
 
 
 class Reader(ABC):
@@ -73,5 +84,5 @@ def table_rows(batches: Iterator[pa.RecordBatch], uri: str, first_row: int) -> I
             return
         names = batch.schema.names
         for values in zip(*(column.to_pylist() for column in batch.columns)):
-            yield row - first_row, ("row", row), dict(zip(names, values)), None
+            yield Record(row - first_row, Location("row", row), dict(zip(names, values)), None)
             row += 1

@@ -10,7 +10,7 @@ from storage.manifest import ShardResult, SourceAccounting, upload
 from storage.store import Store
 from tasks.config import Filters, Format, SourceConfig
 from tasks.ingest.docs_writer import DocsWriter
-from tasks.ingest.documents import EXCLUDED, TOO_SHORT, DocumentMapper, Malformed, row_sample
+from tasks.ingest.documents import DocumentMapper, Filtered, Malformed, row_sample
 from tasks.ingest.hf_reader import HfReader
 from tasks.ingest.jsonl_reader import JsonlReader, JsonlZstReader
 from tasks.ingest.parquet_reader import ParquetReader
@@ -51,26 +51,25 @@ def ingest_file(file: PlannedFile, source: SourceConfig, filters: Filters, quara
         docs_path, bad_path = Path(tmp) / "docs.parquet", Path(tmp) / "quarantine.jsonl"
         reader = READERS[source.format](file, source, filters, Path(tmp))
         with DocsWriter(docs_path, source.name) as docs, Quarantine(bad_path if quarantine else None, file.uri) as bad:
-            for index, location, record, raw in reader.records():
+            for record in reader.records():
                 docs_in += 1
-                if type(record) is Bad:
-                    bad.add(location, record.reason, raw)
+                if type(record.value) is Bad:
+                    bad.add(record.location, record.value.reason, record.raw)
                     continue
                 try:
-                    document = to_document(record)
+                    document = to_document(record.value)
                 except Malformed as error:
-                    bad.add(location, str(error), raw if raw is not None else row_sample(record))
+                    bad.add(record.location, str(error), record.raw if record.raw is not None else row_sample(record.value))
                     continue
-                if document is EXCLUDED:
+                if document is Filtered.EXCLUDED:
                     excluded += 1
-                elif document is TOO_SHORT:
+                elif document is Filtered.TOO_SHORT:
                     too_short += 1
                 else:
-                    text, meta, size, had_nul = document
-                    docs.add(document_id(file.ordinal, index), text, meta, size)
+                    docs.add(document_id(file.ordinal, record.index), document.text, document.meta, document.size)
                     kept += 1
-                    bytes_in += size
-                    nul_stripped += had_nul
+                    bytes_in += document.size
+                    nul_stripped += document.had_nul
         counts = {
             "docs_in": docs_in,
             "kept": kept,

@@ -20,4 +20,4 @@ def ingest(build: Build) -> dict[str, int | float]:
         lambda f: ingest_file(f, sources[f.source], config.filters, config.quarantine, store),
         (layout.DOCS, layout.QUARANTINE),
     )
-    return stage_totals(run_stage(store, stage, config, config.parallelism).receipts)
+    return stage_totals(run_stage(store, stage, config, config.parallelism))

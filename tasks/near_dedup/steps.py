@@ -14,16 +14,22 @@ has tasks, never tasks x partitions.
                    per band-hash range P              bands/b<batch>.parts
   near-buckets     per range: documents sharing a bucket; with verification, the buckets in
                    verify groups G (whole buckets, as many groups as keep one group's
-                   candidates' shingles inside the budget) and the candidates (id, group), a
-                   partition per batch                buckets/p<P>-g<G>.parquet, candidates/p<P>.parts
+                   candidates' shingles inside the budget) and the candidates (id, range, group),
+                   a partition per batch          buckets/p<P>-g<G>.parquet, candidates/p<P>.parts
                    without: star edges                edges/p<P>.parts
+  near-runs-candidates-lNN
+                   merge levels of the candidates shuffle (MergedShuffle), while more than
+                   MERGE_FAN_IN runs of ranges are left  runs/candidates/lNN/r<run>-k<block>.parts
   near-shingles    per batch (verify): the candidates' shingles, hashed to 32 bits (4 bytes a
                    shingle; collisions are ~1e-6 of a 3,000-shingle document), a partition per
                    verify group, in range order       shingles/b<batch>.parts
-  near-verify      per span of VERIFY_SPAN_GROUPS consecutive groups (verify): its groups' part
-                   of each batch's shingles is one byte range, read with two range reads and
-                   spilled to local disk; then group by group, the edges whose true Jaccard
-                   reaches the threshold              edges/v<first group>.parts
+  near-runs-shingles-lNN
+                   merge levels of the shingles shuffle, while more than MERGE_FAN_IN runs of
+                   batches are left                   runs/shingles/lNN/r<run>-k<block>.parts
+  near-verify      per span of VERIFY_SPAN_GROUPS consecutive groups (verify): its part of each
+                   of the last level's runs (at most MERGE_FAN_IN objects) is spilled to local
+                   disk; then group by group, the edges whose true Jaccard reaches the threshold
+                                                      edges/v<first group>.parts
   near-components-rNNN-{large,small}
                    per vertex partition: one round of large-star and small-star, until a round
                    changes nothing; edges and stars have a partition per vertex partition Q
@@ -34,8 +40,15 @@ has tasks, never tasks x partitions.
                    file (tasks.removals)              merged/k<block>.parts
   near-sample      the first removed documents in plan order beside the ones kept: sample.parquet
 
-The verify shuffle costs 2 x batches x spans range reads, not 2 x batches x groups: a span's
-groups are consecutive partitions of every batch's object.
+Verification costs O((B + G) log B) range reads, not O(B x G): both of its shuffles (candidates
+from P ranges to B batches, shingles from B batches to G / VERIFY_SPAN_GROUPS verify spans) go
+through merge levels (MergedShuffle): each level concatenates MERGE_FAN_IN runs of objects for a
+1 / MERGE_FAN_IN cut of the reduce tasks, so objects keep about one map task's rows and a reduce
+task reads at most MERGE_FAN_IN objects; each level rewrites the shuffle's bytes once. Verifying
+from the 128-value MinHash signatures instead (no shingles shuffle at all) was measured and
+rejected: on benchmarks/dedup.py's code corpus (5,000 documents, 16 x 8 bands) estimated Jaccard
+gave precision 0.90 / recall 0.91 against exact all-pairs truth, exact shingles 1.00 / 0.996;
+lowering the estimate's threshold to 0.76 restores recall (0.996) at precision 0.76.
 
 All keys are under `dedup/near/` (storage.build_layout). The near-dedup receipts carry each
 source's near_dup count as typed accounting.
@@ -45,7 +58,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -56,7 +69,8 @@ import pyarrow as pa
 
 from storage import build_layout as layout
 from storage.build_layout import batch_name, partition_name, verify_group_name, verify_span_name, vertex_partition_name
-from storage.manifest import ObjectInfo, ShardResult, SourceAccounting, StageSummary
+from storage.manifest import ObjectInfo, ShardResult, SourceAccounting
+from storage.stage_summary import StageSummary
 from storage.store import Store
 from tasks.config import TASK_MEMORY_BYTES, MinHashConfig
 from tasks import removals
@@ -65,8 +79,8 @@ from tasks.near_dedup.minhash import MinHasher, jaccard
 from tasks.parquet_io import (
     READ_THREADS,
     parse_partition,
+    partition_offsets,
     read_partition_of_each,
-    read_partition_span,
     read_table,
     write_partitions,
     write_table,
@@ -79,11 +93,14 @@ STAGE = "near-dedup"  # the step whose receipts carry the per-source near_dup co
 SAMPLE_ROWS = 100
 SNIPPET_CHARS = 300
 SIGN_BATCH = 4096  # documents turned into Python strings at a time
+MERGE_FAN_IN = 16  # runs a merge task concatenates, and blocks it cuts its block into
+SPILL_PIECE_BYTES = 64 << 20  # one range read of a spill, SPILL_PIECES_IN_FLIGHT at a time:
+SPILL_PIECES_IN_FLIGHT = 4  # at most 256 MiB held, however large the span
 MAX_ROUNDS = 64  # large-star/small-star needs O(log^2 n): far fewer in practice
 
 BANDS_SCHEMA = pa.schema([("hash", pa.uint64()), ("id", pa.int64())])
 BUCKETS_SCHEMA = pa.schema([("bucket", pa.int64()), ("id", pa.int64())])
-CANDIDATES_SCHEMA = pa.schema([("id", pa.int64()), ("group", pa.int32())])  # group: its index in the range
+CANDIDATES_SCHEMA = pa.schema([("id", pa.int64()), ("range", pa.int32()), ("group", pa.int32())])  # group: its index in the range
 SHINGLES_SCHEMA = pa.schema([("id", pa.int64()), ("shingles", pa.list_(pa.uint32()))])
 EDGES_SCHEMA = pa.schema([("vertex", pa.int64()), ("neighbor", pa.int64())])
 SAMPLE_SCHEMA = pa.schema(
@@ -278,7 +295,7 @@ def find_buckets(
     order = np.lexsort((group_of_id, ids))
     ids, group_of_id = ids[order], group_of_id[order]
     tables = [
-        pa.table([ids[rows], group_of_id[rows]], schema=CANDIDATES_SCHEMA)
+        pa.table([ids[rows], np.full(len(rows), partition, dtype=np.int32), group_of_id[rows]], schema=CANDIDATES_SCHEMA)
         for rows in rows_by_partition(_batch_index(ids, first_ordinals), len(first_ordinals))
     ]
     outputs.append(write_partitions(store, layout.near_candidates(partition), tables))
@@ -321,16 +338,17 @@ def _take_ascending(chunks: Sequence[pa.Array], rows: np.ndarray) -> pa.ChunkedA
     return pa.chunked_array(taken, SHINGLES_SCHEMA.field("shingles").type)
 
 
-def collect_shingles(store: Store, cfg: MinHashConfig, groups: VerifyGroups, batch: DocsBatch) -> ShardResult:
+def collect_shingles(store: Store, cfg: MinHashConfig, candidates: MergedShuffle, groups: VerifyGroups, batch: DocsBatch) -> ShardResult:
     """Hashed shingles of a batch's candidate documents, a partition per verify group (in the
     order of their numbers) in one object."""
-    ranges = [layout.near_candidates(p) for p in range(cfg.bucket_partitions)]
-    wanted_by_group: dict[int, np.ndarray] = {}
-    for partition, table in enumerate(read_partition_of_each(store, ranges, batch.index, CANDIDATES_SCHEMA)):
-        candidates, group = table.column("id").to_numpy(), table.column("group").to_numpy()
-        for g in np.unique(group).tolist():  # ids ascend within a group
-            wanted_by_group[groups.number(partition, g)] = candidates[group == g]
-    wanted = _union(list(wanted_by_group.values()))
+    keys, partition = candidates.sources(batch.index)
+    tables = read_partition_of_each(store, keys, partition, CANDIDATES_SCHEMA)
+    table = pa.concat_tables(tables) if tables else CANDIDATES_SCHEMA.empty_table()
+    candidate_ids = table.column("id").to_numpy()
+    number = groups.first[table.column("range").to_numpy()] + table.column("group").to_numpy()
+    # ids ascend within a group: a group is one range's, whose rows come in id order
+    wanted_by_group = [candidate_ids[rows] for rows in rows_by_partition(number, len(groups))]
+    wanted = _union(wanted_by_group)
     # one list array per docs shard, so the batch's shingles are held once, never copied whole
     found_ids, found_sets = [], []
     by_ordinal = {s.file.ordinal: s for s in batch.shards}
@@ -348,7 +366,7 @@ def collect_shingles(store: Store, cfg: MinHashConfig, groups: VerifyGroups, bat
 
     def group_tables():  # one group's copy of its candidates' shingles at a time
         for group in range(len(groups)):
-            rows = np.searchsorted(ids, wanted_by_group.get(group, ids[:0]))
+            rows = np.searchsorted(ids, wanted_by_group[group])
             yield pa.table([id_array.take(pa.array(rows)), _take_ascending(found_sets, rows)], schema=SHINGLES_SCHEMA)
 
     outputs = [write_partitions(store, layout.near_shingles(batch.index), group_tables(), len(groups))]
@@ -360,26 +378,148 @@ def verify_spans(groups: int) -> list[range]:
     return [range(first, min(first + VERIFY_SPAN_GROUPS, groups)) for first in range(0, groups, VERIFY_SPAN_GROUPS)]
 
 
+def _split(items: range, parts: int) -> list[range]:
+    """A range cut into min(parts, len) consecutive ranges of about equal length."""
+    count = min(parts, len(items))
+    bounds = [items.start + len(items) * i // count for i in range(count + 1)]
+    return [range(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+@dataclass(frozen=True)
+class MergedShuffle:
+    """A shuffle whose reduce tasks read at most `fan_in` objects: merge levels between its map
+    objects and its reduce tasks, derived from a few numbers (no list per task to pass).
+
+    Level 0 is the map tasks' objects, a partition per reduce partition; a reduce task reads
+    `span` consecutive partitions. A task of level l + 1 reads one block's share of `fan_in`
+    consecutive runs of level l (an offsets read, then the bytes in pieces, spilled to local
+    disk) and writes their concatenation, partition by partition in map order, as one object for
+    a block of consecutive reduce tasks that is a 1 / `fan_in` cut of the level-l block. So an
+    object holds about one map object's rows at every level (`fan_in` times the maps, 1 /
+    `fan_in` of the partitions), at most one reduce task's rows once blocks are single reduce
+    tasks. Levels go on until at most `fan_in` runs are left. Range reads: at most 2 x fan_in
+    per object of a level (each level writes at most maps + reduce tasks objects), over
+    ceil(log_fan_in maps) - 1 levels, and 2 x fan_in per reduce task: O((M + R) log M), where
+    every reduce task reading every map object is 2 x M x R, which grows as (data / budget)^2.
+    The price: each level rewrites the shuffle's bytes once (a larger fan-in: fewer levels,
+    more reads per object)."""
+
+    name: str  # the shuffle's folder under layout.NEAR_RUNS
+    map_key: Callable[[int], str]  # a map task's object
+    schema: pa.Schema
+    maps: int
+    partitions: int
+    span: int  # partitions a reduce task reads
+    fan_in: int  # runs a merge task concatenates, and blocks it cuts its block into
+
+    @property
+    def reducers(self) -> int:
+        return -(-self.partitions // self.span)
+
+    @property
+    def levels(self) -> int:
+        """Merge levels until at most `fan_in` runs are left for a reduce task to read."""
+        level = 0
+        while self.runs(level) > self.fan_in:
+            level += 1
+        return level
+
+    def runs(self, level: int) -> int:
+        return -(-self.maps // self.fan_in**level)
+
+    def blocks(self, level: int) -> list[tuple[int, range]]:
+        """Each block of the level: (its block at level - 1, the reduce tasks it holds)."""
+        blocks = [(0, range(self.reducers))]
+        for _ in range(level):
+            blocks = [(parent, part) for parent, (_, reducers) in enumerate(blocks) for part in _split(reducers, self.fan_in)]
+        return blocks
+
+    def partitions_of(self, reducers: range) -> range:
+        """The partitions of some consecutive reduce tasks: a block's partitions, in order."""
+        return range(reducers.start * self.span, min(reducers.stop * self.span, self.partitions))
+
+    def key(self, level: int, run: int, block: int) -> str:
+        return self.map_key(run) if level == 0 else layout.near_run(self.name, level, run, block)
+
+    def merges(self, level: int) -> list[tuple[int, int, int]]:
+        """The tasks of a level >= 1: (level, run, block)."""
+        return [(level, run, block) for block in range(len(self.blocks(level))) for run in range(self.runs(level))]
+
+    def stages(self, store: Store) -> list[Stage]:
+        """A Stage per merge level, to run in order."""
+        merge = partial(merge_runs, store, self)
+        return [
+            Stage(f"near-runs-{self.name}-l{level:02d}", self.merges(level), _merge_name, merge, (layout.near_runs(self.name, level),))
+            for level in range(1, self.levels + 1)
+        ]
+
+    def sources(self, first_partition: int) -> tuple[list[str], int]:
+        """What a reduce task reads, by its first partition: the last level's objects of its
+        block (at most `fan_in`), and where its partitions begin in them."""
+        level, reducer = self.levels, first_partition // self.span
+        blocks = self.blocks(level)
+        block = next(b for b, (_, reducers) in enumerate(blocks) if reducer in reducers)
+        keys = [self.key(level, run, block) for run in range(self.runs(level))]
+        return keys, first_partition - self.partitions_of(blocks[block][1]).start
+
+
+def _merge_name(merge: tuple[int, int, int]) -> str:
+    _, run, block = merge
+    return f"r{run:06d}-k{block:06d}"
+
+
+def merge_runs(store: Store, shuffle: MergedShuffle, merge: tuple[int, int, int]) -> ShardResult:
+    """One run and block of a merge level: the block's partitions of up to `fan_in` runs of
+    the level below (spilled to local disk), concatenated partition by partition in map order,
+    so rows keep their order."""
+    level, run, block = merge
+    parent, reducers = shuffle.blocks(level)[block]
+    partitions = shuffle.partitions_of(reducers)
+    first = partitions.start - shuffle.partitions_of(shuffle.blocks(level - 1)[parent][1]).start
+    below = range(run * shuffle.fan_in, min((run + 1) * shuffle.fan_in, shuffle.runs(level - 1)))
+    keys = [shuffle.key(level - 1, r, parent) for r in below]
+    with tempfile.TemporaryFile() as spill:
+        where = _spill_span(store, keys, range(first, first + len(partitions)), spill)
+
+        def tables():  # one partition's rows at a time
+            for offset in range(len(partitions)):
+                names = [f"{store.url(key)}: partition {first + offset}" for key in keys]
+                yield pa.concat_tables(list(_spilled_tables(spill, where, offset, names, shuffle.schema)))
+
+        output = write_partitions(store, shuffle.key(level, run, block), tables(), len(partitions))
+    return ShardResult(outputs=[output], counts={"runs": len(keys), "partitions": len(partitions)})
+
+
 def _spill_span(store: Store, keys: Sequence[str], span: range, spill: BinaryIO) -> list[np.ndarray]:
-    """The span's partitions of each object appended to a local file (READ_THREADS objects at a
-    time, so memory holds a few objects' share, never the span); each object's partition offsets
-    in the file."""
-    where = []
+    """The span's partitions of each object appended to a local file, in object order; each
+    object's partition offsets in the file. Read in pieces of at most SPILL_PIECE_BYTES, a few
+    at a time, so memory holds a few pieces however large the span: a merge task's inputs can be
+    a verify span's whole shingles."""
     with ThreadPoolExecutor(min(READ_THREADS, max(len(keys), 1))) as pool:
-        for start in range(0, len(keys), READ_THREADS):
-            read = partial(read_partition_span, store, first=span.start, stop=span.stop)
-            for data, offsets in pool.map(read, keys[start : start + READ_THREADS]):
-                where.append(np.asarray(offsets, dtype=np.int64) + spill.tell())
+        headers = list(pool.map(lambda key: partition_offsets(store, key, span.start, span.stop), keys))
+        where, at = [], spill.tell()
+        for offsets in headers:
+            where.append(np.asarray(offsets, dtype=np.int64) - offsets[0] + at)
+            at += offsets[-1] - offsets[0]
+        pieces = [
+            (key, start, min(SPILL_PIECE_BYTES, offsets[-1] - start))
+            for key, offsets in zip(keys, headers)
+            for start in range(offsets[0], offsets[-1], SPILL_PIECE_BYTES)
+        ]
+        for first in range(0, len(pieces), SPILL_PIECES_IN_FLIGHT):
+            for data in pool.map(lambda piece: store.get_range(*piece), pieces[first : first + SPILL_PIECES_IN_FLIGHT]):
                 spill.write(data)
     spill.flush()
     return where
 
 
-def _spilled_tables(spill: BinaryIO, where: Sequence[np.ndarray], offset: int, names: Sequence[str]) -> Iterator[pa.Table]:
+def _spilled_tables(
+    spill: BinaryIO, where: Sequence[np.ndarray], offset: int, names: Sequence[str], schema: pa.Schema = SHINGLES_SCHEMA
+) -> Iterator[pa.Table]:
     """The span's `offset`-th partition of each object, from the spill file, in object order."""
     for at, name in zip(where, names):
         start, end = int(at[offset]), int(at[offset + 1])
-        yield parse_partition(os.pread(spill.fileno(), end - start, start), SHINGLES_SCHEMA, name)
+        yield parse_partition(os.pread(spill.fileno(), end - start, start), schema, name)
 
 
 def _shingle_table(tables: Iterable[pa.Table], where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -419,25 +559,25 @@ def _verify_group(
     return lsh.verified_edges(members, starts, similarity, cfg.threshold, cfg.verify_anchors)
 
 
-def verify_span(store: Store, cfg: MinHashConfig, batch_count: int, groups: VerifyGroups, span: range) -> ShardResult:
-    """The edges of a span of verify groups: the span's part of each batch's shingles is read
-    once (two range reads) into a local file, then each group is verified in turn, so memory
-    holds one group's candidates and the requests do not grow with the groups."""
-    keys = [layout.near_shingles(b) for b in range(batch_count)]
-    first, second, comparisons = [], [], 0
+def verify_span(store: Store, cfg: MinHashConfig, shingles: MergedShuffle, groups: VerifyGroups, span: range) -> ShardResult:
+    """The edges of a span of verify groups: its part of each run of the shingles' last merge
+    level (at most MERGE_FAN_IN objects, together every batch's) is read once into a local
+    file, then each group is verified in turn, so memory holds one group's candidates."""
+    keys, first = shingles.sources(span.start)
+    first_edges, second_edges, comparisons = [], [], 0
     with tempfile.TemporaryFile() as spill:
-        where = _spill_span(store, keys, span, spill)
+        where = _spill_span(store, keys, range(first, first + len(span)), spill)
         for offset, group in enumerate(span):
-            names = [f"{store.url(key)}: partition {group}" for key in keys]
+            names = [f"{store.url(key)}: partition {first + offset}" for key in keys]
             name = groups.name(group)
-            found = _shingle_table(_spilled_tables(spill, where, offset, names), f"verify group {name} in {layout.NEAR_SHINGLES}")
+            found = _shingle_table(_spilled_tables(spill, where, offset, names), f"verify group {name} in {keys[0]}")
             edges = _verify_group(store, cfg, name, *found)
-            first.append(edges[0])
-            second.append(edges[1])
+            first_edges.append(edges[0])
+            second_edges.append(edges[1])
             comparisons += edges[2]
-    first, second = np.concatenate(first), np.concatenate(second)
-    outputs = _write_edges(store, cfg, _span_name(span), first, second)
-    return ShardResult(outputs=outputs, counts={"groups": len(span), "comparisons": comparisons, "edges": len(first)})
+    first_ids, second_ids = np.concatenate(first_edges), np.concatenate(second_edges)
+    outputs = _write_edges(store, cfg, _span_name(span), first_ids, second_ids)
+    return ShardResult(outputs=outputs, counts={"groups": len(span), "comparisons": comparisons, "edges": len(first_ids)})
 
 
 def edge_sources(cfg: MinHashConfig, verify_groups: int) -> list[str]:
@@ -539,15 +679,12 @@ class VerifyGroups:
 
     @classmethod
     def of(cls, buckets: StageSummary) -> VerifyGroups:
-        groups = {r.shard: r.counts["verify_groups"] for r in buckets.receipts}
+        groups = dict(zip(buckets.shards, buckets.count("verify_groups").tolist()))
         counts = [groups[partition_name(p)] for p in range(len(groups))]
         return cls(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
 
     def __len__(self) -> int:
         return int(self.first[-1])
-
-    def number(self, partition: int, group: int) -> int:
-        return int(self.first[partition]) + group
 
     def name(self, number: int) -> str:
         partition = int(np.searchsorted(self.first, number, side="right")) - 1
@@ -566,8 +703,8 @@ def run_near_dedup(
     partitions = list(range(cfg.bucket_partitions))
     vertex_partitions = list(range(cfg.component_partitions))
     signed = run(Stage("near-signatures", batches, _batch_name, partial(compute_signatures, store, cfg), (layout.NEAR_BANDS,)))
-    documents = sum(r.counts["signed"] for r in signed.receipts)
-    member_bytes = verify_member_bytes(sum(r.counts["shingles"] for r in signed.receipts) / max(documents, 1))
+    documents = signed.total("signed")
+    member_bytes = verify_member_bytes(signed.total("shingles") / max(documents, 1))
     bucket_outputs = (layout.NEAR_BUCKETS, layout.NEAR_CANDIDATES) if cfg.verify else (layout.NEAR_EDGES,)
     buckets = run(
         Stage(
@@ -579,10 +716,17 @@ def run_near_dedup(
     verify_groups = 0
     if cfg.verify:
         groups = VerifyGroups.of(buckets)
-        run(Stage("near-shingles", batches, _batch_name, partial(collect_shingles, store, cfg, groups), (layout.NEAR_SHINGLES,)))
-        spans = verify_spans(len(groups))
-        verify = partial(verify_span, store, cfg, len(batches), groups)
-        run(Stage("near-verify", spans, _span_name, verify, (layout.NEAR_EDGES,)))
+        candidates = MergedShuffle("candidates", layout.near_candidates, CANDIDATES_SCHEMA, len(partitions), len(batches), 1, MERGE_FAN_IN)
+        for stage in candidates.stages(store):
+            run(stage)
+        run(Stage("near-shingles", batches, _batch_name, partial(collect_shingles, store, cfg, candidates, groups), (layout.NEAR_SHINGLES,)))
+        shingles = MergedShuffle(
+            "shingles", layout.near_shingles, SHINGLES_SCHEMA, len(batches), len(groups), VERIFY_SPAN_GROUPS, MERGE_FAN_IN
+        )
+        for stage in shingles.stages(store):
+            run(stage)
+        verify = partial(verify_span, store, cfg, shingles, groups)
+        run(Stage("near-verify", verify_spans(len(groups)), _span_name, verify, (layout.NEAR_EDGES,)))
         verify_groups = len(groups)
     for round_ in range(MAX_ROUNDS):
         changed = 0
@@ -594,7 +738,7 @@ def run_near_dedup(
                     partial(work, round_), (layout.near_components(round_, step),),
                 )
             )
-            changed += sum(r.counts["changed"] for r in summary.receipts)
+            changed += summary.total("changed")
         if changed == 0:
             break
     else:

@@ -32,4 +32,4 @@ def near_dedup(build: Build) -> dict[str, int | float]:
     ]
     run = partial(run_stage, store, build_config=config, max_in_flight=config.parallelism)
     run_near_dedup(store, shards, cfg, run, batch_bytes(budget), budget)
-    return stage_totals(read_summary(store, STAGE).receipts)
+    return stage_totals(read_summary(store, STAGE))

@@ -5,6 +5,7 @@ Ray workers). No timings are asserted."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -30,7 +31,7 @@ def test_the_exponent_of_a_square_is_two_and_flagged():
 
 
 @pytest.mark.slow
-def test_the_scale_model_counts_every_stage_at_a_tiny_size(s3_bucket_uri, tmp_path):
+def test_the_scale_model_counts_every_stage_at_a_tiny_size(s3_bucket_uri, prefect_server, tmp_path):
     out = tmp_path / "scale_model.json"
     subprocess.run(
         [
@@ -38,6 +39,7 @@ def test_the_scale_model_counts_every_stage_at_a_tiny_size(s3_bucket_uri, tmp_pa
             "--budgets", "", "--files", "", "--budget", "256K", "--s3", f"{s3_bucket_uri}/scale-model", "--out", str(out),
         ],
         check=True,
+        env={**os.environ, "PREFECT_API_URL": prefect_server},  # the session's server: no Prefect start per build
     )
     results = json.loads(out.read_text())
     points = results["documents"]

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from demo.sample_corpus import make_sample_corpus
 from deployments.deploy import BUILD, TRAIN_EPOCH, submit
 from storage.store import open_store
 from tasks.config import BuildConfig
-from tasks.sample_corpus import make_sample_corpus
 from tests.fixtures.ports import free_port
 from tests.fixtures.served import ServedProcess
 

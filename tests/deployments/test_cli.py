@@ -18,14 +18,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from storage.processes import process_alive, process_start, process_tree
-from tasks.sample_corpus import make_sample_corpus
+from demo.sample_corpus import make_sample_corpus
+from runtime.processes import process_alive, process_start, process_tree
 from tests.builds import build_objects
 
 TEMPORARY_SERVER_LINE = "starting a temporary Prefect server"
 COMMANDS = ["make-corpus", "build-dataset", "inspect", "train", "plan-train", "export-hf", "evaluate", "demo", "serve",
             "submit-build", "train-epoch"]
 INTERRUPT_DEADLINE_S = 15
+LOAD_BURNERS = 4  # CPU-bound processes beside a command: a load of ~6 on 2 cores
 ORPHAN_DEADLINE_S = 30  # Ray's workers exit on their own some seconds after their raylet is gone
 
 
@@ -139,6 +140,37 @@ def commands_of(pids) -> str:
     return " ".join(commands)
 
 
+@pytest.mark.slow
+def test_ctrl_c_on_a_loaded_machine_the_moment_the_run_appears_leaves_it_cancelled(build_yaml, prefect_server, tmp_path):
+    """Issue 26: under a load of ~6 a Ctrl-C ended the command and left its run Running. On a loaded
+    machine the engine takes seconds from creating a run to its Running state, where the command
+    used to learn of it: a Ctrl-C in between found no run to cancel ("0 Prefect run(s) marked
+    Cancelled"; the run ended Crashed, or stayed Running where the engine's own crash report did not
+    reach a busy server). The interrupt here lands as soon as the run exists on the server, with CPU
+    burners beside the command."""
+    out = str(tmp_path / "out")
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(LOAD_BURNERS)]
+    try:
+        process = start_cli("--data", str(tmp_path / "data"), "build-dataset", str(build_yaml), "--output", out,
+                            env=without_prefect(PREFECT_API_URL=prefect_server), log=tmp_path / "cli.log")
+
+        def run_appeared() -> list:
+            assert process.poll() is None, (tmp_path / "cli.log").read_text()  # it ends only when interrupted
+            return flow_runs_of(prefect_server, out)
+
+        assert wait_for(run_appeared, 300), (tmp_path / "cli.log").read_text()
+        os.killpg(process.pid, signal.SIGINT)
+        process.wait(timeout=300)
+    finally:
+        for burner in burners:
+            burner.kill()
+            burner.wait()
+    log = (tmp_path / "cli.log").read_text()
+    assert process.returncode == 130, log
+    assert log.strip().splitlines()[-1].startswith("interrupted: the work stopped"), log
+    assert [run.state.name for run in flow_runs_of(prefect_server, out)] == ["Cancelled"], log
+
+
 def test_a_sigkilled_command_leaves_no_process_behind(build_yaml, tmp_path):
     """No server to use: the command starts a temporary Prefect server, and Ray; SIGKILL (which
     runs no clean-up) must still take them down."""
@@ -202,6 +234,20 @@ def test_a_failure_exits_1_with_its_cause_and_submit_needs_a_server(build_yaml, 
         "error: no Prefect server answers at http://127.0.0.1:9/api: start `tinyllama serve` first (or pass --api-url)"
     )
     assert cli("--version").stdout.startswith("tinyllama ")
+
+
+def test_a_failure_after_the_config_check_is_said_once(build_yaml, prefect_server, tmp_path):
+    config = yaml.safe_load(build_yaml.read_text())
+    nothing = tmp_path / "nothing" / "*.jsonl.zst"
+    config["sources"][0]["uri"] = str(nothing)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(config))
+    done = cli("--data", str(tmp_path / "data"), "build-dataset", str(bad), "--output", str(tmp_path / "out"),
+               env=without_prefect(PREFECT_API_URL=prefect_server))
+    said = f"source {config['sources'][0]['name']!r}: no input matches {nothing}"
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == f"error: {said}", done.stderr
+    assert (done.stdout + done.stderr).count("no input matches") == 1, done.stdout + done.stderr  # not four times
 
 
 def test_a_store_that_refuses_access_fails_at_once_naming_it(build_yaml, s3_bucket_uri, prefect_server, tmp_path):

@@ -24,6 +24,7 @@ from uuid import UUID
 import pytest
 import yaml
 
+from demo.sample_corpus import make_sample_corpus
 from deployments.deploy import BUILD, EVALUATE, PRETRAIN, TRAIN_EPOCH, TRAIN_ON_BUILD, submit
 from deployments.serve import SERVED_FILE, healthy
 from flows.pretrain import manifest_uri
@@ -31,7 +32,7 @@ from model.checkpoint import latest_checkpoint
 from model.metrics import read_metrics
 from storage.store import open_object, open_store
 from tasks.config import BuildConfig
-from tasks.sample_corpus import make_sample_corpus
+from tests.builds import load_shards
 from tests.deployments.conftest import SEGMENT, tiny_training
 from tests.deployments.test_cli import TEMPORARY_SERVER_LINE, start_cli, without_prefect
 from tests.deployments.test_cli import cli as run_cli
@@ -223,7 +224,8 @@ def test_inspect_prints_the_manifests_accounting_and_shards(pretrained, corpus):
     manifest = json.loads(store.get_text(key))
     lines = cli("inspect", uri).stdout.splitlines()
 
-    shards = manifest["shards"]
+    table = load_shards(uri)
+    shards = [table.shard(i).model_dump() for i in range(len(table))]
     assert lines[0] == (
         f"build {manifest['name']}/{manifest['build_id']}: {sum(s['documents'] for s in shards)} documents, "
         f"{sum(s['tokens'] for s in shards)} tokens in {len(shards)} shards ({manifest['dtype']}), "

@@ -15,7 +15,7 @@ import pytest
 from deployments.demo import BUILD_ID, PROMPT, QUICK, DemoResult, generate, print_summary
 from flows.pretrain import manifest_uri
 from model.metrics import read_metrics
-from storage.manifest import DatasetManifest, SourceAccounting, read_record
+from storage.manifest import SourceAccounting, read_manifest
 from storage.store import open_object, open_store
 from tasks.config import BuildConfig
 from tests.deployments.test_cli import cli, without_prefect
@@ -52,7 +52,7 @@ def test_the_quick_demo_runs_the_whole_path_and_its_summary_says_what_it_made(qu
     assert printed["sample corpus"].startswith(f"{data / QUICK.corpus}  ")
     assert printed["dataset"] == manifest_uri(build)
     store, key = open_object(manifest_uri(build))
-    manifest = read_record(store, key, DatasetManifest)
+    manifest = read_manifest(store, key)
     assert manifest.name == QUICK.build
     total = sum(manifest.sources.values(), SourceAccounting())
     planted = json.loads((data / QUICK.corpus / "corpus.json").read_text())

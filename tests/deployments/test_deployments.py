@@ -20,10 +20,11 @@ from flows.pretrain import TrainSettings, check_same_data, manifest_uri
 from flows.train import train
 from model.checkpoint import latest_checkpoint
 from model.metrics import read_metrics
-from storage.lease import LeaseHeld, read_lease
+from storage.lease import LeaseHeld
 from storage.store import open_object, open_store
 from tasks.train import LEASE_FILE, run_config
 from tests.deployments.conftest import GLOBAL_BATCH_TOKENS, RUN, RUN_TIMEOUT_S, SEGMENT, tiny_training
+from tests.storage.leases import read_lease
 
 LONG_EPOCH = 30  # steps: long enough that a second job is tried while it trains
 

@@ -23,7 +23,7 @@ from prefect.client.schemas.objects import StateType
 
 from deployments.deploy import BUILD, submit
 from deployments.serve import healthy
-from storage.processes import process_tree
+from runtime.processes import process_tree
 from tests.deployments.conftest import start_serve, stop
 from tests.fixtures.ports import free_port
 

@@ -21,7 +21,7 @@ from tests.model.runs import train_config
 from flows.train import train
 
 REPO = Path(__file__).resolve().parents[2]
-TASKS = str(REPO / "tests" / "evaluation" / "tiny_mc")
+TASKS = str(REPO / "demo" / "tiny_mc")
 ITEMS = 40
 
 

@@ -12,22 +12,25 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import sentencepiece as spm
 import yaml
 from prefect.artifacts import Artifact
 
+from demo.sample_corpus import make_sample_corpus
 from flows.build_dataset import build_dataset
+from storage.build_layout import SHARD_TABLE
 from storage.manifest import DatasetManifest
 from storage.shards import IndexedShard
+from storage.stage_summary import StageSummary
 from storage.store import open_object, open_store
 from tasks.config import BuildConfig
 from tasks.ingest import IngestError
 from tasks.plan import PlanError, ordinal_of
 from tasks.reporting import build_artifact_key
-from tasks.sample_corpus import make_sample_corpus
-from tests.builds import assert_reconciles, build_objects, load_manifest, sample_config
+from tests.builds import assert_reconciles, build_objects, load_manifest, load_shards, sample_config
 
 pytestmark = pytest.mark.usefixtures("prefect_server", "ray_local")
 
@@ -53,7 +56,8 @@ def decoded_documents(manifest_uri: str, manifest: DatasetManifest, tmp: Path) -
     store, _ = open_object(manifest_uri)
     processor = spm.SentencePieceProcessor(model_proto=store.get_bytes(manifest.tokenizer.key))
     texts = []
-    for shard in manifest.shards:
+    table = load_shards(manifest_uri)
+    for shard in map(table.shard, range(len(table))):
         for ext in ("bin", "idx"):
             store.download(f"{shard.prefix}.{ext}", tmp / f"{shard.prefix}.{ext}")
         tokens = IndexedShard(tmp / shard.prefix)
@@ -110,9 +114,8 @@ def test_shards_load_in_megatron_core(built, tmp_path):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     _, manifest_uri = built
-    manifest = load_manifest(manifest_uri)
     store, _ = open_object(manifest_uri)
-    shard = manifest.shards[0]
+    shard = load_shards(manifest_uri).shard(0)
     for ext in ("bin", "idx"):
         store.download(f"{shard.prefix}.{ext}", tmp_path / f"s.{ext}")
     dataset = IndexedDataset(str(tmp_path / "s"))
@@ -178,19 +181,18 @@ def test_damaged_records_and_changed_outputs_are_redone(built, caplog):
     config, manifest_uri = built
     store = open_store(config.output).child(f"datasets/sample/{config.resolved_build_id}")
     before = build_objects(config.output, receipts=False)
-    manifest = load_manifest(manifest_uri)
-    token_bin = manifest.shards[0].bin.key
+    token_bin = load_shards(manifest_uri).shard(0).bin.key
     docs = next(iter(store.list("docs/")))
     receipt = "receipts/tokenize/000001.json"
     originals = {key: flip_one_byte(store, key) for key in (token_bin, docs)}
     store.put_bytes(receipt, store.get_bytes(receipt)[:40])
-    store.put_bytes("summaries/ingest.json", b"{")
+    store.put_bytes("summaries/ingest.parquet", b"{")
     with caplog.at_level("WARNING", logger="tasks.fanout"):
         assert build_dataset(config) == manifest_uri
     assert build_objects(config.output, receipts=False) == before
     assert all(store.get_bytes(key) == body for key, body in originals.items())
     warnings = [r.getMessage() for r in caplog.records if r.name == "tasks.fanout"]
-    assert sum(receipt in w for w in warnings) == 1 and sum("summaries/ingest.json" in w for w in warnings) == 1
+    assert sum(receipt in w for w in warnings) == 1 and sum("summaries/ingest.parquet" in w for w in warnings) == 1
     assert any(token_bin in w for w in warnings) and any(docs in w for w in warnings)
     # the rerun wrote valid records again: a further rerun finds them intact and logs nothing
     caplog.clear()
@@ -211,16 +213,18 @@ def test_an_edited_receipt_is_redone_not_summed(built, corpus, caplog):
     source = next(iter(edited["sources"]))
     edited["sources"][source]["docs_in"] += 1
     store.put_bytes(receipt, json.dumps(edited).encode())
-    summary = json.loads(store.get_bytes("summaries/tokenize.json"))
-    summary["receipts"][0]["counts"]["documents"] = summary["receipts"][0]["counts"].get("documents", 0) + 1
-    store.put_bytes("summaries/tokenize.json", json.dumps(summary).encode())
+    summary = StageSummary.from_parquet("tokenize", store.get_bytes("summaries/tokenize.parquet")).table
+    documents = summary.column("counts.documents").to_pylist()
+    documents[0] += 1
+    summary = summary.set_column(summary.column_names.index("counts.documents"), "counts.documents", pa.array(documents))
+    store.put_bytes("summaries/tokenize.parquet", StageSummary("tokenize", summary).to_parquet())
     with caplog.at_level("WARNING", logger="tasks.fanout"):
         assert build_dataset(config) == manifest_uri
     assert build_objects(config.output, receipts=False) == before
     assert_reconciles(manifest_uri, corpus)
     warnings = [r.getMessage() for r in caplog.records if r.name == "tasks.fanout"]
     assert sum(receipt in w and "checksum" in w for w in warnings) == 1, warnings
-    assert sum("summaries/tokenize.json" in w and "checksum" in w for w in warnings) == 1, warnings
+    assert sum("summaries/tokenize.parquet" in w and "checksum" in w for w in warnings) == 1, warnings
     assert json.loads(store.get_bytes(receipt))["sources"][source]["docs_in"] == edited["sources"][source]["docs_in"] - 1
 
 
@@ -230,7 +234,7 @@ def test_outputs_do_not_depend_on_the_number_of_workers(corpus, tmp_path):
         config = sample_config(corpus, str(tmp_path / f"p{parallelism}"), parallelism=parallelism)
         build_dataset(config)
         outputs[parallelism] = {
-            k: v for k, v in build_objects(config.output).items() if k.endswith(("manifest.json", ".bin", ".idx"))
+            k: v for k, v in build_objects(config.output).items() if k.endswith(("manifest.json", SHARD_TABLE, ".bin", ".idx"))
         }
     assert outputs[1] == outputs[2] and len(outputs[1]) > 3
 

@@ -20,7 +20,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -36,15 +35,16 @@ from prefect.client.schemas.responses import SetStateStatus
 from prefect.exceptions import ObjectNotFound
 from prefect.states import Cancelling
 
+from demo.sample_corpus import make_sample_corpus
 from deployments.deploy import BUILD, EVALUATE, TRAIN_ON_BUILD, submit
 from flows.build_dataset import build_dataset
 from flows.pretrain import TrainSettings, manifest_uri
 from flows.train import train
 from model.checkpoint import latest_checkpoint, load_model
-from storage.processes import process_tree
+from runtime.processes import process_tree
 from storage.store import open_store
 from tasks.config import BuildConfig
-from tasks.sample_corpus import make_sample_corpus
+from tasks.reporting import artifact_key
 from tests.builds import build_objects, sample_config
 from tests.deployments.conftest import stop
 from tests.fixtures.served import ServedProcess
@@ -155,11 +155,12 @@ def logged(flow_run_id) -> list[str]:
     return [log.message for log in logs]
 
 
-def artifact_descriptions(flow_run_id) -> list[str]:
+def artifact_texts(flow_run_id) -> dict[str, str]:
+    """key -> description and data of the artifacts of the run and its subflow runs."""
     ids = [flow_run_id, *(run.id for run in descendants(flow_run_id) if isinstance(run, FlowRun))]
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=ids)))
-    return [artifact.description or "" for artifact in artifacts]
+    return {artifact.key: f"{artifact.description or ''}\n{artifact.data}" for artifact in artifacts if artifact.key}
 
 
 def assert_cancelled_and_gone(served: Served, flow_run_id) -> FlowRun:
@@ -221,7 +222,9 @@ def test_cancelling_a_running_training_stops_torchrun_and_its_ranks_and_a_rerun_
     lines = logged(run.id)
     assert [line for line in lines if said.search(line)], lines
     assert not [line for line in lines if "Traceback" in line or "SignalException" in line], lines
-    assert [text for text in artifact_descriptions(run.id) if said.search(text)], artifact_descriptions(run.id)
+    texts = artifact_texts(run.id)  # the progress card's description, and the live card's status
+    assert said.search(texts[artifact_key(config.name, "train-progress")]), texts
+    assert said.search(texts[artifact_key(config.name, "train-live")]), texts
 
     steps = latest_checkpoint(run_store).step + MORE_STEPS
     train(config.model_copy(update={"max_steps_this_run": MORE_STEPS}))  # the rerun, here: it resumes

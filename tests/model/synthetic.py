@@ -17,17 +17,21 @@ from pathlib import Path
 
 import numpy as np
 
+from storage.build_layout import SHARD_TABLE
 from storage.manifest import (
-    DatasetManifest,
+    ShardTable,
     SourceAccounting,
     TokenizerInfo,
     TokenShard,
     canonical_json,
+    new_manifest,
+    put_manifest,
+    read_manifest,
+    read_shard_table,
     sha256_bytes,
     upload,
-    write_record,
 )
-from storage.shards import RemoteShard, ShardWriter, token_dtype
+from storage.shards import ShardWriter, token_dtype
 from storage.store import join_key, open_object, open_store
 
 BOS_ID, EOS_ID = 1, 2
@@ -78,22 +82,22 @@ def write_synthetic_build(
                 shards.append(_upload(store, build, source, part, writer))
 
     config = {"synthetic": {"sources": sources, "vocab_size": vocab_size, "seed": seed, "shard_tokens": shard_tokens}}
-    manifest = DatasetManifest(
+    manifest, table = new_manifest(
+        ShardTable.of(shards),
+        SHARD_TABLE,
         name=name,
         build_id=build_id,
         config=config,
         config_hash=sha256_bytes(canonical_json(config)),
         tokenizer=tokenizer_info,
         dtype=dtype.name,
-        shards=shards,
         sources={
             source: SourceAccounting(docs_in=len(lengths), kept=len(lengths), tokens=sum(lengths))
             for source, lengths in sources.items()
         },
     )
-    key = join_key(build, "manifest.json")
-    write_record(store, key, manifest)
-    return store.url(key)
+    put_manifest(store.child(build), "manifest.json", manifest, table)
+    return store.url(join_key(build, "manifest.json"))
 
 
 def _upload(store, build: str, source: str, part: int, writer: ShardWriter) -> TokenShard:
@@ -109,12 +113,12 @@ def source_tokens(manifest_uri: str, source: str | None = None) -> np.ndarray:
     """The token stream the loader cuts into blocks: the (selected) shards in manifest order,
     read straight from the store without the loader."""
     store, key = open_object(manifest_uri)
-    manifest = DatasetManifest.model_validate_json(store.get_bytes(key))
-    parts = [
-        RemoteShard(store, shard.prefix).tokens(0, shard.tokens)
-        for shard in manifest.shards
-        if source is None or shard.source == source
-    ]
+    manifest = read_manifest(store, key)
+    shards = read_shard_table(store, key, manifest)
+    if source is not None:
+        shards = shards.of_source(source)
+    dtype = token_dtype(manifest.tokenizer.vocab_size)
+    parts = [np.frombuffer(store.get_bytes(f"{prefix}.bin"), dtype) for prefix in shards.prefixes]  # tokens back to back
     return np.concatenate(parts).astype(np.int64)
 
 

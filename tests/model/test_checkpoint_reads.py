@@ -1,4 +1,4 @@
-"""What reading a checkpoint's model costs (export-hf and evaluate: model/checkpoint.py load_model),
+"""What reading a checkpoint's model costs (export-hf and evaluate: model/checkpoint/safe_load.py load_model),
 on SeaweedFS: only the files that hold the model's tensors are fetched, one whole-file GET each,
 and verified; the optimizer's files are neither read nor hashed. A run's initial weights: a fresh
 run's are the eager model's, bit for bit, and a loaded model is never initialized first.

@@ -8,16 +8,22 @@ The mixture chunk and shuffle window are shrunk so that small data crosses their
 from __future__ import annotations
 
 import json
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 import model.data
 from model.data import BlockLoader, DataError, DataSource, load_manifests
-from storage.manifest import DatasetManifest, read_record, write_record
-from storage.store import open_object
+from storage.build_layout import MANIFEST, SHARD_TABLE
+from storage.manifest import ShardTable, new_manifest, put_manifest, read_manifest, read_shard_table, write_record
+from storage.store import InvalidKey, check_key, open_object
 from tests.model.synthetic import source_blocks, write_synthetic_build
+from tests.model.test_checkpoint_reads import GetCounter
 
 SEQ_LEN = 15  # blocks of 16 tokens
 
@@ -168,19 +174,30 @@ def test_bad_sources_are_refused_clearly(tmp_path):
         BlockLoader([DataSource(manifest=str(tmp_path / "missing.json"))], SEQ_LEN, 0, cache_dir=cache)
 
 
-@pytest.mark.parametrize("field", ["prefix", "bin", "tokenizer"])
+def rewrite_shards(uri: str, edit) -> None:
+    """Replace a build's shard table by `edit(table)` (a pyarrow table) and record it in the header,
+    as a build with those shards would have written it."""
+    store, key = open_object(uri)
+    manifest = read_manifest(store, key)
+    shards = ShardTable(edit(read_shard_table(store, key, manifest).table))
+    header = manifest.model_dump(exclude={"shard_table", "total_documents", "total_tokens"})
+    put_manifest(store, key, *new_manifest(shards, manifest.shard_table.key, **header))
+
+
+@pytest.mark.parametrize("field", ["prefix", "tokenizer"])
 def test_a_manifest_key_outside_its_build_is_refused_naming_the_manifest_and_the_key(tmp_path, field):
     uri = build(str(tmp_path / "store"), web=[40] * 3)
-    store, key = open_object(uri)
-    manifest = json.loads(store.get_text(key))
-    escape = "../../../../outside.bin"
+    escape = "../../../../outside"
     if field == "tokenizer":
+        store, key = open_object(uri)
+        manifest = json.loads(store.get_text(key))
         manifest["tokenizer"]["key"] = escape
+        store.put_text(key, json.dumps(manifest))
     else:
-        manifest["shards"][0][field] = {**manifest["shards"][0]["bin"], "key": escape} if field == "bin" else escape
-    store.put_text(key, json.dumps(manifest))
-    with pytest.raises(DataError) as refused:  # before any shard is read: in the launcher, not mid-training
-        load_manifests([DataSource(manifest=uri)])
+        prefixes = lambda table: table["prefix"].to_pylist()
+        rewrite_shards(uri, lambda t: t.set_column(0, "prefix", pa.array([escape] + prefixes(t)[1:])))
+    with pytest.raises(DataError) as refused:  # before any shard is read: before the first step
+        BlockLoader([DataSource(manifest=uri)], SEQ_LEN, 0, cache_dir=tmp_path / "c")
     message = str(refused.value)
     assert message.startswith(f"{uri}: ") and repr(escape) in message
     assert "\n" not in message and "must not contain '.', '..'" in message
@@ -247,7 +264,7 @@ def test_corrupt_shard_in_a_local_store_is_an_error(tmp_path):
 def test_token_outside_the_vocabulary_is_an_error(tmp_path):
     uri = build(str(tmp_path / "store"))
     store, key = open_object(uri)
-    manifest = read_record(store, key, DatasetManifest)
+    manifest = read_manifest(store, key)
     # Token ids reach 999; claim a smaller vocabulary (and so another tokenizer).
     small = manifest.tokenizer.model_copy(update={"vocab_size": 500})
     write_record(store, key, manifest.model_copy(update={"tokenizer": small}))
@@ -320,3 +337,43 @@ def test_mixture_weights_hold_on_every_node(tmp_path):
     for node in (0, 1):  # node c holds the global positions p with p mod 2 = c
         node_origin = origin[node::2]
         assert (node_origin[: web_draws + code_draws] == 0).sum() == web_draws
+
+
+def start_rank(uri: str, cache: Path, barrier) -> tuple[int, int, int]:
+    """One rank's loader start on a node (a forked process): its shards, and its GETs of the
+    manifest's header and of its shard table."""
+    counter = GetCounter()
+    barrier.wait()  # the node's ranks start together, as torchrun starts them
+    with BlockLoader([DataSource(manifest=uri)], SEQ_LEN, 0, cache_dir=cache, prefetch=0) as loader:
+        shards = len(loader.sources[0].shards)
+    counter.close()
+    return shards, *(sum(key.endswith(name) for key, _ in counter.gets) for name in (MANIFEST, SHARD_TABLE))
+
+
+def test_the_ranks_of_a_node_fetch_the_manifest_once(s3_bucket_uri, tmp_path):
+    """Ranks sharing a cache folder: exactly one of them GETs the header and one the table; the
+    rest read their copies. A later start GETs the header again (it may have been rewritten) and
+    finds the table it names already there."""
+    uri = build(f"{s3_bucket_uri}/{tmp_path.name}", web=[50] * 60)
+    ranks, cache = 4, tmp_path / "node-cache"
+    context = multiprocessing.get_context("fork")
+    with context.Manager() as manager, ProcessPoolExecutor(ranks, mp_context=context) as pool:
+        started = list(pool.map(start_rank, [uri] * ranks, [cache] * ranks, [manager.Barrier(ranks)] * ranks))
+    assert [shards for shards, _, _ in started] == [10] * ranks
+    assert sum(header for _, header, _ in started) == 1 and sum(table for _, _, table in started) == 1, started
+    with context.Manager() as manager, ProcessPoolExecutor(1, mp_context=context) as pool:
+        assert pool.submit(start_rank, uri, cache, manager.Barrier(1)).result() == (10, 1, 0)
+
+
+def test_the_shard_key_screen_refuses_what_check_key_refuses():
+    """read_shards screens a table's prefixes with one regex instead of a check_key call per shard."""
+    keys = ["tokens/web/a-0000", "a.b/c..d", "..a/b.", "", "/a", "a/", "a//b", "./a", "a/..", "a/../b", "a\\b", "a\x00b"]
+    screened = pc.match_substring_regex(pa.array(keys), model.data.UNSAFE_KEY).to_pylist()
+    refused = []
+    for key in keys:
+        try:
+            check_key(key)
+            refused.append(False)
+        except InvalidKey:
+            refused.append(True)
+    assert screened == refused and any(refused) and not all(refused)

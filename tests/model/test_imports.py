@@ -10,3 +10,14 @@ def test_the_training_config_imports_without_torch():
     check = "import sys, model, model.train_config; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"
     loaded = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "[]"
+
+
+def test_checkpoint_discovery_imports_without_torch_and_every_public_name_resolves():
+    check = (
+        "import sys; from model.checkpoint import latest_checkpoint, resolve_checkpoint, CheckpointError; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')); "
+        "import model.checkpoint as c; print(sorted(n for n in c.__all__ if getattr(c, n, None) is None))"
+    )
+    torch_modules, unresolved = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
+                                               check=True).stdout.split("\n")[:2]
+    assert torch_modules == "[]" and unresolved == "[]"

@@ -2,9 +2,10 @@
 uninterrupted run's, bit for bit.
 
 The job runs as the training stage starts it (tasks/train.py's `launch_torchrun`: torchrun and
-2 gloo workers). model/checkpoint.py's test-only hook (TINYLLAMA_TEST_HOLD_SAVE) holds every
-rank at a known point of the save of step 4, the test SIGKILLs every process of the job's tree
-at once (a machine dying), checks that none is left, and launches the same config again:
+2 gloo workers), its workers running tests/model/held_train.py (model.train with a Checkpointer
+that holds every rank at a known point of the save of step 4); the test SIGKILLs every process
+of the job's tree at once (a machine dying), checks that none is left, and launches the same
+config again (model.train itself):
 - during a checkpoint (on S3): step 4's shards and .metadata uploaded, its COMMIT not written;
 - between checkpoints (local folder): step 2 committed, steps 3 and 4 trained and their
   metrics uploaded, nothing of step 4's checkpoint written.
@@ -22,12 +23,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.checkpoint import HOLD_SAVE_ENV, METADATA_FILE, complete_checkpoints, load_model
+from model.checkpoint import METADATA_FILE, complete_checkpoints, load_model
 from model.train_config import TrainConfig
-from storage.processes import process_alive, process_start, process_tree
+from runtime.processes import process_alive, process_start, process_tree
 from storage.run_layout import RunLayout
 from storage.store import open_store
 from tasks.train import TrainingFailed, launch_torchrun
+from tests.model.held_train import HOLD_SAVE_ENV
 from tests.model.runs import START_TIMEOUT_S, metrics, short_documents_build, train_config, training_processes, wait_until
 
 MAX_STEPS = 6
@@ -43,8 +45,8 @@ def write_config(config: TrainConfig) -> str:
     return RunLayout.of(config.output, config.name).write_config(config.to_json())
 
 
-def launch(config: TrainConfig, lines: list[str]) -> None:
-    launch_torchrun(write_config(config), config.launcher, config.name, on_line=lines.append)
+def launch(config: TrainConfig, lines: list[str], program: str = "model.train") -> None:
+    launch_torchrun(write_config(config), config.launcher, config.name, on_line=lines.append, program=program)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +91,7 @@ def test_sigkilled_training_resumes_bit_exactly(point, where, straight, dataset,
     monkeypatch.setenv(HOLD_SAVE_ENV, f"{HELD_STEP}:{point}:{held}")
     lines: list[str] = []
     with ThreadPoolExecutor(1) as pool:  # the launching thread lives on: torchrun dies with it
-        job = pool.submit(launch, config, lines)
+        job = pool.submit(launch, config, lines, "tests.model.held_train")
         wait_until(lambda: job.done() or all(m.exists() for m in markers), START_TIMEOUT_S, "both ranks held")
         assert not job.done(), "\n".join(lines[-40:])
         monkeypatch.delenv(HOLD_SAVE_ENV)

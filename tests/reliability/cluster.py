@@ -19,8 +19,8 @@ from pathlib import Path
 
 import yaml
 
+from runtime.processes import process_tree
 from tasks.config import BuildConfig
-from storage.processes import process_tree
 from tests.fixtures.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]

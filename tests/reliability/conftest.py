@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
+from demo.sample_corpus import make_sample_corpus
 from flows.build_dataset import build_dataset
-from tasks.sample_corpus import make_sample_corpus
 from tests.builds import assert_reconciles, build_objects, sample_config
 
 CORPUS_BYTES = 256 << 10

@@ -14,10 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows.build_dataset import build_dataset
+from runtime.processes import process_tree
 from storage.store import open_store
 from tasks.config import BuildConfig
 from tasks.ingest import IngestError
-from storage.processes import process_tree
 from tests.builds import load_manifest
 from tests.reliability.hostile import MAX_RECORD_BYTES, write_hostile_corpus
 

@@ -5,12 +5,12 @@ backoff for up to TINYLLAMA_STORE_RETRY_S, 300 s by default), so no Prefect retr
 - test_s3_restart_mid_stage_is_ridden_out stops the real S3 server mid-ingest for
   SERVER_DOWN_S (then seconds of 500s while it restarts: more than the ~10 s that Prefect's
   stage retries alone carried before);
-- test_outage_mid_ingest_is_ridden_out (slow) puts a fault-injecting proxy
-  (tests/fixtures/faulty_proxy.py) between the build (its driver and its Ray workers) and S3, and
-  makes it refuse connections for 60 s, then answer 503 for 60 s, mid-ingest;
-- test_outage_mid_training_is_ridden_out (slow) does the same for 60 s to a training run (the
-  flow's progress polls and both ranks' checkpoints and metrics): no step is lost or redone and
-  every loss equals an uninterrupted run's.
+- test_an_outage_mid_ingest_and_mid_training_is_ridden_out (slow) puts a fault-injecting proxy
+  (tests/fixtures/faulty_proxy.py) between S3 and both a build (its driver and its Ray workers)
+  and a training run (the flow's progress polls and both ranks' checkpoints and metrics), parks
+  each at its point (mid-ingest; after step 1) until both are there, then makes the proxy refuse
+  connections for 60 s and answer 503 for 60 s: one outage window, met by both at once. No step
+  is lost or redone and every loss equals an uninterrupted run's.
 Each build must finish byte-identical to an undisturbed one.
 
 Covered elsewhere, not repeated here: resets, short bodies, SlowDown, access errors and the
@@ -106,63 +106,59 @@ def test_s3_restart_mid_stage_is_ridden_out(corpus, reference, s3_endpoint, s3_b
 
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
-def test_outage_mid_ingest_is_ridden_out(corpus, reference, s3_endpoint, s3_bucket_uri, prefect_server, faulty_s3, tmp_path):
-    """Two minutes without S3 (refused, then 503) for the build's driver and Ray workers: the
-    build waits and finishes with the undisturbed build's bytes, no stage retried by Prefect."""
-    prefix = f"proxied-{uuid.uuid4().hex[:8]}"
-    config = sample_config(corpus, f"{s3_bucket_uri}/{prefix}")
-    bucket = s3_bucket_uri.removeprefix("s3://")
-    client = s3_endpoint.client()
+def test_an_outage_mid_ingest_and_mid_training_is_ridden_out(corpus, reference, s3_bucket_uri, prefect_server, faulty_s3, tmp_path):
+    """Two minutes without S3 (60 s refused, then 60 s of 503s) met at once by a build mid-ingest
+    (its driver and Ray workers) and by 2 ranks mid-training (and the flow polling their progress):
+    the build finishes with the undisturbed build's bytes, no stage retried by Prefect; the training
+    job is neither stopped nor retried, no step is lost or redone, the losses are exact."""
+    unique = uuid.uuid4().hex[:8]
+    build = sample_config(corpus, f"{s3_bucket_uri}/proxied-{unique}")
+    prefix = f"{s3_bucket_uri}/train-outage-{unique}"
+    manifest = short_documents_build(f"{prefix}/data")
+    launcher = {"kind": "torchrun", "nproc": 2}
+    straight = train_config("straight", f"{prefix}/straight", manifest, tmp_path, max_steps=TRAIN_STEPS, launcher=launcher)
+    config = train_config(f"through-outage-{unique}", f"{prefix}/out", manifest, tmp_path, max_steps=TRAIN_STEPS,
+                          launcher=launcher)  # a name of its own: its flow run's logs are this run's only
+    build_keys = f"/proxied-{unique}/"
+    run_keys = f"/train-outage-{unique}/out/runs/{config.name}/"
+    # Each side is parked at its point until both are there: the build at its first ingest receipt
+    # (mid-ingest), the training at rank 0's first progress record (after step 1, before the
+    # checkpoints of steps 2, 4, ...). One outage window then meets both.
+    build_parked = faulty_s3.hold("/receipts/ingest/", methods=("PUT",))
+    training_parked = faulty_s3.hold(f"{run_keys}progress.json", methods=("PUT",))
+
     started = time.time()
     # Its own process and its own local Ray, whose workers inherit AWS_ENDPOINT_URL: the proxy.
-    process = start_build(config, tmp_path, prefect_server, ray_address=None)
-    wait_until(lambda: process.poll() is not None or first_key(client, bucket, f"{prefix}/", "/receipts/ingest/"),
-               300, "ingest's first receipt")
-    assert process.poll() is None, "the build ended before the outage"
-    faulty_s3.inject("refuse", duration=REFUSED_S)
-    faulty_s3.inject("503", duration=REFUSED_S, after=REFUSED_S)
-    manifest_uri = finish_build(process, timeout=900)
-    assert faulty_s3.injected["refuse"] == 1 and faulty_s3.injected["503"] > 0  # the build was held up by both
+    process = start_build(build, tmp_path, prefect_server, ray_address=None)
+    run_training(straight, nproc=2)  # the undisturbed losses, while the build starts
+    with ThreadPoolExecutor(1) as pool:
+        job = pool.submit(train, config, return_state=True)
+        try:
+            wait_until(lambda: process.poll() is not None or job.done() or (
+                build_parked.reached.is_set() and training_parked.reached.is_set()), 300, "the build and the training")
+            assert process.poll() is None and not job.done(), "the build or the training ended before the outage"
+            faulty_s3.inject("refuse", duration=REFUSED_S)
+            faulty_s3.inject("503", duration=REFUSED_S, after=REFUSED_S)
+        finally:
+            faulty_s3.release()  # into the outage; or, if the wait failed, so that the job can end
+        manifest_uri = finish_build(process, timeout=900)
+        state = job.result(timeout=900)
+    assert faulty_s3.injected["refuse"] == 1
+    for keys in (build_keys, run_keys):  # each side was refused (its parked request) and then answered 503s
+        assert {"refuse", "503"} <= {seen.fault for seen in faulty_s3.requests if keys in seen.path}, keys
 
     with get_client(sync_client=True) as prefect:
-        runs = prefect.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[f"build-{config.name}"])))
+        runs = prefect.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[f"build-{build.name}"])))
     [this] = [run for run in runs if run.start_time and run.start_time.timestamp() >= started]
     counts = run_counts([this.id])
     assert "ingest" in counts and set(counts.values()) == {1}, counts  # no Prefect retry was needed
     assert_reconciles(manifest_uri, corpus)
-    assert build_objects(config.output, receipts=False) == reference
+    assert build_objects(build.output, receipts=False) == reference
 
-
-@pytest.mark.slow
-@pytest.mark.timeout(1500)
-def test_outage_mid_training_is_ridden_out(s3_endpoint, s3_bucket_uri, prefect_server, faulty_s3, tmp_path):
-    """Two minutes without S3 (60 s refused, then 60 s of 503s) while 2 ranks train and the flow
-    polls progress: the job is neither stopped nor retried, no step is lost or redone, the losses
-    are exact."""
-    prefix = f"{s3_bucket_uri}/train-outage-{uuid.uuid4().hex[:8]}"
-    manifest = short_documents_build(f"{prefix}/data")
-    launcher = {"kind": "torchrun", "nproc": 2}
-    straight = train_config("straight", f"{prefix}/straight", manifest, tmp_path, max_steps=TRAIN_STEPS, launcher=launcher)
-    run_training(straight, nproc=2)
-    config = train_config("through-outage", f"{prefix}/out", manifest, tmp_path, max_steps=TRAIN_STEPS, launcher=launcher)
-
-    bucket = s3_bucket_uri.removeprefix("s3://")
-    run_prefix = f"{prefix.removeprefix(f's3://{bucket}/')}/out/runs/through-outage/"
-    client = s3_endpoint.client()
-    with ThreadPoolExecutor(1) as pool:
-        job = pool.submit(train, config, return_state=True)
-        # Right after the first step: the checkpoints of steps 2, 4, ... and the flow's polls meet it.
-        wait_until(lambda: job.done() or first_key(client, bucket, run_prefix, "progress.json"), 300, "the first step")
-        assert not job.done(), "training ended before the outage"
-        faulty_s3.inject("refuse", duration=REFUSED_S)
-        faulty_s3.inject("503", duration=REFUSED_S, after=REFUSED_S)
-        state = job.result(timeout=900)
     assert state.is_completed(), state.message
-    assert faulty_s3.injected["refuse"] == 1 and faulty_s3.injected["503"] > 0
-
     assert run_counts([state.state_details.flow_run_id])["train"] == 1  # not stopped, not retried
     records = metrics(config.run_uri)
     assert [r["step"] for r in records] == list(range(1, TRAIN_STEPS + 1))  # no step lost or redone
     assert [r["loss"] for r in records] == [r["loss"] for r in metrics(straight.run_uri)]
-    logs = flow_run_logs("train-through-outage")
+    logs = flow_run_logs(f"train-{config.name}")
     assert logs.count("training progress not updated (the job goes on)") == 1  # once, not per poll

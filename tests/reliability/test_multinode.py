@@ -12,18 +12,18 @@ from pathlib import Path
 
 import pytest
 
-from tasks.fanout import HOLD_WORK_ENV
 from tests.reliability.cluster import RayCluster, finish_build, ray_workers, start_build, wait_for
 from tests.builds import assert_reconciles, build_objects, sample_config
+from tests.reliability.hold_work import driver_env
 
 
 @pytest.fixture(scope="module")
 def cluster(s3_endpoint, tmp_path_factory):
-    """Started after S3 so that its workers inherit the endpoint and credentials. Its workers
-    hold the first task of each stage (tasks/fanout.py's test-only hook) while `cluster.hold` exists."""
-    hold = tmp_path_factory.mktemp("hold") / "armed"
-    cluster = RayCluster(env={HOLD_WORK_ENV: str(hold)})
-    cluster.hold = hold
+    """Started after S3 so that its workers inherit the endpoint and credentials. A build whose
+    driver has `driver_env(cluster.hold)` holds the first task of each stage while `cluster.hold`
+    exists (tests/reliability/hold_work.py)."""
+    cluster = RayCluster()
+    cluster.hold = tmp_path_factory.mktemp("hold") / "armed"
     try:
         cluster.head = cluster.start_node(head=True)
         cluster.second = cluster.start_node()
@@ -44,12 +44,14 @@ def test_two_node_build_is_byte_identical_to_a_single_process_build(cluster, cor
     assert build_objects(config.output, receipts=False) == reference
 
 
-def test_a_worker_killed_in_each_stage_changes_nothing(cluster, corpus, reference, prefect_server, tmp_path):
+def test_a_worker_killed_in_each_stage_changes_nothing(cluster, corpus, reference, prefect_server, tmp_path, monkeypatch):
     # The first task of each stage holds in its worker until this test SIGKILLs that worker:
     # every kill lands inside the stage it is meant for, and Ray must retry that very shard.
     output = tmp_path / "out"
     config = sample_config(corpus, str(output))
     cluster.hold.mkdir()
+    for name, value in driver_env(cluster.hold).items():  # the build's driver inherits it
+        monkeypatch.setenv(name, value)
     killed: dict[str, tuple[str, int]] = {}  # stage: (shard, pid)
     try:
         build = start_build(config, tmp_path, prefect_server, cluster.address)

@@ -136,7 +136,7 @@ def test_resume_export_and_evaluate_refuse_the_protocol_4_payload_with_no_side_e
         assert not (tmp_path / "hf").exists() and not marker.exists()
 
         with pytest.raises(CheckpointError, match=r"\.metadata: refused to load"):
-            evaluate_checkpoint(run_uri, ["tiny_mc"], str(Path(__file__).parents[1] / "evaluation" / "tiny_mc"))
+            evaluate_checkpoint(run_uri, ["tiny_mc"], str(Path(__file__).parents[2] / "demo" / "tiny_mc"))
         assert not marker.exists()
     finally:
         plant(run_uri, original)

@@ -14,7 +14,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from storage.lease import LeaseHeld, LeaseLost, LeaseRecord, acquire_lease, read_lease
+from storage.lease import LeaseHeld, LeaseLost, LeaseRecord, acquire_lease
+from tests.storage.leases import read_lease
 from storage.manifest import canonical_json
 from tests.model.runs import wait_until
 

@@ -36,7 +36,7 @@ def s3(s3_bucket_uri, faulty_s3) -> S3Store:
 
 def gets(proxy, store: S3Store, key: str) -> list:
     """The proxy's log of GETs of one object."""
-    path = f"/{store.bucket}/{store._key(key)}"
+    path = f"/{store.bucket}/{store.bucket_key(key)}"
     return [seen for seen in proxy.requests if seen.method == "GET" and seen.path == path]
 
 
@@ -61,7 +61,7 @@ def test_a_read_that_breaks_off_resumes_at_the_byte_it_reached(s3, faulty_s3, ki
     s3.put_bytes("obj", data)
     cut = 12 * MiB
 
-    faulty_s3.inject(kind, count=1, methods=("GET",), path=s3._key("obj"), at_byte=cut)
+    faulty_s3.inject(kind, count=1, methods=("GET",), path=s3.bucket_key("obj"), at_byte=cut)
     assert s3.get_bytes("obj") == data
     first, resumed = gets(faulty_s3, s3, "obj")
     assert (first.fault, first.range) == (kind, None)
@@ -70,7 +70,7 @@ def test_a_read_that_breaks_off_resumes_at_the_byte_it_reached(s3, faulty_s3, ki
     assert resumed.fault is None and resumed_from(resumed, len(data)) in (READ_PIECE_BYTES, cut)
 
     faulty_s3.requests.clear()
-    faulty_s3.inject(kind, count=1, methods=("GET",), path=s3._key("obj"), at_byte=cut)
+    faulty_s3.inject(kind, count=1, methods=("GET",), path=s3.bucket_key("obj"), at_byte=cut)
     assert s3.get_range("obj", 100, 16 * MiB) == data[100 : 100 + 16 * MiB]
     first, resumed = gets(faulty_s3, s3, "obj")
     assert first.range == f"bytes=100-{100 + 16 * MiB - 1}"
@@ -78,7 +78,7 @@ def test_a_read_that_breaks_off_resumes_at_the_byte_it_reached(s3, faulty_s3, ki
 
     for read in (lambda: s3.open_read("obj").read(), lambda: s3.download("obj", tmp_path / "copy").read_bytes()):
         faulty_s3.requests.clear()
-        faulty_s3.inject(kind, count=1, methods=("GET",), path=s3._key("obj"), at_byte=cut)
+        faulty_s3.inject(kind, count=1, methods=("GET",), path=s3.bucket_key("obj"), at_byte=cut)
         assert read() == data
         first, resumed = gets(faulty_s3, s3, "obj")
         assert 0 < resumed_from(resumed, len(data)) <= cut
@@ -90,7 +90,7 @@ def test_a_stalled_body_times_out_and_the_read_resumes(s3, faulty_s3, monkeypatc
     monkeypatch.setattr(storage.s3, "_connections", {})  # a client with that timeout
     data = payload(10 * MiB, seed=3)
     s3.put_bytes("obj", data)
-    faulty_s3.inject("stall", count=1, methods=("GET",), path=s3._key("obj"), at_byte=9 * MiB, stall_s=5)
+    faulty_s3.inject("stall", count=1, methods=("GET",), path=s3.bucket_key("obj"), at_byte=9 * MiB, stall_s=5)
     assert s3.get_bytes("obj") == data
     first, resumed = gets(faulty_s3, s3, "obj")
     assert first.fault == "stall" and resumed_from(resumed, len(data)) == READ_PIECE_BYTES
@@ -187,7 +187,7 @@ def test_a_listing_resumes_from_its_continuation_token(s3, faulty_s3, s3_endpoin
     keys = [f"k/{i:05d}" for i in range(1100)]  # two pages of up to 1,000 keys
     client = s3_endpoint.client()  # straight to the server: faster, and not what is tested
     with ThreadPoolExecutor(16) as pool:
-        list(pool.map(lambda k: client.put_object(Bucket=s3.bucket, Key=s3._key(k), Body=b""), keys))
+        list(pool.map(lambda k: client.put_object(Bucket=s3.bucket, Key=s3.bucket_key(k), Body=b""), keys))
     faulty_s3.inject("503", count=7, path="continuation-token=")
     assert list(s3.list("k/")) == keys
     pages = [seen for seen in faulty_s3.requests if "list-type=2" in seen.query]
@@ -212,8 +212,8 @@ def test_multipart_transfers_are_redone_while_parts_fail(s3_bucket_uri, faulty_s
 
 def test_an_object_replaced_mid_read_is_an_error_not_a_splice(s3, faulty_s3, s3_endpoint):
     s3.put_bytes("obj", payload(3 * MiB, seed=7))
-    faulty_s3.inject("reset", count=1, methods=("GET",), path=s3._key("obj"), at_byte=3 * MiB // 2)
+    faulty_s3.inject("reset", count=1, methods=("GET",), path=s3.bucket_key("obj"), at_byte=3 * MiB // 2)
     reader = s3.open_read("obj")  # its first GET is answered (and cut) before the object changes
-    s3_endpoint.client().put_object(Bucket=s3.bucket, Key=s3._key("obj"), Body=payload(3 * MiB, seed=8))
+    s3_endpoint.client().put_object(Bucket=s3.bucket, Key=s3.bucket_key("obj"), Body=payload(3 * MiB, seed=8))
     with pytest.raises(StoreError, match=f"cannot read {re.escape(s3.url('obj'))}: the object changed while it was being read"):
         reader.read()

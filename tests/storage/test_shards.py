@@ -14,7 +14,6 @@ import pytest
 from storage.shards import (
     WRITE_BUFFER_BYTES,
     IndexedShard,
-    RemoteShard,
     ShardError,
     ShardWriter,
     read_index,
@@ -119,32 +118,6 @@ def test_megatron_core_loads_our_shard(shard):
     # Megatron's partial read (offset, length) inside one sequence.
     big = max(range(len(documents)), key=lambda i: len(documents[i]))
     np.testing.assert_array_equal(dataset.get(big, offset=100, length=50), documents[big][100:150])
-
-
-def test_remote_shard_matches_local(shard, store):
-    prefix, documents, _ = shard
-    store.put_file("tokens/part-0.bin", f"{prefix}.bin")
-    store.put_file("tokens/part-0.idx", f"{prefix}.idx")
-    local, remote = IndexedShard(prefix), RemoteShard(store, "tokens/part-0")
-    assert len(remote) == len(local)
-    assert remote.dtype == local.dtype
-    assert remote.num_tokens == local.num_tokens
-    np.testing.assert_array_equal(remote.sequence_lengths, local.sequence_lengths)
-    np.testing.assert_array_equal(remote.sequence_pointers, local.sequence_pointers)
-    for i in range(len(local)):
-        np.testing.assert_array_equal(remote.document(i), local.document(i))
-    crossing = (int(local.sequence_lengths[0]) - 1, 5000)
-    for start, length in [(0, local.num_tokens), (0, 0), crossing]:
-        np.testing.assert_array_equal(remote.tokens(start, length), local.tokens(start, length))
-
-
-def test_remote_shard_names_the_object_when_bin_disagrees(tmp_path, store):
-    prefix = write_shard(tmp_path / "s", [[1, 2, 3], [4]], np.uint16)
-    store.put_file("s.idx", f"{prefix}.idx")
-    store.put_bytes("s.bin", Path(f"{prefix}.bin").read_bytes()[:-2])
-    message = _error(lambda: RemoteShard(store, "s"))
-    assert message.startswith(f"{store.url('s.bin')}: data file is 6 bytes")
-    assert "its index describes 4 uint16 tokens = 8 bytes" in message
 
 
 def _error(make: Callable[[], object]) -> str:

@@ -28,6 +28,7 @@ from storage.store import (
     Store,
     StoreAccessError,
     StoreError,
+    VersionConflict,
     open_object,
     open_store,
 )
@@ -84,6 +85,33 @@ def test_round_trip_of_every_operation(store: Store, tmp_path):
     store.delete("a/note.txt")  # deleting a missing key is fine
     assert not store.exists("a/note.txt")
     assert list(store.list()) == ["a/b/obj.bin", "empty", "files/big.bin"]
+
+
+def test_conditional_writes_succeed_only_from_the_version_read(store: Store):
+    first = store.create("lease.json", b"one")
+    with pytest.raises(VersionConflict, match="lease.json"):
+        store.create("lease.json", b"two")
+    assert store.get_versioned("lease.json") == (b"one", first)
+    second = store.replace("lease.json", b"two", first)
+    assert second != first and store.get_versioned("lease.json") == (b"two", second)
+    with pytest.raises(VersionConflict, match="lease.json"):
+        store.replace("lease.json", b"three", first)  # a stale version
+    with pytest.raises(VersionConflict, match="lease.json"):
+        store.delete_version("lease.json", first)
+    assert store.get_bytes("lease.json") == b"two"
+    store.delete_version("lease.json", second)
+    assert store.get_versioned("lease.json") is None
+    with pytest.raises(VersionConflict, match="lease.json"):
+        store.replace("lease.json", b"again", second)  # deleted meanwhile
+
+
+def test_a_local_path_only_for_a_local_folder(store: Store):
+    store.put_bytes("a/b.txt", b"x")
+    local = store.local_path("a/b.txt")
+    if store.uri.startswith("file://"):
+        assert local.read_bytes() == b"x" and store.local_path() == local.parents[1]
+    else:
+        assert local is None and store.local_path() is None
 
 
 def test_list_by_prefix_is_sorted(store: Store):

@@ -430,9 +430,10 @@ def test_without_verification_buckets_become_edges(tmp_path):
         assert all(removed.get(d) == min(cluster) for d in cluster if d != min(cluster))
 
 
-def test_same_result_serial_and_on_ray(tmp_path, ray_local):
+def test_same_result_serial_and_on_ray(tmp_path, ray_local, monkeypatch):
     """Byte-identical outputs in-process, on one Ray worker at a time, and on two (with several
     verify groups and spans)."""
+    monkeypatch.setattr(steps, "MERGE_FAN_IN", 2)  # merge levels in both shuffles (passed to the workers)
     results = []
     for name, make in (
         ("serial", inline_run),
@@ -445,6 +446,8 @@ def test_same_result_serial_and_on_ray(tmp_path, ray_local):
         results.append(outputs(store))
     assert results[0] == results[1] == results[2] and any("removed/" in k for k in results[0])
     assert sum("edges/v" in k for k in results[0]) > 1
+    assert any(k.startswith(layout.near_runs("candidates", 1)) for k in results[0])
+    assert any(k.startswith(layout.near_runs("shingles", 1)) for k in results[0])
 
 
 def test_each_map_task_writes_one_object_and_batches_find_the_same(tmp_path):
@@ -522,22 +525,81 @@ class S3Calls:
         return sum(1 for op, key in self.calls if op == operation and f"/{prefix}" in key)
 
 
-def test_verify_reads_grow_with_its_tasks_not_batches_x_groups(s3_bucket_uri):
-    """A verify task reads its span of verify groups from each batch's shingles with two range
-    reads, so 8x the verify groups do not cost 8x the reads (they were 2 x batches x groups)."""
-    reads, groups, found = {}, {}, []
-    for name, budget in (("roomy", 1 << 30), ("tight", TIGHT_BUDGET)):
+def verify_reads(calls: S3Calls) -> int:
+    return sum(calls.count("GetObject", prefix) for prefix in (layout.NEAR_CANDIDATES, layout.NEAR_SHINGLES, layout.NEAR_RUNS))
+
+
+def merged_reads_bound(shuffle: steps.MergedShuffle) -> int:
+    """2 x FAN_IN range reads per object a merge level writes (at most maps + reduce tasks),
+    and per reduce task."""
+    return 2 * shuffle.fan_in * (shuffle.levels * (shuffle.maps + shuffle.reducers) + shuffle.reducers)
+
+
+def test_verify_reads_grow_with_batches_plus_groups_not_their_product(s3_bucket_uri, monkeypatch):
+    """The verify path's range reads (candidates and shingles, with their merge levels) stay
+    within 2 x FAN_IN x (levels x (maps + reduce tasks) + reduce tasks) per shuffle, where they
+    were 2 x maps x reduce tasks (no merge level: 16 batches with a fan-in of 16); the removed
+    documents are the same."""
+    monkeypatch.setattr(steps, "VERIFY_SPAN_GROUPS", 1)  # a verify task per group
+    reads, shapes, found = {}, {}, []
+    for name, shards, fan_in in (("merged", 16, 2), ("direct", 16, 16)):
+        monkeypatch.setattr(steps, "MERGE_FAN_IN", fan_in)
         store = open_store(f"{s3_bucket_uri}/verify-reads-{name}")
-        corpus = Corpus(store, seed=12)
-        batches = len(corpus.docs_shards())
+        corpus = Corpus(store, shards=shards, seed=12)
         with S3Calls() as calls:
-            run_near_dedup(store, corpus.docs_shards(), CONFIG, inline_run(store), ONE_SHARD_BATCHES, budget)
-        groups[name] = len(list(store.list(layout.NEAR_BUCKETS)))
-        reads[name] = calls.count("GetObject", layout.NEAR_SHINGLES)
-        assert reads[name] == 2 * batches * len(verify_spans(groups[name])), (name, groups[name])
+            run_near_dedup(store, corpus.docs_shards(), CONFIG, inline_run(store), ONE_SHARD_BATCHES, TIGHT_BUDGET)
+        groups = len(list(store.list(layout.NEAR_BUCKETS)))
+        candidates = steps.MergedShuffle("candidates", layout.near_candidates, CANDIDATES_SCHEMA, CONFIG.bucket_partitions, shards, 1, fan_in)
+        shingles = steps.MergedShuffle("shingles", layout.near_shingles, SHINGLES_SCHEMA, shards, groups, 1, fan_in)
+        reads[name], shapes[name] = verify_reads(calls), (groups, candidates.levels, shingles.levels)
+        for shuffle in (candidates, shingles):  # a level's objects hold ~one map object's rows each
+            for level in range(1, shuffle.levels + 1):
+                objects = len(list(store.list(layout.near_runs(shuffle.name, level))))
+                assert objects == len(shuffle.merges(level)) <= shuffle.maps + shuffle.reducers
+        assert reads[name] <= merged_reads_bound(candidates) + merged_reads_bound(shingles), (name, shapes[name], reads[name])
         found.append(corpus.removed(store))
-    assert groups["tight"] >= 8 * groups["roomy"]
-    assert reads["tight"] <= 2 * reads["roomy"] < 2 * batches * groups["tight"] / 4
+    groups = shapes["merged"][0]
+    assert groups >= 8 * CONFIG.bucket_partitions and shapes == {"merged": (groups, 1, 3), "direct": (groups, 0, 0)}
+    assert reads["direct"] >= 16 * groups  # an offsets read of every batch's shingles for every group, at least
+    assert reads["merged"] < 0.6 * reads["direct"], reads  # at 16 batches; the gap grows with them
+    assert found[0] == found[1] and found[0]
+
+
+@pytest.mark.parametrize("maps, partitions, span", [(1, 5, 1), (4, 3, 16), (17, 40, 1), (40, 17, 3), (5_588, 13_894, 16)])
+def test_merge_levels_nest_and_reduce_tasks_read_few_objects(maps, partitions, span):
+    """Blocks cut their parent block into consecutive pieces covering every reduce task once, a
+    level's objects number at most maps + reduce tasks, a reduce task reads at most FAN_IN
+    objects, and the reads stay within merged_reads_bound: at the full build's shape (1 GiB
+    budget) ~0.4M where reading every batch for every span is ~9.7M."""
+    shuffle = steps.MergedShuffle("shingles", layout.near_shingles, SHINGLES_SCHEMA, maps, partitions, span, steps.MERGE_FAN_IN)
+    fan_in, reducers = shuffle.fan_in, shuffle.reducers
+    reads = 0
+    for level in range(1, shuffle.levels + 1):
+        blocks, parents = shuffle.blocks(level), shuffle.blocks(level - 1)
+        assert [r for _, block in blocks for r in block] == list(range(reducers))
+        assert all(set(block) <= set(parents[parent][1]) for parent, block in blocks)
+        assert len(shuffle.merges(level)) <= maps + reducers
+        reads += 2 * sum(min(fan_in, shuffle.runs(level - 1) - run * fan_in) for _, run, _ in shuffle.merges(level))
+    for reducer in range(reducers):
+        keys, first = shuffle.sources(reducer * span)
+        assert len(keys) <= fan_in and len(set(keys)) == len(keys) and first >= 0
+        reads += 2 * len(keys)
+    assert reads <= merged_reads_bound(shuffle)
+    if maps == 5_588:
+        assert shuffle.levels == 3 and reads < 0.05 * 2 * maps * reducers, reads
+
+
+def test_spills_read_in_pieces_find_the_same(tmp_path, monkeypatch):
+    """Merge levels and spills read in many small pieces give the removed documents of one
+    direct read per object."""
+    found = []
+    for name, fan_in, piece in (("direct", 16, 16 << 20), ("pieces", 2, 512)):
+        monkeypatch.setattr(steps, "MERGE_FAN_IN", fan_in)
+        monkeypatch.setattr(steps, "SPILL_PIECE_BYTES", piece)
+        store = LocalStore(tmp_path / name)
+        corpus = Corpus(store, seed=14)
+        run_near_dedup(store, corpus.docs_shards(), CONFIG, inline_run(store), ONE_SHARD_BATCHES, TIGHT_BUDGET)
+        found.append(corpus.removed(store))
     assert found[0] == found[1] and found[0]
 
 

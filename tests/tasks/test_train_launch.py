@@ -21,8 +21,8 @@ from prefect.states import Failed
 
 from model.checkpoint import METADATA_FILE, commit_checkpoint, complete_checkpoints, read_metadata
 from model.train_config import TorchrunLauncher
+from runtime.processes import process_tree
 from storage.manifest import ObjectInfo, sha256_bytes
-from storage.processes import process_tree
 from storage.run_layout import RunLayout
 from storage.store import open_object, open_store
 from tasks.stage import is_transient

@@ -4,6 +4,7 @@ inline loss curve."""
 from __future__ import annotations
 
 import base64
+import re
 
 from model.train_config import Evaluation
 from tasks.train_report import LIVE_ROWS, LiveView, SegmentStatus, duration, loss_curve_markdown, metrics_rows, next_steps
@@ -67,13 +68,17 @@ def test_the_live_card_shows_the_segments_logged_steps_thinned_and_the_next_step
     assert text.splitlines()[2].startswith("step 120 of 1000 (this segment: 20/900) · loss 4.800 · 8.2k tokens/s")
     assert "| step | loss | validation loss | tokens/s |" in text and "MFU" not in text  # unknown MFU left out
     assert "| 110 | 4.9000 |  | 8.2k |" in text and "| 120 | 4.8000 | 5.5000 | 8.2k |" in text
-    assert "| 100 |" not in text and "validation loss `▁` 5.500 → 5.500" in text
+    assert "| 100 |" not in text and "loss 4.900 → 4.800 · validation loss 5.500 → 5.500" in text
+    chart = re.search(r"!\[loss curve\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", text)
+    assert chart and base64.b64decode(chart[1]).startswith(b"\x89PNG")
 
     for n in range(130, 1010, 10):
         live.add(step(n), [step(n)])
     rows = [line for line in live.markdown().splitlines() if line[:3].strip("| ").isdigit()]
     assert len(rows) == LIVE_ROWS and rows[0].startswith("| 110 |") and rows[-1].startswith("| 1,000 |")
-    assert "loss `█" in live.markdown() and "▁` 5.900 → 4.000" not in live.markdown()
+    assert "loss 4.900 → -4.000 · validation" in live.markdown()  # the span: every logged step, not the rows shown
+    assert live.markdown(status="cancelled at step 1000; checkpoint step 990 kept").splitlines()[2] == (
+        "cancelled at step 1000; checkpoint step 990 kept")
 
     steps = next_steps("s3://b/runs/r", "r", None)
     assert steps == ["tinyllama export-hf s3://b/runs/r ./r-hf",

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import sentencepiece as spm
 import zstandard
 
-from tasks.sample_corpus import make_sample_corpus
+from demo.sample_corpus import make_sample_corpus
 
 HOSTILE = [
     "", " ", "   ", "\n", "\t", " \n\t ", "\n\nparagraph", "trailing spaces   ", "   leading spaces", "trailing newline\n",

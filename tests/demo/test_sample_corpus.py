@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
+from demo.sample_corpus import EXCLUDED_SET, SLIMPAJAMA_SETS, make_sample_corpus
 from storage import build_layout as layout
 from storage.store import LocalStore
 from tasks import removals
@@ -23,7 +24,6 @@ from tasks.ingest import docs_key, ingest_file
 from tasks.near_dedup.minhash import normalize
 from tasks.near_dedup.steps import DocsShard, run_near_dedup
 from tasks.plan import document_id, make_plan
-from tasks.sample_corpus import EXCLUDED_SET, SLIMPAJAMA_SETS, make_sample_corpus
 
 TARGET = 1 << 20
 

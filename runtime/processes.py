@@ -1,14 +1,15 @@
 """Process lifecycle, in one place: bind a child to its parent's death, list and stop a process
 tree, and a guardian that stops a process's whole tree when that process dies, even by SIGKILL.
 
-Everything reads Linux's /proc; elsewhere the tree is empty and the parent-death binding a no-op
-(the project runs its services and training on Linux).
+Processes are listed with psutil; a process's start time (its identity with the pid) and the
+parent-death binding (prctl) are Linux's, absent elsewhere (the project runs its services and
+training on Linux).
 
     subprocess.Popen(command, start_new_session=True, preexec_fn=die_with_parent)
     stop_process_tree(process)            # SIGTERM its group, SIGKILL what is left after the grace
     guard_process_tree()                  # this process's descendants die with it (a guardian child)
 
-Nothing here knows about Prefect, Ray or torch.
+Nothing here knows about Prefect, Ray, torch or the project's other packages: any layer may use it.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
+
+import psutil
 
 # How long a stopped process (torchrun and its workers, a Prefect server, a flow run) gets
 # between SIGTERM and SIGKILL.
@@ -57,56 +59,41 @@ def become_subreaper() -> None:
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
 
 
-def _stat_fields(pid: int) -> list[str] | None:
-    """/proc/PID/stat from field 3 (state) on, None where there is no such process."""
+def parent_pid(pid: int) -> int | None:
+    """The parent of `pid`, None once it has exited."""
+    try:
+        return psutil.Process(pid).ppid()
+    except psutil.NoSuchProcess:
+        return None
+
+
+def process_start(pid: int) -> int | None:
+    """The start time of `pid` in clock ticks since boot (with the pid, it tells a reused pid
+    apart), None if gone or not on Linux. Not psutil's create_time: that is wall-clock time, which
+    moves with NTP, and this identity must compare equal for as long as the process lives."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return stat.rsplit(")", 1)[1].split()  # the name in parentheses may hold spaces
-
-
-def parent_pid(pid: int) -> int | None:
-    """The parent of `pid`, None once it has exited."""
-    fields = _stat_fields(pid)
-    return None if fields is None else int(fields[1])
-
-
-def process_start(pid: int) -> int | None:
-    """The start time of `pid` in clock ticks since boot (tells a reused pid apart), None if gone."""
-    fields = _stat_fields(pid)
-    return None if fields is None else int(fields[19])
+    return int(stat.rsplit(")", 1)[1].split()[19])  # after the name in parentheses, which may hold spaces
 
 
 def process_alive(pid: int, started: int | None = None) -> bool:
     """Whether `pid` is a running process (not a zombie) and, if `started` is given, the same one."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        if psutil.Process(pid).status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+            return False
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
-        pass  # exists, owned by another user
-    fields = _stat_fields(pid)
-    if fields is None:
-        return sys.platform != "linux"  # no /proc: trust kill(0)
-    if fields[0] in ("Z", "X"):
-        return False
-    return started is None or int(fields[19]) == started
+    return started is None or process_start(pid) == started
 
 
 def process_tree(root: int) -> list[int]:
-    """The pids of every descendant of `root`, children before grandchildren."""
-    children: dict[int, list[int]] = defaultdict(list)
-    with contextlib.suppress(FileNotFoundError):
-        for entry in os.listdir("/proc"):
-            if entry.isdigit() and (parent := parent_pid(int(entry))) is not None:
-                children[parent].append(int(entry))
-    tree, todo = [], [root]
-    while todo:
-        kids = children[todo.pop(0)]
-        tree.extend(kids)
-        todo.extend(kids)
-    return tree
+    """The pids of every descendant of `root` (none once it has exited)."""
+    try:
+        return [child.pid for child in psutil.Process(root).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
 
 
 def reap_children() -> None:
@@ -178,7 +165,7 @@ def guard_process_tree() -> subprocess.Popen:
     Ctrl-C does not reach it) and exits once the tree it guards is gone.
     """
     return subprocess.Popen(
-        [sys.executable, __file__, str(os.getpid())],  # this file alone: it needs the standard library only
+        [sys.executable, __file__, str(os.getpid())],  # this file alone: it needs psutil and the standard library
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

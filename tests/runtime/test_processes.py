@@ -9,13 +9,13 @@ import sys
 import textwrap
 import time
 
-from storage.processes import parent_pid, process_alive, process_tree
+from runtime.processes import parent_pid, process_alive, process_start, process_tree
 
 # A parent that guards its tree, then starts a child that starts a grandchild in a session of
 # its own (as Ray starts its agents): after the parent's SIGKILL no one would stop them.
 _GUARDED_PARENT = textwrap.dedent("""
     import subprocess, sys, time
-    from storage.processes import guard_process_tree
+    from runtime.processes import guard_process_tree
     guard_process_tree()
     grandchild = "import subprocess, time; subprocess.Popen(['sleep', '300'], start_new_session=True); time.sleep(300)"
     subprocess.Popen([sys.executable, "-c", grandchild])
@@ -52,3 +52,21 @@ def test_guardian_stops_the_tree_of_a_sigkilled_process():
         if parent.poll() is None:
             parent.kill()
             parent.wait()
+
+
+def test_a_process_is_told_apart_from_a_reused_pid_by_its_start():
+    child = subprocess.Popen(["sleep", "300"])
+    try:
+        started = process_start(child.pid)
+        assert started is not None and process_start(child.pid) == started
+        assert process_alive(child.pid) and process_alive(child.pid, started)
+        assert not process_alive(child.pid, started + 1)  # another process under the same pid
+        assert parent_pid(child.pid) == os.getpid() and child.pid in process_tree(os.getpid())
+        child.kill()
+        assert wait_for(lambda: not process_alive(child.pid), 10)  # a zombie until reaped: not alive
+        child.wait()
+        assert process_start(child.pid) is None and parent_pid(child.pid) is None
+        assert child.pid not in process_tree(os.getpid())
+    finally:
+        child.kill()
+        child.wait()

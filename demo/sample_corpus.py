@@ -386,5 +386,5 @@ def _sample_config(root: Path, target_bytes: int, seed: int) -> str:
         "seed": seed,
     }
     BuildConfig.model_validate(config)  # the corpus and the config contract must agree
-    header = "# Builds the sample corpus made by tasks/sample_corpus.py: tinyllama build-dataset sample.yaml\n"
+    header = "# Builds the sample corpus made by demo/sample_corpus.py: tinyllama build-dataset sample.yaml\n"
     return header + yaml.safe_dump(config, sort_keys=False)
