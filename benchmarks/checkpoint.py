@@ -21,6 +21,12 @@ baseline's full copy on rank 0) fits in 80% of this machine's memory.
 
     .venv/bin/python -m benchmarks.checkpoint --reads --presets tiny small   # export/evaluate reads
 
+`--bookkeeping` counts rank 0's requests to find the checkpoint to resume from and to prune after
+a save, with 1, 20 and 200 checkpoints kept at world sizes 64 and 256 (empty files named as those
+ranks write them; no training), on a SeaweedFS server started here unless `--store s3://...`:
+
+    .venv/bin/python -m benchmarks.checkpoint --bookkeeping
+
 `--reads` measures instead what reading a checkpoint's model costs (`tinyllama export-hf` and the
 evaluate task: model/checkpoint load_model) on S3: a SeaweedFS server started here, unless
 `--store s3://...`. The 2 ranks save one checkpoint (`--saves` and `--steps-between` unused), then
@@ -308,6 +314,68 @@ def default_presets(memory_bytes: int) -> list[str]:
     return list(dict.fromkeys(["small", fitting[-1]])) if fitting else ["small"]
 
 
+class CallCount:
+    """This process's S3 calls by operation (botocore's before-call hook)."""
+
+    def __init__(self):
+        from storage.s3 import s3_client
+
+        self.calls: dict[str, int] = {}
+        s3_client().meta.events.register("before-call.s3", self._called, unique_id="bench-call-count")
+
+    def _called(self, model, **_):
+        self.calls[model.name] = self.calls.get(model.name, 0) + 1
+
+    def take(self) -> dict[str, int]:
+        taken, self.calls = self.calls, {}
+        return taken
+
+
+def fake_checkpoints(store, world: int, kept: int) -> None:
+    """`kept` committed checkpoints as `world` ranks write them (a model and an optimizer file per
+    rank, .metadata, COMMIT), with empty files: the bookkeeping's requests do not depend on sizes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    names = [f"__{rank}_{kind}.distcp" for rank in range(world) for kind in ("0", "optimizer_0")] + [".metadata"]
+    with ThreadPoolExecutor(32) as pool:
+        for step in range(1, kept + 1):
+            prefix = RunLayout.checkpoint(step)
+            list(pool.map(lambda name: store.put_bytes(f"{prefix}/{name}", b""), names))
+            commit_checkpoint(store, step, [ObjectInfo(key=name, size=0, sha256="0" * 64) for name in names])
+
+
+def main_bookkeeping(args) -> None:
+    """Rank 0's requests to find the checkpoint to resume from and to prune after a save, with 1,
+    20 and 200 checkpoints kept, at world sizes 64 and 256 (files as those ranks write them)."""
+    from benchmarks.scale import s3_bucket
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="checkpoint-bookkeeping-") as tmp, s3_bucket(args.store, Path(tmp)) as bucket:
+        counter = CallCount()
+        for world in (64, 256):
+            for kept in (1, 20, 200):
+                store = open_store(f"{bucket}/world-{world}-kept-{kept}")
+                fake_checkpoints(store, world, kept)
+                counter.take()
+                started = time.perf_counter()
+                found = latest_checkpoint(store)
+                resume = counter.take(), time.perf_counter() - started
+                assert found is not None and found.step == kept
+                started = time.perf_counter()
+                prune_checkpoints(store, keep=kept)  # a save's pruning, with `kept` to keep: deletes none
+                prune = counter.take(), time.perf_counter() - started
+                rows.append((world, kept, resume, prune))
+
+    print("\nRank 0's store requests for checkpoint bookkeeping on S3 (SeaweedFS), counted by botocore's "
+          "hooks; each checkpoint holds 2 x world + 2 files\n")
+    print("| world | kept | files listed | resume: requests | resume s | prune after a save: requests | prune s |")
+    print("| ---: | ---: | ---: | --- | ---: | --- | ---: |")
+    for world, kept, (resume, resume_s), (prune, prune_s) in rows:
+        described = [", ".join(f"{n} {name}" for name, n in sorted(calls.items())) for calls in (resume, prune)]
+        print(f"| {world} | {kept} | {kept * (2 * world + 2):,} | {described[0]} | {resume_s:.2f} | "
+              f"{described[1]} | {prune_s:.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", help="default: small and the largest preset that fits (with --reads: tiny and small)")
@@ -316,6 +384,9 @@ def main() -> None:
     parser.add_argument("--store", help="where the checkpoints go (default: a temporary folder; "
                         "with --reads, a SeaweedFS server started here)")
     parser.add_argument("--reads", action="store_true", help="measure export/evaluate reads instead of saves")
+    parser.add_argument("--bookkeeping", action="store_true",
+                        help="count the requests of resume discovery and pruning with 1, 20 and 200 checkpoints "
+                        "kept at world sizes 64 and 256 (no training)")
     args = parser.parse_args()
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     args.presets = args.presets or (["tiny", "small"] if args.reads else default_presets(memory))
@@ -324,6 +395,9 @@ def main() -> None:
             parser.error(f"preset {preset} does not fit in 80% of this machine's {memory / 2**30:.0f} GiB")
     if args.reads:
         main_reads(args)
+        return
+    if args.bookkeeping:
+        main_bookkeeping(args)
         return
 
     with tempfile.TemporaryDirectory(prefix="checkpoint-bench-") as tmp:

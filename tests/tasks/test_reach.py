@@ -7,20 +7,25 @@ second machine would.
 
 from __future__ import annotations
 
+import os
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from model.checkpoint import complete_checkpoints
 from storage.reach import ADVICE, MARKER_PREFIX
 from storage.run_layout import CONFIG_FILE, RunLayout
-from tasks.train import other_nodes_command
+from storage.store import open_store
+from tasks.train import launch_torchrun, other_nodes_command, prepare_config
 from tests.builds import tiny_config, tiny_corpus
 from tests.fixtures.ports import free_port
 from tests.model.runs import (
-    error_lines, short_documents_build, tinyllama_train, train_config, train_state,
+    error_lines, metrics, short_documents_build, tinyllama_train, train_config, train_state,
 )
 from tests.reliability.cluster import REPO, RayCluster, cluster_env
 
@@ -108,3 +113,59 @@ def test_ray_train_shares_out_the_data_by_the_nodes_it_placed_workers_on(cluster
     assert result.returncode == 0, result.stderr[-3000:]
     assert train_state(config.run_uri)["loader"]["nodes"] == 2  # from Ray Train's context, not data_nodes
     assert not list(store.rglob(f"{MARKER_PREFIX}*"))
+
+
+def agent(command: list[str], home: Path, run_dir: Path) -> subprocess.Popen:
+    """One torchrun agent as on a machine of its own: its own HOME, TMPDIR, cache and working folder,
+    and an empty `run_dir` (the run's local folder: metrics, shard cache) that no other agent sees."""
+    for folder in ("home", "tmp", "cache", "work"):
+        (home / folder).mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "HOME": str(home / "home"), "TMPDIR": str(home / "tmp"),
+           "XDG_CACHE_HOME": str(home / "cache"), "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([*private_folder(run_dir), TORCHRUN, *command[1:]], cwd=home / "work", env=env,
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+@pytest.mark.slow
+def test_two_torchrun_agents_sharing_only_s3_resume_after_one_is_killed_with_the_same_losses(
+    s3_bucket_uri, tmp_path
+):
+    """Two agents, each as on its own machine, train one run on S3; one is SIGKILLed once a
+    checkpoint is committed, the other fails with it; both started again resume from the store and
+    every loss equals an uninterrupted run's (the single agent plays the two data nodes)."""
+    prefix = f"{s3_bucket_uri}/agents-{tmp_path.name}"
+    manifest = short_documents_build(f"{prefix}/data")
+    steps = dict(max_steps=24, checkpoint_every=4)
+    reference = prepare_config(train_config("reference", f"{prefix}/out", manifest, tmp_path, data_nodes=2,
+                                            launcher={"kind": "torchrun", "nproc": 2}, **steps))
+    launch_torchrun(RunLayout.of(reference.output, reference.name).write_config(reference.to_json()),
+                    reference.launcher, "reference", on_line=lambda line: None)
+
+    launcher = {"kind": "torchrun", "nproc": 1, "nnodes": 2, "rdzv_endpoint": f"127.0.0.1:{free_port()}"}
+    config = prepare_config(train_config("agents", f"{prefix}/out", manifest, tmp_path, launcher=launcher, **steps))
+    run_dir = config.local_dir
+    run_dir.mkdir(parents=True)
+    config_uri = RunLayout.of(config.output, config.name).write_config(config.to_json())
+    command = other_nodes_command(config_uri, config.launcher, config.name)
+
+    def start(attempt: str) -> list[subprocess.Popen]:
+        return [agent(shlex.split(command.replace("$NODE_RANK", str(rank))), tmp_path / f"{attempt}-node{rank}", run_dir)
+                for rank in (0, 1)]
+
+    first = start("first")
+    run_store = open_store(config.run_uri)
+    deadline = time.monotonic() + 300
+    while not complete_checkpoints(run_store) and time.monotonic() < deadline and first[1].poll() is None:
+        time.sleep(0.2)
+    os.killpg(first[1].pid, signal.SIGKILL)
+    killed_at = max(c.step for c in complete_checkpoints(run_store))
+    outputs = [process.communicate(timeout=300)[0] for process in first]
+    assert killed_at < steps["max_steps"] and first[0].returncode != 0, outputs[0][-3000:]
+
+    second = start("second")
+    outputs = [process.communicate(timeout=600)[0] for process in second]
+    assert [p.returncode for p in second] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "resumed from" in outputs[0], outputs[0][-3000:]  # rank 0 found the committed checkpoint
+    trained, uninterrupted = metrics(config.run_uri), metrics(reference.run_uri)
+    assert [r["step"] for r in trained] == list(range(1, steps["max_steps"] + 1))
+    assert [r["loss"] for r in trained] == [r["loss"] for r in uninterrupted]
