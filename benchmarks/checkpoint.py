@@ -314,23 +314,6 @@ def default_presets(memory_bytes: int) -> list[str]:
     return list(dict.fromkeys(["small", fitting[-1]])) if fitting else ["small"]
 
 
-class CallCount:
-    """This process's S3 calls by operation (botocore's before-call hook)."""
-
-    def __init__(self):
-        from storage.s3 import s3_client
-
-        self.calls: dict[str, int] = {}
-        s3_client().meta.events.register("before-call.s3", self._called, unique_id="bench-call-count")
-
-    def _called(self, model, **_):
-        self.calls[model.name] = self.calls.get(model.name, 0) + 1
-
-    def take(self) -> dict[str, int]:
-        taken, self.calls = self.calls, {}
-        return taken
-
-
 def fake_checkpoints(store, world: int, kept: int) -> None:
     """`kept` committed checkpoints as `world` ranks write them (a model and an optimizer file per
     rank, .metadata, COMMIT), with empty files: the bookkeeping's requests do not depend on sizes."""
@@ -348,22 +331,25 @@ def main_bookkeeping(args) -> None:
     """Rank 0's requests to find the checkpoint to resume from and to prune after a save, with 1,
     20 and 200 checkpoints kept, at world sizes 64 and 256 (files as those ranks write them)."""
     from benchmarks.scale import s3_bucket
+    from benchmarks.scale_model import S3Traffic, traffic_since
+
+    def requests_of(action) -> tuple[dict[str, int], float, object]:
+        before, started = traffic.snapshot(), time.perf_counter()
+        found = action()
+        return traffic_since(before, traffic.snapshot())["requests"], time.perf_counter() - started, found
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="checkpoint-bookkeeping-") as tmp, s3_bucket(args.store, Path(tmp)) as bucket:
-        counter = CallCount()
+        traffic = S3Traffic.in_this_process()
         for world in (64, 256):
             for kept in (1, 20, 200):
                 store = open_store(f"{bucket}/world-{world}-kept-{kept}")
                 fake_checkpoints(store, world, kept)
-                counter.take()
-                started = time.perf_counter()
-                found = latest_checkpoint(store)
-                resume = counter.take(), time.perf_counter() - started
+                *resume, found = requests_of(lambda: latest_checkpoint(store))
                 assert found is not None and found.step == kept
-                started = time.perf_counter()
-                prune_checkpoints(store, keep=kept)  # a save's pruning, with `kept` to keep: deletes none
-                prune = counter.take(), time.perf_counter() - started
+                # a save's pruning, with `kept` to keep: deletes none
+                *prune, deleted = requests_of(lambda: prune_checkpoints(store, keep=kept))
+                assert deleted == []
                 rows.append((world, kept, resume, prune))
 
     print("\nRank 0's store requests for checkpoint bookkeeping on S3 (SeaweedFS), counted by botocore's "

@@ -51,6 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.scale_model import S3Traffic, traffic_since
 from model.data import BlockLoader, DataSource
 from storage.build_layout import MANIFEST, SHARD_TABLE
 from storage.manifest import (
@@ -179,30 +180,14 @@ class InlineManifest(Record):
     sources: dict[str, SourceAccounting]
 
 
-class ReceivedBytes:
-    """Bytes of every GetObject body this process's S3 client receives (botocore's event hooks)."""
-
-    def __init__(self):
-        from storage.s3 import s3_client
-
-        self.bytes = 0
-        self.events = s3_client().meta.events
-        self.events.register("after-call.s3.GetObject", self, unique_id="benchmark-loader-bytes")
-
-    def __call__(self, parsed, **_):
-        self.bytes += parsed.get("ContentLength", 0)
-
-    def close(self) -> None:
-        self.events.unregister("after-call.s3.GetObject", unique_id="benchmark-loader-bytes")
-
-
 def resident_bytes() -> int:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def start_rank(uri: str, cache: Path, old: bool, barrier) -> tuple[float, float, int, int]:
     """One rank's start (a forked process): (seconds, CPU seconds, bytes received, resident growth)."""
-    received, before = ReceivedBytes(), resident_bytes()
+    traffic, before = S3Traffic.in_this_process(), resident_bytes()
+    received = traffic.snapshot()
     barrier.wait()
     started, cpu = time.perf_counter(), time.process_time()
     if old:
@@ -212,9 +197,8 @@ def start_rank(uri: str, cache: Path, old: bool, barrier) -> tuple[float, float,
         kept = BlockLoader([DataSource(manifest=uri)], SEQ_LEN, seed=0, cache_dir=cache, prefetch=0)
     seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     grown = resident_bytes() - before
-    received.close()
     del kept
-    return seconds, cpu, received.bytes, grown
+    return seconds, cpu, traffic_since(received, traffic.snapshot())["bytes_read"], grown
 
 
 def start_node(uri: str, cache: Path, ranks: int, old: bool, at_once: int) -> list[tuple[float, float, int, int]]:
