@@ -21,9 +21,10 @@ baseline's full copy on rank 0) fits in 80% of this machine's memory.
 
     .venv/bin/python -m benchmarks.checkpoint --reads --presets tiny small   # export/evaluate reads
 
-`--bookkeeping` counts rank 0's requests to find the checkpoint to resume from and to prune after
-a save, with 1, 20 and 200 checkpoints kept at world sizes 64 and 256 (empty files named as those
-ranks write them; no training), on a SeaweedFS server started here unless `--store s3://...`:
+`--bookkeeping` counts rank 0's requests to find the checkpoint to resume from, and to commit a
+save and prune after it, with 1, 20 and 200 checkpoints kept at world sizes 64 and 256 (empty files
+named as those ranks write them; no training), on a SeaweedFS server started here unless
+`--store s3://...`:
 
     .venv/bin/python -m benchmarks.checkpoint --bookkeeping
 
@@ -314,22 +315,21 @@ def default_presets(memory_bytes: int) -> list[str]:
     return list(dict.fromkeys(["small", fitting[-1]])) if fitting else ["small"]
 
 
-def fake_checkpoints(store, world: int, kept: int) -> None:
-    """`kept` committed checkpoints as `world` ranks write them (a model and an optimizer file per
-    rank, .metadata, COMMIT), with empty files: the bookkeeping's requests do not depend on sizes."""
-    from concurrent.futures import ThreadPoolExecutor
-
+def fake_files(store, world: int, step: int, pool) -> list[ObjectInfo]:
+    """The files `world` ranks write for the checkpoint of `step` (a model and an optimizer file per
+    rank, .metadata), empty: the bookkeeping's requests do not depend on sizes."""
     names = [f"__{rank}_{kind}.distcp" for rank in range(world) for kind in ("0", "optimizer_0")] + [".metadata"]
-    with ThreadPoolExecutor(32) as pool:
-        for step in range(1, kept + 1):
-            prefix = RunLayout.checkpoint(step)
-            list(pool.map(lambda name: store.put_bytes(f"{prefix}/{name}", b""), names))
-            commit_checkpoint(store, step, [ObjectInfo(key=name, size=0, sha256="0" * 64) for name in names])
+    prefix = RunLayout.checkpoint(step)
+    list(pool.map(lambda name: store.put_bytes(f"{prefix}/{name}", b""), names))
+    return [ObjectInfo(key=name, size=0, sha256="0" * 64) for name in names]
 
 
 def main_bookkeeping(args) -> None:
-    """Rank 0's requests to find the checkpoint to resume from and to prune after a save, with 1,
-    20 and 200 checkpoints kept, at world sizes 64 and 256 (files as those ranks write them)."""
+    """Rank 0's requests to find the checkpoint to resume from, and to commit a save and prune
+    after it, with `args.kept` checkpoints kept at world sizes `args.worlds` (files as those ranks
+    write them)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from benchmarks.scale import s3_bucket
     from benchmarks.scale_model import S3Traffic, traffic_since
 
@@ -338,28 +338,35 @@ def main_bookkeeping(args) -> None:
         found = action()
         return traffic_since(before, traffic.snapshot())["requests"], time.perf_counter() - started, found
 
+    def commit_and_prune(store, step: int, files: list[ObjectInfo], keep: int) -> list[int]:
+        commit_checkpoint(store, step, files)
+        return prune_checkpoints(store, keep, newest=step)
+
     rows = []
-    with tempfile.TemporaryDirectory(prefix="checkpoint-bookkeeping-") as tmp, s3_bucket(args.store, Path(tmp)) as bucket:
+    with (tempfile.TemporaryDirectory(prefix="checkpoint-bookkeeping-") as tmp, s3_bucket(args.store, Path(tmp)) as bucket,
+          ThreadPoolExecutor(32) as pool):
         traffic = S3Traffic.in_this_process()
-        for world in (64, 256):
-            for kept in (1, 20, 200):
+        for world in args.worlds:
+            for kept in args.kept:
                 store = open_store(f"{bucket}/world-{world}-kept-{kept}")
-                fake_checkpoints(store, world, kept)
+                for step in range(1, kept + 1):
+                    commit_checkpoint(store, step, fake_files(store, world, step, pool))
                 *resume, found = requests_of(lambda: latest_checkpoint(store))
                 assert found is not None and found.step == kept
-                # a save's pruning, with `kept` to keep: deletes none
-                *prune, deleted = requests_of(lambda: prune_checkpoints(store, keep=kept))
-                assert deleted == []
-                rows.append((world, kept, resume, prune))
+                files = fake_files(store, world, kept + 1, pool)  # the ranks' uploads of the next save
+                *save, deleted = requests_of(lambda: commit_and_prune(store, kept + 1, files, keep=kept))
+                assert deleted == [1]  # the oldest
+                rows.append((world, kept, resume, save))
 
     print("\nRank 0's store requests for checkpoint bookkeeping on S3 (SeaweedFS), counted by botocore's "
           "hooks; each checkpoint holds 2 x world + 2 files\n")
-    print("| world | kept | files listed | resume: requests | resume s | prune after a save: requests | prune s |")
+    print("| world | kept | files kept | resume: find the newest | s | a save's commit + prune (keep = kept, "
+          "deletes the oldest) | s |")
     print("| ---: | ---: | ---: | --- | ---: | --- | ---: |")
-    for world, kept, (resume, resume_s), (prune, prune_s) in rows:
-        described = [", ".join(f"{n} {name}" for name, n in sorted(calls.items())) for calls in (resume, prune)]
+    for world, kept, (resume, resume_s), (save, save_s) in rows:
+        described = [", ".join(f"{n} {name}" for name, n in sorted(calls.items())) for calls in (resume, save)]
         print(f"| {world} | {kept} | {kept * (2 * world + 2):,} | {described[0]} | {resume_s:.2f} | "
-              f"{described[1]} | {prune_s:.2f} |")
+              f"{described[1]} | {save_s:.2f} |")
 
 
 def main() -> None:
@@ -373,6 +380,9 @@ def main() -> None:
     parser.add_argument("--bookkeeping", action="store_true",
                         help="count the requests of resume discovery and pruning with 1, 20 and 200 checkpoints "
                         "kept at world sizes 64 and 256 (no training)")
+    parser.add_argument("--worlds", type=int, nargs="+", default=[64, 256], help="with --bookkeeping: world sizes")
+    parser.add_argument("--kept", type=int, nargs="+", default=[1, 20, 200],
+                        help="with --bookkeeping: numbers of checkpoints kept")
     args = parser.parse_args()
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     args.presets = args.presets or (["tiny", "small"] if args.reads else default_presets(memory))

@@ -186,7 +186,7 @@ class TrainConfig(Section):
     max_steps_this_run: PositiveInt | None = Field(None, description="Stop after this many steps in one invocation")
     checkpoint_every: PositiveInt
     log_every: PositiveInt = Field(10, description="A log line every this many steps (and at each checkpoint)")
-    keep_checkpoints: PositiveInt | None = Field(3, description="Keep the newest k complete checkpoints; null keeps all")
+    keep_checkpoints: PositiveInt | None = Field(3, description="Keep the checkpoint folders of the newest k steps (a save never reads the older ones to count them); null keeps all")
     async_checkpoint: StrictBool = Field(False, description="Train on while a checkpoint is written (at most one in flight)")
     start_over: StrictBool = Field(
         False, description="When the run has checkpoints but none verifies (all corrupt), train from step 0 "

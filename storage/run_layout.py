@@ -130,14 +130,11 @@ class RunLayout:
     def commit_marker(folder: str) -> str:
         return join_key(folder, COMMIT)
 
-    def checkpoint_folders(self) -> dict[int, dict[str, int]]:
-        """Step -> {key: size} of every file of every checkpoint folder, complete or not (one
-        paginated listing, 1,000 keys a request, whatever the number of checkpoints)."""
-        folders: dict[int, dict[str, int]] = {}
-        for listed in self.store.list_info(CHECKPOINTS + "/"):
-            if match := _STEP_FOLDER.match(listed.key.split("/")[1]):
-                folders.setdefault(int(match.group(1)), {})[listed.key] = listed.size
-        return folders
+    def checkpoint_steps(self) -> list[int]:
+        """The steps of the checkpoint folders, complete or not, in order: one folder listing (a page
+        per 1,000 folders), whatever the number of files they hold. Set-aside folders are not steps."""
+        return sorted(int(match.group(1)) for name in self.store.list_folders(CHECKPOINTS)
+                      if (match := _STEP_FOLDER.match(name)))
 
     @staticmethod
     def split_checkpoint_uri(uri: str) -> tuple[str, int] | None:

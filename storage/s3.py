@@ -71,6 +71,7 @@ from storage.store_base import (
     check_key,
     check_prefix,
     check_range,
+    join_key,
 )
 
 T = TypeVar("T")
@@ -353,23 +354,36 @@ class S3Store(Store):
     def list_info(self, prefix: str = "") -> Iterator[ListedObject]:
         check_prefix(prefix)
         root = f"{self.prefix}/" if self.prefix else ""
-        uri = f"{self.uri}/{prefix}"
-        found: list[ListedObject] = []
-        page: dict = {"NextContinuationToken": None}
-        while "NextContinuationToken" in page:
-            # A failed page is asked for again with the same token: the listing resumes there.
-            more = {"ContinuationToken": page["NextContinuationToken"]} if page["NextContinuationToken"] else {}
-            page = self.call(
-                "list", uri, lambda client: client.list_objects_v2(Bucket=self.bucket, Prefix=root + prefix, **more)
-            )
-            found.extend(
-                ListedObject(item["Key"][len(root) :], int(item["Size"]), {"etag": item["ETag"].strip('"')})
-                for item in page.get("Contents", ())
-            )
-            if not page.get("IsTruncated"):
-                break
+        found = [
+            ListedObject(item["Key"][len(root) :], int(item["Size"]), {"etag": item["ETag"].strip('"')})
+            for page in self._pages(prefix, Prefix=root + prefix)
+            for item in page.get("Contents", ())
+        ]
         # Folder markers ("a/") are not objects; servers differ in listing order, so sort here.
         return iter(sorted((info for info in found if not info.key.endswith("/")), key=lambda info: info.key))
+
+    def list_folders(self, prefix: str = "") -> Iterator[str]:
+        check_prefix(prefix)
+        folder = join_key(self.prefix, prefix)
+        folder = f"{folder}/" if folder else ""  # "": the bucket's root
+        names = {
+            common["Prefix"][len(folder) :].removesuffix("/")
+            for page in self._pages(prefix, Prefix=folder, Delimiter="/")
+            for common in page.get("CommonPrefixes", ())
+        }
+        return iter(sorted(names))
+
+    def _pages(self, prefix: str, **request) -> Iterator[dict]:
+        """The pages of a ListObjectsV2 request (1,000 entries each). A failed page is asked for
+        again with the same continuation token: the listing resumes there."""
+        uri, token = f"{self.uri}/{prefix}", None
+        while True:
+            more = {"ContinuationToken": token} if token else {}
+            page = self.call("list", uri, lambda client: client.list_objects_v2(Bucket=self.bucket, **request, **more))
+            yield page
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return
 
     def info(self, key: str) -> ListedObject:
         head = self._head(key)
@@ -394,11 +408,18 @@ class S3Store(Store):
 
     def delete_many(self, keys: Iterable[str]) -> None:
         """DeleteObjects, DELETE_BATCH keys a request, in order."""
-        keys = list(keys)
-        for start in range(0, len(keys), DELETE_BATCH):
-            batch = keys[start : start + DELETE_BATCH]
-            objects = {"Objects": [{"Key": self.bucket_key(key)} for key in batch], "Quiet": True}
-            what = self.url(batch[0]) + (f" and {len(batch) - 1} more" if len(batch) > 1 else "")
+        self._delete_objects([self.bucket_key(key) for key in keys])
+
+    def remove_folders(self, prefixes: Iterable[str]) -> None:
+        # S3 has no folders, but SeaweedFS keeps an emptied one (and lists it) until its "folder/"
+        # key is deleted; elsewhere there is no such key, or only a console's folder marker.
+        self._delete_objects([self.bucket_key(prefix.removesuffix("/")) + "/" for prefix in prefixes])
+
+    def _delete_objects(self, bucket_keys: list[str]) -> None:
+        for start in range(0, len(bucket_keys), DELETE_BATCH):
+            batch = bucket_keys[start : start + DELETE_BATCH]
+            objects = {"Objects": [{"Key": key} for key in batch], "Quiet": True}
+            what = f"s3://{self.bucket}/{batch[0]}" + (f" and {len(batch) - 1} more" if len(batch) > 1 else "")
             answer = self.call("delete", what, lambda client: client.delete_objects(Bucket=self.bucket, Delete=objects))
             if failed := answer.get("Errors"):
                 raise StoreError(f"cannot delete s3://{self.bucket}/{failed[0]['Key']}: "

@@ -18,7 +18,7 @@ import fcntl
 import hashlib
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -137,6 +137,15 @@ class LocalStore(Store):
             except FileNotFoundError:  # removed since the listing
                 continue
 
+    def list_folders(self, prefix: str = "") -> Iterator[str]:
+        check_prefix(prefix)
+        folder = self._path(prefix.removesuffix("/")) if prefix else self.root
+        if not folder.is_dir():
+            return iter(())
+        with os.scandir(folder) as entries:  # a folder linked from outside the root is not listed
+            names = [entry.name for entry in entries if entry.is_dir() and self._inside(Path(entry.path).resolve())]
+        return iter(sorted(names))
+
     def info(self, key: str) -> ListedObject:
         path = self._path(key)
         if not path.is_file():
@@ -160,6 +169,10 @@ class LocalStore(Store):
         path = self._path(key)
         if path.is_file():
             path.unlink(missing_ok=True)
+
+    def remove_folders(self, prefixes: Iterable[str]) -> None:
+        for prefix in prefixes:
+            shutil.rmtree(self._path(prefix.removesuffix("/")), ignore_errors=True)
 
     def download(self, key: str, path: str | os.PathLike) -> Path:
         dest = Path(path)

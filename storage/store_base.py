@@ -172,6 +172,11 @@ class Store(ABC):
         """Like `list`, with each object's size and version, from the listing itself (by the page on S3)."""
 
     @abstractmethod
+    def list_folders(self, prefix: str = "") -> Iterator[str]:
+        """The names of the folders directly under the folder `prefix` ("" for the root), sorted:
+        one delimiter listing (a page per 1,000 folders on S3), however many objects they hold."""
+
+    @abstractmethod
     def info(self, key: str) -> ListedObject:
         """One object's size and version (ObjectNotFound if it is missing)."""
 
@@ -189,6 +194,13 @@ class Store(ABC):
         """Remove keys, in order (missing ones are not an error); a store that can batches them."""
         for key in keys:
             self.delete(key)
+
+    @abstractmethod
+    def remove_folders(self, prefixes: Iterable[str]) -> None:
+        """Remove the folders `prefixes`, whose objects the caller has deleted, so that
+        `list_folders` no longer names them: a local folder goes with whatever is left in it (temp
+        files of interrupted writes); on S3, the folder entries of a server that keeps them
+        (SeaweedFS) go, a request per 1,000, and a folder that still holds objects stays."""
 
     @abstractmethod
     def download(self, key: str, path: str | os.PathLike) -> Path:

@@ -188,7 +188,7 @@ class Checkpointer:
                         self.store.url(checkpoint.prefix), seconds, DIST_TIMEOUT)
         if self.staging_dir is not None:
             shutil.rmtree(folder, ignore_errors=True)
-        if deleted := prune_checkpoints(self.store, self.keep):
+        if deleted := prune_checkpoints(self.store, self.keep, newest=step):
             log.info("deleted older checkpoints at steps %s", deleted)
 
     # -- load --

@@ -1,5 +1,5 @@
 """A run's checkpoints on the store, by the page and without torch: COMMIT markers, discovery
-(newest first, one listing), pruning (batched deletes), setting corrupt ones aside.
+(newest first from one folder listing), pruning (batched deletes), setting corrupt ones aside.
 
     <run>/checkpoints/step-0000040/
         __0_0.distcp, __1_0.distcp ...  torch.distributed.checkpoint (DCP) shards: each rank's model
@@ -9,19 +9,24 @@
         COMMIT                          written last: the step and every file's size and sha256
 
 A folder without a COMMIT is the leftover of a crashed save: the next save of its step, or a
-prune, deletes it. A folder with one is a committed checkpoint, complete if every file it lists
-is there at its size, else corrupt: evidence, never deleted nor overwritten, and set aside under
-`step-NNNNNNN.corrupt-<UTC time>` (out of the names that resumes, prunes and saves use) once a
-resume has passed it by.
+prune once it is older than the `keep` newest, deletes it. A folder with one is a committed
+checkpoint, complete if every file it lists is there at its size, else corrupt: evidence, never
+deleted nor overwritten, and set aside under `step-NNNNNNN.corrupt-<UTC time>` (out of the names
+that resumes, prunes and saves use) once a resume has passed it by.
+
+Neither a resume nor a save's prune reads more than the folders it takes: the step folders come
+from one delimiter listing, a resume then lists and reads folders newest first until one is
+complete (then verifies its sha256s), and a prune trusts the `keep` newest by their step and reads
+only the folders it deletes. Their requests do not grow with the number of checkpoints kept.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +41,7 @@ log = logging.getLogger(__name__)
 METADATA_FILE = ".metadata"
 LEGACY_MODEL_FILE = "model.safetensors"  # the full-state format of earlier versions
 OPTIMIZER_KEY = "optimizer"  # its entries go to files of their own (_ModelApartWriter)
+PRUNE_THREADS = 16  # folders listed and COMMITs read at once, when a prune deletes several
 
 
 class CheckpointError(ValueError):
@@ -113,10 +119,11 @@ def folder_sizes(store: Store, prefix: str) -> dict[str, int]:
 
 def committed_checkpoints(store: Store) -> Iterator[Checkpoint | CorruptCheckpoint]:
     """The committed checkpoints of a run store, newest first: complete, or corrupt by the listing.
-    Lazy: one listing, then one GET (its COMMIT) per folder taken, so finding the newest costs
-    the same with 1 or 1,000 checkpoints kept."""
-    for step, sizes in sorted(RunLayout(store).checkpoint_folders().items(), reverse=True):
-        if (found := read_committed(store, step, RunLayout.checkpoint(step), sizes)) is not None:
+    Lazy: one folder listing, then a listing of its files and a GET of its COMMIT per folder taken,
+    so finding the newest costs the same with 1 or 1,000 checkpoints kept."""
+    for step in reversed(RunLayout(store).checkpoint_steps()):
+        prefix = RunLayout.checkpoint(step)
+        if (found := read_committed(store, step, prefix, folder_sizes(store, prefix))) is not None:
             yield found
 
 
@@ -138,39 +145,46 @@ def latest_checkpoint(store: Store) -> Checkpoint | None:
 
 def delete_folders(store: Store, files: dict[str, list[str]]) -> None:
     """Delete checkpoint folders (prefix -> its keys) in batches: every COMMIT first, so a
-    half-deleted checkpoint never looks complete; a local folder leaves no empty dirs."""
-    commits = [RunLayout.commit_marker(prefix) for prefix in files]
+    half-deleted checkpoint never looks complete; then the emptied folders themselves, so that
+    no step listing names them again."""
+    commits = {RunLayout.commit_marker(prefix): None for prefix in files}  # a set, in order
     store.delete_many(commits)
     store.delete_many(key for keys in files.values() for key in keys if key not in commits)
-    for prefix in files:
-        if (folder := store.local_path(prefix)) is not None and folder.is_dir():
-            shutil.rmtree(folder, ignore_errors=True)
+    store.remove_folders(files)
 
 
-def prune_checkpoints(store: Store, keep: int | None) -> list[int]:
-    """Keep the newest `keep` complete checkpoints; delete older ones and the leftovers of crashed
-    saves (no COMMIT) older than the newest complete one. A corrupt checkpoint is never deleted.
-    Returns the deleted steps. Costs one listing, a GET per COMMIT of the kept checkpoints and of
-    those it deletes (none beyond the newest with `keep` null), and batched deletes."""
-    folders = RunLayout(store).checkpoint_folders()
-    newest_complete, complete, doomed = None, 0, {}
-    for step, sizes in sorted(folders.items(), reverse=True):
-        prefix = RunLayout.checkpoint(step)
-        if RunLayout.commit_marker(prefix) not in sizes:  # a crashed save (or one newer, in flight)
-            if newest_complete is not None:
-                doomed[step] = prefix
-            continue
-        if keep is None and newest_complete is not None:
-            continue  # everything committed is kept: no need to read it
-        found = read_committed(store, step, prefix, sizes)
-        if not isinstance(found, Checkpoint):  # corrupt: evidence; or deleted since the listing
-            continue
-        newest_complete = step if newest_complete is None else newest_complete
-        complete += 1
-        if keep is not None and complete > keep:
-            doomed[step] = prefix
-    delete_folders(store, {prefix: list(folders[step]) for step, prefix in doomed.items()})
+def prune_checkpoints(store: Store, keep: int | None, newest: int | None = None) -> list[int]:
+    """Keep the folders of the newest `keep` steps up to the newest complete checkpoint (`newest`:
+    the step a save has just committed; found by discovery if not given) and delete the older ones:
+    complete checkpoints and the leftovers of crashed saves, never a corrupt checkpoint. Folders
+    newer than `newest` (a save in flight) are not touched. Returns the deleted steps.
+
+    The kept folders are trusted by their step, not read: a leftover or a corrupt checkpoint among
+    them takes a place until it is old enough to go (a resume verifies what it loads). So a prune
+    costs one folder listing, then a listing and a COMMIT GET per folder deleted, and batched
+    deletes: nothing grows with `keep`. With `keep` null everything is kept, at no request."""
+    if keep is None:
+        return []
+    if newest is None:
+        if (found := latest_checkpoint(store)) is None:
+            return []
+        newest = found.step
+    older = [step for step in reversed(RunLayout(store).checkpoint_steps()) if step <= newest][keep:]
+    with ThreadPoolExecutor(max(1, min(PRUNE_THREADS, len(older)))) as pool:
+        doomed = {step: keys for step, keys in zip(older, pool.map(lambda step: _deletable(store, step), older))
+                  if keys is not None}
+    delete_folders(store, {RunLayout.checkpoint(step): keys for step, keys in doomed.items()})
     return sorted(doomed)
+
+
+def _deletable(store: Store, step: int) -> list[str] | None:
+    """The keys of the step's folder, or None if it holds a corrupt checkpoint: evidence, kept."""
+    prefix = RunLayout.checkpoint(step)
+    sizes = folder_sizes(store, prefix)
+    if isinstance(found := read_committed(store, step, prefix, sizes), CorruptCheckpoint):
+        log.warning("not pruning corrupt checkpoint %s: %s", store.url(prefix), found.problem)
+        return None
+    return list(sizes)
 
 
 def set_aside(store: Store, corrupt: CorruptCheckpoint, staging_dir: Path | None = None) -> str:

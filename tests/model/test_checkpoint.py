@@ -87,10 +87,22 @@ def test_keep_last_k_deletes_older_and_stale_checkpoints_leaving_no_empty_folder
     assert prune_checkpoints(store, keep=2) == [10, 15]
     assert [c.step for c in complete_checkpoints(store)] == [30, 20]
     assert not list(store.list(RunLayout.checkpoint(10) + "/"))
-    assert set(RunLayout(store).checkpoint_folders()) == {20, 30, 40}  # newer than any commit: untouched
+    assert RunLayout(store).checkpoint_steps() == [20, 30, 40]  # newer than any commit: untouched
     if (root := store.local_path("checkpoints")) is not None:
         assert sorted(p.name for p in root.iterdir()) == ["step-0000020", "step-0000030", "step-0000040"]
     assert prune_checkpoints(store, keep=None) == []
+
+
+def test_a_prune_keeps_the_newest_keep_steps_unread_and_deletes_a_leftover_once_older(store):
+    for step in (10, 20):
+        commit_checkpoint(store, step, put_files(store, step))
+    put_files(store, 25)  # crashed mid-save, then the run resumed from 20
+    commit_checkpoint(store, 30, put_files(store, 30))
+
+    assert prune_checkpoints(store, keep=2, newest=30) == [10, 20]  # 25 takes a place, unread
+    commit_checkpoint(store, 40, put_files(store, 40))
+    assert prune_checkpoints(store, keep=2, newest=40) == [25]
+    assert RunLayout(store).checkpoint_steps() == [30, 40] and not list(store.list(RunLayout.checkpoint(25) + "/"))
 
 
 def test_values_load_weights_only():
@@ -271,7 +283,7 @@ def test_a_committed_checkpoint_with_a_missing_or_short_file_is_corrupt_and_neve
     file = store.url(join_key(RunLayout.checkpoint(20), "__0_0.distcp"))
     assert corrupt.step == 20 and corrupt.problem == f"{file}: 5 bytes, its COMMIT lists 23 bytes"  # "__0_0.distcp of step 20"
     assert prune_checkpoints(store, keep=1) == [10]
-    assert set(RunLayout(store).checkpoint_folders()) == {20, 30}
+    assert RunLayout(store).checkpoint_steps() == [20, 30]
 
 
 def test_a_save_never_deletes_a_committed_checkpoint_of_its_step(store, tmp_path, lone_process_group):
@@ -416,38 +428,44 @@ def test_convert_rewrites_a_full_state_checkpoint_as_a_sharded_one(store, tmp_pa
 
 
 def checkpoint_requests(store, tmp_path, kept: int) -> tuple[Counter, Counter, Counter]:
-    """S3 calls of a save with `kept` checkpoints already there (keep null), of a resume, then of
-    pruning to 1 (botocore's event hooks on this process's client)."""
+    """S3 calls of a save with `kept` checkpoints there and keep = kept (its prune deletes the
+    oldest), of a resume, then of pruning to 1 (botocore's event hooks on this process's client).
+    The older checkpoints are committed folders of dummy files: only a prune deletes them."""
     from tests.builds import RequestCounter
 
+    for step in range(1, kept):
+        commit_checkpoint(store, step, put_files(store, step))
     model, optimizer, progress, states = components(0)
-    checkpointer = Checkpointer(RunLayout(store), states, keep=None, staging_dir=tmp_path / f"staging-{kept}")
-    for step in range(1, kept + 1):
-        train_one_step(model, optimizer, states, progress)
-        checkpointer.save(step)
+    progress.step = kept - 1
+    checkpointer = Checkpointer(RunLayout(store), states, keep=kept, staging_dir=tmp_path / f"staging-{kept}")
+    train_one_step(model, optimizer, states, progress)
+    checkpointer.save(kept)
     counter = RequestCounter()
     train_one_step(model, optimizer, states, progress)
     checkpointer.save(kept + 1)
     saved = counter.take()
-    fresh = Checkpointer(RunLayout(store), components(1)[3], keep=None, staging_dir=tmp_path / f"resume-{kept}")
+    assert RunLayout(store).checkpoint_steps() == list(range(2, kept + 2))
+    counter.take()
+    fresh = Checkpointer(RunLayout(store), components(1)[3], keep=kept, staging_dir=tmp_path / f"resume-{kept}")
     assert fresh.load() == kept + 1
     resumed = counter.take()
-    assert prune_checkpoints(store, keep=1) == list(range(1, kept + 1))
+    assert prune_checkpoints(store, keep=1) == list(range(2, kept + 1))
     return saved, resumed, counter.take()
 
 
-def test_a_save_and_a_resume_cost_the_same_requests_with_1_or_20_checkpoints_kept(
+def test_a_save_and_a_resume_cost_the_same_requests_with_1_20_or_60_checkpoints_kept(
     s3_bucket_uri, tmp_path, lone_process_group
 ):
-    """One listing, the COMMITs of the checkpoints it keeps or deletes, batched deletes: a save and
-    a resume cost the same with 1 or 20 checkpoints kept; pruning 20 is two DeleteObjects calls
+    """A folder listing, then only the folders taken: a save (and its prune) and a resume cost
+    the same with 1, 20 or 60 checkpoints kept; pruning many is three DeleteObjects calls
     (counted on SeaweedFS)."""
     costs = {kept: checkpoint_requests(open_store(f"{s3_bucket_uri}/kept-{kept}-{tmp_path.name}"), tmp_path, kept)
-             for kept in (1, 20)}
-    (saved_1, resumed_1, _), (saved_20, resumed_20, pruned_20) = costs[1], costs[20]
-    assert saved_1 == saved_20 and resumed_1 == resumed_20, costs
-    # a listing of the step's folder (leftovers of a crashed save), one for pruning, the newest COMMIT
-    assert saved_20["ListObjectsV2"] == 2 and saved_20["GetObject"] == 1 and "HeadObject" not in saved_20
-    assert resumed_20["ListObjectsV2"] == 1, resumed_20
-    assert pruned_20["ListObjectsV2"] == 1 and pruned_20["DeleteObjects"] == 2 and "DeleteObject" not in pruned_20
-    assert pruned_20["GetObject"] == 21, pruned_20  # the COMMITs of the kept one and of those deleted
+             for kept in (1, 20, 60)}
+    (saved_1, resumed_1, _), (saved_20, resumed_20, _), (saved_60, resumed_60, pruned_60) = costs.values()
+    assert saved_1 == saved_20 == saved_60 and resumed_1 == resumed_20 == resumed_60, costs
+    # the step's folder (leftovers of a crashed save), the step folders, the one deleted; its COMMIT
+    assert saved_60["ListObjectsV2"] == 3 and saved_60["GetObject"] == 1, saved_60
+    # its COMMIT, its files, the emptied folder (SeaweedFS would list it)
+    assert saved_60["DeleteObjects"] == 3 and "HeadObject" not in saved_60, saved_60
+    assert resumed_60["ListObjectsV2"] == 2, resumed_60  # the step folders, the newest one's files
+    assert pruned_60["DeleteObjects"] == 3 and "DeleteObject" not in pruned_60, pruned_60

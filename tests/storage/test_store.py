@@ -129,6 +129,35 @@ def test_list_by_prefix_is_sorted(store: Store):
             store.list(bad)
 
 
+def test_a_folder_listing_names_only_the_folders_directly_under_the_prefix(store: Store):
+    for key in ["x/1.json", "x/y/2.json", "x/y/z/3.json", "x/w/4.json", "xb/5.json", "top.json", "d/e/6.json"]:
+        store.put_bytes(key, b"-")
+    assert list(store.list_folders()) == ["d", "x", "xb"]
+    assert list(store.list_folders("x")) == list(store.list_folders("x/")) == ["w", "y"]  # not xb's, not y/z
+    assert list(store.list_folders("x/y")) == ["z"]
+    assert list(store.list_folders("x/y/z")) == list(store.list_folders("nothing")) == []
+    assert list(store.child("x").list_folders()) == ["w", "y"]  # relative to a child store's root
+    assert list(store.child("d").list_folders("e")) == []
+    for bad in ["../", "/x", "a//", "a/../b/"]:
+        with pytest.raises(InvalidKey):
+            store.list_folders(bad)
+
+
+def test_an_s3_folder_listing_takes_a_page_per_1000_folders(s3_bucket_uri):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.builds import RequestCounter
+
+    store = open_store(f"{s3_bucket_uri}/{uuid.uuid4().hex[:8]}/run")
+    names = [f"step-{i:07d}" for i in range(1005)]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda name: store.put_bytes(f"checkpoints/{name}/COMMIT", b"{}"), names))
+    store.put_bytes("checkpoints/step-0000001/__0_0.distcp", b"")  # a folder's files are not listed
+    counter = RequestCounter()
+    assert list(store.list_folders("checkpoints")) == names
+    assert counter.take() == {"ListObjectsV2": 2}
+
+
 def test_ranged_reads(store: Store):
     data = payload(1000)
     store.put_bytes("r.bin", data)
@@ -203,6 +232,9 @@ def test_local_symlink_out_of_the_root_is_rejected(tmp_path):
     with pytest.raises(InvalidKey):
         store.list("link/")
     assert list(store.list()) == ["inside.txt"]
+    assert list(store.list_folders()) == []  # the linked folder is outside the root
+    with pytest.raises(InvalidKey):
+        store.list_folders("link")
     assert sorted(p.name for p in outside.iterdir()) == ["secret.txt"]
 
 
@@ -333,6 +365,7 @@ def test_s3_multipart_upload_is_whole_or_absent(s3_bucket_uri, tmp_path):
 @pytest.mark.parametrize(
     "variable, wrong_value",
     [("AWS_SECRET_ACCESS_KEY", "wrong-secret-" + uuid.uuid4().hex), ("AWS_ACCESS_KEY_ID", "nobody")],
+    ids=["wrong-secret", "wrong-key-id"],  # fixed ids: each pytest-xdist worker draws its own secret
 )
 def test_wrong_credentials_give_a_clear_error_without_the_secret(s3_bucket_uri, monkeypatch, variable, wrong_value):
     good = S3Store(s3_bucket_uri.removeprefix("s3://"), "creds")
