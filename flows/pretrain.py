@@ -13,7 +13,7 @@ from prefect.states import Completed, State
 from pydantic import Field
 
 from flows.build_dataset import build_dataset
-from flows.cancellation import cancel_task_and_subflow_runs
+from flows.cancellation import cancel_task_and_subflow_runs, result_unless_cancelled
 from flows.train import train as train_run_flow
 from model.data import DataSource
 from model.train_config import TrainConfig
@@ -57,7 +57,7 @@ def check_same_data(config: TrainConfig) -> None:
 
 
 @flow(name="pretrain", flow_run_name="pretrain-{build.name}", on_cancellation=[cancel_task_and_subflow_runs])
-def pretrain(build: BuildConfig, train: TrainSettings) -> str:
+def pretrain(build: BuildConfig, train: TrainSettings) -> str | State:
     """Build a dataset, then train on it; returns the run's URI.
 
     Args:
@@ -65,7 +65,8 @@ def pretrain(build: BuildConfig, train: TrainSettings) -> str:
         train: The training run; its data is the new build (plus any datasets listed).
     """
     check_same_data(train.with_build(manifest_uri(build)))  # before the build's work, not after
-    return train_run_flow(train.with_build(build_dataset(build, train_run=train.name)))
+    manifest = build_dataset(build, train_run=train.name)
+    return result_unless_cancelled(train_run_flow(train.with_build(manifest), return_state=True))
 
 
 def own_run_name(build: BuildConfig, train: TrainSettings) -> str:
@@ -99,4 +100,4 @@ def train_on_build(build: BuildConfig, train: TrainSettings, train_run: str = ""
     except ValueError as mismatch:
         get_run_logger().warning("skipped: %s", mismatch)
         return Completed(message=f"skipped: {mismatch}")
-    return train_run_flow(config)
+    return result_unless_cancelled(train_run_flow(config, return_state=True))

@@ -9,8 +9,9 @@ its `max_steps` is left alone.
 from __future__ import annotations
 
 from prefect import flow, get_run_logger
+from prefect.states import State
 
-from flows.cancellation import cancel_task_and_subflow_runs
+from flows.cancellation import cancel_task_and_subflow_runs, result_unless_cancelled
 from flows.train import train
 from model.checkpoint import latest_checkpoint
 from storage.config_fields import OutputPath
@@ -19,7 +20,7 @@ from tasks.train import run_config
 
 
 @flow(name="train-epoch", flow_run_name="train-epoch-{run}", on_cancellation=[cancel_task_and_subflow_runs])
-def train_epoch(run: str, output: OutputPath = "./data", steps: int = 50) -> str:
+def train_epoch(run: str, output: OutputPath = "./data", steps: int = 50) -> str | State:
     """Continue a training run from its newest checkpoint for `steps` more optimizer steps.
 
     Args:
@@ -39,4 +40,4 @@ def train_epoch(run: str, output: OutputPath = "./data", steps: int = 50) -> str
     logger.info(
         "run %s: steps %d -> %d of %d", config.run_uri, done, min(done + steps, config.max_steps), config.max_steps
     )
-    return train(config.model_copy(update={"max_steps_this_run": steps}))
+    return result_unless_cancelled(train(config.model_copy(update={"max_steps_this_run": steps}), return_state=True))

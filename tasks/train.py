@@ -3,9 +3,9 @@
 - torchrun: this node's agent, `python -m torch.distributed.run --standalone ... -m model.train
   <run>/config.json` (with `nnodes` > 1, a c10d rendezvous at `rdzv_endpoint` that the other
   nodes' agents join: see torchrun_arguments), in a session of its own. If the task is
-  cancelled (Prefect turns the SIGTERM into an exception), crashes or is interrupted, the
-  whole tree is stopped: SIGTERM to torchrun (which stops its workers), then SIGKILL to
-  anything of the tree still alive.
+  cancelled (Prefect turns the SIGTERM into an exception; a runner's cancel ends the task
+  Cancelled, not crashed), crashes or is interrupted, the whole tree is stopped: SIGTERM to
+  torchrun (which stops its workers), then SIGKILL to anything of the tree still alive.
   If the launching process dies outright (SIGKILL, OOM), the kernel kills torchrun, then its
   workers (PR_SET_PDEATHSIG on both).
 - Ray Train: a `TorchTrainer` whose workers run the same program in the process group Ray
@@ -34,6 +34,7 @@ from collections.abc import Callable
 from typing import IO
 
 from prefect import get_client, get_run_logger
+from prefect._internal.control_listener import get_intent  # the runner's cancel intent: no public API yet
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
@@ -43,6 +44,7 @@ from prefect.artifacts import (
 from prefect.client.schemas.actions import ArtifactUpdate
 from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
+from prefect.states import Cancelled, State
 
 from model.checkpoint import latest_checkpoint
 from model.data import DataError, load_manifests
@@ -63,6 +65,8 @@ from tasks.stage import stage_task
 from tasks.train_report import LiveView, SegmentStatus, loss_curve_markdown, metrics_rows, next_steps
 
 POLL_S = 2.0
+# The Cancelled state's message: the step and the checkpoint kept are said once, in the task's log line.
+JOB_CANCELLED = "the training job was stopped; a rerun resumes from the newest checkpoint"
 
 
 class TrainingFailed(RuntimeError):
@@ -414,8 +418,9 @@ def report_final(config: TrainConfig) -> dict:
 
 
 @stage_task("train", retries=1)
-def train_task(config: TrainConfig) -> str:
-    """Launch (or continue) a training run; returns the run's URI.
+def train_task(config: TrainConfig) -> str | State:
+    """Launch (or continue) a training run; returns the run's URI, or a Cancelled state when a cancel
+    from the UI (or the API) stopped the job.
 
     The job holds the run's lease on the store while it trains, so two jobs never train one run.
     A crash or a failed job is retried once (resuming from the newest checkpoint); a bad config,
@@ -444,8 +449,12 @@ def train_task(config: TrainConfig) -> str:
                 launch_torchrun(config_uri, launcher, config.name, on_line=logger.info, on_poll=on_poll)
             else:
                 launch_ray(config, config_uri, on_poll=on_poll)
-        except (TerminationSignal, KeyboardInterrupt):  # a Cancel in the UI, or Ctrl-C: the job was stopped
+        except (TerminationSignal, KeyboardInterrupt) as stopped:  # a Cancel in the UI, or Ctrl-C: the job was stopped
             report_progress(cancelled=True)
+            if isinstance(stopped, TerminationSignal) and get_intent() == "cancel":
+                # The runner's cancel (it sends the intent before its SIGTERM): end Cancelled here, and the
+                # flows above with it, where Prefect's task engine would call the signal a crash.
+                return Cancelled(message=JOB_CANCELLED)
             raise
         report_progress(final=True)
     logger.info("run %s at step %d", config.run_uri, latest_step(config))

@@ -9,8 +9,8 @@ runs what a user runs: `tinyllama make-corpus`, `tinyllama serve` on a free port
 home of its own, `tinyllama submit-build --wait`, then a run of the train-on-build deployment
 (parent flow run train-on-build, child flow run train) of a two-layer model on 2 gloo processes,
 seen in Debian's chromium driven by Playwright. Its pictures are taken at fixed points (the live
-card once it holds LIVE_ROWS logged steps; the runs once both ended Cancelled after a press of the
-parent's Cancel button), in a fixed viewport, so a rerun gives the same pictures up to the
+card once it holds LIVE_ROWS logged steps; the runs, their cards and the end of their logs once
+both ended Cancelled after a press of the parent's Cancel button), in a fixed viewport, so a rerun gives the same pictures up to the
 measured numbers (loss values, tokens/s, times).
 """
 
@@ -169,6 +169,22 @@ def pictures(ui: str, parent, out: Path, serve: subprocess.Popen) -> None:
         expect(page.get_by_text(re.compile("cancelled at step \\d+; checkpoint step \\d+ kept"))).to_be_visible()
         page.screenshot(path=out / "training-cancelled-run.png", full_page=True)
 
+        for run, name in ((child, "training-cancelled-logs"), (parent.id, "training-cancelled-parent-logs")):
+            page.goto(f"{ui}/runs/flow-run/{run}")
+            page.get_by_text("Logs", exact=True).click()
+            expect(page.get_by_text(re.compile(r"Beginning (sub)?flow run"))).to_be_visible()
+            finished = page.get_by_text(re.compile(r"Finished in state Cancelled\("))
+            page.mouse.move(VIEWPORT["width"] // 2, VIEWPORT["height"] - 100)
+            for _ in range(200):  # down to the end of the log (the UI loads it a page at a time)
+                if finished.count():
+                    break
+                page.mouse.wheel(0, 2000)
+                page.wait_for_timeout(250)
+            finished.last.scroll_into_view_if_needed()
+            expect(finished.last).to_be_visible()
+            expect(page.get_by_text(re.compile(r"Crash detected|Running\(\)"))).to_have_count(0)
+            page.screenshot(path=out / f"{name}.png")
+
         page.goto(f"{ui}/artifacts/artifact/{card.id}")  # the live card, edited in place: its last status
         expect(page.get_by_text(re.compile("cancelled at step \\d+; checkpoint step \\d+ kept"))).to_be_visible()
         page.screenshot(path=out / "training-cancelled-card.png")
@@ -177,8 +193,8 @@ def pictures(ui: str, parent, out: Path, serve: subprocess.Popen) -> None:
         expect(page.get_by_text(f"train-{RUN}", exact=True).first).to_be_visible()
         page.screenshot(path=out / "training-cancelled-list.png")
         browser.close()
-    for name in ("training-live-card", "training-live-run", "training-cancelled-run", "training-cancelled-card",
-                 "training-cancelled-list"):
+    for name in ("training-live-card", "training-live-run", "training-cancelled-run", "training-cancelled-logs",
+                 "training-cancelled-parent-logs", "training-cancelled-card", "training-cancelled-list"):
         say(f"wrote {out / name}.png")
 
 

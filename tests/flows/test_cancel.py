@@ -4,7 +4,8 @@ A real `serve_main` process serves the deployments on the session's Prefect serv
 run is a subprocess of it (its own local Ray, its own torchrun). The tests set a running flow
 run to Cancelling the way `prefect flow-run cancel` does, then check that it ends Cancelled,
 that nothing it started is left (serve's process tree is empty again), that its stopped task
-and subflow runs show Cancelled, and that a rerun (called here) gives the output of an
+and subflow runs show Cancelled (a training run's logs too: no crash, each run's last line
+Cancelled), and that a rerun (called here) gives the output of an
 undisturbed run: the same bytes, the same losses and weights.
 
 (A flow called in-process, as the CLI does, has no runner to stop it: Prefect cancels only
@@ -213,15 +214,22 @@ def test_cancelling_a_running_training_stops_torchrun_and_its_ranks_and_a_rerun_
         return job if len(job) == 3 and latest_checkpoint(run_store) else []
 
     served.wait_for(training, RUN_TIMEOUT_S, "training past its first checkpoint")
+    (child,) = [r for r in descendants(run.id) if isinstance(r, FlowRun)]  # the `train` subflow run
     cancel(run.id)
+    cancel(child.id)  # the Cancel dialog's "Cancel all sub flow runs" (the child's own button needs a deployment)
     assert_cancelled_and_gone(served, run.id)
+    assert flow_run(child.id).state.type == StateType.CANCELLED, flow_run(child.id).state
     # One line says what was kept, in the log and on the progress card; the ranks' tracebacks of the
-    # signal that stopped them are not logged.
+    # signal that stopped them are not logged, nor is the cancel called a crash, nor does a run's
+    # log end in a state other than Cancelled.
     kept = latest_checkpoint(run_store).step
     said = re.compile(rf"cancelled at step \d+; checkpoint step {kept} kept")
     lines = logged(run.id)
-    assert [line for line in lines if said.search(line)], lines
+    assert len([line for line in lines if said.search(line)]) == 1, lines
     assert not [line for line in lines if "Traceback" in line or "SignalException" in line], lines
+    assert not [line for line in lines if re.search(r"Crash detected|Crashed\(|Running\(\)", line)], lines
+    finished = [line for line in lines if line.startswith("Finished in state")]
+    assert len(finished) == 3 and all(line.startswith("Finished in state Cancelled(") for line in finished), lines
     texts = artifact_texts(run.id)  # the progress card's description, and the live card's status
     assert said.search(texts[artifact_key(config.name, "train-progress")]), texts
     assert said.search(texts[artifact_key(config.name, "train-live")]), texts
