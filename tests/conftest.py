@@ -6,6 +6,9 @@
 - `faulty_s3` (tests/fixtures/faulty_proxy.py): a fault-injecting proxy in front of that S3 server,
   AWS_ENDPOINT_URL pointing at it for the test.
 - `store_uri` / `store`: parametrized over a local folder and an S3 prefix; a fresh root per test.
+
+Under pytest-xdist (`make test`: `-n 2 --dist loadfile`) each worker is a session of its own, with
+its own servers on free ports and its own folders, and a file's tests stay on one worker.
 """
 
 from __future__ import annotations

@@ -51,7 +51,8 @@ def test_ray_train_runs_two_cpu_workers_and_a_failed_worker_resumes_from_the_sto
 
     def kill_a_worker_after_the_first_checkpoint() -> None:
         wait_until(lambda: latest_step(config) > 4, START_TIMEOUT_S, "the first checkpoint on Ray")
-        workers = training_processes("RayTrainWorker")
+        # This session's Ray only (its raylet is our child): another pytest worker may train on Ray too.
+        workers = [pid for pid in process_tree(os.getpid()) if pid in training_processes("RayTrainWorker")]
         os.kill(workers[0], signal.SIGKILL)
         killed.append(time.time())
 
