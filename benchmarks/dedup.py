@@ -65,11 +65,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import xxhash
+from pydantic import create_model
 
 from benchmarks import datatrove_compat
 from benchmarks.tokenize import parse_bytes
 from storage import build_layout as layout
-from storage.manifest import ShardResult
+from storage.manifest import Counts, ShardResult
 from storage.store import LocalStore, Store
 from tasks.config import TASK_MEMORY_BYTES, MinHashConfig
 from tasks.fanout import run_stage
@@ -365,6 +366,12 @@ def _rss_mib(field: str) -> int:
     return int(line.split()[1]) // 1024
 
 
+@cache
+def _measured(counts: type[Counts]) -> type[Counts]:
+    """A stage's count record with its worker's RSS beside the stage's own counts."""
+    return create_model(f"Measured{counts.__name__}", __base__=counts, rss_start_mib=(int, ...), peak_rss_mib=(int, ...))
+
+
 def measured(work: Callable[[object], ShardResult]) -> Callable[[object], ShardResult]:
     """The work, reporting its worker's RSS when the task began and its peak since."""
 
@@ -373,8 +380,8 @@ def measured(work: Callable[[object], ShardResult]) -> Callable[[object], ShardR
             f.write("5")  # reset VmHWM to the current RSS
         start = _rss_mib("VmRSS")
         result = work(item)
-        result.counts.update(rss_start_mib=start, peak_rss_mib=_rss_mib("VmHWM"))
-        return result
+        counts = _measured(type(result.counts))(**dict(result.counts), rss_start_mib=start, peak_rss_mib=_rss_mib("VmHWM"))
+        return result.model_copy(update={"counts": counts})
 
     return run
 
@@ -427,7 +434,8 @@ def measure_near_dedup(store: Store, shards: list[DocsShard], cfg: MinHashConfig
 
 
 class CountingStore(LocalStore):
-    """A local store that counts the reads of each folder under dedup/near/ (a read is an S3 GET)."""
+    """A local store that counts the reads of each folder under dedup/near/ (a read is an S3 GET);
+    merge levels by shuffle (runs/<shuffle>)."""
 
     def __init__(self, root):
         super().__init__(root)
@@ -435,7 +443,8 @@ class CountingStore(LocalStore):
 
     def _count(self, key: str) -> None:
         if key.startswith(layout.NEAR):
-            self.reads[key.removeprefix(layout.NEAR).split("/")[1]] += 1
+            parts = key.removeprefix(layout.NEAR).split("/")
+            self.reads["/".join(parts[1:3]) if parts[1] == "runs" else parts[1]] += 1
 
     def get_bytes(self, key: str) -> bytes:
         self._count(key)
@@ -446,7 +455,7 @@ class CountingStore(LocalStore):
         return super().get_range(key, start, length)
 
 
-VERIFY_FOLDERS = ("candidates", "shingles", "runs")  # what the verify path reads
+VERIFY_FOLDERS = ("candidates", "shingles", "runs/candidates", "runs/shingles")  # what the verify path reads
 def verify_requests(count: int, budgets: Sequence[int], shard_docs: int) -> None:
     from benchmarks.scale_model import exponent
 

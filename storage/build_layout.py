@@ -6,6 +6,8 @@ plan.json                                     the frozen inputs (stage plan)
 docs/<source>/<shard>.parquet                 documents: id, source, text, meta (ingest)
 quarantine/<source>/<shard>.jsonl             malformed records with file, line/row, reason (ingest)
 dedup/exact/hashes/b<batch>.parts             content hashes of a batch of docs shards, a partition per hash range
+dedup/exact/runs/hashes/lNN/r<run>-k<block>.parts
+                                              merge level NN of the hashes shuffle (tasks.shuffle.MergedShuffle)
 dedup/exact/removed/k<block>/p<P>.parquet     ids exact dedup removed (id, kept_id), per block of 64 plan files
 dedup/exact/merged/k<block>.parts             a block's removed ids merged, sorted, a partition per plan file of the block
 dedup/near/bands/b<batch>.parts               band hashes of a batch of docs shards, a partition per band-hash range
@@ -14,8 +16,9 @@ dedup/near/candidates/p<P>.parts              a range's candidates (id, group), 
 dedup/near/shingles/b<batch>.parts            32-bit hashed shingles of a batch's candidates, a partition per verify group (in
                                               range order, so a verify span's groups are one byte range)
 dedup/near/runs/<shuffle>/lNN/r<run>-k<block>.parts
-                                              merge level NN of the candidates or shingles shuffle: a run of
-                                              FAN_IN^NN map objects, the partitions of a block of reduce tasks
+                                              merge level NN of a shuffle (bands, candidates, shingles, edges,
+                                              rNNN-{large,small}): a run of FAN_IN^NN map objects, the partitions
+                                              of a block of reduce tasks
 dedup/near/edges/<source>.parts               similar pairs from range p<P> (or verify span v<first group>), a partition per vertex partition
 dedup/near/components/rNNN/{large,small}/q<from>.parts   connected-components rounds, a partition per vertex partition
 dedup/near/removed/k<block>/q<Q>.parquet      ids near dedup removed (id, kept_id), per block of 64 plan files
@@ -140,6 +143,7 @@ def verify_span_name(first_group: int) -> str:
 EXACT_HASHES = join_key(EXACT, "hashes") + "/"
 EXACT_REMOVED = join_key(EXACT, "removed") + "/"
 EXACT_MERGED = join_key(EXACT, "merged") + "/"
+EXACT_RUNS = join_key(EXACT, "runs") + "/"
 
 
 def exact_hashes(batch: int) -> str:
@@ -149,6 +153,10 @@ def exact_hashes(batch: int) -> str:
 def exact_removed(block: int) -> str:
     """The folder of one block's exact-duplicate ids (one file per hash range)."""
     return join_key(EXACT_REMOVED, removed_block_name(block)) + "/"
+
+
+def exact_runs(shuffle: str, level: int) -> str:
+    return join_key(EXACT_RUNS, shuffle, f"l{level:02d}") + "/"
 
 
 def exact_merged(block: int) -> str:
@@ -188,10 +196,10 @@ def near_runs(shuffle: str, level: int) -> str:
     return join_key(NEAR_RUNS, shuffle, f"l{level:02d}") + "/"
 
 
-def near_run(shuffle: str, level: int, run: int, block: int) -> str:
-    """Merge level `level` of a shuffle: a run of consecutive map objects, for one block of
-    consecutive reduce tasks."""
-    return join_key(near_runs(shuffle, level), f"r{run:06d}-k{block:06d}.parts")
+def merge_run(level_folder: str, run: int, block: int) -> str:
+    """An object of a shuffle's merge level (exact_runs, near_runs): a run of consecutive map
+    objects, for one block of consecutive reduce tasks."""
+    return join_key(level_folder, f"r{run:06d}-k{block:06d}.parts")
 
 
 def near_edges(source: str) -> str:

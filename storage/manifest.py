@@ -25,7 +25,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny
 
 from storage.store import Store
 
@@ -102,11 +102,26 @@ class TokenShard(Record):
     idx: ObjectInfo
 
 
+class Counts(Record):
+    """What one shard of a stage counted, typed: each stage declares its own record (a subclass
+    with an int field per count, tasks.stage_counts), so a misspelt count fails when the record
+    is made instead of reading as 0, and the counts that steer a build are read as attributes.
+
+    On the store a receipt holds them as a name -> int object (`as_dict`); a summary as one
+    column per name (storage.stage_summary), read back into the record by StageSummary.totals."""
+
+    model_config = ConfigDict(frozen=True)
+
+    def as_dict(self) -> dict[str, int]:
+        """The counts a receipt records: a count that does not apply to this shard (None) is left out."""
+        return self.model_dump(exclude_none=True)
+
+
 class ShardResult(Record):
     """What one shard's work produced: the objects it wrote and what it counted."""
 
     outputs: list[ObjectInfo] = Field(default_factory=list)
-    counts: dict[str, int] = Field(default_factory=dict)  # the stage's own metrics, for its table
+    counts: SerializeAsAny[Counts] = Field(default_factory=Counts)  # the stage's own record, for its table
     sources: dict[str, SourceAccounting] = Field(default_factory=dict)  # this shard's share of the accounting
     token_shards: list[TokenShard] = Field(default_factory=list)  # tokenize stage only
 
@@ -118,6 +133,7 @@ class Receipt(ShardResult):
     It carries the sha256 of its own content: a receipt edited after it was written (valid JSON
     with a count changed) no longer matches it and is not trusted."""
 
+    counts: dict[str, int] = Field(default_factory=dict)  # the result's Counts.as_dict(), as stored
     stage: str
     shard: str
     versions: dict[str, dict[str, str]] = Field(default_factory=dict)  # output key -> ListedObject.version

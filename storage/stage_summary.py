@@ -17,6 +17,7 @@ import io
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TypeVar
 
 import numpy as np
 import orjson
@@ -24,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from storage.manifest import Receipt, SourceAccounting, sha256_bytes
+from storage.manifest import Counts, Receipt, SourceAccounting, sha256_bytes
 
 COUNT = "counts."  # a count's column: "counts.<name>", null where a receipt does not have it
 ACCOUNTING = tuple(SourceAccounting.model_fields)
@@ -48,6 +49,7 @@ SCHEMA = pa.schema(
         ("token_shards", pa.list_(TOKEN_SHARD)),
     ]
 )
+C = TypeVar("C", bound=Counts)
 DECODE_ROWS = 1024  # rows held as Python objects at a time (decoding a table, or buffering new rows)
 
 
@@ -172,17 +174,28 @@ class StageSummary:
     def count_names(self) -> list[str]:
         return [n.removeprefix(COUNT) for n in self.table.column_names if n.startswith(COUNT)]
 
-    def count(self, name: str) -> np.ndarray:
-        """One count of every receipt, in shard order (0 where a receipt does not have it)."""
-        if COUNT + name not in self.table.column_names:
-            return np.zeros(len(self), np.int64)
-        return self.table.column(COUNT + name).fill_null(0).to_numpy()
-
-    def total(self, name: str) -> int:
-        return int(self.count(name).sum())
-
     def count_totals(self) -> dict[str, int]:
-        return {name: self.total(name) for name in self.count_names}
+        """Every count summed, by name: for display (a step reads its counts with `totals`)."""
+        return {name: int(pc.sum(self.table.column(COUNT + name)).as_py() or 0) for name in self.count_names}
+
+    def totals(self, counts: type[C]) -> C:
+        """The stage's counts summed, as the stage's record: a count no shard has is None where
+        the record allows it; a summary without rows totals 0."""
+        self._counted_by(counts)
+        if not len(self):
+            return counts(**{name: 0 for name, field in counts.model_fields.items() if field.is_required()})
+        counted = [name for name in self.count_names if self.table.column(COUNT + name).null_count < len(self)]
+        return counts(**{name: int(pc.sum(self.table.column(COUNT + name)).as_py()) for name in counted})
+
+    def per_shard(self, counts: type[C]) -> list[C]:
+        """Each receipt's counts as the stage's record, in shard order."""
+        self._counted_by(counts)
+        rows = self.table.select([COUNT + name for name in self.count_names]).to_pylist()
+        return [counts(**{name.removeprefix(COUNT): v for name, v in row.items() if v is not None}) for row in rows]
+
+    def _counted_by(self, counts: type[Counts]) -> None:
+        if undeclared := sorted(set(self.count_names) - set(counts.model_fields)):
+            raise SummaryDamaged(f"the {self.stage} summary has counts {undeclared} that {counts.__name__} does not declare")
 
     @property
     def work_seconds(self) -> float:

@@ -2,8 +2,10 @@
 
 Each batch of consecutive docs shards hashes its texts (xxh3-128) into hash ranges, one object
 with a partition per range for the whole batch (one Ray task per batch); each hash range then
-reads its partition of every batch, finds repeated hashes (one Ray task per range) and keeps
-the first occurrence in plan order, i.e. the smallest document id. The number of ranges is sized from the documents so
+reads its partition of every batch, through merge levels once there are more batches than
+tasks.shuffle.MERGE_FAN_IN (so its reads grow with the tasks, not batches x ranges), finds
+repeated hashes (one Ray task per range) and keeps the first occurrence in plan order, i.e.
+the smallest document id. The number of ranges is sized from the documents so
 one range task stays inside `task_memory_bytes`. Removed ids are written per block of plan
 files (tasks.removals), so a range writes blocks files, not one per docs shard.
 """
@@ -23,12 +25,14 @@ from storage.manifest import ShardResult, SourceAccounting
 from storage.stage_summary import StageSummary
 from storage.store import Store
 from tasks.fanout import read_summary, run_stage
-from tasks.parquet_io import read_partition_of_each, read_table, write_partitions
+from tasks.parquet_io import read_table, write_partitions
 from tasks.partitioning import EXACT_ROW_BYTES, batch_bytes, batches, ingested_documents, partitions, rows_by_partition
 from tasks.plan import Build, PlannedFile, SourceRanges
 from tasks.removals import merge_stage, write_removed
+from tasks.shuffle import MergedShuffle, merged_shuffle
 from tasks.reporting import stage_totals
-from tasks.stage import Run, Stage, stage_task
+from tasks.stage import EXACT_DEDUP, INGEST, Run, Stage, stage_task
+from tasks.stage_counts import ExactDupCounts, HashedCounts
 
 HASH_SCHEMA = pa.schema([("id", pa.int64()), ("hash", pa.binary(16))])
 
@@ -70,13 +74,12 @@ def hash_batch(store: Store, ranges: int, batch: FileBatch) -> ShardResult:
         hashes = pa.FixedSizeBinaryArray.from_buffers(pa.binary(16), len(rows), [None, pa.py_buffer(digests[rows].tobytes())])
         tables.append(pa.table({"id": pa.array(ids[rows], pa.int64()), "hash": hashes}, schema=HASH_SCHEMA))
     outputs = [write_partitions(store, layout.exact_hashes(batch.index), tables)]
-    return ShardResult(outputs=outputs, counts={"documents": len(ids)})
+    return ShardResult(outputs=outputs, counts=HashedCounts(documents=len(ids)))
 
 
-def find_duplicates(store: Store, sources: SourceRanges, batch_count: int, partition: int) -> ShardResult:
+def find_duplicates(store: Store, sources: SourceRanges, hashes: MergedShuffle, partition: int) -> ShardResult:
     """Within one hash range: every document whose hash was seen at a smaller id is removed."""
-    tables = read_partition_of_each(store, [layout.exact_hashes(b) for b in range(batch_count)], partition, HASH_SCHEMA)
-    table = pa.concat_tables(tables).sort_by([("hash", "ascending"), ("id", "ascending")])
+    table = hashes.read(store, partition).sort_by([("hash", "ascending"), ("id", "ascending")])
     ids = table.column("id").to_numpy()
     hashes = table.column("hash").combine_chunks()
     digests = np.frombuffer(hashes.buffers()[1], dtype=np.uint64)[2 * hashes.offset : 2 * (hashes.offset + len(hashes))]
@@ -87,7 +90,7 @@ def find_duplicates(store: Store, sources: SourceRanges, batch_count: int, parti
     removed, kept = ids[~first], ids[group_first[~first]]
     outputs = write_removed(store, layout.exact_removed, partition_name(partition), removed, kept)
     accounting = {source: SourceAccounting(exact_dup=n) for source, n in sources.count(removed).items()}
-    return ShardResult(outputs=outputs, counts={"exact_dup": len(removed)}, sources=accounting)
+    return ShardResult(outputs=outputs, counts=ExactDupCounts(exact_dup=len(removed)), sources=accounting)
 
 
 def run_exact_dedup(
@@ -100,16 +103,19 @@ def run_exact_dedup(
     members = batches([sizes[f.shard] for f in plan], batch_bytes(budget))
     file_batches = [FileBatch(i, tuple(plan[r.start : r.stop])) for i, r in enumerate(members)]
     run(Stage("exact-hash", file_batches, _batch_name, partial(hash_batch, store, ranges), (layout.EXACT_HASHES,)))
-    find = partial(find_duplicates, store, SourceRanges.of(plan), len(members))
-    found = run(Stage("exact-dedup", list(range(ranges)), partition_name, find, (layout.EXACT_REMOVED,)))
+    hashes = merged_shuffle("exact-runs-hashes", partial(layout.exact_runs, "hashes"), layout.exact_hashes, HASH_SCHEMA, len(members), ranges)
+    for stage in hashes.stages(store):
+        run(stage)
+    find = partial(find_duplicates, store, SourceRanges.of(plan), hashes)
+    found = run(Stage(EXACT_DEDUP, list(range(ranges)), partition_name, find, (layout.EXACT_REMOVED,)))
     run(merge_stage("exact-merge", store, layout.exact_removed, layout.exact_merged, layout.EXACT_MERGED, len(plan)))
     return found
 
 
-@stage_task("exact-dedup")
+@stage_task(EXACT_DEDUP)
 def exact_dedup(build: Build) -> dict[str, int | float]:
     store, config = build.store, build.config
-    documents, sizes = ingested_documents(read_summary(store, "ingest"))
+    documents, sizes = ingested_documents(read_summary(store, INGEST))
     budget = config.task_memory_bytes
     ranges = partitions(documents, EXACT_ROW_BYTES, budget, config.dedup.exact_partitions)
     run = partial(run_stage, store, build_config=config, max_in_flight=config.parallelism)

@@ -208,7 +208,8 @@ def commit(store: Store, stage_name: str, prefixes: tuple[str, ...], shard: str,
         if listed.size != output.size:
             raise StoreError(f"{store.url(output.key)} holds {listed.size} bytes after {output.size} were written")
         versions[output.key] = listed.version
-    receipt = Receipt(**dict(result), stage=stage_name, shard=shard, versions=versions, seconds=round(seconds, 3))
+    stored = {**dict(result), "counts": result.counts.as_dict()}
+    receipt = Receipt(**stored, stage=stage_name, shard=shard, versions=versions, seconds=round(seconds, 3))
     receipt = receipt.sealed()
     write_record(store, layout.receipt(stage_name, shard), receipt)
     return receipt

@@ -21,7 +21,7 @@ NEAR_EDGE_BYTES = 256  # one document's edges in a components task (both directi
 VERIFY_SHINGLE_BYTES = 8  # one 32-bit shingle of a candidate in a verify task: the parquet read's copy, the list
 VERIFY_MEMBER_BYTES = 64  # one bucket membership in a verify task: (bucket, id) rows, id lookup, offsets
 # Verify groups one verify task handles in turn: it reads their part of each object it reads
-# (tasks.near_dedup.steps.MergedShuffle) as one byte range and spills it to local disk (about
+# (tasks.shuffle.MergedShuffle) as one byte range and spills it to local disk (about
 # half a budget a group).
 VERIFY_SPAN_GROUPS = 16
 BATCH_FRACTION = 8  # a map task reads docs parquet of budget / 8: texts inflate ~3-4x as strings

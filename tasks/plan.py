@@ -27,7 +27,7 @@ from tasks.fanout import ensure_ray
 from tasks.globs import GLOB_CHARS, glob_regex, split_glob
 from tasks.partitioning import batches
 from tasks.reach import build_paths, check_reach_on_ray
-from tasks.stage import stage_task
+from tasks.stage import PLAN, stage_task
 
 PLAN_KEY = "plan.json"
 HF_ROWS_PER_UNIT = 100_000
@@ -287,7 +287,7 @@ class Build(BaseModel):
         return read_plan(self.store)
 
 
-@stage_task("plan")
+@stage_task(PLAN)
 def plan(config: BuildConfig) -> Build:
     check_reach_on_ray(build_paths(config))  # on a Ray cluster, no local folder that a node lacks
     build = Build(config=config)

@@ -35,7 +35,20 @@ from tasks.fanout import read_summary, run_stage
 from tasks.parquet_io import read_table
 from tasks.plan import Build
 from tasks.reporting import build_artifact_key, stage_totals, step_seconds
-from tasks.stage import Stage, stage_task
+from tasks.stage import (
+    EXACT_DEDUP,
+    INGEST,
+    MANIFEST,
+    NEAR_DEDUP,
+    PIPELINE,
+    PLAN,
+    TOKENIZE,
+    TOKENIZER,
+    VERIFY_TOKENS,
+    Stage,
+    stage_task,
+)
+from tasks.stage_counts import VerifiedCounts
 
 HASH_CHUNK_BYTES = 8 << 20
 
@@ -60,7 +73,7 @@ def account(build: Build, tokenized: StageSummary) -> dict[str, SourceAccounting
     """Per-source accounting from the stage summaries: ingest's counts less the duplicates
     removed, checked against the documents tokenize wrote."""
     config = build.config
-    stages = ["ingest"] + ["exact-dedup"] * config.dedup.exact + ["near-dedup"] * config.dedup.near
+    stages = [INGEST] + [EXACT_DEDUP] * config.dedup.exact + [NEAR_DEDUP] * config.dedup.near
     sources = {s.name: SourceAccounting() for s in config.sources}
     summaries = [completed(build, stage) for stage in stages]
     for summary in summaries:
@@ -126,7 +139,7 @@ def verify_token_shards(store: Store, receipt: Receipt) -> ShardResult:
                     "it changed after the tokenize stage: rerun the build to redo it"
                 )
             checked += info.size
-    return ShardResult(counts={"bytes_verified": checked})
+    return ShardResult(counts=VerifiedCounts(bytes_verified=checked))
 
 
 def verified_name(receipt: Receipt) -> str:
@@ -135,11 +148,11 @@ def verified_name(receipt: Receipt) -> str:
     return f"{receipt.shard}-{digest[:12]}"
 
 
-@stage_task("manifest")
+@stage_task(MANIFEST)
 def write_manifest(build: Build, tokenizer: TokenizerInfo) -> str:
     store, config = build.store, build.config
-    tokenized = completed(build, "tokenize")
-    verify = Stage("verify-tokens", tokenized.receipts, verified_name, partial(verify_token_shards, store), ())
+    tokenized = completed(build, TOKENIZE)
+    verify = Stage(VERIFY_TOKENS, tokenized.receipts, verified_name, partial(verify_token_shards, store), ())
     run_stage(store, verify, config, config.parallelism)
     shards = ShardTable.of([shard for receipt in tokenized.receipts for shard in receipt.token_shards])
     manifest, table = new_manifest(
@@ -163,23 +176,8 @@ def write_manifest(build: Build, tokenizer: TokenizerInfo) -> str:
     return store.url(layout.MANIFEST)
 
 
-# The build's steps in pipeline order (its Prefect tasks), each with the stages it runs: a stage
-# belongs to the step whose prefix its name starts with (near dedup runs a dozen stages).
-PIPELINE = (
-    ("plan", ()),
-    ("ingest", ("ingest",)),
-    ("exact-dedup", ("exact",)),
-    ("near-dedup", ("near",)),
-    ("tokenizer", ("tokenizer",)),
-    ("tokenize", ("tokenize",)),
-    ("manifest", ("verify-tokens",)),
-)
 NEAR_SAMPLE_ROWS = 5  # near duplicates shown in the summary (all of them are in the sample's parquet)
 SNIPPET_CHARS = 60
-
-
-def _of_step(stage: str, prefixes: tuple[str, ...]) -> bool:
-    return any(stage == p or stage.startswith(p + "-") for p in prefixes)
 
 
 def _cell(value) -> str:
@@ -204,30 +202,30 @@ def step_rows(build: Build, manifest: DatasetManifest, seconds: dict[str, float]
     accounting = sum(manifest.sources.values(), SourceAccounting())
     documents = accounting.docs_in
     out_of = {  # documents left after each step, from the manifest's reconciled accounting
-        "ingest": documents - accounting.filtered - accounting.malformed,
-        "exact-dedup": -accounting.exact_dup,
-        "near-dedup": -accounting.near_dup,
-        "tokenize": 0,
+        INGEST: documents - accounting.filtered - accounting.malformed,
+        EXACT_DEDUP: -accounting.exact_dup,
+        NEAR_DEDUP: -accounting.near_dup,
+        TOKENIZE: 0,
     }
-    rows = [["plan", "", len(build.plan), "", "", "", seconds.get("plan", 0.0), f"{len(build.plan):,} input units"]]
+    rows = [[PLAN, "", len(build.plan), "", "", "", seconds.get(PLAN, 0.0), f"{len(build.plan):,} input units"]]
     kept = 0
-    for step, prefixes in PIPELINE[1:]:
-        stages = [s for s in ran if _of_step(s, prefixes)]
+    for step in PIPELINE[1:]:
+        stages = [s for s in ran if step.runs(s)]
         if not stages:
             continue
         totals = stage_totals(*[summary for s in stages if (summary := read_summary(store, s))])
-        docs_in = documents if step == "ingest" else kept
-        if step in out_of:
-            kept = out_of[step] if step == "ingest" else kept + out_of[step]
+        docs_in = documents if step.name == INGEST else kept
+        if step.name in out_of:
+            kept = out_of[step.name] if step.name == INGEST else kept + out_of[step.name]
         note = {
-            "tokenizer": f"vocab {manifest.tokenizer.vocab_size:,}",
-            "tokenize": f"{manifest.total_tokens:,} tokens",
-            "manifest": f"{manifest.shard_table.rows:,} token shards verified",
-        }.get(step, "")
-        counted = step in out_of
+            TOKENIZER: f"vocab {manifest.tokenizer.vocab_size:,}",
+            TOKENIZE: f"{manifest.total_tokens:,} tokens",
+            MANIFEST: f"{manifest.shard_table.rows:,} token shards verified",
+        }.get(step.name, "")
+        counted = step.name in out_of
         rows.append(
-            [step, len(stages), totals["shards"], docs_in if counted else "", kept if counted else "",
-             totals["work_seconds"], seconds.get(step, 0.0), note]
+            [step.name, len(stages), totals["shards"], docs_in if counted else "", kept if counted else "",
+             totals["work_seconds"], seconds.get(step.name, 0.0), note]
         )
     return rows
 

@@ -25,6 +25,7 @@ from tasks.parquet_io import READ_THREADS, read_partition, read_table, write_par
 from tasks.partitioning import rows_by_partition
 from tasks.plan import PlannedFile, ordinal_of
 from tasks.stage import Stage
+from tasks.stage_counts import MergedCounts
 
 REMOVED_SCHEMA = pa.schema([("id", pa.int64()), ("kept_id", pa.int64())])
 RemovedFolder = Callable[[int], str]  # block -> folder: layout.exact_removed or layout.near_removed
@@ -59,7 +60,7 @@ def merge_block(store: Store, folder_of: RemovedFolder, merged_of: MergedKey, bl
     ids, kept = ids[order], kept[order]
     rows = rows_by_partition(layout.removed_block_partition(ordinal_of(ids)), layout.REMOVED_BLOCK_FILES)
     info = write_partitions(store, merged_of(block), [pa.table([ids[r], kept[r]], schema=REMOVED_SCHEMA) for r in rows])
-    return ShardResult(outputs=[info], counts={"removed": len(ids), "files": len(keys)})
+    return ShardResult(outputs=[info], counts=MergedCounts(removed=len(ids), files=len(keys)))
 
 
 def merge_stage(name: str, store: Store, folder_of: RemovedFolder, merged_of: MergedKey, merged_prefix: str, plan_files: int) -> Stage:

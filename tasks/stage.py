@@ -23,7 +23,42 @@ from tasks.reporting import record_run_time
 STAGE_RETRIES = 2
 RETRY_DELAY_S = 5
 
+# The build's steps (its Prefect tasks). A step's name is also that of its stage whose summary
+# later steps read: ingest's documents, each dedup step's per-source losses, tokenize's shards.
+PLAN = "plan"
+INGEST = "ingest"
+EXACT_DEDUP = "exact-dedup"
+NEAR_DEDUP = "near-dedup"
+TOKENIZER = "tokenizer"
+TOKENIZER_SAMPLE = "tokenizer-sample"  # the tokenizer step's training sample
+TOKENIZE = "tokenize"
+MANIFEST = "manifest"
+VERIFY_TOKENS = "verify-tokens"  # the manifest step's stage: token shards re-hashed
+
 Item = TypeVar("Item")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of a build and the stages it runs, by name prefix (near dedup runs a dozen)."""
+
+    name: str
+    stage_prefixes: tuple[str, ...]
+
+    def runs(self, stage: str) -> bool:
+        return any(stage == p or stage.startswith(p + "-") for p in self.stage_prefixes)
+
+
+# The build's steps in pipeline order: the build summary's rows (tasks.publish).
+PIPELINE = (
+    Step(PLAN, ()),
+    Step(INGEST, (INGEST,)),
+    Step(EXACT_DEDUP, ("exact",)),
+    Step(NEAR_DEDUP, ("near",)),
+    Step(TOKENIZER, (TOKENIZER,)),
+    Step(TOKENIZE, (TOKENIZE,)),
+    Step(MANIFEST, (VERIFY_TOKENS,)),
+)
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,8 @@ from tasks.piece_cache import PieceCacheEncoder
 from tasks.plan import Build, PlannedFile, shard_of
 from tasks.removals import deduplicated_ids
 from tasks.reporting import stage_totals
-from tasks.stage import Stage, stage_task
+from tasks.stage import TOKENIZE, Stage, stage_task
+from tasks.stage_counts import TokenizeCounts
 from tasks.tokenizer import cached_processor
 
 CACHE_SHARE = 4  # the piece cache holds at most task_memory_bytes / CACHE_SHARE
@@ -112,18 +113,18 @@ def tokenize_shard(
     documents, tokens = sum(s.documents for s in shards), sum(s.tokens for s in shards)
     return ShardResult(
         outputs=outputs,
-        counts={"documents": documents, "tokens": tokens},
+        counts=TokenizeCounts(documents=documents, tokens=tokens),
         sources={file.source: SourceAccounting(kept=documents, tokens=tokens)},
         token_shards=shards,
     )
 
 
-@stage_task("tokenize")
+@stage_task(TOKENIZE)
 def tokenize(build: Build, tokenizer: TokenizerInfo) -> dict[str, int | float]:
     store, config = build.store, build.config
     cache_bytes = config.task_memory_bytes // CACHE_SHARE
     stage = Stage(
-        "tokenize", build.plan, shard_of,
+        TOKENIZE, build.plan, shard_of,
         lambda f: tokenize_shard(store, f, tokenizer, config.documents, config.shard_tokens, config.seed, cache_bytes),
         (layout.TOKENS,),
     )

@@ -21,7 +21,8 @@ from tasks.fanout import read_summary, read_valid, run_stage
 from tasks.parquet_io import read_table
 from tasks.plan import Build, PlannedFile
 from tasks.removals import deduplicated_ids
-from tasks.stage import Stage, stage_task
+from tasks.stage import INGEST, TOKENIZER, TOKENIZER_SAMPLE, Stage, stage_task
+from tasks.stage_counts import TokenizerCounts, TokenizerSampleCounts
 
 SAMPLE_SPREAD = 4  # the sample is drawn from shards holding this many times sample_bytes of text
 DEDUP_MARGIN = 1.5  # documents are drawn at this multiple of the needed rate: dedup removes some
@@ -73,7 +74,8 @@ def write_sample(store: Store, file: PlannedFile, rate: float, seed: int) -> Sha
     body = "".join(f"{line}\n" for text in texts for line in text.splitlines() if line.strip()).encode("utf-8")
     key = layout.tokenizer_sample(file.shard)
     store.put_bytes(key, body)
-    return ShardResult(outputs=[ObjectInfo(key=key, size=len(body), sha256=sha256_bytes(body))], counts={"bytes": len(body)})
+    outputs = [ObjectInfo(key=key, size=len(body), sha256=sha256_bytes(body))]
+    return ShardResult(outputs=outputs, counts=TokenizerSampleCounts(bytes=len(body)))
 
 
 def sample_lines(store: Store, keys: list[str], sample_bytes: int) -> Iterator[str]:
@@ -138,7 +140,7 @@ def make_tokenizer(store: Store, config: TokenizerConfig, sample_keys: list[str]
         ObjectInfo(key=layout.TOKENIZER_MODEL, size=len(model), sha256=info.sha256),
         ObjectInfo(key=layout.TOKENIZER_INFO, size=len(body), sha256=sha256_bytes(body)),
     ]
-    return ShardResult(outputs=outputs, counts={"vocab_size": info.vocab_size})
+    return ShardResult(outputs=outputs, counts=TokenizerCounts(vocab_size=info.vocab_size))
 
 
 def _sample_shard(file: PlannedFile) -> str:
@@ -146,27 +148,27 @@ def _sample_shard(file: PlannedFile) -> str:
 
 
 def _only_shard(_item: str) -> str:
-    return "tokenizer"
+    return TOKENIZER
 
 
-@stage_task("tokenizer")
+@stage_task(TOKENIZER)
 def tokenizer(build: Build) -> TokenizerInfo:
     store, config = build.store, build.config
     sample_keys: list[str] = []
     if config.tokenizer.train is not None:
-        ingested = read_summary(store, "ingest")
+        ingested = read_summary(store, INGEST)
         kept_bytes = ingested.source_sum("bytes_in")
         sample_bytes = config.tokenizer.train.sample_bytes
         files = sampled_shards(build.plan, kept_bytes, sample_bytes, config.seed)
         rate = DEDUP_MARGIN * sample_bytes / max(1, sum(kept_bytes[f.shard] for f in files))
         run_stage(
             store,
-            Stage("tokenizer-sample", files, _sample_shard, lambda f: write_sample(store, f, rate, config.seed), (layout.TOKENIZER_SAMPLE,)),
+            Stage(TOKENIZER_SAMPLE, files, _sample_shard, lambda f: write_sample(store, f, rate, config.seed), (layout.TOKENIZER_SAMPLE,)),
             config, config.parallelism,
         )
         sample_keys = [layout.tokenizer_sample(f.shard) for f in files]
     work = partial(make_tokenizer, store, config.tokenizer, sample_keys)
-    run_stage(store, Stage("tokenizer", ["tokenizer"], _only_shard, work, (layout.TOKENIZER_MODEL, layout.TOKENIZER_INFO)), config)
+    run_stage(store, Stage(TOKENIZER, [TOKENIZER], _only_shard, work, (layout.TOKENIZER_MODEL, layout.TOKENIZER_INFO)), config)
     info = read_valid(store, layout.TOKENIZER_INFO, TokenizerInfo)
     if info is None:
         raise TokenizerError(f"{store.url(layout.TOKENIZER_INFO)} vanished or was damaged while the build ran; rerun it")

@@ -17,6 +17,7 @@ from tasks.ingest.parquet_reader import ParquetReader
 from tasks.ingest.quarantine import Quarantine
 from tasks.ingest.reader import Bad, Reader
 from tasks.plan import PlannedFile, check_unchanged, document_id
+from tasks.stage_counts import IngestCounts
 
 READERS: dict[Format, type[Reader]] = {
     Format.jsonl: JsonlReader,
@@ -70,21 +71,21 @@ def ingest_file(file: PlannedFile, source: SourceConfig, filters: Filters, quara
                     kept += 1
                     bytes_in += document.size
                     nul_stripped += document.had_nul
-        counts = {
-            "docs_in": docs_in,
-            "kept": kept,
-            "filtered": excluded + too_short,
-            "malformed": bad.count,
-            "bytes_in": bytes_in,
-            "excluded": excluded,
-            "nul_stripped": nul_stripped,
-        }
-        assert docs_in == kept + counts["filtered"] + bad.count, counts
+        counts = IngestCounts(
+            docs_in=docs_in,
+            kept=kept,
+            filtered=excluded + too_short,
+            malformed=bad.count,
+            bytes_in=bytes_in,
+            excluded=excluded,
+            nul_stripped=nul_stripped,
+        )
+        assert docs_in == kept + counts.filtered + bad.count, counts
         check_unchanged(file, hash_content=False)
         outputs = [upload(out, docs_key(file), docs_path)]
         if bad.count:
             outputs.append(upload(out, quarantine_key(file), bad_path))
     accounting = SourceAccounting(
-        docs_in=docs_in, kept=kept, filtered=counts["filtered"], malformed=bad.count, bytes_in=bytes_in
+        docs_in=docs_in, kept=kept, filtered=counts.filtered, malformed=bad.count, bytes_in=bytes_in
     )
     return ShardResult(outputs=outputs, counts=counts, sources={file.source: accounting})

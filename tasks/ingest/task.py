@@ -7,16 +7,16 @@ from tasks.fanout import run_stage
 from tasks.ingest.shard import ingest_file
 from tasks.plan import Build, shard_of
 from tasks.reporting import stage_totals
-from tasks.stage import Stage, stage_task
+from tasks.stage import INGEST, Stage, stage_task
 
 
-@stage_task("ingest")
+@stage_task(INGEST)
 def ingest(build: Build) -> dict[str, int | float]:
     """Every planned file to a docs shard, one Ray task each; returns the stage's totals."""
     config, store = build.config, build.store
     sources = {s.name: s for s in config.sources}
     stage = Stage(
-        "ingest", build.plan, shard_of,
+        INGEST, build.plan, shard_of,
         lambda f: ingest_file(f, sources[f.source], config.filters, config.quarantine, store),
         (layout.DOCS, layout.QUARANTINE),
     )

@@ -8,7 +8,11 @@ documents, all edges or all ids: P = `bucket_partitions` and Q = `component_part
 task sees. A batch is a run of consecutive docs shards of about `batch_bytes`. Every shuffle
 writes one `.parts` object per map task, a partition per reduce task, which reads its
 partition of each with range reads (tasks.parquet_io): a step writes as many objects as it
-has tasks, never tasks x partitions.
+has tasks, never tasks x partitions. Every shuffle goes through merge levels
+(tasks.shuffle.MergedShuffle, steps `near-runs-<shuffle>-lNN`, objects
+runs/<shuffle>/lNN/r<run>-k<block>.parts) while more than MERGE_FAN_IN map objects are left, so a
+reduce task reads at most MERGE_FAN_IN objects: bands, candidates, shingles, edges, and the
+output of each components step (rNNN-large, rNNN-small) for the next.
 
   near-signatures  per batch: band hashes of each document exact dedup kept, a partition
                    per band-hash range P              bands/b<batch>.parts
@@ -17,15 +21,9 @@ has tasks, never tasks x partitions.
                    candidates' shingles inside the budget) and the candidates (id, range, group),
                    a partition per batch          buckets/p<P>-g<G>.parquet, candidates/p<P>.parts
                    without: star edges                edges/p<P>.parts
-  near-runs-candidates-lNN
-                   merge levels of the candidates shuffle (MergedShuffle), while more than
-                   MERGE_FAN_IN runs of ranges are left  runs/candidates/lNN/r<run>-k<block>.parts
   near-shingles    per batch (verify): the candidates' shingles, hashed to 32 bits (4 bytes a
                    shingle; collisions are ~1e-6 of a 3,000-shingle document), a partition per
                    verify group, in range order       shingles/b<batch>.parts
-  near-runs-shingles-lNN
-                   merge levels of the shingles shuffle, while more than MERGE_FAN_IN runs of
-                   batches are left                   runs/shingles/lNN/r<run>-k<block>.parts
   near-verify      per span of VERIFY_SPAN_GROUPS consecutive groups (verify): its part of each
                    of the last level's runs (at most MERGE_FAN_IN objects) is spilled to local
                    disk; then group by group, the edges whose true Jaccard reaches the threshold
@@ -40,11 +38,10 @@ has tasks, never tasks x partitions.
                    file (tasks.removals)              merged/k<block>.parts
   near-sample      the first removed documents in plan order beside the ones kept: sample.parquet
 
-Verification costs O((B + G) log B) range reads, not O(B x G): both of its shuffles (candidates
-from P ranges to B batches, shingles from B batches to G / VERIFY_SPAN_GROUPS verify spans) go
-through merge levels (MergedShuffle): each level concatenates MERGE_FAN_IN runs of objects for a
-1 / MERGE_FAN_IN cut of the reduce tasks, so objects keep about one map task's rows and a reduce
-task reads at most MERGE_FAN_IN objects; each level rewrites the shuffle's bytes once. Verifying
+Each shuffle costs O((M + R) log M) range reads with M map and R reduce tasks, not 2 x M x R:
+bands (B batches to P ranges), candidates (P to B), shingles (B to G / VERIFY_SPAN_GROUPS verify
+spans), edges and components (to and from Q vertex partitions); each level rewrites the
+shuffle's bytes once. Verifying
 from the 128-value MinHash signatures instead (no shingles shuffle at all) was measured and
 rejected: on benchmarks/dedup.py's code corpus (5,000 documents, 16 x 8 bands) estimated Jaccard
 gave precision 0.90 / recall 0.91 against exact all-pairs truth, exact shingles 1.00 / 0.996;
@@ -56,13 +53,10 @@ source's near_dup count as typed accounting.
 
 from __future__ import annotations
 
-import os
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -76,26 +70,25 @@ from tasks.config import TASK_MEMORY_BYTES, MinHashConfig
 from tasks import removals
 from tasks.near_dedup import components, lsh
 from tasks.near_dedup.minhash import MinHasher, jaccard
-from tasks.parquet_io import (
-    READ_THREADS,
-    parse_partition,
-    partition_offsets,
-    read_partition_of_each,
-    read_table,
-    write_partitions,
-    write_table,
-)
+from tasks.parquet_io import read_table, write_partitions, write_table
 from tasks.partitioning import VERIFY_SPAN_GROUPS, batches, partitions, rows_by_partition, verify_member_bytes
 from tasks.plan import PlannedFile, SourceRanges, ordinal_of
-from tasks.stage import Run, Stage
+from tasks.shuffle import MergedShuffle, merged_shuffle, spill_span, spilled_tables
+from tasks.stage import NEAR_DEDUP, Run, Stage
+from tasks.stage_counts import (
+    BucketCounts,
+    CandidateCounts,
+    NearDupCounts,
+    SampleCounts,
+    SignatureCounts,
+    StarCounts,
+    VerifyCounts,
+)
 
-STAGE = "near-dedup"  # the step whose receipts carry the per-source near_dup counts
+STAGE = NEAR_DEDUP  # the step whose receipts carry the per-source near_dup counts
 SAMPLE_ROWS = 100
 SNIPPET_CHARS = 300
 SIGN_BATCH = 4096  # documents turned into Python strings at a time
-MERGE_FAN_IN = 16  # runs a merge task concatenates, and blocks it cuts its block into
-SPILL_PIECE_BYTES = 64 << 20  # one range read of a spill, SPILL_PIECES_IN_FLIGHT at a time:
-SPILL_PIECES_IN_FLIGHT = 4  # at most 256 MiB held, however large the span
 MAX_ROUNDS = 64  # large-star/small-star needs O(log^2 n): far fewer in practice
 
 BANDS_SCHEMA = pa.schema([("hash", pa.uint64()), ("id", pa.int64())])
@@ -167,14 +160,9 @@ def _union(parts: Sequence[np.ndarray]) -> np.ndarray:
     return np.unique(np.concatenate(parts)) if parts else np.empty(0, np.int64)
 
 
-def _read_partition(store: Store, keys: Sequence[str], partition: int, schema: pa.Schema) -> pa.Table:
-    """One partition of each of some `.parts` objects, as one table (empty when there are none)."""
-    tables = read_partition_of_each(store, keys, partition, schema)
-    return pa.concat_tables(tables) if tables else schema.empty_table()
-
-
-def _pairs(store: Store, keys: Sequence[str], partition: int) -> tuple[np.ndarray, np.ndarray]:
-    table = _read_partition(store, keys, partition, EDGES_SCHEMA)
+def _pairs(store: Store, shuffle: MergedShuffle, partition: int) -> tuple[np.ndarray, np.ndarray]:
+    """A vertex partition's (vertex, neighbor) pairs from every object of an edges shuffle."""
+    table = shuffle.read(store, partition)
     return table.column(0).to_numpy(), table.column(1).to_numpy()
 
 
@@ -259,26 +247,24 @@ def compute_signatures(store: Store, cfg: MinHashConfig, batch: DocsBatch) -> Sh
     tables = [pa.table([hashes[rows], owners[rows]], schema=BANDS_SCHEMA) for rows in rows_by_partition(partition, partitions)]
     outputs = [write_partitions(store, layout.near_bands(batch.index), tables)]
     signed = len(owners) // bands
-    counts = {"documents": documents, "excluded": documents - signed, "signed": signed, "shingles": shingles}
+    counts = SignatureCounts(documents=documents, excluded=documents - signed, signed=signed, shingles=shingles)
     return ShardResult(outputs=outputs, counts=counts)
 
 
 def find_buckets(
-    store: Store, first_ordinals: np.ndarray, cfg: MinHashConfig, member_bytes: int, budget: int, partition: int
+    store: Store, bands: MergedShuffle, first_ordinals: np.ndarray, cfg: MinHashConfig, member_bytes: int, budget: int,
+    partition: int,
 ) -> ShardResult:
     """Documents that share a band bucket within one hash range; with verification, the
     buckets split into groups of whole buckets that each hold at most `budget` when verified
     (`member_bytes` per bucket membership). `first_ordinals`: batch_starts of the docs batches."""
-    bands = [layout.near_bands(b) for b in range(len(first_ordinals))]
-    table = _read_partition(store, bands, partition, BANDS_SCHEMA)
+    table = bands.read(store, partition)
     members, starts = lsh.group_buckets(table.column("hash").to_numpy(), table.column("id").to_numpy())
     members, starts = lsh.distinct_buckets(members, starts)
-    counts = {"buckets": len(starts), "members": len(members)}
     if not cfg.verify:
         first, second = lsh.star_edges(members, starts)
         outputs = _write_edges(store, cfg, partition_name(partition), first, second)
-        counts["edges"] = len(first)
-        return ShardResult(outputs=outputs, counts=counts)
+        return ShardResult(outputs=outputs, counts=BucketCounts(buckets=len(starts), members=len(members), edges=len(first)))
     sizes = lsh.bucket_sizes(starts, len(members))
     groups = partitions(len(members), member_bytes, budget)
     # consecutive buckets (in band-hash order, so unrelated) with about equal memberships
@@ -299,8 +285,7 @@ def find_buckets(
         for rows in rows_by_partition(_batch_index(ids, first_ordinals), len(first_ordinals))
     ]
     outputs.append(write_partitions(store, layout.near_candidates(partition), tables))
-    counts["verify_groups"] = groups
-    return ShardResult(outputs=outputs, counts=counts)
+    return ShardResult(outputs=outputs, counts=BucketCounts(buckets=len(starts), members=len(members), verify_groups=groups))
 
 
 def _write_edges(store: Store, cfg: MinHashConfig, source: str, first: np.ndarray, second: np.ndarray) -> list[ObjectInfo]:
@@ -341,9 +326,7 @@ def _take_ascending(chunks: Sequence[pa.Array], rows: np.ndarray) -> pa.ChunkedA
 def collect_shingles(store: Store, cfg: MinHashConfig, candidates: MergedShuffle, groups: VerifyGroups, batch: DocsBatch) -> ShardResult:
     """Hashed shingles of a batch's candidate documents, a partition per verify group (in the
     order of their numbers) in one object."""
-    keys, partition = candidates.sources(batch.index)
-    tables = read_partition_of_each(store, keys, partition, CANDIDATES_SCHEMA)
-    table = pa.concat_tables(tables) if tables else CANDIDATES_SCHEMA.empty_table()
+    table = candidates.read(store, batch.index)
     candidate_ids = table.column("id").to_numpy()
     number = groups.first[table.column("range").to_numpy()] + table.column("group").to_numpy()
     # ids ascend within a group: a group is one range's, whose rows come in id order
@@ -370,156 +353,12 @@ def collect_shingles(store: Store, cfg: MinHashConfig, candidates: MergedShuffle
             yield pa.table([id_array.take(pa.array(rows)), _take_ascending(found_sets, rows)], schema=SHINGLES_SCHEMA)
 
     outputs = [write_partitions(store, layout.near_shingles(batch.index), group_tables(), len(groups))]
-    return ShardResult(outputs=outputs, counts={"candidates": len(wanted)})
+    return ShardResult(outputs=outputs, counts=CandidateCounts(candidates=len(wanted)))
 
 
 def verify_spans(groups: int) -> list[range]:
     """Consecutive verify groups, VERIFY_SPAN_GROUPS a task."""
     return [range(first, min(first + VERIFY_SPAN_GROUPS, groups)) for first in range(0, groups, VERIFY_SPAN_GROUPS)]
-
-
-def _split(items: range, parts: int) -> list[range]:
-    """A range cut into min(parts, len) consecutive ranges of about equal length."""
-    count = min(parts, len(items))
-    bounds = [items.start + len(items) * i // count for i in range(count + 1)]
-    return [range(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
-
-
-@dataclass(frozen=True)
-class MergedShuffle:
-    """A shuffle whose reduce tasks read at most `fan_in` objects: merge levels between its map
-    objects and its reduce tasks, derived from a few numbers (no list per task to pass).
-
-    Level 0 is the map tasks' objects, a partition per reduce partition; a reduce task reads
-    `span` consecutive partitions. A task of level l + 1 reads one block's share of `fan_in`
-    consecutive runs of level l (an offsets read, then the bytes in pieces, spilled to local
-    disk) and writes their concatenation, partition by partition in map order, as one object for
-    a block of consecutive reduce tasks that is a 1 / `fan_in` cut of the level-l block. So an
-    object holds about one map object's rows at every level (`fan_in` times the maps, 1 /
-    `fan_in` of the partitions), at most one reduce task's rows once blocks are single reduce
-    tasks. Levels go on until at most `fan_in` runs are left. Range reads: at most 2 x fan_in
-    per object of a level (each level writes at most maps + reduce tasks objects), over
-    ceil(log_fan_in maps) - 1 levels, and 2 x fan_in per reduce task: O((M + R) log M), where
-    every reduce task reading every map object is 2 x M x R, which grows as (data / budget)^2.
-    The price: each level rewrites the shuffle's bytes once (a larger fan-in: fewer levels,
-    more reads per object)."""
-
-    name: str  # the shuffle's folder under layout.NEAR_RUNS
-    map_key: Callable[[int], str]  # a map task's object
-    schema: pa.Schema
-    maps: int
-    partitions: int
-    span: int  # partitions a reduce task reads
-    fan_in: int  # runs a merge task concatenates, and blocks it cuts its block into
-
-    @property
-    def reducers(self) -> int:
-        return -(-self.partitions // self.span)
-
-    @property
-    def levels(self) -> int:
-        """Merge levels until at most `fan_in` runs are left for a reduce task to read."""
-        level = 0
-        while self.runs(level) > self.fan_in:
-            level += 1
-        return level
-
-    def runs(self, level: int) -> int:
-        return -(-self.maps // self.fan_in**level)
-
-    def blocks(self, level: int) -> list[tuple[int, range]]:
-        """Each block of the level: (its block at level - 1, the reduce tasks it holds)."""
-        blocks = [(0, range(self.reducers))]
-        for _ in range(level):
-            blocks = [(parent, part) for parent, (_, reducers) in enumerate(blocks) for part in _split(reducers, self.fan_in)]
-        return blocks
-
-    def partitions_of(self, reducers: range) -> range:
-        """The partitions of some consecutive reduce tasks: a block's partitions, in order."""
-        return range(reducers.start * self.span, min(reducers.stop * self.span, self.partitions))
-
-    def key(self, level: int, run: int, block: int) -> str:
-        return self.map_key(run) if level == 0 else layout.near_run(self.name, level, run, block)
-
-    def merges(self, level: int) -> list[tuple[int, int, int]]:
-        """The tasks of a level >= 1: (level, run, block)."""
-        return [(level, run, block) for block in range(len(self.blocks(level))) for run in range(self.runs(level))]
-
-    def stages(self, store: Store) -> list[Stage]:
-        """A Stage per merge level, to run in order."""
-        merge = partial(merge_runs, store, self)
-        return [
-            Stage(f"near-runs-{self.name}-l{level:02d}", self.merges(level), _merge_name, merge, (layout.near_runs(self.name, level),))
-            for level in range(1, self.levels + 1)
-        ]
-
-    def sources(self, first_partition: int) -> tuple[list[str], int]:
-        """What a reduce task reads, by its first partition: the last level's objects of its
-        block (at most `fan_in`), and where its partitions begin in them."""
-        level, reducer = self.levels, first_partition // self.span
-        blocks = self.blocks(level)
-        block = next(b for b, (_, reducers) in enumerate(blocks) if reducer in reducers)
-        keys = [self.key(level, run, block) for run in range(self.runs(level))]
-        return keys, first_partition - self.partitions_of(blocks[block][1]).start
-
-
-def _merge_name(merge: tuple[int, int, int]) -> str:
-    _, run, block = merge
-    return f"r{run:06d}-k{block:06d}"
-
-
-def merge_runs(store: Store, shuffle: MergedShuffle, merge: tuple[int, int, int]) -> ShardResult:
-    """One run and block of a merge level: the block's partitions of up to `fan_in` runs of
-    the level below (spilled to local disk), concatenated partition by partition in map order,
-    so rows keep their order."""
-    level, run, block = merge
-    parent, reducers = shuffle.blocks(level)[block]
-    partitions = shuffle.partitions_of(reducers)
-    first = partitions.start - shuffle.partitions_of(shuffle.blocks(level - 1)[parent][1]).start
-    below = range(run * shuffle.fan_in, min((run + 1) * shuffle.fan_in, shuffle.runs(level - 1)))
-    keys = [shuffle.key(level - 1, r, parent) for r in below]
-    with tempfile.TemporaryFile() as spill:
-        where = _spill_span(store, keys, range(first, first + len(partitions)), spill)
-
-        def tables():  # one partition's rows at a time
-            for offset in range(len(partitions)):
-                names = [f"{store.url(key)}: partition {first + offset}" for key in keys]
-                yield pa.concat_tables(list(_spilled_tables(spill, where, offset, names, shuffle.schema)))
-
-        output = write_partitions(store, shuffle.key(level, run, block), tables(), len(partitions))
-    return ShardResult(outputs=[output], counts={"runs": len(keys), "partitions": len(partitions)})
-
-
-def _spill_span(store: Store, keys: Sequence[str], span: range, spill: BinaryIO) -> list[np.ndarray]:
-    """The span's partitions of each object appended to a local file, in object order; each
-    object's partition offsets in the file. Read in pieces of at most SPILL_PIECE_BYTES, a few
-    at a time, so memory holds a few pieces however large the span: a merge task's inputs can be
-    a verify span's whole shingles."""
-    with ThreadPoolExecutor(min(READ_THREADS, max(len(keys), 1))) as pool:
-        headers = list(pool.map(lambda key: partition_offsets(store, key, span.start, span.stop), keys))
-        where, at = [], spill.tell()
-        for offsets in headers:
-            where.append(np.asarray(offsets, dtype=np.int64) - offsets[0] + at)
-            at += offsets[-1] - offsets[0]
-        pieces = [
-            (key, start, min(SPILL_PIECE_BYTES, offsets[-1] - start))
-            for key, offsets in zip(keys, headers)
-            for start in range(offsets[0], offsets[-1], SPILL_PIECE_BYTES)
-        ]
-        for first in range(0, len(pieces), SPILL_PIECES_IN_FLIGHT):
-            for data in pool.map(lambda piece: store.get_range(*piece), pieces[first : first + SPILL_PIECES_IN_FLIGHT]):
-                spill.write(data)
-    spill.flush()
-    return where
-
-
-def _spilled_tables(
-    spill: BinaryIO, where: Sequence[np.ndarray], offset: int, names: Sequence[str], schema: pa.Schema = SHINGLES_SCHEMA
-) -> Iterator[pa.Table]:
-    """The span's `offset`-th partition of each object, from the spill file, in object order."""
-    for at, name in zip(where, names):
-        start, end = int(at[offset]), int(at[offset + 1])
-        yield parse_partition(os.pread(spill.fileno(), end - start, start), schema, name)
 
 
 def _shingle_table(tables: Iterable[pa.Table], where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -566,60 +405,52 @@ def verify_span(store: Store, cfg: MinHashConfig, shingles: MergedShuffle, group
     keys, first = shingles.sources(span.start)
     first_edges, second_edges, comparisons = [], [], 0
     with tempfile.TemporaryFile() as spill:
-        where = _spill_span(store, keys, range(first, first + len(span)), spill)
+        where = spill_span(store, keys, range(first, first + len(span)), spill)
         for offset, group in enumerate(span):
             names = [f"{store.url(key)}: partition {first + offset}" for key in keys]
             name = groups.name(group)
-            found = _shingle_table(_spilled_tables(spill, where, offset, names), f"verify group {name} in {keys[0]}")
+            found = _shingle_table(spilled_tables(spill, where, offset, names, SHINGLES_SCHEMA), f"verify group {name} in {keys[0]}")
             edges = _verify_group(store, cfg, name, *found)
             first_edges.append(edges[0])
             second_edges.append(edges[1])
             comparisons += edges[2]
     first_ids, second_ids = np.concatenate(first_edges), np.concatenate(second_edges)
     outputs = _write_edges(store, cfg, _span_name(span), first_ids, second_ids)
-    return ShardResult(outputs=outputs, counts={"groups": len(span), "comparisons": comparisons, "edges": len(first_ids)})
+    return ShardResult(outputs=outputs, counts=VerifyCounts(groups=len(span), comparisons=comparisons, edges=len(first_ids)))
 
 
-def edge_sources(cfg: MinHashConfig, verify_groups: int) -> list[str]:
-    """What found the edges: a verify span each (of `verify_groups`), or without verification a
-    bucket range each; derived from two numbers, so no task is given a name per span."""
-    if cfg.verify:
-        return [_span_name(span) for span in verify_spans(verify_groups)]
-    return [partition_name(p) for p in range(cfg.bucket_partitions)]
+def _edges_key(span_groups: int, source: int) -> str:
+    """The edges one verify span found (spans of `span_groups` groups), or without verification
+    (`span_groups` 0) one bucket range: a number, so no task is given a name per span."""
+    return layout.near_edges(verify_span_name(source * span_groups) if span_groups else partition_name(source))
 
 
-def large_star_step(store: Store, cfg: MinHashConfig, verify_groups: int, round_: int, partition: int) -> ShardResult:
-    """One round's large-star; round 0 reads the edges every bucket range or verify span found."""
-    partitions = range(cfg.component_partitions)
-    if round_ == 0:
-        inputs = [layout.near_edges(source) for source in edge_sources(cfg, verify_groups)]
-    else:
-        inputs = [layout.near_star(round_ - 1, "small", q) for q in partitions]
-    vertex, neighbor = _pairs(store, inputs, partition)
+def large_star_step(store: Store, round_: int, pairs: MergedShuffle, partition: int) -> ShardResult:
+    """One round's large-star over its vertex partition of `pairs`: in round 0 the edges every
+    bucket range or verify span found, then the previous round's small-star."""
+    vertex, neighbor = _pairs(store, pairs, partition)
     larger, smaller, changed = components.large_star(vertex, neighbor)
-    outputs = _write_pairs(store, layout.near_star(round_, "large", partition), len(partitions), larger, smaller)
-    return ShardResult(outputs=outputs, counts={"edges_in": len(vertex), "changed": changed})
+    outputs = _write_pairs(store, layout.near_star(round_, "large", partition), pairs.partitions, larger, smaller)
+    return ShardResult(outputs=outputs, counts=StarCounts(edges_in=len(vertex), changed=changed))
 
 
-def small_star_step(store: Store, cfg: MinHashConfig, round_: int, partition: int) -> ShardResult:
-    partitions = range(cfg.component_partitions)
-    larger, smaller = _pairs(store, [layout.near_star(round_, "large", q) for q in partitions], partition)
+def small_star_step(store: Store, round_: int, pairs: MergedShuffle, partition: int) -> ShardResult:
+    larger, smaller = _pairs(store, pairs, partition)
     new_larger, new_smaller, changed = components.small_star(larger, smaller)
     key = layout.near_star(round_, "small", partition)
-    outputs = _write_pairs(store, key, len(partitions), *_both_directions(new_larger, new_smaller))
-    return ShardResult(outputs=outputs, counts={"edges_in": len(larger), "changed": changed})
+    outputs = _write_pairs(store, key, pairs.partitions, *_both_directions(new_larger, new_smaller))
+    return ShardResult(outputs=outputs, counts=StarCounts(edges_in=len(larger), changed=changed))
 
 
-def write_removed(store: Store, sources: SourceRanges, cfg: MinHashConfig, final_round: int, partition: int) -> ShardResult:
-    """From the converged stars: each non-center vertex is removed for its center, the
-    smallest id of its component; written per docs shard for the tokenize stage."""
-    keys = [layout.near_star(final_round, "small", q) for q in range(cfg.component_partitions)]
-    vertex, neighbor = _pairs(store, keys, partition)
+def write_removed(store: Store, sources: SourceRanges, stars: MergedShuffle, partition: int) -> ShardResult:
+    """From the converged stars (the last small-star): each non-center vertex is removed for its
+    center, the smallest id of its component; written per block of plan files."""
+    vertex, neighbor = _pairs(store, stars, partition)
     leaf = vertex > neighbor
     removed, kept = vertex[leaf], neighbor[leaf]
     outputs = removals.write_removed(store, layout.near_removed, vertex_partition_name(partition), removed, kept)
     accounting = {source: SourceAccounting(near_dup=n) for source, n in sources.count(removed).items()}
-    return ShardResult(outputs=outputs, counts={"near_dup": len(removed)}, sources=accounting)
+    return ShardResult(outputs=outputs, counts=NearDupCounts(near_dup=len(removed)), sources=accounting)
 
 
 def write_sample(store: Store, shards: Sequence[DocsShard], cfg: MinHashConfig, rows: int = SAMPLE_ROWS) -> ShardResult:
@@ -652,7 +483,7 @@ def write_sample(store: Store, shards: Sequence[DocsShard], cfg: MinHashConfig, 
         schema=SAMPLE_SCHEMA,
     )
     outputs = [write_table(store, layout.NEAR_SAMPLE, table)]
-    return ShardResult(outputs=outputs, counts={"rows": len(removed_ids)})
+    return ShardResult(outputs=outputs, counts=SampleCounts(rows=len(removed_ids)))
 
 
 # -- the stage ----------------------------------------------------------------------------
@@ -679,7 +510,7 @@ class VerifyGroups:
 
     @classmethod
     def of(cls, buckets: StageSummary) -> VerifyGroups:
-        groups = dict(zip(buckets.shards, buckets.count("verify_groups").tolist()))
+        groups = dict(zip(buckets.shards, (c.verify_groups for c in buckets.per_shard(BucketCounts))))
         counts = [groups[partition_name(p)] for p in range(len(groups))]
         return cls(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
 
@@ -689,6 +520,11 @@ class VerifyGroups:
     def name(self, number: int) -> str:
         partition = int(np.searchsorted(self.first, number, side="right")) - 1
         return verify_group_name(partition, number - int(self.first[partition]))
+
+
+def _shuffle(name: str, map_key: Callable[[int], str], schema: pa.Schema, maps: int, partitions: int, span: int = 1) -> MergedShuffle:
+    """A near-dedup shuffle through merge levels: steps `near-runs-<name>-lNN`, objects under runs/<name>/."""
+    return merged_shuffle(f"near-runs-{name}", partial(layout.near_runs, name), map_key, schema, maps, partitions, span)
 
 
 def run_near_dedup(
@@ -703,50 +539,59 @@ def run_near_dedup(
     partitions = list(range(cfg.bucket_partitions))
     vertex_partitions = list(range(cfg.component_partitions))
     signed = run(Stage("near-signatures", batches, _batch_name, partial(compute_signatures, store, cfg), (layout.NEAR_BANDS,)))
-    documents = signed.total("signed")
-    member_bytes = verify_member_bytes(signed.total("shingles") / max(documents, 1))
+    signatures = signed.totals(SignatureCounts)
+    member_bytes = verify_member_bytes(signatures.shingles / max(signatures.signed, 1))
+    bands = _shuffle("bands", layout.near_bands, BANDS_SCHEMA, len(batches), len(partitions))
+    for stage in bands.stages(store):
+        run(stage)
     bucket_outputs = (layout.NEAR_BUCKETS, layout.NEAR_CANDIDATES) if cfg.verify else (layout.NEAR_EDGES,)
     buckets = run(
         Stage(
             "near-buckets", partitions, partition_name,
-            partial(find_buckets, store, batch_starts(batches), cfg, member_bytes, budget),
+            partial(find_buckets, store, bands, batch_starts(batches), cfg, member_bytes, budget),
             bucket_outputs,
         )
     )
     verify_groups = 0
     if cfg.verify:
         groups = VerifyGroups.of(buckets)
-        candidates = MergedShuffle("candidates", layout.near_candidates, CANDIDATES_SCHEMA, len(partitions), len(batches), 1, MERGE_FAN_IN)
+        candidates = _shuffle("candidates", layout.near_candidates, CANDIDATES_SCHEMA, len(partitions), len(batches))
         for stage in candidates.stages(store):
             run(stage)
         run(Stage("near-shingles", batches, _batch_name, partial(collect_shingles, store, cfg, candidates, groups), (layout.NEAR_SHINGLES,)))
-        shingles = MergedShuffle(
-            "shingles", layout.near_shingles, SHINGLES_SCHEMA, len(batches), len(groups), VERIFY_SPAN_GROUPS, MERGE_FAN_IN
-        )
+        shingles = _shuffle("shingles", layout.near_shingles, SHINGLES_SCHEMA, len(batches), len(groups), VERIFY_SPAN_GROUPS)
         for stage in shingles.stages(store):
             run(stage)
         verify = partial(verify_span, store, cfg, shingles, groups)
         run(Stage("near-verify", verify_spans(len(groups)), _span_name, verify, (layout.NEAR_EDGES,)))
         verify_groups = len(groups)
+    # every components step reads the step before it through merge levels, round 0 the edges
+    span_groups, sources = (VERIFY_SPAN_GROUPS, len(verify_spans(verify_groups))) if cfg.verify else (0, len(partitions))
+    pairs = _shuffle("edges", partial(_edges_key, span_groups), EDGES_SCHEMA, sources, len(vertex_partitions))
     for round_ in range(MAX_ROUNDS):
         changed = 0
-        large, small = partial(large_star_step, store, cfg, verify_groups), partial(small_star_step, store, cfg)
-        for step, work in (("large", large), ("small", small)):
+        for step, work in (("large", large_star_step), ("small", small_star_step)):
+            for stage in pairs.stages(store):
+                run(stage)
             summary = run(
                 Stage(
                     f"near-components-r{round_:03d}-{step}", vertex_partitions, vertex_partition_name,
-                    partial(work, round_), (layout.near_components(round_, step),),
+                    partial(work, store, round_, pairs), (layout.near_components(round_, step),),
                 )
             )
-            changed += summary.total("changed")
+            changed += summary.totals(StarCounts).changed
+            name = f"r{round_:03d}-{step}"
+            pairs = _shuffle(name, partial(layout.near_star, round_, step), EDGES_SCHEMA, len(vertex_partitions), len(vertex_partitions))
         if changed == 0:
             break
     else:
         raise RuntimeError(f"near dedup: connected components did not converge in {MAX_ROUNDS} rounds")
+    for stage in pairs.stages(store):
+        run(stage)
     removed = run(
         Stage(
             STAGE, vertex_partitions, vertex_partition_name,
-            partial(write_removed, store, SourceRanges.of([s.file for s in shards]), cfg, round_),
+            partial(write_removed, store, SourceRanges.of([s.file for s in shards]), pairs),
             (layout.NEAR_REMOVED,),
         )
     )

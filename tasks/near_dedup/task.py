@@ -10,13 +10,13 @@ from tasks.near_dedup.steps import STAGE, DocsShard, bands_rows, run_near_dedup
 from tasks.partitioning import NEAR_BAND_ROW_BYTES, NEAR_EDGE_BYTES, batch_bytes, ingested_documents, partitions
 from tasks.plan import Build
 from tasks.reporting import stage_totals
-from tasks.stage import stage_task
+from tasks.stage import INGEST, NEAR_DEDUP, stage_task
 
 
-@stage_task("near-dedup")
+@stage_task(NEAR_DEDUP)
 def near_dedup(build: Build) -> dict[str, int | float]:
     store, config = build.store, build.config
-    documents, sizes = ingested_documents(read_summary(store, "ingest"))
+    documents, sizes = ingested_documents(read_summary(store, INGEST))
     budget, cfg = config.task_memory_bytes, config.minhash
     bands, _ = bands_rows(cfg)
     cfg = cfg.model_copy(

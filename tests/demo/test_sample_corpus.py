@@ -153,8 +153,8 @@ def ingested(corpus, tmp_path_factory):
 def test_ingest_keeps_every_document_and_exact_repeats_are_the_planted_ids(corpus, ingested):
     _, plan, _, receipts, kept, id_of = ingested
     for receipt in receipts:
-        assert receipt.counts["malformed"] == 0
-        assert receipt.counts["excluded"] == receipt.counts["filtered"]  # nothing is too short
+        assert receipt.counts.malformed == 0
+        assert receipt.counts.excluded == receipt.counts.filtered  # nothing is too short
     for name, info in corpus["sources"].items():
         assert sum(f.source == name for f in plan) == len(info["files"])
     assert len(kept) == sum(i["documents"] - i["excluded"] for i in corpus["sources"].values())

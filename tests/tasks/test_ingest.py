@@ -87,7 +87,7 @@ def test_jsonl_records_become_documents(store, fmt):
         doc(3, kept[1]),
         doc(5, kept[2], '{"meta.n":{"deep":[2]},"meta.set":"Web"}'),
     ]
-    assert receipt.counts == {
+    assert receipt.counts.as_dict() == {
         "docs_in": 5, "kept": 3, "filtered": 2, "malformed": 0, "excluded": 1, "nul_stripped": 1,
         "bytes_in": sum(len(text.encode()) for text in kept),
     }  # fmt: skip
@@ -122,8 +122,8 @@ def test_bad_records_are_quarantined_and_counted(tmp_path, out):
 
     receipt = ingest_file(file, src, Filters(min_chars=0, max_record_bytes=4096), quarantine=True, out=out)
 
-    assert receipt.counts["docs_in"] == 14
-    assert (receipt.counts["kept"], receipt.counts["filtered"], receipt.counts["malformed"]) == (2, 1, 11)
+    assert receipt.counts.docs_in == 14
+    assert (receipt.counts.kept, receipt.counts.filtered, receipt.counts.malformed) == (2, 1, 11)
     assert [d["id"] for d in docs(out, file)] == ids(0, 13)  # ids count every line, bad ones too
     entries = quarantined(out, file)
     assert [e["line"] for e in entries] == sorted(BAD_LINES)
@@ -153,7 +153,7 @@ def test_a_byte_order_mark_at_the_start_of_a_file_is_not_text(tmp_path, out, fmt
         data = zstandard.ZstdCompressor().compress(data)
     file = place(LocalStore(tmp_path / "raw"), f"bom.{fmt}", data)
     receipt = ingest_file(file, source(fmt), FILTERS, quarantine=True, out=out)
-    assert (receipt.counts["kept"], receipt.counts["malformed"]) == (2, 0)
+    assert (receipt.counts.kept, receipt.counts.malformed) == (2, 0)
     assert [d["text"] for d in docs(out, file)] == ["the first document, after the mark", "the second document"]
 
 
@@ -167,7 +167,7 @@ def test_invalid_utf8_is_quarantined_naming_its_line_and_byte_offset(tmp_path, o
         data, stream = zstandard.ZstdCompressor().compress(data), "decompressed stream"
     file = place(LocalStore(tmp_path / "raw"), f"bad.{fmt}", data)
     receipt = ingest_file(file, source(fmt), FILTERS, quarantine=True, out=out)
-    assert (receipt.counts["kept"], receipt.counts["malformed"]) == (1, 1)
+    assert (receipt.counts.kept, receipt.counts.malformed) == (1, 1)
     [entry] = quarantined(out, file)
     assert entry["line"] == 2
     assert entry["reason"] == f"invalid UTF-8: byte 0xc3 at byte offset {offset} of the {stream} ({in_line} into the line)"
@@ -178,7 +178,7 @@ def test_invalid_utf8_is_quarantined_naming_its_line_and_byte_offset(tmp_path, o
 def test_empty_text_is_filtered_even_with_no_minimum(tmp_path, out):
     file = place(LocalStore(tmp_path / "raw"), "e.jsonl", jsonl({"text": ""}, {"text": "\u0000"}, {"text": "x"}))
     receipt = ingest_file(file, source(), Filters(min_chars=0), quarantine=True, out=out)
-    assert (receipt.counts["kept"], receipt.counts["filtered"]) == (1, 2)
+    assert (receipt.counts.kept, receipt.counts.filtered) == (1, 2)
     assert [d["text"] for d in docs(out, file)] == ["x"]
 
 
@@ -197,8 +197,8 @@ def test_truncated_zst_keeps_what_was_read(store):
 
     receipt = ingest_file(file, source("jsonl.zst"), FILTERS, quarantine=True, out=build)
 
-    assert receipt.counts["kept"] == complete_lines > 0
-    assert receipt.counts["malformed"] == 1
+    assert receipt.counts.kept == complete_lines > 0
+    assert receipt.counts.malformed == 1
     [entry] = quarantined(build, file)
     assert entry["line"] == complete_lines + 1
     assert f"ends inside a frame at compressed byte {len(cut)}" in entry["reason"]
@@ -225,8 +225,8 @@ def test_zst_cut_anywhere_but_between_frames_is_reported(tmp_path):
     for cut in range(len(data) + 1):
         file = place(raw, "f.jsonl.zst", data[:cut])
         receipt = ingest_file(file, source("jsonl.zst"), FILTERS, quarantine=True, out=out)
-        assert receipt.counts["malformed"] == (cut not in boundaries), cut
-    assert receipt.counts["kept"] == 3
+        assert receipt.counts.malformed == (cut not in boundaries), cut
+    assert receipt.counts.kept == 3
 
 
 def test_zstd_bomb_and_overlong_lines_keep_memory_bounded(tmp_path, out):
@@ -246,7 +246,7 @@ def test_zstd_bomb_and_overlong_lines_keep_memory_bounded(tmp_path, out):
         tracemalloc.stop()
 
     assert peak < 32 << 20
-    assert (receipt.counts["kept"], receipt.counts["malformed"]) == (1, 1)
+    assert (receipt.counts.kept, receipt.counts.malformed) == (1, 1)
     [entry] = quarantined(out, file)
     assert entry["reason"] == f"line of {bomb + 12} bytes exceeds max_record_bytes={4 << 20}"
     assert entry["raw"] == '{"text": "' + "a" * 1014
@@ -259,7 +259,7 @@ def test_zst_frame_declaring_a_huge_window_is_refused(tmp_path, out):
     data = writer.compress(_lines(10)) + writer.flush()
     file = place(LocalStore(tmp_path / "raw"), "window.jsonl.zst", data)
     receipt = ingest_file(file, source("jsonl.zst"), FILTERS, quarantine=True, out=out)
-    assert (receipt.counts["kept"], receipt.counts["malformed"]) == (0, 1)
+    assert (receipt.counts.kept, receipt.counts.malformed) == (0, 1)
     assert "Frame requires too much memory" in quarantined(out, file)[0]["reason"]
 
 
@@ -272,7 +272,7 @@ def test_long_lines_across_read_chunks(tmp_path, out):
     assert [d["id"] for d in docs(out, file)] == ids(0, 2, 3)
     [entry] = quarantined(out, file)
     assert entry["line"] == 2 and "exceeds max_record_bytes" in entry["reason"]
-    assert receipt.counts["docs_in"] == 4
+    assert receipt.counts.docs_in == 4
 
 
 def test_a_50_mb_document_is_kept(tmp_path, out):
@@ -280,7 +280,7 @@ def test_a_50_mb_document_is_kept(tmp_path, out):
     data = zstandard.ZstdCompressor(level=1).compress(jsonl({"text": text}, {"text": "a small one after it"}))
     file = place(LocalStore(tmp_path / "raw"), "big.jsonl.zst", data)
     receipt = ingest_file(file, source("jsonl.zst"), FILTERS, quarantine=True, out=out)
-    assert receipt.counts["kept"] == 2 and receipt.counts["bytes_in"] == len(text) + 20
+    assert receipt.counts.kept == 2 and receipt.counts.bytes_in == len(text) + 20
     assert docs(out, file)[0]["text"] == text
 
 
@@ -320,7 +320,7 @@ def test_parquet_rows_become_documents(store):
         doc(0, "def f():\n    return 1\n", '{"lang":"Python","meta.repo":"a/b"}'),
         doc(4, "print('hello')", '{"lang":"Python","meta.repo":"e/f"}'),
     ]
-    assert receipt.counts | {"bytes_in": 0} == {
+    assert receipt.counts.as_dict() | {"bytes_in": 0} == {
         "docs_in": 5, "kept": 2, "filtered": 2, "malformed": 1, "bytes_in": 0, "excluded": 1, "nul_stripped": 0
     }  # fmt: skip
     [entry] = quarantined(build, file)
@@ -355,7 +355,7 @@ def test_hf_dataset_row_range(tmp_path, out):
     receipt = ingest_file(file, src, FILTERS, quarantine=True, out=out)
 
     got = docs(out, file)
-    assert receipt.counts["kept"] == len(got) == 1200
+    assert receipt.counts.kept == len(got) == 1200
     assert [d["text"] for d in got] == [r["text"] for r in rows[700:1900]]
     assert [d["id"] for d in got] == ids(*range(1200))
     assert got[0]["meta"] == '{"meta.n":700}'

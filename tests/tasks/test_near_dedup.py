@@ -41,6 +41,7 @@ from tasks.partitioning import verify_member_bytes
 from tasks import removals
 from tasks.removals import removed_pairs
 from tasks.plan import PlannedFile, document_id
+from tasks.shuffle import MERGE_FAN_IN, MergedShuffle
 
 # 16 bands x 8 rows: LSH recall 0.994 at J=0.85 (SlimPajama's 9 x 13 gives 0.69 there: its
 # S-curve is centered at 0.845); verification then removes the extra candidates.
@@ -433,7 +434,7 @@ def test_without_verification_buckets_become_edges(tmp_path):
 def test_same_result_serial_and_on_ray(tmp_path, ray_local, monkeypatch):
     """Byte-identical outputs in-process, on one Ray worker at a time, and on two (with several
     verify groups and spans)."""
-    monkeypatch.setattr(steps, "MERGE_FAN_IN", 2)  # merge levels in both shuffles (passed to the workers)
+    monkeypatch.setattr("tasks.shuffle.MERGE_FAN_IN", 2)  # merge levels in every shuffle (passed to the workers)
     results = []
     for name, make in (
         ("serial", inline_run),
@@ -448,6 +449,7 @@ def test_same_result_serial_and_on_ray(tmp_path, ray_local, monkeypatch):
     assert sum("edges/v" in k for k in results[0]) > 1
     assert any(k.startswith(layout.near_runs("candidates", 1)) for k in results[0])
     assert any(k.startswith(layout.near_runs("shingles", 1)) for k in results[0])
+    assert any(k.startswith(layout.near_runs("bands", 1)) for k in results[0])
 
 
 def test_each_map_task_writes_one_object_and_batches_find_the_same(tmp_path):
@@ -526,10 +528,21 @@ class S3Calls:
 
 
 def verify_reads(calls: S3Calls) -> int:
-    return sum(calls.count("GetObject", prefix) for prefix in (layout.NEAR_CANDIDATES, layout.NEAR_SHINGLES, layout.NEAR_RUNS))
+    prefixes = (layout.NEAR_CANDIDATES, layout.NEAR_SHINGLES, near_runs_of("candidates"), near_runs_of("shingles"))
+    return sum(calls.count("GetObject", prefix) for prefix in prefixes)
 
 
-def merged_reads_bound(shuffle: steps.MergedShuffle) -> int:
+def near_runs_of(name: str) -> str:
+    """The folder of every merge level of one near-dedup shuffle."""
+    return layout.near_runs(name, 0).removesuffix("l00/")
+
+
+def near_shuffle(name: str, map_key, schema: pa.Schema, maps: int, partitions: int, span: int, fan_in: int) -> MergedShuffle:
+    """A near-dedup shuffle as run_near_dedup makes it, with an explicit fan-in."""
+    return MergedShuffle(f"near-runs-{name}", partial(layout.near_runs, name), map_key, schema, maps, partitions, span, fan_in)
+
+
+def merged_reads_bound(shuffle: MergedShuffle) -> int:
     """2 x FAN_IN range reads per object a merge level writes (at most maps + reduce tasks),
     and per reduce task."""
     return 2 * shuffle.fan_in * (shuffle.levels * (shuffle.maps + shuffle.reducers) + shuffle.reducers)
@@ -543,19 +556,19 @@ def test_verify_reads_grow_with_batches_plus_groups_not_their_product(s3_bucket_
     monkeypatch.setattr(steps, "VERIFY_SPAN_GROUPS", 1)  # a verify task per group
     reads, shapes, found = {}, {}, []
     for name, shards, fan_in in (("merged", 16, 2), ("direct", 16, 16)):
-        monkeypatch.setattr(steps, "MERGE_FAN_IN", fan_in)
+        monkeypatch.setattr("tasks.shuffle.MERGE_FAN_IN", fan_in)
         store = open_store(f"{s3_bucket_uri}/verify-reads-{name}")
         corpus = Corpus(store, shards=shards, seed=12)
         with S3Calls() as calls:
             run_near_dedup(store, corpus.docs_shards(), CONFIG, inline_run(store), ONE_SHARD_BATCHES, TIGHT_BUDGET)
         groups = len(list(store.list(layout.NEAR_BUCKETS)))
-        candidates = steps.MergedShuffle("candidates", layout.near_candidates, CANDIDATES_SCHEMA, CONFIG.bucket_partitions, shards, 1, fan_in)
-        shingles = steps.MergedShuffle("shingles", layout.near_shingles, SHINGLES_SCHEMA, shards, groups, 1, fan_in)
+        candidates = near_shuffle("candidates", layout.near_candidates, CANDIDATES_SCHEMA, CONFIG.bucket_partitions, shards, 1, fan_in)
+        shingles = near_shuffle("shingles", layout.near_shingles, SHINGLES_SCHEMA, shards, groups, 1, fan_in)
         reads[name], shapes[name] = verify_reads(calls), (groups, candidates.levels, shingles.levels)
-        for shuffle in (candidates, shingles):  # a level's objects hold ~one map object's rows each
-            for level in range(1, shuffle.levels + 1):
-                objects = len(list(store.list(layout.near_runs(shuffle.name, level))))
-                assert objects == len(shuffle.merges(level)) <= shuffle.maps + shuffle.reducers
+        for merged in (candidates, shingles):  # a level's objects hold ~one map object's rows each
+            for level in range(1, merged.levels + 1):
+                objects = len(list(store.list(merged.runs_folder(level))))
+                assert objects == len(merged.merges(level)) <= merged.maps + merged.reducers
         assert reads[name] <= merged_reads_bound(candidates) + merged_reads_bound(shingles), (name, shapes[name], reads[name])
         found.append(corpus.removed(store))
     groups = shapes["merged"][0]
@@ -571,7 +584,7 @@ def test_merge_levels_nest_and_reduce_tasks_read_few_objects(maps, partitions, s
     level's objects number at most maps + reduce tasks, a reduce task reads at most FAN_IN
     objects, and the reads stay within merged_reads_bound: at the full build's shape (1 GiB
     budget) ~0.4M where reading every batch for every span is ~9.7M."""
-    shuffle = steps.MergedShuffle("shingles", layout.near_shingles, SHINGLES_SCHEMA, maps, partitions, span, steps.MERGE_FAN_IN)
+    shuffle = near_shuffle("shingles", layout.near_shingles, SHINGLES_SCHEMA, maps, partitions, span, MERGE_FAN_IN)
     fan_in, reducers = shuffle.fan_in, shuffle.reducers
     reads = 0
     for level in range(1, shuffle.levels + 1):
@@ -594,8 +607,8 @@ def test_spills_read_in_pieces_find_the_same(tmp_path, monkeypatch):
     direct read per object."""
     found = []
     for name, fan_in, piece in (("direct", 16, 16 << 20), ("pieces", 2, 512)):
-        monkeypatch.setattr(steps, "MERGE_FAN_IN", fan_in)
-        monkeypatch.setattr(steps, "SPILL_PIECE_BYTES", piece)
+        monkeypatch.setattr("tasks.shuffle.MERGE_FAN_IN", fan_in)
+        monkeypatch.setattr("tasks.shuffle.SPILL_PIECE_BYTES", piece)
         store = LocalStore(tmp_path / name)
         corpus = Corpus(store, seed=14)
         run_near_dedup(store, corpus.docs_shards(), CONFIG, inline_run(store), ONE_SHARD_BATCHES, TIGHT_BUDGET)

@@ -111,7 +111,7 @@ def test_a_source_pinned_by_content_survives_a_rewrite_of_the_same_bytes_only(st
     assert file.identity == {"sha256": hashlib.sha256(DOC).hexdigest()}
     store.put_bytes("raw/a.jsonl", DOC)  # a copy or a touch: same content, new version stamp
     receipt = ingest_file(file, config.sources[0], FILTERS, quarantine=True, out=LocalStore(tmp_path / "ok"))
-    assert receipt.counts["kept"] == 1
+    assert receipt.counts.kept == 1
     rewrite(store, "raw/a.jsonl", DOC.replace(b"a document", b"A DOCUMENT"))
     out = LocalStore(tmp_path / "refused")
     with pytest.raises(InputChanged, match=rf"{re.escape(file.uri)} changed since the plan \(sha256 "):

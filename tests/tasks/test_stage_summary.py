@@ -12,16 +12,35 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from pydantic import ValidationError
 
 from storage import build_layout as layout
-from storage.manifest import ObjectInfo, Receipt, ShardResult, SourceAccounting, TokenShard
-from storage.stage_summary import COUNT, ReceiptRows, StageSummary, in_order, receipt_row, row_intact, with_receipt_versions
+from storage.manifest import Counts, ObjectInfo, Receipt, ShardResult, SourceAccounting, TokenShard
+from storage.stage_summary import (
+    COUNT,
+    ReceiptRows,
+    StageSummary,
+    SummaryDamaged,
+    in_order,
+    receipt_row,
+    row_intact,
+    with_receipt_versions,
+)
 from storage.store import open_store
 from tasks.fanout import run_stage
 from tasks.stage import Stage
+from tasks.stage_counts import BucketCounts, TokenizeCounts
 from tests.builds import RequestCounter
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+class Numbered(Counts):
+    n: int
+
+
+class OddCounts(TokenizeCounts):
+    odd: int | None = None  # only odd shards count it
 
 
 def tokenize_receipt(shard: int) -> Receipt:
@@ -60,7 +79,10 @@ def test_a_row_gives_back_its_receipt_and_an_edited_row_fails_its_checksum():
     summary = StageSummary.from_parquet("tokenize", summary_of(receipts, [r.shard for r in receipts]).to_parquet())
     assert list(summary.receipts) == receipts and summary.receipts[3] == receipts[3]
     assert summary.edited() == []
-    assert summary.count("odd").tolist() == [0, 1, 0, 1, 0] and summary.total("tokens") == sum(r.counts["tokens"] for r in receipts)
+    assert [c.odd for c in summary.per_shard(OddCounts)] == [None, 1, None, 1, None]
+    assert summary.totals(OddCounts) == OddCounts(documents=30, tokens=sum(r.counts["tokens"] for r in receipts), odd=2)
+    with pytest.raises(SummaryDamaged, match=r"\['odd'\] that TokenizeCounts does not declare"):
+        summary.totals(TokenizeCounts)
     assert summary.sources()["code"] == sum((r.sources["code"] for r in receipts), SourceAccounting())
     assert summary.bytes_out == sum(o.size for r in receipts for o in r.outputs)
 
@@ -99,11 +121,12 @@ from storage.manifest import ShardResult, SourceAccounting
 from storage.store import open_store
 from tasks.fanout import run_stage
 from tasks.stage import Stage
+from tasks.stage_counts import TokenizeCounts
 
 store, items = open_store(sys.argv[1]), int(sys.argv[2])
 
 def work(i):
-    return ShardResult(counts={"documents": i, "tokens": 2 * i}, sources={"web": SourceAccounting(kept=i, tokens=2 * i)})
+    return ShardResult(counts=TokenizeCounts(documents=i, tokens=2 * i), sources={"web": SourceAccounting(kept=i, tokens=2 * i)})
 
 def stage(name, count):
     return Stage(name, list(range(count)), lambda i: f"{i:06d}", work, ())
@@ -138,14 +161,14 @@ def test_driver_memory_for_a_stage_stays_nearly_flat_from_500_to_5000_receipts(t
 
 def test_a_rerun_of_a_finished_stage_reads_one_summary_not_its_receipts(s3_bucket_uri):
     store = open_store(f"{s3_bucket_uri}/rerun")
-    stage = Stage("counted", list(range(60)), lambda i: f"{i:06d}", lambda i: ShardResult(counts={"n": i}), ())
+    stage = Stage("counted", list(range(60)), lambda i: f"{i:06d}", lambda i: ShardResult(counts=Numbered(n=i)), ())
     first = run_stage(store, stage, inline=True)
     counter = RequestCounter()
     again = run_stage(store, stage, inline=True)
     requests = counter.take()
     assert requests == {"ListObjectsV2": 1, "GetObject": 1}, requests  # receipts listed, the summary read
     assert again.to_parquet() == first.to_parquet() == store.get_bytes(layout.summary("counted"))
-    assert again.total("n") == sum(range(60)) and len(again) == 60
+    assert again.totals(Numbered).n == sum(range(60)) and len(again) == 60
 
 
 def test_a_row_edited_in_the_summary_is_read_from_its_receipt_and_an_edited_receipt_is_redone(tmp_path, caplog):
@@ -153,7 +176,7 @@ def test_a_row_edited_in_the_summary_is_read_from_its_receipt_and_an_edited_rece
 
     def work(i: int) -> ShardResult:
         ran.append(i)
-        return ShardResult(counts={"n": i})
+        return ShardResult(counts=Numbered(n=i))
 
     stage = Stage("edited", list(range(4)), lambda i: f"{i:06d}", work, ())
     first = run_stage(store, stage, inline=True)
@@ -169,7 +192,34 @@ def test_a_row_edited_in_the_summary_is_read_from_its_receipt_and_an_edited_rece
     with caplog.at_level("WARNING", logger="tasks.fanout"):
         again = run_stage(store, stage, inline=True)
     assert ran == [2]  # the edited receipt is redone; the edited row is read from its intact receipt
-    assert again.count("n").tolist() == [0, 1, 2, 3]
+    assert [c.n for c in again.per_shard(Numbered)] == [0, 1, 2, 3]
     warnings = [r.getMessage() for r in caplog.records]
     assert any("summaries/edited.parquet" in w and "000001" in w and "checksum" in w for w in warnings), warnings
     assert any("receipts/edited/000002.json" in w and "checksum" in w for w in warnings), warnings
+
+
+def test_a_stage_counts_in_its_typed_record_and_reads_it_back_as_one(tmp_path):
+    with pytest.raises(ValidationError, match="tokns"):
+        TokenizeCounts(documents=1, tokns=2)  # a misspelt count fails here, instead of reading as 0 later
+    with pytest.raises(ValidationError):
+        ShardResult(counts={"documents": 1, "tokens": 2})  # a name -> int dict is not a stage's record
+    with pytest.raises(ValidationError):
+        TokenizeCounts(documents=1)  # nor is a record with a count left out
+
+    store = open_store(str(tmp_path))
+    buckets = [  # ranges split into verify groups, and ranges that wrote edges (without verification)
+        BucketCounts(buckets=0, members=0, verify_groups=3),
+        BucketCounts(buckets=1, members=2, verify_groups=0),
+        BucketCounts(buckets=2, members=4, edges=2),
+        BucketCounts(buckets=3, members=6, edges=3),
+    ]
+    stage = Stage("near-buckets", list(range(4)), lambda p: f"p{p:04d}", lambda p: ShardResult(counts=buckets[p]), ())
+    summary = run_stage(store, stage, inline=True)
+    receipt = json.loads(store.get_bytes(layout.receipt("near-buckets", "p0000")))
+    assert receipt["counts"] == {"buckets": 0, "members": 0, "verify_groups": 3}  # a count that does not apply is left out
+    read = StageSummary.from_parquet("near-buckets", store.get_bytes(layout.summary("near-buckets")))
+    assert read.per_shard(BucketCounts) == summary.per_shard(BucketCounts) == buckets
+    assert read.totals(BucketCounts) == BucketCounts(buckets=6, members=12, edges=5, verify_groups=3)
+    assert read.count_totals() == {"buckets": 6, "edges": 5, "members": 12, "verify_groups": 3}  # the display's
+    empty = run_stage(store, Stage("near-none", [], str, lambda _: ShardResult(), ()), inline=True)
+    assert empty.totals(BucketCounts) == BucketCounts(buckets=0, members=0)

@@ -25,6 +25,7 @@ from tasks.ingest.docs_writer import DOC_SCHEMA, DocsWriter
 from tasks.parquet_io import read_table
 from tasks.plan import PlannedFile, document_id
 from tasks.removals import deduplicated_ids, merge_block, write_removed
+from tasks.stage_counts import TokenizeCounts
 from tasks.tokenize import tokenize_shard
 from tasks.tokenizer import train_model
 from tests.builds import tiny_corpus
@@ -115,7 +116,7 @@ def test_shards_are_byte_identical_to_whole_document_encoding(store, texts, mode
     for key in expected:
         assert written[key] == expected[key], key
     kept = len(texts) - len(texts[::7])
-    assert result.counts["documents"] == kept == sum(s.documents for s in result.token_shards)
+    assert result.counts.documents == kept == sum(s.documents for s in result.token_shards)
     assert [info.key for info in result.outputs] == sorted(expected)
 
 
@@ -124,7 +125,7 @@ def test_a_shard_dedup_emptied_writes_no_token_shard(tmp_path, model):
     file = PlannedFile(source="web", uri="file:///in/part-0.jsonl", size=1, ordinal=0)
     put_docs(store, file, ["only", "", "removed documents"], tmp_path, removed_every=1)
     result = tokenize_shard(store, file, put_tokenizer(store, model), DocumentConvention(), 1000, SEED, cache_bytes=1 << 20)
-    assert result.outputs == [] and result.counts == {"documents": 0, "tokens": 0}
+    assert result.outputs == [] and result.counts == TokenizeCounts(documents=0, tokens=0)
     assert list(store.list(layout.TOKENS)) == []
 
 
