@@ -23,8 +23,5 @@ system-deps:
 demo: venv
 	$(VENV)/bin/tinyllama demo
 
-# Two workers (pytest-xdist) even on CI's 2 cores: the slow tests mostly wait on servers, subprocesses
-# and outages. A test file stays on one worker, so its module fixtures are built once (`loadgroup`
-# cannot group here: xdist 3.8 renames node ids in a way pytest 9 ignores).
 test: venv system-deps
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q

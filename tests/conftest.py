@@ -7,7 +7,7 @@
   AWS_ENDPOINT_URL pointing at it for the test.
 - `store_uri` / `store`: parametrized over a local folder and an S3 prefix; a fresh root per test.
 
-Under pytest-xdist (`make test`: `-n 2 --dist loadfile`) each worker is a session of its own, with
+Under pytest-xdist (`-n 2 --dist loadfile`, docs/testing.md) each worker is a session of its own, with
 its own servers on free ports and its own folders, and a file's tests stay on one worker.
 """
 
