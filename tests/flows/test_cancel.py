@@ -28,7 +28,7 @@ import torch
 import yaml
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
-    ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterParentTaskRunId, LogFilter, LogFilterFlowRunId,
+    ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterParentTaskRunId,
     TaskRunFilter, TaskRunFilterFlowRunId,
 )
 from prefect.client.schemas.objects import FlowRun, StateType
@@ -46,6 +46,7 @@ from runtime.processes import process_tree
 from storage.store import open_store
 from tasks.config import BuildConfig
 from tasks.reporting import artifact_key
+from tests.fixtures.prefect import log_messages_of
 from tests.builds import build_objects, sample_config
 from tests.deployments.conftest import stop
 from tests.fixtures.served import ServedProcess
@@ -150,10 +151,7 @@ def descendants(flow_run_id) -> list:
 
 def logged(flow_run_id) -> list[str]:
     """The log lines of a flow run and of its subflow runs, as the UI shows them."""
-    ids = [flow_run_id, *(run.id for run in descendants(flow_run_id) if isinstance(run, FlowRun))]
-    with get_client(sync_client=True) as client:
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=ids)))
-    return [log.message for log in logs]
+    return log_messages_of([flow_run_id, *(run.id for run in descendants(flow_run_id) if isinstance(run, FlowRun))])
 
 
 def artifact_texts(flow_run_id) -> dict[str, str]:

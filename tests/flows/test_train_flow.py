@@ -13,7 +13,7 @@ import uuid
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
-    ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterName, LogFilter, LogFilterFlowRunId, TaskRunFilter,
+    ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterName, TaskRunFilter,
     TaskRunFilterFlowRunId,
 )
 from prefect.client.schemas.objects import StateType
@@ -24,6 +24,7 @@ from model.data import DataError
 from storage.store import open_store
 from storage.lease import LeaseHeld, acquire_lease
 from tasks.train import LEASE_FILE, latest_step, prepare_config
+from tests.fixtures.prefect import log_messages_of
 from tests.model.synthetic import write_synthetic_build
 from tests.model.runs import START_TIMEOUT_S, metrics, short_documents_build, train_config, training_processes, wait_until
 
@@ -96,8 +97,7 @@ def test_train_flow_trains_checkpoints_and_reports(prefect_server, bucket_prefix
 def log_messages(flow_run_name: str) -> list[str]:
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[flow_run_name])))
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[r.id for r in runs])))
-    return [entry.message for entry in logs]
+    return log_messages_of(r.id for r in runs)
 
 
 def test_datasets_with_different_tokenizers_are_refused(bucket_prefix, tmp_path):

@@ -22,6 +22,7 @@ from model.train_config import TrainConfig
 from storage.manifest import sha256_bytes, write_record
 from storage.run_layout import RunLayout
 from storage.store import open_object, open_store
+from tests.fixtures.prefect import log_messages_of
 from tests.model.synthetic import write_synthetic_build
 
 LAUNCH_TIMEOUT_S = 300
@@ -145,12 +146,11 @@ def failed_train_task_runs(flow_run_name: str) -> list:
 def flow_run_logs(flow_run_name: str) -> str:
     """Every log message that Prefect recorded for the flow runs of that name."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName, LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
 
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[flow_run_name])))
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[r.id for r in runs])))
-    return "\n".join(entry.message for entry in logs)
+    return "\n".join(log_messages_of(r.id for r in runs))
 
 
 def metrics(run_uri: str) -> list[dict]:

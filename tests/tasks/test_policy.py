@@ -23,6 +23,7 @@ from tasks.config import BuildConfig
 from tasks.plan import PlanError
 from tasks.publish import AccountingError
 from tasks.stage import STAGE_RETRIES, stage_task
+from tests.fixtures.prefect import log_messages_of
 from tests.builds import build_objects, tiny_config, tiny_corpus
 from tests.fixtures.ports import free_port
 from tests.model.runs import STEPS, short_documents_build, train_config, wait_until
@@ -150,7 +151,7 @@ def test_a_build_whose_counts_do_not_reconcile_fails_naming_the_receipts_and_pub
 def test_train_epoch_leaves_a_run_at_max_steps_alone(tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.logging.handlers import APILogHandler
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterName, LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterName
 
     output = str(tmp_path / "store")
     config = train_config("finished", output, short_documents_build(output), tmp_path)
@@ -171,8 +172,7 @@ def test_train_epoch_leaves_a_run_at_max_steps_alone(tmp_path):
 
     def said_so() -> bool:
         APILogHandler().flush()  # logs reach the API in batches
-        with get_client(sync_client=True) as client:
-            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
-        return any(f"run {config.run_uri} is complete (step {STEPS} of {STEPS}): nothing to train" in log.message for log in logs)
+        return any(f"run {config.run_uri} is complete (step {STEPS} of {STEPS}): nothing to train" in message
+                   for message in log_messages_of([flow_run_id]))
 
     wait_until(said_so, 30, "the flow run's log line")
