@@ -24,4 +24,4 @@ demo: venv
 	$(VENV)/bin/tinyllama demo
 
 test: venv system-deps
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
