@@ -8,7 +8,9 @@ quarantine/<source>/<shard>.jsonl             malformed records with file, line/
 dedup/exact/hashes/b<batch>.parts             content hashes of a batch of docs shards, a partition per hash range
 dedup/exact/runs/hashes/lNN/r<run>-k<block>.parts
                                               merge level NN of the hashes shuffle (tasks.shuffle.MergedShuffle)
-dedup/exact/removed/k<block>/p<P>.parquet     ids exact dedup removed (id, kept_id), per block of 64 plan files
+dedup/exact/removed/p<P>.parts                ids hash range P removed (id, kept_id), a partition per block of 64 plan files
+dedup/exact/runs/removed/lNN/r<run>-k<block>.parts
+                                              merge level NN of the removed-ids shuffle
 dedup/exact/merged/k<block>.parts             a block's removed ids merged, sorted, a partition per plan file of the block
 dedup/near/bands/b<batch>.parts               band hashes of a batch of docs shards, a partition per band-hash range
 dedup/near/buckets/p<P>-g<G>.parquet          LSH buckets of one range, in verify groups G (with verification)
@@ -17,14 +19,14 @@ dedup/near/shingles/b<batch>.parts            32-bit hashed shingles of a batch'
                                               range order, so a verify span's groups are one byte range)
 dedup/near/runs/<shuffle>/lNN/r<run>-k<block>.parts
                                               merge level NN of a shuffle (bands, candidates, shingles, edges,
-                                              rNNN-{large,small}): a run of FAN_IN^NN map objects, the partitions
+                                              rNNN-{large,small}, removed): a run of FAN_IN^NN map objects, the partitions
                                               of a block of reduce tasks
 dedup/near/edges/<source>.parts               similar pairs from range p<P> (or verify span v<first group>), a partition per vertex partition
 dedup/near/components/rNNN/{large,small}/q<from>.parts   connected-components rounds, a partition per vertex partition
-dedup/near/removed/k<block>/q<Q>.parquet      ids near dedup removed (id, kept_id), per block of 64 plan files
+dedup/near/removed/q<Q>.parts                 ids vertex partition Q removed (id, kept_id), a partition per block of 64 plan files
 dedup/near/merged/k<block>.parts              a block's removed ids merged, sorted, a partition per plan file of the block
 dedup/near/sample.parquet                     the first removed documents beside the ones kept
-tokenizer/sample/<shard>.txt                  the tokenizer's training sample, per sampled docs shard
+tokenizer/sample/<shard>.txt                  the tokenizer's training sample, per group of sampled docs shards (named by its first)
 tokenizer/tokenizer.model, tokenizer.json     the SentencePiece model and its fingerprint
 tokens/<source>/<shard>-NNNN.{bin,idx}        Megatron indexed token shards
 receipts/<stage>/<shard>.json                 one per finished shard of a stage: outputs, versions, counts
@@ -35,10 +37,10 @@ manifest.shards.parquet                       the shard table: a row per token s
 
 A `.parts` object is one map task's output of a shuffle, one parquet table per partition
 behind an offsets header (tasks.parquet_io.write_partitions): a step writes one object per
-map task, not one per map task and partition. Removed ids are merged once per block of plan
-files, so a reader of one docs shard reads one partition of one object (two range reads)
-whatever the number of dedup tasks. Stages ask this module for keys; none imports another
-stage to find a file.
+map task, not one per map task and partition. Removed ids are shuffled to blocks of plan
+files and merged once per block, so a reader of one docs shard reads one partition of one
+object (two range reads) whatever the number of dedup tasks. Stages ask this module for keys;
+none imports another stage to find a file.
 """
 
 from __future__ import annotations
@@ -102,11 +104,10 @@ def vertex_partition_name(partition: int) -> str:
     return f"q{partition:04d}"
 
 
-# Removed ids are kept per block of consecutive plan files, not per docs shard: a range task
-# finds removed documents in nearly every shard, and a file per shard and range would be
-# shards x ranges files (millions at SlimPajama's size). A merge task per block then joins
-# its ranges' files into one object with a partition per plan file, which every reader of a
-# docs shard reads (two range reads), instead of every file of its block.
+# Removed ids are shuffled to blocks of consecutive plan files, not to single docs shards: a
+# merge task and object per docs shard would be ~60,000 tiny ones at SlimPajama's size. A merge
+# task per block writes one object with a partition per plan file, which every reader of a docs
+# shard reads (two range reads).
 REMOVED_BLOCK_FILES = 64
 
 
@@ -150,9 +151,9 @@ def exact_hashes(batch: int) -> str:
     return join_key(EXACT_HASHES, f"{batch_name(batch)}.parts")
 
 
-def exact_removed(block: int) -> str:
-    """The folder of one block's exact-duplicate ids (one file per hash range)."""
-    return join_key(EXACT_REMOVED, removed_block_name(block)) + "/"
+def exact_removed(partition: int) -> str:
+    """The exact-duplicate ids one hash range found, a partition per block of plan files."""
+    return join_key(EXACT_REMOVED, f"{partition_name(partition)}.parts")
 
 
 def exact_runs(shuffle: str, level: int) -> str:
@@ -216,9 +217,9 @@ def near_star(round_: int, step: str, from_partition: int) -> str:
     return join_key(near_components(round_, step), f"{vertex_partition_name(from_partition)}.parts")
 
 
-def near_removed(block: int) -> str:
-    """The folder of one block's near-duplicate ids (one file per vertex partition)."""
-    return join_key(NEAR_REMOVED, removed_block_name(block)) + "/"
+def near_removed(partition: int) -> str:
+    """The near-duplicate ids one vertex partition found, a partition per block of plan files."""
+    return join_key(NEAR_REMOVED, f"{vertex_partition_name(partition)}.parts")
 
 
 def near_merged(block: int) -> str:

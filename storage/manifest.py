@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny
 
-from storage.store import Store
+from storage.store import ListedObject, Store
 
 MANIFEST_VERSION = 2  # 1: every shard inline in manifest.json
 
@@ -42,10 +42,13 @@ class ObjectInfo(Record):
     key: str  # relative to the build folder
     size: int
     sha256: str
+    # The store's answer to the write (size, version), for the shard's commit to record without
+    # asking the store again; not stored with the record (a receipt keeps its versions apart).
+    stored: ListedObject | None = Field(default=None, exclude=True, repr=False)
 
     @classmethod
-    def of_file(cls, key: str, path: str | os.PathLike) -> ObjectInfo:
-        return cls(key=key, size=os.path.getsize(path), sha256=sha256_file(path))
+    def of_file(cls, key: str, path: str | os.PathLike, stored: ListedObject | None = None) -> ObjectInfo:
+        return cls(key=key, size=os.path.getsize(path), sha256=sha256_file(path), stored=stored)
 
 
 class SourceAccounting(Record):
@@ -210,18 +213,32 @@ class ShardTable:
 
     @classmethod
     def of(cls, shards: Sequence[TokenShard]) -> ShardTable:
-        for shard in shards:
-            if (shard.bin.key, shard.idx.key) != (f"{shard.prefix}.bin", f"{shard.prefix}.idx"):
-                raise ValueError(f"token shard {shard.prefix!r}: its files {shard.bin.key}, {shard.idx.key} are not <prefix>.bin/.idx")
+        """A table of shards made one at a time (tools and tests; a build's come from columns)."""
+        if not shards:
+            return cls(SHARD_TABLE_SCHEMA.empty_table())
+        return cls.of_columns(pa.array([shard.model_dump() for shard in shards]))
+
+    @classmethod
+    def of_columns(cls, shards: pa.StructArray) -> ShardTable:
+        """A table of shards given as a struct array of TokenShard's fields (a stage summary's
+        `token_shards`, flattened): column by column, with no object per shard."""
+        prefix = shards.field("prefix")
+        files = {ext: shards.field(ext) for ext in ("bin", "idx")}
+        for ext, info in files.items():
+            wrong = pc.not_equal(info.field("key"), pc.binary_join_element_wise(prefix, f".{ext}", ""))
+            if pc.any(wrong).as_py():
+                row = pc.index(wrong, True).as_py()
+                raise ValueError(f"token shard {prefix[row].as_py()!r}: its {ext} file {info.field('key')[row].as_py()} is not <prefix>.{ext}")
         columns = {
-            "prefix": [s.prefix for s in shards],
-            "source": [s.source for s in shards],
-            "documents": [s.documents for s in shards],
-            "tokens": [s.tokens for s in shards],
-            "bin_size": [s.bin.size for s in shards],
-            "bin_sha256": [bytes.fromhex(s.bin.sha256) for s in shards],
-            "idx_size": [s.idx.size for s in shards],
-            "idx_sha256": [bytes.fromhex(s.idx.sha256) for s in shards],
+            "prefix": prefix,
+            "source": shards.field("source"),
+            "documents": shards.field("documents"),
+            "tokens": shards.field("tokens"),
+            **{
+                name: column
+                for ext, info in files.items()
+                for name, column in ((f"{ext}_size", info.field("size")), (f"{ext}_sha256", _digests(info.field("sha256"))))
+            },
         }
         return cls(pa.table(columns, schema=SHARD_TABLE_SCHEMA))
 
@@ -265,6 +282,17 @@ class ShardTable:
             bin=ObjectInfo(key=f"{r['prefix']}.bin", size=r["bin_size"], sha256=r["bin_sha256"].hex()),
             idx=ObjectInfo(key=f"{r['prefix']}.idx", size=r["idx_size"], sha256=r["idx_sha256"].hex()),
         )
+
+
+def _digests(hex_digests: pa.StringArray) -> pa.FixedSizeBinaryArray:
+    """sha256 hex digests as 32-byte values, decoded in one piece (a ValueError if one is not a digest)."""
+    count = len(hex_digests)
+    if not pc.all(pc.equal(pc.binary_length(hex_digests), 64), skip_nulls=False, min_count=0).as_py():
+        raise ValueError("a token file's sha256 is not 64 hex digits")
+    digests = bytes.fromhex(pc.binary_join(pa.ListArray.from_arrays([0, count], hex_digests), "")[0].as_py())
+    if len(digests) != 32 * count:  # fromhex skips whitespace
+        raise ValueError("a token file's sha256 is not 64 hex digits")
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(32), count, [None, pa.py_buffer(digests)])
 
 
 def new_manifest(shards: ShardTable, table_key: str, **header) -> tuple[DatasetManifest, bytes]:
@@ -339,9 +367,9 @@ def write_record(store: Store, key: str, record: BaseModel) -> None:
 
 
 def upload(store: Store, key: str, path: str | os.PathLike) -> ObjectInfo:
-    """Put a local file at `key` and describe the object stored."""
-    store.put_file(key, path)
-    return ObjectInfo.of_file(key, path)
+    """Put a local file at `key` and describe the object stored, with the store's answer."""
+    stored = store.put_file(key, path)
+    return ObjectInfo.of_file(key, path, stored)
 
 
 def read_record(store: Store, key: str, cls: type[Model]) -> Model:

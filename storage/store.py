@@ -29,25 +29,28 @@ from storage.store_base import (
     NO_CREDENTIALS_PATTERN,
     InvalidKey,
     ListedObject,
+    ObjectChanged,
     ObjectNotFound,
     Store,
     StoreAccessError,
     StoreError,
     VersionConflict,
     atomic_output,
+    check_expected,
     check_key,
     check_name,
     check_prefix,
     check_range,
     check_uri_has_no_credentials,
+    differences,
     join_key,
 )
 
 __all__ = [
     "CREDENTIALS_IN_URI", "NO_CREDENTIALS_PATTERN", "COPY_BUFFER_BYTES", "InvalidKey", "ListedObject",
-    "LocalStore", "ObjectNotFound", "Store", "StoreAccessError", "StoreError", "VersionConflict",
-    "atomic_output", "check_key", "check_name", "check_prefix", "check_range", "check_uri_has_no_credentials",
-    "join_key", "open_object", "open_store",
+    "LocalStore", "ObjectChanged", "ObjectNotFound", "Store", "StoreAccessError", "StoreError", "VersionConflict",
+    "atomic_output", "check_expected", "check_key", "check_name", "check_prefix", "check_range",
+    "check_uri_has_no_credentials", "differences", "join_key", "open_object", "open_store",
 ]
 
 COPY_BUFFER_BYTES = 8 << 20
@@ -84,16 +87,18 @@ class LocalStore(Store):
     def _missing(self, key: str) -> ObjectNotFound:
         return ObjectNotFound(f"no such object: {self.url(key)}")
 
-    def _atomic_write(self, key: str, write: Callable[[BinaryIO], object]) -> None:
-        with atomic_output(self._path(key)) as tmp, open(tmp, "wb") as f:
-            write(f)
+    def _atomic_write(self, key: str, write: Callable[[BinaryIO], object]) -> ListedObject:
+        with atomic_output(self._path(key)) as tmp:
+            with open(tmp, "wb") as f:
+                write(f)
+            return self._info(key, tmp.stat())  # the rename keeps the file's mtime and inode
 
-    def put_bytes(self, key: str, data: bytes) -> None:
-        self._atomic_write(key, lambda f: f.write(data))
+    def put_bytes(self, key: str, data: bytes) -> ListedObject:
+        return self._atomic_write(key, lambda f: f.write(data))
 
-    def put_file(self, key: str, path: str | os.PathLike) -> None:
+    def put_file(self, key: str, path: str | os.PathLike) -> ListedObject:
         with open(path, "rb") as src:
-            self._atomic_write(key, lambda f: shutil.copyfileobj(src, f, COPY_BUFFER_BYTES))
+            return self._atomic_write(key, lambda f: shutil.copyfileobj(src, f, COPY_BUFFER_BYTES))
 
     def get_bytes(self, key: str) -> bytes:
         try:
@@ -107,11 +112,17 @@ class LocalStore(Store):
             f.seek(start)
             return f.read(length)
 
-    def open_read(self, key: str) -> BinaryIO:
+    def open_read(self, key: str, expect: ListedObject | None = None) -> BinaryIO:
         try:
-            return open(self._path(key), "rb")
+            f = open(self._path(key), "rb")
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise self._missing(key) from None
+        try:
+            check_expected(self.url(key), self._info(key, os.fstat(f.fileno())), expect)
+        except BaseException:
+            f.close()
+            raise
+        return f
 
     def list(self, prefix: str = "") -> Iterator[str]:
         check_prefix(prefix)
@@ -174,9 +185,9 @@ class LocalStore(Store):
         for prefix in prefixes:
             shutil.rmtree(self._path(prefix.removesuffix("/")), ignore_errors=True)
 
-    def download(self, key: str, path: str | os.PathLike) -> Path:
+    def download(self, key: str, path: str | os.PathLike, expect: ListedObject | None = None) -> Path:
         dest = Path(path)
-        with self.open_read(key) as src, atomic_output(dest) as tmp, open(tmp, "wb") as out:
+        with self.open_read(key, expect) as src, atomic_output(dest) as tmp, open(tmp, "wb") as out:
             shutil.copyfileobj(src, out, COPY_BUFFER_BYTES)
         return dest
 

@@ -38,6 +38,14 @@ class VersionConflict(StoreError):
     """A conditional write lost: the object changed (or appeared, or vanished) since the version read."""
 
 
+class ObjectChanged(StoreError):
+    """A read found the object at another size or version than the one the caller expected."""
+
+    def __init__(self, uri: str, changes: list[str]):
+        super().__init__(f"{uri} changed ({', '.join(changes)})")
+        self.changes = changes  # what differs, expected first: "size 10 -> 12", "etag a -> b"
+
+
 def check_key(key: str) -> str:
     """Return the key, or raise InvalidKey if it could escape the root or names a folder."""
     if not isinstance(key, str) or not key:
@@ -130,11 +138,28 @@ def atomic_output(path: Path) -> Iterator[Path]:
 
 @dataclass(frozen=True)
 class ListedObject:
-    """What a listing tells about an object at no extra request: its size and a version stamp."""
+    """What a listing, or the write that made the object, tells about it at no extra request: its
+    size and a version stamp."""
 
     key: str
     size: int
     version: dict[str, str]  # S3: {"etag"}; a local file: {"mtime_ns", "inode"}
+
+    def changes_from(self, expected: ListedObject) -> list[str]:
+        """What differs from `expected` ("size 10 -> 12", "etag a -> b"); a version field only
+        one of them has (a pinned sha256, say) is not compared."""
+        return differences({"size": str(expected.size), **expected.version}, {"size": str(self.size), **self.version})
+
+
+def differences(expected: dict[str, str], found: dict[str, str]) -> list[str]:
+    """The fields both hold that differ, as "name expected -> found"."""
+    return [f"{name} {value} -> {found[name]}" for name, value in expected.items() if name in found and found[name] != value]
+
+
+def check_expected(uri: str, found: ListedObject, expected: ListedObject | None) -> None:
+    """Raise ObjectChanged unless what a read found is at `expected`'s size and version (None: anything)."""
+    if expected is not None and (changes := found.changes_from(expected)):
+        raise ObjectChanged(uri, changes)
 
 
 class Store(ABC):
@@ -146,11 +171,14 @@ class Store(ABC):
         """The full URI of a key, for messages and manifests."""
         return f"{self.uri.removesuffix('/')}/{check_key(key)}"
 
+    # A write returns what a listing would then show of the object: its size and version, from the
+    # write's own answer, so that a receipt records versions without a HEAD (but after an S3
+    # multipart upload, whose ETag s3transfer keeps: storage/s3.py).
     @abstractmethod
-    def put_bytes(self, key: str, data: bytes) -> None: ...
+    def put_bytes(self, key: str, data: bytes) -> ListedObject: ...
 
     @abstractmethod
-    def put_file(self, key: str, path: str | os.PathLike) -> None: ...
+    def put_file(self, key: str, path: str | os.PathLike) -> ListedObject: ...
 
     @abstractmethod
     def get_bytes(self, key: str) -> bytes: ...
@@ -160,8 +188,10 @@ class Store(ABC):
         """`length` bytes from offset `start` (fewer only at the end of the object)."""
 
     @abstractmethod
-    def open_read(self, key: str) -> BinaryIO:
-        """A streaming, file-like reader (not necessarily seekable); the caller closes it."""
+    def open_read(self, key: str, expect: ListedObject | None = None) -> BinaryIO:
+        """A streaming, file-like reader (not necessarily seekable); the caller closes it. With
+        `expect`, ObjectChanged unless the object is at its size and version, checked on the
+        read's own answer (the GET's length and ETag; the opened file's stat), not a request more."""
 
     @abstractmethod
     def list(self, prefix: str = "") -> Iterator[str]:
@@ -203,8 +233,8 @@ class Store(ABC):
         (SeaweedFS) go, a request per 1,000, and a folder that still holds objects stays."""
 
     @abstractmethod
-    def download(self, key: str, path: str | os.PathLike) -> Path:
-        """Copy an object to a local file atomically and return its path."""
+    def download(self, key: str, path: str | os.PathLike, expect: ListedObject | None = None) -> Path:
+        """Copy an object to a local file atomically and return its path; `expect` as in open_read."""
 
     def local_path(self, key: str = "") -> Path | None:
         """The file or folder of `key` (the root by default) when the store is a local folder, to
@@ -241,5 +271,5 @@ class Store(ABC):
     def get_text(self, key: str) -> str:
         return self.get_bytes(key).decode("utf-8")
 
-    def put_text(self, key: str, text: str) -> None:
-        self.put_bytes(key, text.encode("utf-8"))
+    def put_text(self, key: str, text: str) -> ListedObject:
+        return self.put_bytes(key, text.encode("utf-8"))

@@ -156,7 +156,7 @@ class BuildConfig(Config):
     )
     task_memory_bytes: int = Field(
         TASK_MEMORY_BYTES, strict=True, ge=1 << 16, le=1 << 50,
-        description="What one dedup task may hold: partition counts and batches are sized to it",
+        description="What one dedup task may hold: partition counts and batches are sized to it, as are the tokenizer sample's groups",
     )
 
     @model_validator(mode="after")

@@ -6,8 +6,9 @@ reads its partition of every batch, through merge levels once there are more bat
 tasks.shuffle.MERGE_FAN_IN (so its reads grow with the tasks, not batches x ranges), finds
 repeated hashes (one Ray task per range) and keeps the first occurrence in plan order, i.e.
 the smallest document id. The number of ranges is sized from the documents so
-one range task stays inside `task_memory_bytes`. Removed ids are written per block of plan
-files (tasks.removals), so a range writes blocks files, not one per docs shard.
+one range task stays inside `task_memory_bytes`. Each range writes its removed ids as one
+object with a partition per block of plan files, shuffled through merge levels to one merge
+task per block (tasks.removals).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from tasks.fanout import read_summary, run_stage
 from tasks.parquet_io import read_table, write_partitions
 from tasks.partitioning import EXACT_ROW_BYTES, batch_bytes, batches, ingested_documents, partitions, rows_by_partition
 from tasks.plan import Build, PlannedFile, SourceRanges
-from tasks.removals import merge_stage, write_removed
+from tasks.removals import exact_removed_ids, merge_stage, write_removed
 from tasks.shuffle import MergedShuffle, merged_shuffle
 from tasks.reporting import stage_totals
 from tasks.stage import EXACT_DEDUP, INGEST, Run, Stage, stage_task
@@ -77,7 +78,7 @@ def hash_batch(store: Store, ranges: int, batch: FileBatch) -> ShardResult:
     return ShardResult(outputs=outputs, counts=HashedCounts(documents=len(ids)))
 
 
-def find_duplicates(store: Store, sources: SourceRanges, hashes: MergedShuffle, partition: int) -> ShardResult:
+def find_duplicates(store: Store, sources: SourceRanges, hashes: MergedShuffle, removed_ids: MergedShuffle, partition: int) -> ShardResult:
     """Within one hash range: every document whose hash was seen at a smaller id is removed."""
     table = hashes.read(store, partition).sort_by([("hash", "ascending"), ("id", "ascending")])
     ids = table.column("id").to_numpy()
@@ -88,7 +89,7 @@ def find_duplicates(store: Store, sources: SourceRanges, hashes: MergedShuffle, 
     first[1:] = (digests[1:] != digests[:-1]).any(axis=1)
     group_first = np.maximum.accumulate(np.where(first, np.arange(len(ids)), 0))
     removed, kept = ids[~first], ids[group_first[~first]]
-    outputs = write_removed(store, layout.exact_removed, partition_name(partition), removed, kept)
+    outputs = [write_removed(store, removed_ids, partition, removed, kept)]
     accounting = {source: SourceAccounting(exact_dup=n) for source, n in sources.count(removed).items()}
     return ShardResult(outputs=outputs, counts=ExactDupCounts(exact_dup=len(removed)), sources=accounting)
 
@@ -106,9 +107,12 @@ def run_exact_dedup(
     hashes = merged_shuffle("exact-runs-hashes", partial(layout.exact_runs, "hashes"), layout.exact_hashes, HASH_SCHEMA, len(members), ranges)
     for stage in hashes.stages(store):
         run(stage)
-    find = partial(find_duplicates, store, SourceRanges.of(plan), hashes)
+    removed_ids = exact_removed_ids(ranges, len(plan))
+    find = partial(find_duplicates, store, SourceRanges.of(plan), hashes, removed_ids)
     found = run(Stage(EXACT_DEDUP, list(range(ranges)), partition_name, find, (layout.EXACT_REMOVED,)))
-    run(merge_stage("exact-merge", store, layout.exact_removed, layout.exact_merged, layout.EXACT_MERGED, len(plan)))
+    for stage in removed_ids.stages(store):
+        run(stage)
+    run(merge_stage("exact-merge", store, removed_ids, layout.exact_merged, layout.EXACT_MERGED))
     return found
 
 

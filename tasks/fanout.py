@@ -11,9 +11,11 @@ per object in the driver:
    an unreadable or invalid one counts as missing; so does one whose content no longer
    matches its checksum (edited after it was written: valid JSON with a count changed),
    wherever it was read;
-3. one paginated listing of the stage's output prefixes: a receipt is intact only if each of
-   its outputs is listed at the size and version the task recorded when it committed, so an
-   output deleted, truncated or rewritten (even at the same size) after its receipt is redone.
+3. paginated listings of the stage's output prefixes (on S3, sub-prefixes of at most LIST_KEYS
+   outputs each, several at once), held as columns and joined with the rows' outputs: a receipt
+   is intact only if each of its outputs is listed at the size and version the task recorded
+   when it committed, so an output deleted, truncated or rewritten (even at the same size)
+   after its receipt is redone.
 
 A task writes its outputs, checks each one's size on the store and records its version, then
 writes its receipt last. The driver keeps the receipts that come back as rows of a table
@@ -30,12 +32,15 @@ import os
 import signal
 import threading
 import time
-from collections import Counter, deque
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
+import numpy as np
+import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 from pydantic import ValidationError
 from ray.exceptions import RayError, RayTaskError
@@ -43,8 +48,18 @@ from ray.exceptions import RayError, RayTaskError
 from runtime.processes import guard_process_tree
 from storage import build_layout as layout
 from storage.manifest import Receipt, ShardResult, read_record, write_record
-from storage.stage_summary import ReceiptRows, StageSummary, in_order, receipt_row, row_intact, with_receipt_versions
-from storage.store import ObjectNotFound, ListedObject, Store, StoreError
+from storage.stage_summary import (
+    DECODE_ROWS,
+    Listing,
+    ReceiptRows,
+    StageSummary,
+    in_order,
+    receipt_row,
+    row_intact,
+    version_text,
+    with_receipt_versions,
+)
+from storage.store import ObjectNotFound, Store, StoreError
 from tasks.code_version import check_ray_nodes, on_driver_code
 from tasks.reporting import progress
 from tasks.stage import Item, Stage
@@ -54,6 +69,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 READ_THREADS = 32  # receipts read at once when the summary does not have them
+LIST_THREADS = 8  # listings of a stage's outputs at once on a rerun (each is held whole until it ends)
+LIST_KEYS = 10_000  # outputs one such listing covers, at most (~10 pages; its objects are held until it ends)
 NAMED_SHARDS = 5  # shards a message names before it counts the rest
 SHARD_ATTEMPTS = 3  # runs of a shard whose worker dies (crash, OOM kill, lost node); the last one alone
 
@@ -146,68 +163,122 @@ def _receipts(shards: list[str]) -> str:
     return f"the receipts of shards {', '.join(shards[:NAMED_SHARDS])}{more}"
 
 
-def _listing(store: Store, prefixes: tuple[str, ...]) -> dict[str, ListedObject]:
-    return {listed.key: listed for prefix in prefixes for listed in store.list_info(prefix)}
+def list_outputs(store: Store, prefixes: Sequence[str], keys: pa.Array) -> Listing:
+    """The objects under `prefixes` that may be the outputs `keys`. On S3 each prefix is split
+    into sub-prefixes that cover at most LIST_KEYS of them (layout keys end in zero-padded shard
+    numbers), listed LIST_THREADS at a time: ~480,000 token files take seconds, not minutes of
+    pages one after another, and a listing holds only its own objects until it ends."""
+    if store.local_path() is not None:  # a local folder's listing walks the folder, whatever the key prefix
+        return Listing.concat(Listing.of(store.list_info(prefix)) for prefix in prefixes)
+    covers = [cover for prefix in prefixes for cover in _cover(keys.filter(pc.starts_with(keys, prefix)), prefix)]
+    with ThreadPoolExecutor(LIST_THREADS) as pool:
+        return Listing.concat(pool.map(lambda prefix: Listing.of(store.list_info(prefix)), covers))
 
 
-def _intact(stage: str, row: dict, outputs: dict[str, ListedObject]) -> bool:
-    for output in row["outputs"]:
-        listed = outputs.get(output["key"])
-        if listed is None or listed.size != output["size"] or output["version"] is None or listed.version != dict(output["version"]):
-            log.warning("%s: output %s changed since its receipt; shard %s is redone", stage, output["key"], row["shard"])
-            return False
-    return True
+def _cover(keys: pa.Array, prefix: str) -> list[str]:
+    """Sub-prefixes of `prefix`, in order, that together hold every one of `keys` (all under it),
+    each holding at most LIST_KEYS of them unless a key ends where the split would go."""
+    if len(keys) <= LIST_KEYS or pc.any(pc.equal(pc.utf8_length(keys), len(prefix))).as_py():
+        return [prefix] if len(keys) else []
+    heads = pc.utf8_slice_codeunits(keys, 0, len(prefix) + 1)
+    split = sorted(pc.unique(heads).to_pylist())
+    return [cover for head in split for cover in _cover(keys.filter(pc.equal(heads, head)), head)]
+
+
+def intact_rows(stage: str, rows: pa.Table, listing: Listing) -> np.ndarray:
+    """The numbers of the `rows` (storage.stage_summary) whose every output is listed at the size
+    and version its task recorded when it committed; each other row's first changed output is
+    logged."""
+    outputs = _flat_outputs(rows)
+    owner = pc.list_parent_indices(rows.column("outputs")).to_numpy(zero_copy_only=False)
+    listed = pc.index_in(outputs.field("key"), value_set=listing.keys)
+    same = listed.is_valid().to_numpy(zero_copy_only=False)
+    at = listed.filter(listed.is_valid()).to_numpy(zero_copy_only=False)
+    same[same] = listing.sizes[at] == outputs.field("size").filter(listed.is_valid()).to_numpy(zero_copy_only=False)
+    versions = listing.versions.take(listed)
+    for start in range(0, len(outputs), DECODE_ROWS):  # the recorded versions as Python values, a slice at a time
+        end = min(start + DECODE_ROWS, len(outputs))
+        recorded = outputs.field("version").slice(start, end - start).to_pylist()
+        listed_versions = versions[start:end].to_pylist()
+        same[start:end] &= [v is not None and version_text(v) == text for v, text in zip(recorded, listed_versions)]
+    changed = np.flatnonzero(~same)
+    keys, shards = outputs.field("key"), rows.column("shard")
+    for row, first in zip(*np.unique(owner[changed], return_index=True)):
+        output = keys[changed[first]].as_py()
+        log.warning("%s: output %s changed since its receipt; shard %s is redone", stage, output, shards[row].as_py())
+    return np.setdiff1d(np.arange(rows.num_rows), owner[changed])
 
 
 def finished_rows(store: Store, stage: Stage) -> tuple[ReceiptRows, StageSummary | None]:
     """The rows of the stage's intact receipts (the shards done), and the stage's summary when it
     holds them all."""
-    listed = {o.key: o.version for o in store.list_info(layout.receipts(stage.name))}
-    version = {shard: listed[key] for item in stage.items if (key := layout.receipt(stage.name, shard := stage.shard_of(item))) in listed}
-    del listed
+    shards = _shards(stage)
+    version = _receipt_versions(store, stage.name, shards)
     rows = ReceiptRows()
-    if not version:
+    if not version.null_count < len(version):
         return rows, None
     summary = _read_stage_summary(store, stage.name)
-    outputs = _listing(store, stage.outputs)
-    read, edited, intact = set(), [], []  # shards the summary holds as they are; edited in it; row numbers kept
-    for number, row in enumerate(summary.rows() if summary else ()):
-        shard, recorded = row["shard"], row["receipt_version"]
-        if shard not in version or recorded is None or dict(recorded) != version[shard]:
-            continue
-        if not row_intact(row):
-            edited.append(shard)
-            continue
-        read.add(shard)
-        if _intact(stage.name, row, outputs):
-            intact.append(number)
+    read = np.zeros(len(shards), bool)  # items whose receipts the summary holds as they are
+    kept, edited = [], []  # summary row numbers taken as they are; shards whose rows are edited
+    if summary is not None:
+        item = pc.index_in(summary.table.column("shard"), value_set=shards)
+        listed = version.take(item).to_pylist()
+        for number, (row, at, text) in enumerate(zip(summary.rows(), item.to_pylist(), listed)):
+            if text is None or row["receipt_version"] is None or version_text(row["receipt_version"]) != text:
+                continue
+            if not row_intact(row):
+                edited.append(row["shard"])
+                continue
+            read[at] = True
+            kept.append(number)
     if edited:
         summary_url = store.url(layout.summary(stage.name))
         log.warning("%s: %s fail their checksum; they are read from their objects", summary_url, _receipts(edited))
-    if intact:
-        rows.add_table(summary.table.take(intact))
-    unread = [shard for shard in version if shard not in read]
+    candidates = ReceiptRows()
+    if kept:
+        candidates.add_table(summary.table.take(kept))
+    unread = shards.filter(pa.array(version.is_valid().to_numpy(zero_copy_only=False) & ~read)).to_pylist()
     if unread:
         with ThreadPoolExecutor(READ_THREADS) as pool:
             for shard, receipt in zip(unread, pool.map(lambda s: read_receipt(store, layout.receipt(stage.name, s)), unread)):
                 if receipt is not None and (receipt.stage, receipt.shard) == (stage.name, shard):
-                    if _intact(stage.name, row := receipt_row(receipt), outputs):
-                        rows.add(row)
-    current = summary is not None and not unread and len(rows) == len(version)
+                    candidates.add(receipt_row(receipt))
+    table = candidates.release()
+    listing = list_outputs(store, stage.outputs, _flat_outputs(table).field("key"))
+    rows.add_table(table.take(intact_rows(stage.name, table, listing)))
+    current = summary is not None and not unread and len(rows) == len(version) - version.null_count
     return rows, summary if current else None
 
 
+def _flat_outputs(rows: pa.Table) -> pa.StructArray:
+    """Every row's outputs in turn, as one array."""
+    return pc.list_flatten(rows.column("outputs")).combine_chunks()
+
+
+def _shards(stage: Stage) -> pa.Array:
+    return pa.array([stage.shard_of(item) for item in stage.items], pa.string())
+
+
+def _receipt_versions(store: Store, stage: str, shards: pa.Array) -> pa.Array:
+    """The listed version (version_text) of each shard's receipt, null where it has none: one
+    paginated listing, matched by a hash join, not a dict per receipt."""
+    receipts = Listing.of(store.list_info(layout.receipts(stage)))
+    keys = pa.array([layout.receipt(stage, shard) for shard in shards.to_pylist()], pa.string())
+    return receipts.versions.take(pc.index_in(keys, value_set=receipts.keys))
+
+
 def commit(store: Store, stage_name: str, prefixes: tuple[str, ...], shard: str, result: ShardResult, seconds: float) -> Receipt:
-    """Check the outputs the work reported against the store, record their versions, then
-    write the receipt; runs in the task that produced them."""
+    """Check the outputs the work reported against what the store answered to their writes,
+    record their versions, then write the receipt; runs in the task that produced them. An
+    output without the store's answer (ObjectInfo.stored) is asked for it: a request each."""
     versions = {}
     for output in result.outputs:
         if not output.key.startswith(prefixes):
             raise RuntimeError(f"{stage_name}: output {output.key} lies outside the stage's prefixes {prefixes}")
-        listed = store.info(output.key)
-        if listed.size != output.size:
-            raise StoreError(f"{store.url(output.key)} holds {listed.size} bytes after {output.size} were written")
-        versions[output.key] = listed.version
+        stored = output.stored or store.info(output.key)
+        if stored.size != output.size:
+            raise StoreError(f"{store.url(output.key)} holds {stored.size} bytes after {output.size} were written")
+        versions[output.key] = stored.version
     stored = {**dict(result), "counts": result.counts.as_dict()}
     receipt = Receipt(**stored, stage=stage_name, shard=shard, versions=versions, seconds=round(seconds, 3))
     receipt = receipt.sealed()
@@ -253,10 +324,10 @@ def run_stage(
         run = _run_inline if inline else _fan_out
         run(store, stage, todo, rows, total, on_progress, max_in_flight)
     if summary is None or todo:
-        listed = {o.key: o.version for o in store.list_info(layout.receipts(stage.name))}
-        shards = [stage.shard_of(item) for item in stage.items]
-        versions = [listed[layout.receipt(stage.name, shard)] for shard in shards]
-        summary = StageSummary(stage.name, with_receipt_versions(in_order(rows.table(), shards), versions))
+        shards = _shards(stage)
+        versions = [orjson.loads(v) for v in _receipt_versions(store, stage.name, shards).to_pylist()]
+        table = in_order(rows.release(), shards.to_pylist())  # released: the rows are not held twice
+        summary = StageSummary(stage.name, with_receipt_versions(table, versions))
         store.put_bytes(layout.summary(stage.name), summary.to_parquet())
     return summary
 
@@ -279,14 +350,13 @@ def _fan_out(store, stage, todo, rows: ReceiptRows, total, on_progress, max_in_f
     window = max_in_flight or 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
     store_ref, work_ref = ray.put(store), ray.put(stage.work)  # put once: each task gets refs
     queue, alone = deque(todo), deque()
-    attempts: Counter[str] = Counter()
+    failed: dict[str, int] = {}  # shard: its attempts so far, for the shards that failed (none kept per shard done)
     pending: dict = {}  # ref: item
     failure: RayTaskError | None = None
     died: dict[str, str] = {}  # shard: why its last attempt failed
 
     def submit(item) -> None:
         shard = stage.shard_of(item)
-        attempts[shard] += 1
         pending[remote.remote(store_ref, stage.name, stage.outputs, work_ref, shard, item)] = item
 
     try:
@@ -308,14 +378,14 @@ def _fan_out(store, stage, todo, rows: ReceiptRows, total, on_progress, max_in_f
                     continue
                 except RayError as error:
                     shard, reason = stage.shard_of(item), _first_line(error)
-                    if attempts[shard] >= SHARD_ATTEMPTS:
+                    failed[shard] = attempt = failed.get(shard, 0) + 1
+                    if attempt >= SHARD_ATTEMPTS:
                         died[shard] = reason
                         continue
                     log.warning(
-                        "%s: shard %s failed on attempt %d of %d (%s); retried", stage.name, shard, attempts[shard],
-                        SHARD_ATTEMPTS, reason,
+                        "%s: shard %s failed on attempt %d of %d (%s); retried", stage.name, shard, attempt, SHARD_ATTEMPTS, reason
                     )
-                    (alone if attempts[shard] == SHARD_ATTEMPTS - 1 else queue).append(item)
+                    (alone if attempt == SHARD_ATTEMPTS - 1 else queue).append(item)
                     continue
                 rows.add(row)
                 if on_progress:

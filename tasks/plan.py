@@ -9,10 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import ray
@@ -20,7 +23,18 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray.exceptions import RayTaskError
 
 from storage.manifest import canonical_json
-from storage.store import COPY_BUFFER_BYTES, ListedObject, ObjectNotFound, Store, join_key, open_object, open_store
+from storage.store import (
+    COPY_BUFFER_BYTES,
+    ListedObject,
+    ObjectChanged,
+    ObjectNotFound,
+    Store,
+    check_expected,
+    differences,
+    join_key,
+    open_object,
+    open_store,
+)
 from tasks.code_version import on_driver_code
 from tasks.config import BuildConfig, Format, SourceConfig, check_output_outside_inputs
 from tasks.fanout import ensure_ray
@@ -190,27 +204,65 @@ def make_plan(config: BuildConfig) -> list[PlannedFile]:
 
 
 def check_unchanged(file: PlannedFile, hash_content: bool = True) -> None:
-    """Raise InputChanged unless the input is still the one the plan pinned (size and identity).
-
-    One metadata request (a HEAD on S3); with `hash_content` and a pinned sha256, one more read.
-    """
+    """Raise InputChanged unless the input is still the one the plan pinned, as far as that takes
+    no request: an HF dataset's fingerprint, a local file's size and stat, and with `hash_content`
+    a pinned sha256 (one more read of the input). An input on S3 is checked on the answer of the
+    read that ingests it (open_input, input_path): its length and ETag."""
     if file.rows is not None:
-        if "fingerprint" not in file.identity:
-            return
-        now = {"fingerprint": _hf_fingerprint(file.uri)}
-    else:
-        store, key = open_object(file.uri)
-        try:
-            info = store.info(key)
-        except ObjectNotFound:
-            raise InputChanged(f"input {file.uri} was removed since the plan; {REBUILD_HINT}") from None
-        now = {"size": str(info.size), **info.version}
+        if "fingerprint" in file.identity:
+            _check_identity(file, {"fingerprint": _hf_fingerprint(file.uri)})
+        return
+    store, key = open_object(file.uri)
+    with _refused_if_changed(file):
+        if store.local_path(key) is not None:
+            check_expected(store.url(key), store.info(key), _pinned(file, key))
         if hash_content and "sha256" in file.identity:
-            now["sha256"] = content_sha256(file.uri)
-    pinned = {**({"size": str(file.size)} if file.rows is None else {}), **file.identity}
-    changed = [f"{name} {value} -> {now.get(name)}" for name, value in pinned.items() if name in now and now[name] != value]
-    if changed:
-        raise InputChanged(f"input {file.uri} changed since the plan ({', '.join(changed)}); {REBUILD_HINT}")
+            _check_identity(file, {"sha256": content_sha256(file.uri)})
+
+
+def open_input(file: PlannedFile) -> BinaryIO:
+    """A streaming reader of a planned input file, refused (InputChanged) unless the input is at
+    the size and version the plan pinned, on the read's own answer (S3: the GET's length and
+    ETag; local: the opened file's stat): no request of its own."""
+    store, key = open_object(file.uri)
+    with _refused_if_changed(file):
+        return store.open_read(key, _pinned(file, key))
+
+
+def input_path(file: PlannedFile, folder: Path) -> Path:
+    """A local path of a planned input file: a local one in place (check_unchanged checks it), one
+    on S3 downloaded into `folder`, checked as open_input checks its read."""
+    store, key = open_object(file.uri)
+    if (path := store.local_path(key)) is not None:
+        return path
+    with _refused_if_changed(file):
+        return store.download(key, folder / key.rpartition("/")[2], _pinned(file, key))
+
+
+def _pinned(file: PlannedFile, key: str) -> ListedObject:
+    """What a read must find of the input: its planned size and version stamp (a pinned sha256
+    is no store's version, so then the size alone)."""
+    return ListedObject(key, file.size, file.identity)
+
+
+def _changed(file: PlannedFile, changes: list[str]) -> InputChanged:
+    return InputChanged(f"input {file.uri} changed since the plan ({', '.join(changes)}); {REBUILD_HINT}")
+
+
+def _check_identity(file: PlannedFile, now: dict[str, str]) -> None:
+    if changes := differences(file.identity, now):
+        raise _changed(file, changes)
+
+
+@contextmanager
+def _refused_if_changed(file: PlannedFile) -> Iterator[None]:
+    """The store's ObjectChanged or ObjectNotFound for the input, as InputChanged naming it."""
+    try:
+        yield
+    except ObjectChanged as changed:
+        raise _changed(file, changed.changes) from None
+    except ObjectNotFound:
+        raise InputChanged(f"input {file.uri} was removed since the plan; {REBUILD_HINT}") from None
 
 
 def check_tokenizer_input(config: BuildConfig) -> None:

@@ -33,7 +33,6 @@ TOKENIZER = "tokenizer"
 TOKENIZER_SAMPLE = "tokenizer-sample"  # the tokenizer step's training sample
 TOKENIZE = "tokenize"
 MANIFEST = "manifest"
-VERIFY_TOKENS = "verify-tokens"  # the manifest step's stage: token shards re-hashed
 
 Item = TypeVar("Item")
 
@@ -57,7 +56,7 @@ PIPELINE = (
     Step(NEAR_DEDUP, ("near",)),
     Step(TOKENIZER, (TOKENIZER,)),
     Step(TOKENIZE, (TOKENIZE,)),
-    Step(MANIFEST, (VERIFY_TOKENS,)),
+    Step(MANIFEST, ()),
 )
 
 

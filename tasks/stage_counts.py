@@ -40,7 +40,7 @@ class MergedCounts(Counts):
     """exact-merge, near-merge: one block of plan files' removed ids."""
 
     removed: int
-    files: int  # removed-id files merged
+    sources: int  # objects its block's partition was read from (at most MERGE_FAN_IN)
 
 
 class SignatureCounts(Counts):
@@ -103,7 +103,7 @@ class SampleCounts(Counts):
 
 
 class TokenizerSampleCounts(Counts):
-    """tokenizer-sample: one docs shard's share of the training sample."""
+    """tokenizer-sample: one group of docs shards' share of the training sample."""
 
     bytes: int
 
@@ -119,9 +119,3 @@ class TokenizeCounts(Counts):
 
     documents: int
     tokens: int
-
-
-class VerifiedCounts(Counts):
-    """verify-tokens: one tokenize shard's token files re-hashed."""
-
-    bytes_verified: int

@@ -14,9 +14,9 @@ from typing import BinaryIO, NamedTuple
 
 import orjson
 
-from storage.store import open_object
 from tasks.ingest.reader import RAW_SAMPLE, Bad, Location, Reader, Record
 from tasks.ingest.zstd_frames import CorruptStream, ZstdStream
+from tasks.plan import open_input
 
 READ_CHUNK = 1 << 20  # bytes of (decompressed) input read at a time
 
@@ -25,8 +25,7 @@ class JsonlReader(Reader):
     compressed = False
 
     def records(self) -> Iterator[Record]:
-        store, key = open_object(self.file.uri)
-        with store.open_read(key) as raw:
+        with open_input(self.file) as raw:
             stream = ZstdStream(raw) if self.compressed else raw
             for number, start, line, problem in _lines(stream, self.filters.max_record_bytes):
                 if number == 1 and line.startswith(BOM_UTF8):

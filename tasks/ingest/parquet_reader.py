@@ -7,8 +7,8 @@ from collections.abc import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.store import open_object
 from tasks.ingest.reader import IngestError, Reader, Record, table_columns, table_rows
+from tasks.plan import input_path
 
 BATCH_ROWS = 1024
 
@@ -16,8 +16,7 @@ BATCH_ROWS = 1024
 class ParquetReader(Reader):
     def records(self) -> Iterator[Record]:
         file = self.file
-        store, key = open_object(file.uri)
-        path = store.local_path(key) or store.download(key, self.tmp / "input.parquet")
+        path = input_path(file, self.tmp)
         try:
             parquet = pq.ParquetFile(path)
             columns = table_columns(parquet.schema_arrow, self.source, file.uri)

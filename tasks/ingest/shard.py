@@ -41,7 +41,10 @@ def ingest_file(file: PlannedFile, source: SourceConfig, filters: Filters, quara
     """Ingest one planned file into `out` (the build folder) and return what it wrote and counted.
 
     An input that is no longer the one planned (InputChanged) is refused before anything is
-    written for it; it is checked again, cheaply, after it was read and before the upload.
+    written for it: by the read itself (an S3 GET's length and ETag, the opened file's stat), and
+    by check_unchanged before it (a pinned sha256) and after it, before the upload (a local file
+    edited in place while it was read; an S3 GET serves one version whole), with no request of
+    their own but the hashing read.
     """
     if file.source != source.name:
         raise ValueError(f"planned file of source {file.source!r} given the config of source {source.name!r}")

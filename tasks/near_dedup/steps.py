@@ -11,8 +11,8 @@ partition of each with range reads (tasks.parquet_io): a step writes as many obj
 has tasks, never tasks x partitions. Every shuffle goes through merge levels
 (tasks.shuffle.MergedShuffle, steps `near-runs-<shuffle>-lNN`, objects
 runs/<shuffle>/lNN/r<run>-k<block>.parts) while more than MERGE_FAN_IN map objects are left, so a
-reduce task reads at most MERGE_FAN_IN objects: bands, candidates, shingles, edges, and the
-output of each components step (rNNN-large, rNNN-small) for the next.
+reduce task reads at most MERGE_FAN_IN objects: bands, candidates, shingles, edges, the
+output of each components step (rNNN-large, rNNN-small) for the next, and the removed ids.
 
   near-signatures  per batch: band hashes of each document exact dedup kept, a partition
                    per band-hash range P              bands/b<batch>.parts
@@ -33,15 +33,17 @@ output of each components step (rNNN-large, rNNN-small) for the next.
                    changes nothing; edges and stars have a partition per vertex partition Q
                                                       components/rNNN/{large,small}/q<from>.parts
   near-dedup       per vertex partition: every non-center member, removed for the smallest id
-                   of its component                   removed/k<block>/q<Q>.parquet (id, kept_id)
-  near-merge       per block of plan files: its removed ids in one object, a partition per plan
-                   file (tasks.removals)              merged/k<block>.parts
+                   of its component, a partition per block of plan files
+                                                      removed/q<Q>.parts (id, kept_id)
+  near-merge       per block of plan files: its removed ids (through merge levels) in one
+                   object, a partition per plan file (tasks.removals)
+                                                      merged/k<block>.parts
   near-sample      the first removed documents in plan order beside the ones kept: sample.parquet
 
 Each shuffle costs O((M + R) log M) range reads with M map and R reduce tasks, not 2 x M x R:
 bands (B batches to P ranges), candidates (P to B), shingles (B to G / VERIFY_SPAN_GROUPS verify
-spans), edges and components (to and from Q vertex partitions); each level rewrites the
-shuffle's bytes once. Verifying
+spans), edges and components (to and from Q vertex partitions), removed ids (Q to blocks of
+plan files); each level rewrites the shuffle's bytes once. Verifying
 from the 128-value MinHash signatures instead (no shingles shuffle at all) was measured and
 rejected: on benchmarks/dedup.py's code corpus (5,000 documents, 16 x 8 bands) estimated Jaccard
 gave precision 0.90 / recall 0.91 against exact all-pairs truth, exact shingles 1.00 / 0.996;
@@ -442,13 +444,13 @@ def small_star_step(store: Store, round_: int, pairs: MergedShuffle, partition: 
     return ShardResult(outputs=outputs, counts=StarCounts(edges_in=len(larger), changed=changed))
 
 
-def write_removed(store: Store, sources: SourceRanges, stars: MergedShuffle, partition: int) -> ShardResult:
+def write_removed(store: Store, sources: SourceRanges, stars: MergedShuffle, removed_ids: MergedShuffle, partition: int) -> ShardResult:
     """From the converged stars (the last small-star): each non-center vertex is removed for its
-    center, the smallest id of its component; written per block of plan files."""
+    center, the smallest id of its component; written a partition per block of plan files."""
     vertex, neighbor = _pairs(store, stars, partition)
     leaf = vertex > neighbor
     removed, kept = vertex[leaf], neighbor[leaf]
-    outputs = removals.write_removed(store, layout.near_removed, vertex_partition_name(partition), removed, kept)
+    outputs = [removals.write_removed(store, removed_ids, partition, removed, kept)]
     accounting = {source: SourceAccounting(near_dup=n) for source, n in sources.count(removed).items()}
     return ShardResult(outputs=outputs, counts=NearDupCounts(near_dup=len(removed)), sources=accounting)
 
@@ -588,15 +590,17 @@ def run_near_dedup(
         raise RuntimeError(f"near dedup: connected components did not converge in {MAX_ROUNDS} rounds")
     for stage in pairs.stages(store):
         run(stage)
+    removed_ids = removals.near_removed_ids(len(vertex_partitions), 1 + max((s.file.ordinal for s in shards), default=-1))
     removed = run(
         Stage(
             STAGE, vertex_partitions, vertex_partition_name,
-            partial(write_removed, store, SourceRanges.of([s.file for s in shards]), pairs),
+            partial(write_removed, store, SourceRanges.of([s.file for s in shards]), pairs, removed_ids),
             (layout.NEAR_REMOVED,),
         )
     )
-    plan_files = 1 + max((s.file.ordinal for s in shards), default=-1)
-    run(removals.merge_stage("near-merge", store, layout.near_removed, layout.near_merged, layout.NEAR_MERGED, plan_files))
+    for stage in removed_ids.stages(store):
+        run(stage)
+    run(removals.merge_stage("near-merge", store, removed_ids, layout.near_merged, layout.NEAR_MERGED))
     run(Stage("near-sample", [SAMPLE_ROWS], _sample_name, partial(write_sample, store, shards, cfg), (layout.NEAR_SAMPLE,)))
     per_source = {s.file.source: 0 for s in shards}
     per_source.update({name: acc.near_dup for name, acc in removed.sources().items()})

@@ -172,8 +172,9 @@ def test_near_dedup_removes_exactly_the_planted_near_duplicates(corpus, ingested
     planted exact copies: it removes the near copies, each for its original, and nothing else."""
     config, plan, out, _, _, id_of = ingested
     exact = np.array(sorted(id_of(d) for d in corpus["duplicates"]), dtype=np.int64)
-    removals.write_removed(out, layout.exact_removed, "p0000", exact, exact)
-    removals.merge_block(out, layout.exact_removed, layout.exact_merged, 0)
+    removed_ids = removals.exact_removed_ids(1, len(plan))  # one hash range found them all
+    removals.write_removed(out, removed_ids, 0, exact, exact)
+    removals.merge_block(out, removed_ids, layout.exact_merged, 0)
     shards = [DocsShard(file, docs_key(file), exclude=True, size=out.size(docs_key(file))) for file in plan]
     counts = run_near_dedup(out, shards, config.minhash, lambda stage: run_stage(out, stage, inline=True), 1 << 30)
 

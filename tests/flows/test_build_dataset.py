@@ -21,14 +21,15 @@ from prefect.artifacts import Artifact
 
 from demo.sample_corpus import make_sample_corpus
 from flows.build_dataset import build_dataset
-from storage.build_layout import SHARD_TABLE
+from storage.build_layout import SHARD_TABLE, exact_merged
 from storage.manifest import DatasetManifest
 from storage.shards import IndexedShard
 from storage.stage_summary import StageSummary
 from storage.store import open_object, open_store
 from tasks.config import BuildConfig
 from tasks.ingest import IngestError
-from tasks.plan import PlanError, ordinal_of
+from tasks.plan import PlanError, ordinal_of, read_plan
+from tasks.removals import deduplicated_ids, removed_pairs
 from tasks.reporting import build_artifact_key
 from tests.builds import assert_reconciles, build_objects, load_manifest, load_shards, sample_config
 
@@ -81,10 +82,7 @@ def test_manifest_reconciles_and_shards_decode_to_the_kept_documents(built, corp
     # the kept documents are the ingested ones minus what dedup removed
     store, _ = open_object(manifest_uri)
     kept = collections.Counter()
-    removed = set()
-    for prefix in ("dedup/exact/removed/", "dedup/near/removed/"):
-        for key in store.list(prefix):
-            removed.update(pq.read_table(store.download(key, tmp_path / "r" / key)).column("id").to_pylist())
+    removed = {int(i) for file in read_plan(store) for i in deduplicated_ids(store, file)}
     for key in store.list("docs/"):
         table = pq.read_table(store.download(key, tmp_path / "d" / key), columns=["id", "text"])
         for doc_id, text in zip(table.column("id").to_pylist(), table.column("text").to_pylist()):
@@ -96,13 +94,12 @@ def test_manifest_reconciles_and_shards_decode_to_the_kept_documents(built, corp
 def test_exact_dedup_removes_exactly_the_planted_duplicates(built, corpus, tmp_path):
     config, manifest_uri = built
     store, _ = open_object(manifest_uri)
-    plan = json.loads(store.get_bytes("plan.json"))["files"]
     root = corpus["root"]
     removed = set()
-    for key in store.list("dedup/exact/removed/"):
-        for doc_id in pq.read_table(store.download(key, tmp_path / key)).column("id").to_pylist():
-            file = plan[ordinal_of(doc_id)]
-            removed.add((os.path.relpath(file["uri"].removeprefix("file://"), root), doc_id & 0xFFFFFFFF))
+    for file in read_plan(store):
+        for doc_id in removed_pairs(store, exact_merged, file)[0].tolist():
+            assert ordinal_of(doc_id) == file.ordinal
+            removed.add((os.path.relpath(file.uri.removeprefix("file://"), root), doc_id & 0xFFFFFFFF))
     planted = {(d["file"], d["record"]) for d in corpus["duplicates"]}
     excluded = {(d["file"], d["record"]) for d in corpus["duplicates"] if d.get("excluded")}
     assert removed == planted - excluded

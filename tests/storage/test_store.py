@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import re
 import resource
 import signal
 import subprocess
@@ -23,7 +24,9 @@ from boto3.s3.transfer import TransferConfig
 from storage.s3 import S3Store, s3_client
 from storage.store import (
     InvalidKey,
+    ListedObject,
     LocalStore,
+    ObjectChanged,
     ObjectNotFound,
     Store,
     StoreAccessError,
@@ -32,6 +35,7 @@ from storage.store import (
     open_object,
     open_store,
 )
+from tests.builds import RequestCounter
 from tests.fixtures.ports import free_port
 
 MiB = 1 << 20
@@ -270,6 +274,62 @@ def test_a_listing_gives_each_objects_size_and_version(store: Store):
     assert store.info("a/two.bin").version != before
     with pytest.raises(ObjectNotFound):
         store.info("a/none.bin")
+
+
+def test_a_write_returns_what_a_listing_then_shows_without_asking(store: Store, tmp_path):
+    source = tmp_path / "source.bin"
+    source.write_bytes(payload(3 * MiB))
+    counter = RequestCounter()
+    written = [store.put_bytes("w/a.bin", b"12345"), store.put_text("w/b.txt", "héllo"), store.put_file("w/c.bin", source)]
+    sent = counter.take()
+    assert written == list(store.list_info("w/"))  # key, size and version, as a rerun's listing compares them
+    assert [w.size for w in written] == [5, len("héllo".encode()), 3 * MiB]
+    if store.local_path() is None:
+        assert sent == {"PutObject": 3}, sent  # the PUT's answer carries the ETag: no HEAD after it
+    again = store.put_bytes("w/a.bin", b"54321")  # same size, new content
+    assert again.version != written[0].version and again == store.info("w/a.bin")
+
+
+def test_a_read_that_expects_a_version_refuses_another_on_its_own_answer(store: Store, tmp_path):
+    store.put_bytes("in/a.bin", b"first")
+    pinned = store.info("in/a.bin")
+    counter = RequestCounter()
+    with store.open_read("in/a.bin", expect=pinned) as reader:
+        assert reader.read() == b"first"
+    assert store.download("in/a.bin", tmp_path / "a.bin", expect=pinned).read_bytes() == b"first"
+    if store.local_path() is None:
+        assert counter.take() == {"GetObject": 2}  # the check rides on each read's answer
+
+    store.put_bytes("in/a.bin", b"second!")
+    version = next(iter(pinned.version))  # "etag", or a local file's "mtime_ns"
+    changed = rf"{re.escape(store.url('in/a.bin'))} changed \(size 5 -> 7, .*{version} "
+    with pytest.raises(ObjectChanged, match=changed):
+        store.open_read("in/a.bin", expect=pinned)
+    with pytest.raises(ObjectChanged, match=changed):
+        store.download("in/a.bin", tmp_path / "b.bin", expect=pinned)
+    assert not (tmp_path / "b.bin").exists() and temp_files(tmp_path) == []
+    size_only = ListedObject("in/a.bin", 7, {"sha256": "not a store's version"})  # only what both know is compared
+    with store.open_read("in/a.bin", expect=size_only) as reader:
+        assert reader.read() == b"second!"
+
+
+def test_s3_multipart_objects_cost_one_head_to_write_and_none_to_download(s3_bucket_uri, tmp_path):
+    transfer = TransferConfig(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB, max_concurrency=4)
+    store = S3Store(s3_bucket_uri.removeprefix("s3://"), f"multipart-{uuid.uuid4().hex[:8]}", transfer=transfer)
+    source = tmp_path / "big.bin"
+    source.write_bytes(payload(12 * MiB, seed=3))
+    counter = RequestCounter()
+    written = store.put_file("big.bin", source)
+    assert counter.take()["HeadObject"] == 1  # s3transfer keeps the multipart upload's ETag to itself
+    assert written == store.info("big.bin") and written.version["etag"].endswith("-3")
+    counter.take()
+    copy = store.download("big.bin", tmp_path / "copy.bin", expect=written)
+    assert copy.read_bytes() == source.read_bytes()
+    requests = counter.take()
+    assert "HeadObject" not in requests and requests["GetObject"] == 1 + 3, requests  # the first answer, then 3 parts
+    store.put_bytes("big.bin", payload(12 * MiB, seed=4))
+    with pytest.raises(ObjectChanged, match="etag"):
+        store.download("big.bin", tmp_path / "stale.bin", expect=written)
 
 
 def test_missing_key_names_the_uri(store: Store, tmp_path):

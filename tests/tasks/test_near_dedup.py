@@ -160,8 +160,9 @@ class Corpus:
         for docs in by_text.values():
             self.exact_removed.update(sorted(docs)[1:])
         exact = np.array(sorted(self.exact_removed), dtype=np.int64)
-        removals.write_removed(store, layout.exact_removed, "p0000", exact, exact)
-        removals.merge_block(store, layout.exact_removed, layout.exact_merged, 0)
+        removed_ids = removals.exact_removed_ids(1, len(self.files))  # one hash range found them all
+        removals.write_removed(store, removed_ids, 0, exact, exact)
+        removals.merge_block(store, removed_ids, layout.exact_merged, 0)
         self.groups = [[self.id_of[(g, i)] for i in range(len(group))] for g, group in enumerate(groups)]
 
     def docs_shards(self) -> list[DocsShard]:

@@ -24,7 +24,7 @@ from tasks.config import TokenizerTrain
 from tasks.ingest.docs_writer import DOC_SCHEMA, DocsWriter
 from tasks.parquet_io import read_table
 from tasks.plan import PlannedFile, document_id
-from tasks.removals import deduplicated_ids, merge_block, write_removed
+from tasks.removals import deduplicated_ids, exact_removed_ids, merge_block, write_removed
 from tasks.stage_counts import TokenizeCounts
 from tasks.tokenize import tokenize_shard
 from tasks.tokenizer import train_model
@@ -69,8 +69,9 @@ def put_docs(store: Store, file: PlannedFile, texts: list[str], folder: Path, re
         pq.write_table(pa.table(columns, schema=DOC_SCHEMA), path, row_group_size=group_rows)
     store.put_file(layout.docs(file.source, file.shard), path)
     removed = np.array(ids[::removed_every], np.int64)
-    write_removed(store, layout.exact_removed, "range-0", removed, removed - 1)
-    merge_block(store, layout.exact_removed, layout.exact_merged, layout.removed_block(file.ordinal))
+    removed_ids = exact_removed_ids(1, file.ordinal + 1)  # one hash range found them all
+    write_removed(store, removed_ids, 0, removed, removed - 1)
+    merge_block(store, removed_ids, layout.exact_merged, layout.removed_block(file.ordinal))
 
 
 def put_tokenizer(store: Store, model: bytes) -> TokenizerInfo:
