@@ -215,7 +215,7 @@ def finished_rows(store: Store, stage: Stage) -> tuple[ReceiptRows, StageSummary
     shards = _shards(stage)
     version = _receipt_versions(store, stage.name, shards)
     rows = ReceiptRows()
-    if not version.null_count < len(version):
+    if version.null_count == len(version):  # no receipt listed
         return rows, None
     summary = _read_stage_summary(store, stage.name)
     read = np.zeros(len(shards), bool)  # items whose receipts the summary holds as they are
