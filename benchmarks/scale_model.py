@@ -1,7 +1,7 @@
 """The build's scale model: what every stage costs as documents, files and data/budget grow.
 
     .venv/bin/python -m benchmarks.scale_model [--docs 10000,40000,320000] [--budget 4M]
-        [--budgets 256K,1M,4M] [--budget-docs 40000] [--files 300,1000,3000] [--repeats 1]
+        [--budgets 256K,1M,4M] [--budget-docs 40000] [--files 300,1000,3000] [--repeats 1] [--rerun]
         [--s3 s3://bucket/prefix] [--out benchmarks/results/scale_model.json]
     .venv/bin/python -m benchmarks.scale_model --report benchmarks/results/scale_model.json
 
@@ -15,7 +15,8 @@ verify), inputs and outputs on S3 (`--s3`, or a SeaweedFS server started here). 
 3. files (`--files`, `--file-docs` documents each, `--file-shard-tokens` tokens per token shard
    so each file makes several token shards): the object counts of a full build with tiny data.
 
-Each point is one build in a child process. For each stage (a Prefect task of the flow) it
+Each point is one build in a child process (`--rerun`: then the same build again on its finished
+output in another child: a rerun's wall seconds, requests, driver peak and Ray tasks). For each stage (a Prefect task of the flow) it
 records the CPU seconds of the driver (its getrusage over the task body) and of every Ray task
 (each task's getrusage, returned through a line in a local file), the S3 requests by operation
 and the object bytes read (GetObject bodies) and written (PutObject and UploadPart bodies), every
@@ -291,9 +292,35 @@ def write_corpus(inputs_uri: str, docs: int, docs_per_file: int, log_words: floa
 # -- sweeps ----------------------------------------------------------------------------------------------
 
 
+def _build_child(spec: dict) -> dict:
+    """One build in a child process (a fresh driver), as build_one prints it."""
+    child = subprocess.run(
+        [sys.executable, "-m", "benchmarks.scale_model", "--one", json.dumps(spec)],
+        stdout=subprocess.PIPE, text=True,  # the child's stderr shows, so a failure names its cause
+    )
+    child.check_returncode()
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+def rerun_costs(spec: dict) -> dict:
+    """The build run again on its finished output, in a fresh driver: nothing to redo, so this is
+    what a rerun of a finished build costs (its wall seconds, requests, driver peak, Ray tasks)."""
+    run = _build_child(spec)
+    stages = run["stages"].values()
+    by_operation = Counter()
+    for costs in stages:
+        by_operation.update(costs["requests_by_operation"])
+    return {
+        "wall_s": run["wall_s"], "requests": sum(by_operation.values()), "requests_by_operation": dict(by_operation),
+        "driver_peak_mib": max(costs["driver_peak_mib"] for costs in stages),
+        "ray_tasks": sum(sum(costs["ray_tasks"].values()) for costs in stages),
+    }
+
+
 def measure_point(s3_uri: str, docs: int, docs_per_file: int, budget: int, shard_tokens: int, repeats: int,
-                  sample_bytes: int) -> dict:
-    """Build one corpus `repeats` times (a fresh output each time); CPU seconds are the median."""
+                  sample_bytes: int, rerun: bool = False) -> dict:
+    """Build one corpus `repeats` times (a fresh output each time); CPU seconds are the median.
+    With `rerun`, the first build is then run again on its output (rerun_costs)."""
     root = f"{s3_uri.rstrip('/')}/scale-model-{uuid.uuid4().hex[:8]}"
     text_bytes = write_corpus(f"{root}/raw", docs, docs_per_file)
     runs = []
@@ -319,14 +346,19 @@ def measure_point(s3_uri: str, docs: int, docs_per_file: int, budget: int, shard
         "load": [run["load"] for run in runs], **{k: runs[0].get(k) for k in ("token_shards", "documents_kept", "tokens")},
         "wall_s": statistics.median(run["wall_s"] for run in runs), "stages": runs[0]["stages"],
     }
+    if rerun:
+        point["rerun"] = rerun_costs({**spec, "output": runs[0]["output"]})
     for name, costs in point["stages"].items():
         costs["cpu_s"] = statistics.median(run["stages"][name]["cpu_s"] for run in runs)
         costs["wall_s"] = statistics.median(run["stages"][name]["wall_s"] for run in runs)
         costs["deterministic"] = all(  # requests and bytes must not depend on the run
             run["stages"][name][k] == runs[0]["stages"][name][k] for run in runs for k in ("requests", "bytes_written")
         )
+    again = point.get("rerun")
     print(f"  {docs:,} documents in {point['files']:,} files, budget {budget >> 10} KiB: {point['wall_s']:.0f} s, "
-          f"load {point['load']}", flush=True)
+          f"load {point['load']}" + (f"; rerun {again['wall_s']:.1f} s, {again['requests']:,} requests "
+          f"{again['requests_by_operation']}, driver {again['driver_peak_mib']} MiB, {again['ray_tasks']} Ray tasks" if again else ""),
+          flush=True)
     return point
 
 
@@ -400,6 +432,7 @@ def main() -> None:
     parser.add_argument("--file-shard-tokens", type=int, default=1, help="sweep 3: tokens per token shard (1: one a document)")
     parser.add_argument("--sample-bytes", type=parse_bytes, default=parse_bytes("1M"), help="tokenizer training sample")
     parser.add_argument("--repeats", type=int, default=1, help="builds per point (CPU seconds: the median)")
+    parser.add_argument("--rerun", action="store_true", help="then run each point's build again on its output (a rerun's costs)")
     parser.add_argument("--s3", help="s3://bucket/prefix (default: a SeaweedFS server started here)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/scale_model.json"))
     parser.add_argument("--report", type=Path, help="only print the tables of an earlier run's JSON")
@@ -426,7 +459,7 @@ def main() -> None:
             results[sweep] = []
             for point in points:
                 if point not in measured:  # the sweeps' common point is built once
-                    measured[point] = measure_point(s3_uri, *point, args.repeats, args.sample_bytes)
+                    measured[point] = measure_point(s3_uri, *point, args.repeats, args.sample_bytes, args.rerun)
                 results[sweep].append(measured[point])
                 results["uptime_after"] = _uptime()
                 args.out.write_text(json.dumps(results, indent=1) + "\n")  # what is done survives a stop

@@ -62,7 +62,7 @@ from tasks.fanout import ensure_ray, interrupts_unwrapped
 from tasks.reach import check_reach_on_ray
 from tasks.reporting import artifact_key
 from tasks.stage import stage_task
-from tasks.train_report import LiveView, SegmentStatus, loss_curve_markdown, metrics_rows, next_steps
+from tasks.train_report import LiveView, SegmentStatus, chart_backend, loss_curve_markdown, metrics_rows, next_steps
 
 POLL_S = 2.0
 # The Cancelled state's message: the step and the checkpoint kept are said once, in the task's log line.
@@ -439,6 +439,7 @@ def train_task(config: TrainConfig) -> str | State:
         if launcher.kind == "torchrun" and launcher.nnodes > 1:
             logger.info("the other nodes run: %s", other_nodes_command(config_uri, launcher, config.name))
         report_progress = progress_reporter(config)
+        chart_backend()  # now, not at the first chart: a SIGTERM must not land inside its import
 
         def on_poll() -> None:
             lease.check()  # LeaseLost stops the job: another holder may be training this run now

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import math
 import shlex
@@ -132,13 +133,22 @@ def next_steps(run_uri: str, name: str, evaluation: Evaluation | None) -> list[s
     return [f"tinyllama export-hf {run} {shlex.quote(f'./{name}-hf')}", f"tinyllama evaluate {run} {evaluate}"]
 
 
+@functools.cache
+def chart_backend() -> tuple[type, type]:
+    """matplotlib's Agg canvas and Figure, imported once. The training task imports them before
+    its job starts: a cancel's SIGTERM that lands inside a C extension's import (matplotlib's
+    ft2font, seconds under load) comes out of it as ImportError, a failure, not the cancel it is."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    return FigureCanvasAgg, Figure
+
+
 def loss_chart(records: list[dict]) -> str:
     """The loss (and validation loss) of the logged steps `records` as a small chart: markdown
     with the PNG inline. (Block-character sparklines, as before, came out a flat grey band in the
     UI's code font.)"""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
+    FigureCanvasAgg, Figure = chart_backend()
     figure = Figure(figsize=CHART_INCHES, dpi=CHART_DPI)
     FigureCanvasAgg(figure)
     ax = figure.add_subplot()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -361,6 +362,9 @@ def test_the_ranks_of_a_node_fetch_the_manifest_once(s3_bucket_uri, tmp_path):
         started = list(pool.map(start_rank, [uri] * ranks, [cache] * ranks, [manager.Barrier(ranks)] * ranks))
     assert [shards for shards, _, _ in started] == [10] * ranks
     assert sum(header for _, header, _ in started) == 1 and sum(table for _, _, table in started) == 1, started
+    # A process's start time is known to about a second (the kernel gives the boot time in whole
+    # seconds), so a start is "later" than a copy once a second has passed.
+    time.sleep(1.1)
     with context.Manager() as manager, ProcessPoolExecutor(1, mp_context=context) as pool:
         assert pool.submit(start_rank, uri, cache, manager.Barrier(1)).result() == (10, 1, 0)
 
