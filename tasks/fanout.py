@@ -191,6 +191,17 @@ def intact_rows(stage: str, rows: pa.Table, listing: Listing) -> np.ndarray:
     logged."""
     outputs = _flat_outputs(rows)
     owner = pc.list_parent_indices(rows.column("outputs")).to_numpy(zero_copy_only=False)
+    changed = changed_outputs(outputs, listing)
+    keys, shards = outputs.field("key"), rows.column("shard")
+    for row, first in zip(*np.unique(owner[changed], return_index=True)):
+        output = keys[changed[first]].as_py()
+        log.warning("%s: output %s changed since its receipt; shard %s is redone", stage, output, shards[row].as_py())
+    return np.setdiff1d(np.arange(rows.num_rows), owner[changed])
+
+
+def changed_outputs(outputs: pa.StructArray, listing: Listing) -> np.ndarray:
+    """The positions, in order, of the `outputs` (key, size, version as committed) that the
+    listing does not show at that size and version."""
     listed = pc.index_in(outputs.field("key"), value_set=listing.keys)
     same = listed.is_valid().to_numpy(zero_copy_only=False)
     at = listed.filter(listed.is_valid()).to_numpy(zero_copy_only=False)
@@ -201,12 +212,7 @@ def intact_rows(stage: str, rows: pa.Table, listing: Listing) -> np.ndarray:
         recorded = outputs.field("version").slice(start, end - start).to_pylist()
         listed_versions = versions[start:end].to_pylist()
         same[start:end] &= [v is not None and version_text(v) == text for v, text in zip(recorded, listed_versions)]
-    changed = np.flatnonzero(~same)
-    keys, shards = outputs.field("key"), rows.column("shard")
-    for row, first in zip(*np.unique(owner[changed], return_index=True)):
-        output = keys[changed[first]].as_py()
-        log.warning("%s: output %s changed since its receipt; shard %s is redone", stage, output, shards[row].as_py())
-    return np.setdiff1d(np.arange(rows.num_rows), owner[changed])
+    return np.flatnonzero(~same)
 
 
 def finished_rows(store: Store, stage: Stage) -> tuple[ReceiptRows, StageSummary | None]:

@@ -26,7 +26,7 @@ from storage.manifest import (
 from storage.shards import token_dtype
 from storage.stage_summary import StageSummary
 from storage.store import ObjectNotFound, Store, StoreError
-from tasks.fanout import intact_rows, list_outputs, read_summary
+from tasks.fanout import changed_outputs, list_outputs, read_summary
 from tasks.parquet_io import read_table
 from tasks.plan import Build
 from tasks.reporting import build_artifact_key, progress, stage_totals, step_seconds
@@ -115,22 +115,16 @@ def check_token_files(store: Store, tokenized: StageSummary) -> None:
     request) shows it at the size and version its receipt recorded. Its bytes are not read again:
     the task hashed them as it wrote them, and a rewrite gets a new version (ETag; mtime locally)."""
     outputs = tokenized.table.column("outputs")
-    listing = list_outputs(store, (layout.TOKENS,), pc.list_flatten(outputs).combine_chunks().field("key"))
-    changed = np.ones(len(tokenized), bool)
-    changed[intact_rows(TOKENIZE, tokenized.table, listing)] = False
-    if not changed.any():
+    files = pc.list_flatten(outputs).combine_chunks()
+    changed = changed_outputs(files, list_outputs(store, (layout.TOKENS,), files.field("key")))
+    if not len(changed):
         return
-    row = int(np.flatnonzero(changed)[0])
-    shard, files = tokenized.table.column("shard")[row].as_py(), outputs[row].values
-    # that receipt's outputs checked again, an output a row, to name the file
-    one_each = pa.ListArray.from_arrays(np.arange(len(files) + 1, dtype=np.int32), files)
-    unchanged = np.zeros(len(files), bool)
-    unchanged[intact_rows(TOKENIZE, pa.table({"shard": [shard] * len(files), "outputs": one_each}), listing)] = True
-    key = files.field("key")[int(np.flatnonzero(~unchanged)[0])].as_py()
-    receipt = store.url(layout.receipt(TOKENIZE, shard))
+    first = int(changed[0])
+    row = int(pc.list_parent_indices(outputs).to_numpy(zero_copy_only=False)[first])
+    receipt = store.url(layout.receipt(TOKENIZE, tokenized.table.column("shard")[row].as_py()))
     raise TokenShardChanged(
-        f"{store.url(key)} is missing or not at the size and version {receipt} records: it changed after the "
-        "tokenize stage; rerun the build to redo it"
+        f"{store.url(files.field('key')[first].as_py())} is missing or not at the size and version {receipt} records: "
+        "it changed after the tokenize stage; rerun the build to redo it"
     )
 
 
