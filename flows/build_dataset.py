@@ -29,13 +29,14 @@ def build_dataset(config: BuildConfig, train_run: str = "") -> str:
             (default: see the train-on-build flow); the build's summary names it.
     """
     build = plan(config)
-    ingest(build)
+    ingested = ingest(build)
+    counted = [ingested]  # the steps whose per-source accounting the manifest reconciles
     if config.dedup.exact:
-        exact_dedup(build)
+        counted.append(exact_dedup(build, ingested))
     if config.dedup.near:
-        near_dedup(build)
-    tokenizer_info = tokenizer(build)
-    tokenize(build, tokenizer_info)
-    manifest_uri = write_manifest(build, tokenizer_info)
-    publish_summary(build, manifest_uri, train_run)
+        counted.append(near_dedup(build, ingested))
+    trained = tokenizer(build, ingested)
+    tokenized = tokenize(build, trained.tokenizer)
+    manifest_uri = write_manifest(build, trained.tokenizer, counted, tokenized)
+    publish_summary(build, manifest_uri, [*counted, trained, tokenized], train_run)
     return manifest_uri

@@ -25,14 +25,13 @@ from storage.build_layout import batch_name, partition_name
 from storage.manifest import ShardResult, SourceAccounting
 from storage.stage_summary import StageSummary
 from storage.store import Store
-from tasks.fanout import read_summary, run_stage
 from tasks.parquet_io import read_table, write_partitions
 from tasks.partitioning import EXACT_ROW_BYTES, batch_bytes, batches, ingested_documents, partitions, rows_by_partition
 from tasks.plan import Build, PlannedFile, SourceRanges
 from tasks.removals import exact_removed_ids, merge_stage, write_removed
 from tasks.shuffle import MergedShuffle, merged_shuffle
-from tasks.reporting import stage_totals
-from tasks.stage import EXACT_DEDUP, INGEST, Run, Stage, stage_task
+from tasks.stage import EXACT_DEDUP, Run, Stage, stage_task
+from tasks.step_result import StepResult, StepRun
 from tasks.stage_counts import ExactDupCounts, HashedCounts
 
 HASH_SCHEMA = pa.schema([("id", pa.int64()), ("hash", pa.binary(16))])
@@ -117,10 +116,11 @@ def run_exact_dedup(
 
 
 @stage_task(EXACT_DEDUP)
-def exact_dedup(build: Build) -> dict[str, int | float]:
+def exact_dedup(build: Build, ingested: StepResult) -> StepResult:
     store, config = build.store, build.config
-    documents, sizes = ingested_documents(read_summary(store, INGEST))
+    documents, sizes = ingested_documents(ingested.summary(store))
     budget = config.task_memory_bytes
     ranges = partitions(documents, EXACT_ROW_BYTES, budget, config.dedup.exact_partitions)
-    run = partial(run_stage, store, build_config=config, max_in_flight=config.parallelism)
-    return stage_totals(run_exact_dedup(store, build.plan, sizes, ranges, budget, run))
+    run = StepRun(EXACT_DEDUP, store, config)
+    run_exact_dedup(store, build.plan, sizes, ranges, budget, run)
+    return run.result()

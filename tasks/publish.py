@@ -25,22 +25,12 @@ from storage.manifest import (
 )
 from storage.shards import token_dtype
 from storage.stage_summary import StageSummary
-from storage.store import ObjectNotFound, Store, StoreError
-from tasks.fanout import changed_outputs, list_outputs, read_summary
+from storage.store import ObjectNotFound, StoreError
 from tasks.parquet_io import read_table
 from tasks.plan import Build
-from tasks.reporting import build_artifact_key, progress, stage_totals, step_seconds
-from tasks.stage import (
-    EXACT_DEDUP,
-    INGEST,
-    MANIFEST,
-    NEAR_DEDUP,
-    PIPELINE,
-    PLAN,
-    TOKENIZE,
-    TOKENIZER,
-    stage_task,
-)
+from tasks.reporting import build_artifact_key, step_seconds
+from tasks.stage import EXACT_DEDUP, INGEST, MANIFEST, NEAR_DEDUP, PLAN, TOKENIZE, TOKENIZER, stage_task
+from tasks.step_result import StepResult
 
 
 class AccountingError(ValueError):
@@ -48,36 +38,22 @@ class AccountingError(ValueError):
     a retry would find the same counts."""
 
 
-class TokenShardChanged(ValueError):
-    """A token file is missing, or listed at another size or version than its tokenize receipt recorded."""
-
-
-def completed(build: Build, stage: str) -> StageSummary:
-    summary = read_summary(build.store, stage)
-    if summary is None:
-        raise AccountingError(f"stage {stage} of {build.uri} has not completed (no valid {layout.summary(stage)})")
-    return summary
-
-
-def account(build: Build, tokenized: StageSummary) -> dict[str, SourceAccounting]:
-    """Per-source accounting from the stage summaries: ingest's counts less the duplicates
-    removed, checked against the documents tokenize wrote."""
-    config = build.config
-    stages = [INGEST] + [EXACT_DEDUP] * config.dedup.exact + [NEAR_DEDUP] * config.dedup.near
-    sources = {s.name: SourceAccounting() for s in config.sources}
-    summaries = [completed(build, stage) for stage in stages]
-    for summary in summaries:
-        for name, share in summary.sources().items():
+def account(build: Build, counted: Sequence[StepResult], tokenized: StepResult) -> dict[str, SourceAccounting]:
+    """Per-source accounting from the steps' results: ingest's counts less the duplicates
+    removed (`counted`: ingest and the dedup steps), checked against the documents tokenize wrote."""
+    sources = {s.name: SourceAccounting() for s in build.config.sources}
+    for step in counted:
+        for name, share in step.sources.items():
             sources[name] = sources[name] + share
-    written = tokenized.sources()  # per source: documents written (as kept) and tokens
     for name, acc in sources.items():
+        written = tokenized.sources.get(name, SourceAccounting())  # documents written (as kept) and tokens
         acc.kept -= acc.exact_dup + acc.near_dup
-        acc.tokens = written.get(name, SourceAccounting()).tokens
-        documents = written.get(name, SourceAccounting()).kept
-        if not acc.reconciles or acc.kept != documents:
+        acc.tokens = written.tokens
+        if not acc.reconciles or acc.kept != written.kept:
+            summaries = [step.summary(build.store) for step in (*counted, tokenized)]
             raise AccountingError(
-                f"source {name!r} does not reconcile: {acc.model_dump()} but {documents} documents tokenized; "
-                f"{receipts_of(build, [*summaries, tokenized], name)}"
+                f"source {name!r} does not reconcile: {acc.model_dump()} but {written.kept} documents tokenized; "
+                f"{receipts_of(build, summaries, name)}"
             )
     return sources
 
@@ -110,33 +86,15 @@ def receipts_of(build: Build, summaries: list[StageSummary], source: str) -> str
     return f"counted by {keys}{more} ({odd} of them do not add up on their own)"
 
 
-def check_token_files(store: Store, tokenized: StageSummary) -> None:
-    """Every token file is still as tokenize committed it: a listing of tokens/ (1,000 keys a
-    request) shows it at the size and version its receipt recorded. Its bytes are not read again:
-    the task hashed them as it wrote them, and a rewrite gets a new version (ETag; mtime locally)."""
-    outputs = tokenized.table.column("outputs")
-    files = pc.list_flatten(outputs).combine_chunks()
-    changed = changed_outputs(files, list_outputs(store, (layout.TOKENS,), files.field("key")))
-    if not len(changed):
-        return
-    first = int(changed[0])
-    row = int(pc.list_parent_indices(outputs).to_numpy(zero_copy_only=False)[first])
-    receipt = store.url(layout.receipt(TOKENIZE, tokenized.table.column("shard")[row].as_py()))
-    raise TokenShardChanged(
-        f"{store.url(files.field('key')[first].as_py())} is missing or not at the size and version {receipt} records: "
-        "it changed after the tokenize stage; rerun the build to redo it"
-    )
-
-
 @stage_task(MANIFEST)
-def write_manifest(build: Build, tokenizer: TokenizerInfo) -> str:
+def write_manifest(build: Build, tokenizer: TokenizerInfo, counted: Sequence[StepResult], tokenized: StepResult) -> str:
+    """The manifest of the token files the tokenize step committed or listed intact in this run
+    (tasks.fanout), from its summary's columns: nothing under tokens/ is read or listed again.
+    `counted`: the ingest and dedup steps whose per-source accounting must reconcile."""
     store, config = build.store, build.config
-    tokenized = completed(build, TOKENIZE)
-    checked = progress(MANIFEST, config)
-    checked(0, len(tokenized))
-    check_token_files(store, tokenized)
-    checked(len(tokenized), len(tokenized))
-    shards = ShardTable.of_columns(pc.list_flatten(tokenized.table.column("token_shards")).combine_chunks())
+    token_shards = tokenized.summary(store).table.column("token_shards")
+    shards = ShardTable.of_columns(pc.list_flatten(token_shards).combine_chunks())
+    del token_shards
     manifest, table = new_manifest(
         shards,
         layout.SHARD_TABLE,
@@ -147,7 +105,7 @@ def write_manifest(build: Build, tokenizer: TokenizerInfo) -> str:
         tokenizer=tokenizer,
         documents=build.config.documents,
         dtype=token_dtype(tokenizer.vocab_size).name,
-        sources=account(build, tokenized),
+        sources=account(build, counted, tokenized),
     )
     try:  # the header records the table's sha256: an equal header means an equal table
         unchanged = store.get_bytes(layout.MANIFEST) == record_bytes(manifest)
@@ -177,10 +135,9 @@ def _table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     return "\n".join("| " + " | ".join(line) + " |" for line in lines) + "\n"
 
 
-def step_rows(build: Build, manifest: DatasetManifest, seconds: dict[str, float]) -> list[list]:
-    """One row per pipeline step that ran: stages, shards, documents in and out, work and wall seconds."""
-    store = build.store
-    ran = sorted(key.removeprefix(layout.SUMMARIES).removesuffix(layout.SUMMARY_SUFFIX) for key in store.list(layout.SUMMARIES))
+def step_rows(build: Build, manifest: DatasetManifest, steps: Sequence[StepResult], seconds: dict[str, float]) -> list[list]:
+    """One row per pipeline step that ran (from the steps' results, in pipeline order): stages,
+    shards, documents in and out, work and wall seconds."""
     accounting = sum(manifest.sources.values(), SourceAccounting())
     documents = accounting.docs_in
     out_of = {  # documents left after each step, from the manifest's reconciled accounting
@@ -191,22 +148,18 @@ def step_rows(build: Build, manifest: DatasetManifest, seconds: dict[str, float]
     }
     rows = [[PLAN, "", len(build.plan), "", "", "", seconds.get(PLAN, 0.0), f"{len(build.plan):,} input units"]]
     kept = 0
-    for step in PIPELINE[1:]:
-        stages = [s for s in ran if step.runs(s)]
-        if not stages:
-            continue
-        totals = stage_totals(*[summary for s in stages if (summary := read_summary(store, s))])
-        docs_in = documents if step.name == INGEST else kept
-        if step.name in out_of:
-            kept = out_of[step.name] if step.name == INGEST else kept + out_of[step.name]
+    for step in steps:
+        docs_in = documents if step.step == INGEST else kept
+        if step.step in out_of:
+            kept = out_of[step.step] if step.step == INGEST else kept + out_of[step.step]
         note = {
             TOKENIZER: f"vocab {manifest.tokenizer.vocab_size:,}",
             TOKENIZE: f"{manifest.total_tokens:,} tokens",
-        }.get(step.name, "")
-        counted = step.name in out_of
+        }.get(step.step, "")
+        counted = step.step in out_of
         rows.append(
-            [step.name, len(stages), totals["shards"], docs_in if counted else "", kept if counted else "",
-             totals["work_seconds"], seconds.get(step.name, 0.0), note]
+            [step.step, step.stages, step.shards, docs_in if counted else "", kept if counted else "",
+             step.work_seconds, seconds.get(step.step, 0.0), note]
         )
     shards = manifest.shard_table.rows  # the manifest step runs no stage: it lists the token files
     rows.append([MANIFEST, "", shards, "", "", "", seconds.get(MANIFEST, 0.0), f"{shards:,} token shards checked by listing"])
@@ -276,7 +229,7 @@ def step_line(row: list) -> str:
     return f"{step}: {', '.join(parts)}" + (f" ({note})" if note else "")
 
 
-def publish_summary(build: Build, manifest_uri: str, train_run: str = "") -> None:
+def publish_summary(build: Build, manifest_uri: str, steps: Sequence[StepResult], train_run: str = "") -> None:
     """The build run's summary artifact, at the flow run's level (the Artifacts tab shows it above
     the steps' progress bars), and its steps in the run's log.
 
@@ -286,12 +239,12 @@ def publish_summary(build: Build, manifest_uri: str, train_run: str = "") -> Non
     logger = get_run_logger()
     try:
         manifest = read_manifest(build.store, layout.MANIFEST)
-        steps = step_rows(build, manifest, step_seconds())
-        markdown = summary_markdown(build, manifest, manifest_uri, train_run, steps)
+        rows = step_rows(build, manifest, steps, step_seconds())
+        markdown = summary_markdown(build, manifest, manifest_uri, train_run, rows)
     except StoreError as error:
         logger.warning("the build's summary is left out (the build itself is complete): %s", error)
         return
-    for row in steps:
+    for row in rows:
         logger.info(step_line(row))
     create_markdown_artifact(
         markdown,

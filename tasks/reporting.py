@@ -16,8 +16,6 @@ from uuid import UUID
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.context import FlowRunContext, TaskRunContext
 
-from storage.stage_summary import StageSummary
-
 if TYPE_CHECKING:
     from tasks.config import BuildConfig
 
@@ -68,17 +66,6 @@ def progress(stage: str, config: BuildConfig) -> Callable[[int, int], None]:
             update_progress_artifact(artifact_id, float(percent), description=f"{label}: {done}/{total} shards")
 
     return update
-
-
-def stage_totals(*summaries: StageSummary) -> dict[str, int | float]:
-    """The stages' counts summed, from their columns (what a stage's Prefect task returns: a small summary)."""
-    totals: dict[str, int | float] = {"shards": sum(len(s) for s in summaries)}
-    for summary in summaries:
-        for name, value in summary.count_totals().items():
-            totals[name] = totals.get(name, 0) + value
-    totals["bytes_out"] = sum(s.bytes_out for s in summaries)
-    totals["work_seconds"] = round(sum(s.work_seconds for s in summaries), 3)
-    return totals
 
 
 def record_run_time(task, task_run, _state) -> None:

@@ -23,8 +23,9 @@ from tasks.reporting import record_run_time
 STAGE_RETRIES = 2
 RETRY_DELAY_S = 5
 
-# The build's steps (its Prefect tasks). A step's name is also that of its stage whose summary
-# later steps read: ingest's documents, each dedup step's per-source losses, tokenize's shards.
+# The build's steps (its Prefect tasks, in pipeline order: flows/build_dataset.py). A step's name
+# is also that of its own stage, whose summary later steps read through the step's result
+# (tasks.step_result): ingest's documents, each dedup step's per-source losses, tokenize's shards.
 PLAN = "plan"
 INGEST = "ingest"
 EXACT_DEDUP = "exact-dedup"
@@ -35,29 +36,6 @@ TOKENIZE = "tokenize"
 MANIFEST = "manifest"
 
 Item = TypeVar("Item")
-
-
-@dataclass(frozen=True)
-class Step:
-    """One step of a build and the stages it runs, by name prefix (near dedup runs a dozen)."""
-
-    name: str
-    stage_prefixes: tuple[str, ...]
-
-    def runs(self, stage: str) -> bool:
-        return any(stage == p or stage.startswith(p + "-") for p in self.stage_prefixes)
-
-
-# The build's steps in pipeline order: the build summary's rows (tasks.publish).
-PIPELINE = (
-    Step(PLAN, ()),
-    Step(INGEST, (INGEST,)),
-    Step(EXACT_DEDUP, ("exact",)),
-    Step(NEAR_DEDUP, ("near",)),
-    Step(TOKENIZER, (TOKENIZER,)),
-    Step(TOKENIZE, (TOKENIZE,)),
-    Step(MANIFEST, ()),
-)
 
 
 @dataclass(frozen=True)
@@ -78,7 +56,7 @@ class Stage(Generic[Item]):
 
 
 Run = Callable[[Stage], StageSummary]
-"""run(stage) -> its summary: tasks.fanout.run_stage with the store (and reporting) bound."""
+"""run(stage) -> its summary: tasks.fanout.run_stage with the store (and reporting) bound (tasks.step_result.StepRun)."""
 
 
 def is_transient(_task, _task_run, state) -> bool:

@@ -3,7 +3,7 @@
 A stage's work returns `ShardResult(counts=<its record>)`; a misspelt or missing count fails
 when the record is made. A later step reads a completed stage's counts back as the same record
 (`StageSummary.totals(SignatureCounts).signed`, `.per_shard(BucketCounts)`), never by a name
-string; the build's display sums whatever the records hold (tasks.reporting.stage_totals).
+string; the build's display sums whatever the records hold (tasks.step_result.StepRun).
 """
 
 from __future__ import annotations

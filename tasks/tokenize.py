@@ -25,12 +25,11 @@ from storage import build_layout as layout
 from storage.manifest import DocumentConvention, ShardResult, SourceAccounting, TokenizerInfo, TokenShard, upload
 from storage.shards import ShardWriter, token_dtype
 from storage.store import Store
-from tasks.fanout import run_stage
 from tasks.piece_cache import PieceCacheEncoder
 from tasks.plan import Build, PlannedFile, shard_of
 from tasks.removals import deduplicated_ids
-from tasks.reporting import stage_totals
 from tasks.stage import TOKENIZE, Stage, stage_task
+from tasks.step_result import StepResult, StepRun
 from tasks.stage_counts import TokenizeCounts
 from tasks.tokenizer import cached_processor
 
@@ -120,7 +119,7 @@ def tokenize_shard(
 
 
 @stage_task(TOKENIZE)
-def tokenize(build: Build, tokenizer: TokenizerInfo) -> dict[str, int | float]:
+def tokenize(build: Build, tokenizer: TokenizerInfo) -> StepResult:
     store, config = build.store, build.config
     cache_bytes = config.task_memory_bytes // CACHE_SHARE
     stage = Stage(
@@ -128,4 +127,6 @@ def tokenize(build: Build, tokenizer: TokenizerInfo) -> dict[str, int | float]:
         lambda f: tokenize_shard(store, f, tokenizer, config.documents, config.shard_tokens, config.seed, cache_bytes),
         (layout.TOKENS,),
     )
-    return stage_totals(run_stage(store, stage, config, config.parallelism))
+    run = StepRun(TOKENIZE, store, config)
+    run(stage)
+    return run.result()

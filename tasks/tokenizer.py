@@ -22,12 +22,13 @@ from storage.manifest import ObjectInfo, ShardResult, TokenizerInfo, record_byte
 from storage.stage_summary import StageSummary
 from storage.store import ObjectNotFound, Store, open_object
 from tasks.config import TokenizerConfig, TokenizerTrain
-from tasks.fanout import read_summary, read_valid, run_stage
+from tasks.fanout import read_valid
 from tasks.parquet_io import read_table
 from tasks.partitioning import batch_bytes, batches, ingested_documents
 from tasks.plan import Build, PlannedFile
 from tasks.removals import deduplicated_ids
-from tasks.stage import INGEST, TOKENIZER, TOKENIZER_SAMPLE, Run, Stage, stage_task
+from tasks.stage import TOKENIZER, TOKENIZER_SAMPLE, Run, Stage, stage_task
+from tasks.step_result import StepResult, StepRun, TokenizerResult
 from tasks.stage_counts import TokenizerCounts, TokenizerSampleCounts
 
 # A source's files are chosen to hold this multiple of its quota, and documents drawn at the
@@ -249,16 +250,16 @@ def _only_shard(_item: str) -> str:
 
 
 @stage_task(TOKENIZER)
-def tokenizer(build: Build) -> TokenizerInfo:
+def tokenizer(build: Build, ingested: StepResult) -> TokenizerResult:
     store, config = build.store, build.config
+    run = StepRun(TOKENIZER, store, config)
     sample: list[tuple[list[str], int]] = []
     if config.tokenizer.train is not None:
-        run = partial(run_stage, store, build_config=config, max_in_flight=config.parallelism)
-        ingested, sample_bytes = read_summary(store, INGEST), config.tokenizer.train.sample_bytes
-        sample = draw_sample(store, build.plan, ingested, sample_bytes, config.seed, config.task_memory_bytes, run)
+        sample_bytes = config.tokenizer.train.sample_bytes
+        sample = draw_sample(store, build.plan, ingested.summary(store), sample_bytes, config.seed, config.task_memory_bytes, run)
     work = partial(make_tokenizer, store, config.tokenizer, sample)
-    run_stage(store, Stage(TOKENIZER, [TOKENIZER], _only_shard, work, (layout.TOKENIZER_MODEL, layout.TOKENIZER_INFO)), config)
+    run(Stage(TOKENIZER, [TOKENIZER], _only_shard, work, (layout.TOKENIZER_MODEL, layout.TOKENIZER_INFO)))
     info = read_valid(store, layout.TOKENIZER_INFO, TokenizerInfo)
     if info is None:
         raise TokenizerError(f"{store.url(layout.TOKENIZER_INFO)} vanished or was damaged while the build ran; rerun it")
-    return info
+    return run.result(tokenizer=info)

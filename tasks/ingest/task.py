@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 from storage import build_layout as layout
-from tasks.fanout import run_stage
 from tasks.ingest.shard import ingest_file
 from tasks.plan import Build, shard_of
-from tasks.reporting import stage_totals
 from tasks.stage import INGEST, Stage, stage_task
+from tasks.step_result import StepResult, StepRun
 
 
 @stage_task(INGEST)
-def ingest(build: Build) -> dict[str, int | float]:
-    """Every planned file to a docs shard, one Ray task each; returns the stage's totals."""
+def ingest(build: Build) -> StepResult:
+    """Every planned file to a docs shard, one Ray task each."""
     config, store = build.config, build.store
     sources = {s.name: s for s in config.sources}
-    stage = Stage(
+    run = StepRun(INGEST, store, config)
+    run(Stage(
         INGEST, build.plan, shard_of,
         lambda f: ingest_file(f, sources[f.source], config.filters, config.quarantine, store),
         (layout.DOCS, layout.QUARANTINE),
-    )
-    return stage_totals(run_stage(store, stage, config, config.parallelism))
+    ))
+    return run.result()

@@ -4,8 +4,7 @@
 read back through tasks.removals.
 """
 
-from tasks.near_dedup.minhash import MinHasher, normalize
 from tasks.near_dedup.steps import STAGE, DocsShard, run_near_dedup
 from tasks.near_dedup.task import near_dedup
 
-__all__ = ["STAGE", "DocsShard", "MinHasher", "near_dedup", "normalize", "run_near_dedup"]
+__all__ = ["STAGE", "DocsShard", "near_dedup", "run_near_dedup"]

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from tasks.near_dedup.minhash import fmix64
 
 
 def partition_of(ids: np.ndarray, partitions: int) -> np.ndarray:
     """The vertex partition of each id: a mixed hash, so big clusters spread evenly."""
-    return (fmix64(ids.astype(np.uint64)) % np.uint64(partitions)).astype(np.int64)
+    from tasks.near_dedup import minhash  # numba loads in the workers, not the driver
+
+    return (minhash.fmix64(ids.astype(np.uint64)) % np.uint64(partitions)).astype(np.int64)
 
 
 def unique_pairs(first: np.ndarray, second: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

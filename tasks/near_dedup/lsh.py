@@ -14,7 +14,17 @@ from functools import lru_cache
 import numpy as np
 
 from tasks.near_dedup.components import runs, unique_pairs
-from tasks.near_dedup.minhash import fmix64
+
+
+def jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """Jaccard similarity of two sorted arrays of unique values."""
+    if len(a) == 0 and len(b) == 0:
+        return 1.0
+    if len(a) > len(b):
+        a, b = b, a
+    found = np.searchsorted(b, a)
+    inter = int(np.count_nonzero(b[np.minimum(found, len(b) - 1)] == a)) if len(b) else 0
+    return inter / (len(a) + len(b) - inter)
 
 
 def candidate_probability(similarity: np.ndarray, bands: int, rows: int) -> np.ndarray:
@@ -71,7 +81,9 @@ def distinct_buckets(members: np.ndarray, starts: np.ndarray) -> tuple[np.ndarra
     if len(starts) == 0:
         return members, starts
     sizes = bucket_sizes(starts, len(members))
-    mixed = fmix64(members.astype(np.uint64))
+    from tasks.near_dedup import minhash  # numba loads in the workers, not the driver
+
+    mixed = minhash.fmix64(members.astype(np.uint64))
     fingerprints = np.add.reduceat(mixed, starts)
     _, first = np.unique(np.stack([fingerprints, sizes.astype(np.uint64)], axis=1), axis=0, return_index=True)
     keep = np.zeros(len(starts), dtype=bool)

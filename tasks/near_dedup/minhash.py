@@ -328,14 +328,3 @@ def _sorted_unique(values: np.ndarray) -> np.ndarray:
     """np.unique by sorting (numpy's hash-based unique is slower for these sizes)."""
     values = np.sort(values)
     return values[np.concatenate([[True], values[1:] != values[:-1]])]
-
-
-def jaccard(a: np.ndarray, b: np.ndarray) -> float:
-    """Jaccard similarity of two sorted arrays of unique values."""
-    if len(a) == 0 and len(b) == 0:
-        return 1.0
-    if len(a) > len(b):
-        a, b = b, a
-    found = np.searchsorted(b, a)
-    inter = int(np.count_nonzero(b[np.minimum(found, len(b) - 1)] == a)) if len(b) else 0
-    return inter / (len(a) + len(b) - inter)

@@ -71,7 +71,6 @@ from storage.store import Store
 from tasks.config import TASK_MEMORY_BYTES, MinHashConfig
 from tasks import removals
 from tasks.near_dedup import components, lsh
-from tasks.near_dedup.minhash import MinHasher, jaccard
 from tasks.parquet_io import read_table, write_partitions, write_table
 from tasks.partitioning import VERIFY_SPAN_GROUPS, batches, partitions, rows_by_partition, verify_member_bytes
 from tasks.plan import PlannedFile, SourceRanges, ordinal_of
@@ -147,8 +146,11 @@ def docs_batches(shards: Sequence[DocsShard], batch_bytes: int) -> list[DocsBatc
 # -- helpers ------------------------------------------------------------------------------
 
 
-def hasher(cfg: MinHashConfig) -> MinHasher:
-    return MinHasher(cfg.ngram, cfg.shingle == "word", cfg.num_perm, cfg.seed)
+def hasher(cfg: MinHashConfig):
+    """The config's MinHasher (tasks.near_dedup.minhash)."""
+    from tasks.near_dedup import minhash  # numba and its kernels (~170 MiB) load in the workers, not the driver
+
+    return minhash.MinHasher(cfg.ngram, cfg.shingle == "word", cfg.num_perm, cfg.seed)
 
 
 def bands_rows(cfg: MinHashConfig) -> tuple[int, int]:
@@ -395,7 +397,7 @@ def _verify_group(
 
     def similarity(a: int, b: int) -> float:
         ra, rb = np.searchsorted(ids, (a, b))
-        return jaccard(values[offsets[ra] : offsets[ra + 1]], values[offsets[rb] : offsets[rb + 1]])
+        return lsh.jaccard(values[offsets[ra] : offsets[ra + 1]], values[offsets[rb] : offsets[rb + 1]])
 
     return lsh.verified_edges(members, starts, similarity, cfg.threshold, cfg.verify_anchors)
 
@@ -474,7 +476,7 @@ def write_sample(store: Store, shards: Sequence[DocsShard], cfg: MinHashConfig, 
     removed_texts = [texts[i] for i in removed_ids.tolist()]
     kept_texts = [texts[i] for i in kept_ids.tolist()]
     sets = hasher(cfg).shingle_sets(removed_texts + kept_texts)
-    similarity = [jaccard(a, b) for a, b in zip(sets[: len(removed_texts)], sets[len(removed_texts) :])]
+    similarity = [lsh.jaccard(a, b) for a, b in zip(sets[: len(removed_texts)], sets[len(removed_texts) :])]
     source = [by_ordinal[int(o)].file.source for o in ordinal_of(removed_ids)]
     kept_source = [by_ordinal[int(o)].file.source for o in ordinal_of(kept_ids)]
     table = pa.table(

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-from functools import partial
-
 from storage import build_layout as layout
-from tasks.fanout import read_summary, run_stage
-from tasks.near_dedup.steps import STAGE, DocsShard, bands_rows, run_near_dedup
+from tasks.near_dedup.steps import DocsShard, bands_rows, run_near_dedup
 from tasks.partitioning import NEAR_BAND_ROW_BYTES, NEAR_EDGE_BYTES, batch_bytes, ingested_documents, partitions
 from tasks.plan import Build
-from tasks.reporting import stage_totals
-from tasks.stage import INGEST, NEAR_DEDUP, stage_task
+from tasks.stage import NEAR_DEDUP, stage_task
+from tasks.step_result import StepResult, StepRun
 
 
 @stage_task(NEAR_DEDUP)
-def near_dedup(build: Build) -> dict[str, int | float]:
+def near_dedup(build: Build, ingested: StepResult) -> StepResult:
     store, config = build.store, build.config
-    documents, sizes = ingested_documents(read_summary(store, INGEST))
+    documents, sizes = ingested_documents(ingested.summary(store))
     budget, cfg = config.task_memory_bytes, config.minhash
     bands, _ = bands_rows(cfg)
     cfg = cfg.model_copy(
@@ -30,6 +27,6 @@ def near_dedup(build: Build) -> dict[str, int | float]:
         DocsShard(f, layout.docs(f.source, f.shard), exact, sizes[f.shard])
         for f in build.plan
     ]
-    run = partial(run_stage, store, build_config=config, max_in_flight=config.parallelism)
+    run = StepRun(NEAR_DEDUP, store, config)
     run_near_dedup(store, shards, cfg, run, batch_bytes(budget), budget)
-    return stage_totals(read_summary(store, STAGE))
+    return run.result()
