@@ -208,6 +208,7 @@ class StageSummary:
 
     stage: str
     table: pa.Table
+    sha256: str | None = None  # of the parquet it was read from or written as (to_parquet)
 
     def __len__(self) -> int:
         return self.table.num_rows
@@ -300,7 +301,8 @@ class StageSummary:
         return Receipts(self.table)
 
     def to_parquet(self) -> bytes:
-        """The summary as parquet (zstd): the same rows give the same bytes."""
+        """The summary as parquet (zstd): the same rows give the same bytes (`sha256` is theirs
+        once written: see tasks.fanout.run_stage)."""
         buffer = io.BytesIO()
         pq.write_table(self.table, buffer, compression="zstd")
         return buffer.getvalue()
@@ -319,7 +321,7 @@ class StageSummary:
             raise SummaryDamaged(str(error)) from None
         if table.num_rows and not pc.all(pc.equal(table.column("stage"), stage)).as_py():
             raise SummaryDamaged(f"rows of another stage than {stage}")
-        return cls(stage, table)
+        return cls(stage, table, sha256_bytes(body))
 
 
 class Receipts(Sequence[Receipt]):

@@ -47,7 +47,7 @@ from ray.exceptions import RayError, RayTaskError
 
 from runtime.processes import guard_process_tree
 from storage import build_layout as layout
-from storage.manifest import Receipt, ShardResult, read_record, write_record
+from storage.manifest import Receipt, ShardResult, read_record, sha256_bytes, write_record
 from storage.stage_summary import (
     DECODE_ROWS,
     Listing,
@@ -147,11 +147,12 @@ def _read_stage_summary(store: Store, stage: str) -> StageSummary | None:
         return None
 
 
-def read_summary(store: Store, stage: str) -> StageSummary | None:
+def read_summary(store: Store, stage: str, checked: str | None = None) -> StageSummary | None:
     """A completed stage's summary (None when the stage has not completed, or it is damaged: invalid,
-    or holding a row that fails its receipt's checksum)."""
+    or holding a row that fails its receipt's checksum). `checked`: the sha256 of a summary whose
+    rows were all checked already (run_stage's); read as those bytes, its rows are not checked again."""
     summary = _read_stage_summary(store, stage)
-    if summary is not None and (edited := summary.edited()):
+    if summary is not None and summary.sha256 != checked and (edited := summary.edited()):
         log.warning("%s: %s fail their checksum; it counts as missing", store.url(layout.summary(stage)), _receipts(edited))
         return None
     return summary
@@ -334,7 +335,9 @@ def run_stage(
         versions = [orjson.loads(v) for v in _receipt_versions(store, stage.name, shards).to_pylist()]
         table = in_order(rows.release(), shards.to_pylist())  # released: the rows are not held twice
         summary = StageSummary(stage.name, with_receipt_versions(table, versions))
-        store.put_bytes(layout.summary(stage.name), summary.to_parquet())
+        body = summary.to_parquet()
+        store.put_bytes(layout.summary(stage.name), body)
+        summary = StageSummary(stage.name, summary.table, sha256_bytes(body))
     return summary
 
 

@@ -41,10 +41,12 @@ class StepResult(BaseModel):
     bytes_out: int
     sources: dict[str, SourceAccounting] = {}  # of its own stage's receipts
     counts: dict[str, int] = {}  # its stages' counts summed by name: for display, never for control flow
+    summary_sha256: str | None = None  # of its own stage's summary, every row of which the step checked
 
     def summary(self, store: Store) -> StageSummary:
-        """Its own stage's summary (a row per receipt), read from the store."""
-        summary = read_summary(store, self.step)
+        """Its own stage's summary (a row per receipt), read from the store; its rows are checked
+        against their receipts' checksums again only if its bytes are not those the step checked."""
+        summary = read_summary(store, self.step, self.summary_sha256)
         if summary is None:
             raise StageMissing(f"{store.url(layout.summary(self.step))} is missing or damaged; rerun the build to redo it")
         return summary
@@ -66,6 +68,7 @@ class StepRun:
         self._seconds = 0.0
         self._counts: dict[str, int] = {}
         self._sources: dict[str, SourceAccounting] = {}
+        self._summary_sha256: str | None = None
 
     def __call__(self, stage: Stage) -> StageSummary:
         summary = run_stage(self.store, stage, self.config, self.config.parallelism, self.inline)
@@ -76,12 +79,12 @@ class StepRun:
         for name, value in summary.count_totals().items():
             self._counts[name] = self._counts.get(name, 0) + value
         if stage.name == self.step:
-            self._sources = summary.sources()
+            self._sources, self._summary_sha256 = summary.sources(), summary.sha256
         return summary
 
     def result(self, **more) -> StepResult:
         fields = dict(
             step=self.step, stages=self._stages, shards=self._shards, work_seconds=round(self._seconds, 3),
-            bytes_out=self._bytes_out, sources=self._sources, counts=self._counts,
+            bytes_out=self._bytes_out, sources=self._sources, counts=self._counts, summary_sha256=self._summary_sha256,
         )
         return (TokenizerResult if "tokenizer" in more else StepResult)(**fields, **more)

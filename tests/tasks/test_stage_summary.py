@@ -15,7 +15,7 @@ import pytest
 from pydantic import ValidationError
 
 from storage import build_layout as layout
-from storage.manifest import Counts, ObjectInfo, Receipt, ShardResult, SourceAccounting, TokenShard
+from storage.manifest import Counts, ObjectInfo, Receipt, ShardResult, SourceAccounting, TokenShard, sha256_bytes
 from storage.stage_summary import (
     COUNT,
     ReceiptRows,
@@ -223,3 +223,30 @@ def test_a_stage_counts_in_its_typed_record_and_reads_it_back_as_one(tmp_path):
     assert read.count_totals() == {"buckets": 6, "edges": 5, "members": 12, "verify_groups": 3}  # the display's
     empty = run_stage(store, Stage("near-none", [], str, lambda _: ShardResult(), ()), inline=True)
     assert empty.totals(BucketCounts) == BucketCounts(buckets=0, members=0)
+
+
+def test_a_step_result_reads_its_summary_unchecked_only_as_the_bytes_the_step_checked(tmp_path, monkeypatch):
+    """A later step reads an earlier step's summary through its StepResult: rows the step checked
+    are not checked again while the summary's bytes are the same; a summary edited after the
+    step is checked row by row, and a row that fails its checksum fails the read."""
+    from tasks.step_result import StageMissing, StepRun
+    from tests.builds import tiny_config
+
+    store = open_store(str(tmp_path))
+    config = tiny_config(str(tmp_path / "in" / "*.jsonl"), str(tmp_path / "out"))
+    run = StepRun("counted", store, config, inline=True)
+    run(Stage("counted", list(range(5)), lambda i: f"{i:06d}", lambda i: ShardResult(counts=Numbered(n=i)), ()))
+    result = run.result()
+    assert result.summary_sha256 == sha256_bytes(store.get_bytes(layout.summary("counted")))
+    checks = []
+    monkeypatch.setattr(StageSummary, "edited", lambda self: checks.append(self.stage) or [])
+    assert result.summary(store).totals(Numbered).n == 10 and checks == []
+    monkeypatch.undo()
+
+    table = result.summary(store).table
+    n = table.column(COUNT + "n").to_pylist()
+    n[3] += 100
+    edited = table.set_column(table.column_names.index(COUNT + "n"), COUNT + "n", pa.array(n))
+    store.put_bytes(layout.summary("counted"), StageSummary("counted", edited).to_parquet())
+    with pytest.raises(StageMissing, match="summaries/counted.parquet"):
+        result.summary(store)
