@@ -53,6 +53,7 @@ from storage.stage_summary import (
     Listing,
     ReceiptRows,
     StageSummary,
+    flat,
     in_order,
     receipt_row,
     row_intact,
@@ -186,11 +187,10 @@ def _cover(keys: pa.Array, prefix: str) -> list[str]:
     return [cover for head in split for cover in _cover(keys.filter(pc.equal(heads, head)), head)]
 
 
-def intact_rows(stage: str, rows: pa.Table, listing: Listing) -> np.ndarray:
-    """The numbers of the `rows` (storage.stage_summary) whose every output is listed at the size
-    and version its task recorded when it committed; each other row's first changed output is
-    logged."""
-    outputs = _flat_outputs(rows)
+def intact_rows(stage: str, rows: pa.Table, outputs: pa.StructArray, listing: Listing) -> np.ndarray:
+    """The numbers of the `rows` (storage.stage_summary) whose every output (`outputs`: the rows'
+    outputs in turn) is listed at the size and version its task recorded when it committed; each
+    other row's first changed output is logged."""
     owner = pc.list_parent_indices(rows.column("outputs")).to_numpy(zero_copy_only=False)
     changed = changed_outputs(outputs, listing)
     keys, shards = outputs.field("key"), rows.column("shard")
@@ -242,8 +242,8 @@ def finished_rows(store: Store, stage: Stage) -> tuple[ReceiptRows, StageSummary
         summary_url = store.url(layout.summary(stage.name))
         log.warning("%s: %s fail their checksum; they are read from their objects", summary_url, _receipts(edited))
     candidates = ReceiptRows()
-    if kept:
-        candidates.add_table(summary.table.take(kept))
+    if kept:  # rows are taken (copied) only when some are not
+        candidates.add_table(summary.table if len(kept) == len(summary) else summary.table.take(kept))
     unread = shards.filter(pa.array(version.is_valid().to_numpy(zero_copy_only=False) & ~read)).to_pylist()
     if unread:
         with ThreadPoolExecutor(READ_THREADS) as pool:
@@ -251,15 +251,17 @@ def finished_rows(store: Store, stage: Stage) -> tuple[ReceiptRows, StageSummary
                 if receipt is not None and (receipt.stage, receipt.shard) == (stage.name, shard):
                     candidates.add(receipt_row(receipt))
     table = candidates.release()
-    listing = list_outputs(store, stage.outputs, _flat_outputs(table).field("key"))
-    rows.add_table(table.take(intact_rows(stage.name, table, listing)))
+    outputs = _flat_outputs(table)
+    intact = intact_rows(stage.name, table, outputs, list_outputs(store, stage.outputs, outputs.field("key")))
+    del outputs
+    rows.add_table(table if len(intact) == table.num_rows else table.take(intact))
     current = summary is not None and not unread and len(rows) == len(version) - version.null_count
     return rows, summary if current else None
 
 
 def _flat_outputs(rows: pa.Table) -> pa.StructArray:
     """Every row's outputs in turn, as one array."""
-    return pc.list_flatten(rows.column("outputs")).combine_chunks()
+    return flat(rows.column("outputs"))
 
 
 def _shards(stage: Stage) -> pa.Array:
