@@ -13,13 +13,12 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 import ray
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 from ray.exceptions import RayTaskError
 
 from storage.manifest import canonical_json
@@ -315,6 +314,10 @@ class Build(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     config: BuildConfig
+    # Made on first use and kept out of the model's fields: Prefect walks every parameter of every
+    # task call field by field (visit_collection), which walked all 60,000 planned files per step.
+    _store: Store | None = PrivateAttr(default=None)
+    _plan: list[PlannedFile] | None = PrivateAttr(default=None)
 
     @property
     def id(self) -> str:
@@ -329,14 +332,18 @@ class Build(BaseModel):
     def uri(self) -> str:
         return self.store.uri
 
-    @cached_property
+    @property
     def store(self) -> Store:
         """The build folder as a store: every key a stage writes is relative to it."""
-        return open_store(self.config.output).child(self.key)
+        if self._store is None:
+            self._store = open_store(self.config.output).child(self.key)
+        return self._store
 
-    @cached_property
+    @property
     def plan(self) -> list[PlannedFile]:
-        return read_plan(self.store)
+        if self._plan is None:
+            self._plan = read_plan(self.store)
+        return self._plan
 
 
 @stage_task(PLAN)

@@ -1,4 +1,4 @@
-"""What a build step hands on: one small typed handle per step (tasks.stage.PIPELINE).
+"""What a build step hands on: one small typed handle per step (flows/build_dataset.py).
 
 A step's Prefect task runs its stages through a `StepRun`, which adds up each stage's summary
 as it completes and returns a `StepResult`: the step's totals for the build's summary table, its
@@ -25,8 +25,9 @@ if TYPE_CHECKING:
     from tasks.config import BuildConfig
 
 
-class StageMissing(RuntimeError):
-    """A step's summary is gone or damaged after the step completed (a retry or rerun redoes it)."""
+class StageMissing(ValueError):
+    """A step's summary is gone or damaged after the step completed: a retry of a later step
+    finds the same (a ValueError), a rerun of the build redoes the step."""
 
 
 class StepResult(BaseModel):
@@ -34,7 +35,7 @@ class StepResult(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    step: str  # its name in tasks.stage.PIPELINE; also that of the stage whose summary later steps read
+    step: str  # its name (tasks.stage); also that of its own stage, whose summary later steps read
     stages: int
     shards: int
     work_seconds: float
@@ -82,9 +83,8 @@ class StepRun:
             self._sources, self._summary_sha256 = summary.sources(), summary.sha256
         return summary
 
-    def result(self, **more) -> StepResult:
-        fields = dict(
+    def result(self) -> StepResult:
+        return StepResult(
             step=self.step, stages=self._stages, shards=self._shards, work_seconds=round(self._seconds, 3),
             bytes_out=self._bytes_out, sources=self._sources, counts=self._counts, summary_sha256=self._summary_sha256,
         )
-        return (TokenizerResult if "tokenizer" in more else StepResult)(**fields, **more)

@@ -262,4 +262,4 @@ def tokenizer(build: Build, ingested: StepResult) -> TokenizerResult:
     info = read_valid(store, layout.TOKENIZER_INFO, TokenizerInfo)
     if info is None:
         raise TokenizerError(f"{store.url(layout.TOKENIZER_INFO)} vanished or was damaged while the build ran; rerun it")
-    return run.result(tokenizer=info)
+    return TokenizerResult(**dict(run.result()), tokenizer=info)
