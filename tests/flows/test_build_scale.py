@@ -46,8 +46,7 @@ def test_exact_dedup_partitions_grow_with_the_documents_and_fit_the_budget(tmp_p
         corpus = tiny_corpus(tmp_path / f"raw-{docs_per_file}", 10, docs_per_file, seed=docs_per_file)
         config = tiny_config(f"{corpus}/*.jsonl", str(tmp_path / f"out-{docs_per_file}"), task_memory_bytes=budget)
         build = plan.fn(config)
-        ingest.fn(build)
-        exact_dedup.fn(build)
+        exact_dedup.fn(build, ingest.fn(build))
         store = open_store(config.output).child(build.key)
         documents = 10 * docs_per_file
         ranges[docs_per_file] = partitions(documents, EXACT_ROW_BYTES, budget)
